@@ -1,0 +1,197 @@
+//! The ABI shared by the eBPF programs and the userspace agent.
+//!
+//! Everything the kernel side needs to know about the running kernel (struct member offsets,
+//! tracepoint field offsets, drop-reason values) arrives in [`Config`], resolved by userspace from
+//! the kernel's own BTF and tracefs. Nothing here is specific to one kernel version.
+//!
+//! Every type is `#[repr(C)]`, has no padding holes that differ between targets, and is shared
+//! byte for byte through a `.rodata` global or a ring buffer.
+#![no_std]
+
+/// Marker for "this offset or value does not exist on the running kernel".
+pub const ABSENT: u32 = u32::MAX;
+
+/// Struct member offsets (bytes) and tracepoint layouts, resolved in userspace from BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    // struct sk_buff
+    pub skb_len: u32,
+    pub skb_dev: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_protocol: u32,
+    pub skb_mark: u32,
+    pub skb_refdst: u32,
+    // struct net_device
+    pub dev_ifindex: u32,
+    pub dev_name: u32,
+    pub dev_mtu: u32,
+    pub dev_ip_ptr: u32,
+    pub dev_ip6_ptr: u32,
+    pub dev_nd_net: u32,
+    // struct net
+    pub net_inum: u32,
+    pub net_ipv4_devconf_all: u32,
+    pub net_ipv6_devconf_all: u32,
+    // struct in_device -> cnf.data[0], struct ipv4_devconf -> data[0]
+    pub in_dev_cnf_data: u32,
+    pub ipv4_devconf_data: u32,
+    /// Index into `ipv4_devconf.data[]` of FORWARDING and RP_FILTER (IPV4_DEVCONF_X - 1).
+    pub devconf_idx_forwarding: u32,
+    pub devconf_idx_rp_filter: u32,
+    // struct inet6_dev -> cnf.forwarding, struct ipv6_devconf -> forwarding
+    pub in6_dev_cnf_forwarding: u32,
+    pub ipv6_devconf_forwarding: u32,
+    // struct dst_entry
+    pub dst_dev: u32,
+    // Classic `skb:kfree_skb` tracepoint layout (fallback when tp_btf is unavailable).
+    pub tp_kfree_skbaddr: u32,
+    pub tp_kfree_location: u32,
+    pub tp_kfree_reason: u32,
+    // Classic `icmp:icmp_send` tracepoint layout.
+    pub tp_icmp_skbaddr: u32,
+    pub tp_icmp_type: u32,
+    pub tp_icmp_code: u32,
+}
+
+/// Load-time configuration of the eBPF programs (a `.rodata` global named `CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub offsets: Offsets,
+    /// Drop reasons for which a kernel stack is captured (the hook of a netfilter drop and the
+    /// caller of a NOT_SPECIFIED drop are only visible in the stack). [`ABSENT`] when unknown.
+    pub stack_reasons: [u32; 2],
+    /// Whether the tp_btf program may read the `reason` argument (absent before 5.17).
+    pub has_reason: u32,
+    pub _pad: u32,
+}
+
+/// Which probe produced an [`Event`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A packet freed through `kfree_skb` with a drop reason.
+    Drop = 1,
+    /// The kernel sent an ICMP error about a packet (REJECT, frag-needed, unreachable).
+    IcmpSend = 2,
+}
+
+/// Packet and device facts read at drop time; `flags` says which parts are valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    /// `skb` pointer, only used to pair an ICMP error with the drop of the same packet.
+    pub skb: u64,
+    /// Address of the function that freed the packet (symbolized in userspace).
+    pub location: u64,
+    pub reason: u32,
+    pub netns: u32,
+    pub ifindex: u32,
+    pub mtu: u32,
+    /// Device the routing decision sends the packet to (`skb_dst(skb)->dev`).
+    pub out_ifindex: u32,
+    pub out_mtu: u32,
+    pub len: u32,
+    pub mark: u32,
+    pub stack_id: i32,
+    /// `ETH_P_*` in host order, as in the tracepoint's `protocol`.
+    pub l3_proto: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub l4_proto: u8,
+    pub kind: u8,
+    pub ttl: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// Device and netns-wide sysctl values seen by the kernel; -1 when unreadable.
+    pub dev_forwarding: i8,
+    pub all_forwarding: i8,
+    pub dev_rp_filter: i8,
+    pub all_rp_filter: i8,
+    pub dev6_forwarding: i8,
+    pub all6_forwarding: i8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub ifname: [u8; 16],
+    pub out_ifname: [u8; 16],
+}
+
+/// [`Event::flags`]: an IPv4 header was parsed (`saddr`/`daddr` hold it in the first 4 bytes).
+pub const FLAG_IPV4: u8 = 1 << 0;
+/// [`Event::flags`]: an IPv6 header was parsed.
+pub const FLAG_IPV6: u8 = 1 << 1;
+/// [`Event::flags`]: ports (TCP/UDP) or ICMP type/code were parsed.
+pub const FLAG_L4: u8 = 1 << 2;
+/// [`Event::flags`]: the packet had a device.
+pub const FLAG_DEV: u8 = 1 << 3;
+/// [`Event::flags`]: the packet had a route (`out_*` fields valid).
+pub const FLAG_DST: u8 = 1 << 4;
+
+// The ring buffer record has no implicit padding: both sides see the same bytes.
+const _: () = assert!(core::mem::size_of::<Event>() == 144);
+
+/// Index of counters in the `COUNTERS` per-CPU array.
+pub mod counter {
+    /// Events the ring buffer had no room for.
+    pub const LOST: u32 = 0;
+    /// Drop events seen by the probe (delivered or not).
+    pub const SEEN: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// Byte size of the ring buffer carrying [`Event`]s.
+pub const RING_BYTES: u32 = 1 << 22;
+/// Entries in the stack-trace map.
+pub const STACK_ENTRIES: u32 = 4096;
+
+impl Event {
+    /// An all-zero event (also what the eBPF side starts from).
+    pub const fn zeroed() -> Self {
+        Event {
+            ts_ns: 0,
+            skb: 0,
+            location: 0,
+            reason: 0,
+            netns: 0,
+            ifindex: 0,
+            mtu: 0,
+            out_ifindex: 0,
+            out_mtu: 0,
+            len: 0,
+            mark: 0,
+            stack_id: -1,
+            l3_proto: 0,
+            sport: 0,
+            dport: 0,
+            l4_proto: 0,
+            kind: 0,
+            ttl: 0,
+            icmp_type: 0,
+            icmp_code: 0,
+            dev_forwarding: -1,
+            all_forwarding: -1,
+            dev_rp_filter: -1,
+            all_rp_filter: -1,
+            dev6_forwarding: -1,
+            all6_forwarding: -1,
+            flags: 0,
+            _pad: [0; 2],
+            saddr: [0; 16],
+            daddr: [0; 16],
+            ifname: [0; 16],
+            out_ifname: [0; 16],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, `#[repr(C)]`, no pointers, every bit pattern valid.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Event {}
+}

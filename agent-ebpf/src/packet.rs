@@ -1,0 +1,149 @@
+//! Reading the packet, its devices and their sysctls from an `sk_buff`, at offsets from BTF.
+//!
+//! Every read goes through `bpf_probe_read_kernel`, so a wrong pointer yields "unknown", never a
+//! fault; an offset the running kernel does not have is skipped.
+use agent_ebpf::{Event, ABSENT, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4};
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+
+use crate::maps::cfg;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+/// `skb->_skb_refdst` carries a "no reference" flag in bit 0.
+const SKB_DST_PTRMASK: u64 = !1;
+
+/// Reads a `T` at `base + off`, or `None` if the base is NULL, the offset absent or the read fails.
+#[inline(always)]
+fn read<T>(base: u64, off: u32) -> Option<T> {
+    if base == 0 || off == ABSENT {
+        return None;
+    }
+    // SAFETY: probe-read of kernel memory; failures are reported, not faults.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.ok()
+}
+
+#[inline(always)]
+fn small(v: Option<i32>) -> i8 {
+    match v {
+        Some(v) if (0..=127).contains(&v) => v as i8,
+        _ => -1,
+    }
+}
+
+/// Fills `ev` with everything known about `skb`: length, mark, devices, netns, sysctls, headers.
+#[inline(always)]
+pub fn fill(ev: &mut Event, skb: u64) {
+    let o = &cfg().offsets;
+    ev.skb = skb;
+    ev.len = read::<u32>(skb, o.skb_len).unwrap_or(0);
+    ev.mark = read::<u32>(skb, o.skb_mark).unwrap_or(0);
+    let dev = read::<u64>(skb, o.skb_dev).unwrap_or(0);
+    if dev != 0 {
+        ev.flags |= FLAG_DEV;
+        ev.ifindex = read::<u32>(dev, o.dev_ifindex).unwrap_or(0);
+        ev.mtu = read::<u32>(dev, o.dev_mtu).unwrap_or(0);
+        ev.ifname = read::<[u8; 16]>(dev, o.dev_name).unwrap_or([0; 16]);
+        fill_devconf(ev, dev);
+    }
+    let dst = read::<u64>(skb, o.skb_refdst).unwrap_or(0) & SKB_DST_PTRMASK;
+    let out = read::<u64>(dst, o.dst_dev).unwrap_or(0);
+    if out != 0 {
+        ev.flags |= FLAG_DST;
+        ev.out_ifindex = read::<u32>(out, o.dev_ifindex).unwrap_or(0);
+        ev.out_mtu = read::<u32>(out, o.dev_mtu).unwrap_or(0);
+        ev.out_ifname = read::<[u8; 16]>(out, o.dev_name).unwrap_or([0; 16]);
+    }
+    // Locally generated packets have no device yet: take the netns of the route's device.
+    let ns_dev = if dev != 0 { dev } else { out };
+    let net = read::<u64>(ns_dev, o.dev_nd_net).unwrap_or(0);
+    ev.netns = read::<u32>(net, o.net_inum).unwrap_or(0);
+
+    let proto = u16::from_be(read::<u16>(skb, o.skb_protocol).unwrap_or(0));
+    ev.l3_proto = proto;
+    let head = read::<u64>(skb, o.skb_head).unwrap_or(0);
+    let nh = read::<u16>(skb, o.skb_network_header).unwrap_or(u16::MAX);
+    if head == 0 || nh == u16::MAX {
+        return;
+    }
+    let l3 = head + nh as u64;
+    if proto == ETH_P_IP {
+        parse_ipv4(ev, l3);
+    } else if proto == ETH_P_IPV6 {
+        parse_ipv6(ev, l3);
+    }
+}
+
+/// Forwarding and rp_filter of the device and of `all` in the device's netns.
+#[inline(always)]
+fn fill_devconf(ev: &mut Event, dev: u64) {
+    let o = &cfg().offsets;
+    let net = read::<u64>(dev, o.dev_nd_net).unwrap_or(0);
+    let fwd_off = o.devconf_idx_forwarding.wrapping_mul(4);
+    let rp_off = o.devconf_idx_rp_filter.wrapping_mul(4);
+    if o.in_dev_cnf_data != ABSENT && o.devconf_idx_forwarding != ABSENT {
+        let in_dev = read::<u64>(dev, o.dev_ip_ptr).unwrap_or(0);
+        ev.dev_forwarding = small(read::<i32>(in_dev, o.in_dev_cnf_data.wrapping_add(fwd_off)));
+        ev.dev_rp_filter = small(read::<i32>(in_dev, o.in_dev_cnf_data.wrapping_add(rp_off)));
+        let all = read::<u64>(net, o.net_ipv4_devconf_all).unwrap_or(0);
+        ev.all_forwarding = small(read::<i32>(all, o.ipv4_devconf_data.wrapping_add(fwd_off)));
+        ev.all_rp_filter = small(read::<i32>(all, o.ipv4_devconf_data.wrapping_add(rp_off)));
+    }
+    let in6_dev = read::<u64>(dev, o.dev_ip6_ptr).unwrap_or(0);
+    ev.dev6_forwarding = small(read::<i32>(in6_dev, o.in6_dev_cnf_forwarding));
+    let all6 = read::<u64>(net, o.net_ipv6_devconf_all).unwrap_or(0);
+    ev.all6_forwarding = small(read::<i32>(all6, o.ipv6_devconf_forwarding));
+}
+
+#[inline(always)]
+fn parse_ipv4(ev: &mut Event, l3: u64) {
+    let Some(h) = read::<[u8; 20]>(l3, 0) else { return };
+    if h[0] >> 4 != 4 {
+        return;
+    }
+    ev.flags |= FLAG_IPV4;
+    ev.ttl = h[8];
+    ev.l4_proto = h[9];
+    ev.saddr[..4].copy_from_slice(&h[12..16]);
+    ev.daddr[..4].copy_from_slice(&h[16..20]);
+    // Only the first fragment carries the L4 header.
+    let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+    if frag_off == 0 {
+        parse_l4(ev, l3 + ((h[0] & 0x0f) as u64) * 4);
+    }
+}
+
+#[inline(always)]
+fn parse_ipv6(ev: &mut Event, l3: u64) {
+    let Some(h) = read::<[u8; 40]>(l3, 0) else { return };
+    if h[0] >> 4 != 6 {
+        return;
+    }
+    ev.flags |= FLAG_IPV6;
+    ev.l4_proto = h[6];
+    ev.ttl = h[7];
+    ev.saddr.copy_from_slice(&h[8..24]);
+    ev.daddr.copy_from_slice(&h[24..40]);
+    parse_l4(ev, l3 + 40);
+}
+
+#[inline(always)]
+fn parse_l4(ev: &mut Event, l4: u64) {
+    let Some(h) = read::<[u8; 4]>(l4, 0) else { return };
+    match ev.l4_proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            ev.sport = u16::from_be_bytes([h[0], h[1]]);
+            ev.dport = u16::from_be_bytes([h[2], h[3]]);
+            ev.flags |= FLAG_L4;
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            ev.icmp_type = h[0];
+            ev.icmp_code = h[1];
+            ev.flags |= FLAG_L4;
+        }
+        _ => {}
+    }
+}

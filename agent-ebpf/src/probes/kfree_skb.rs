@@ -1,0 +1,33 @@
+//! `skb:kfree_skb`: every packet the kernel frees with a drop reason.
+use agent_ebpf::{counter, EventKind};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::StackTrace, programs::tracing::StackIdContext, EbpfContext};
+
+use crate::{
+    maps::{bump, cfg, reserve, STACKS},
+    packet,
+};
+
+#[inline(always)]
+pub fn on_drop<C: EbpfContext + StackIdContext>(ctx: &C, skb: u64, location: u64, reason: u32) {
+    bump(counter::SEEN);
+    let Some(mut entry) = reserve() else { return };
+    // SAFETY: `reserve` initialised the record.
+    let ev = unsafe { entry.assume_init_mut() };
+    ev.kind = EventKind::Drop as u8;
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.location = location;
+    ev.reason = reason;
+    packet::fill(ev, skb);
+    // The hook of a netfilter drop, and the real caller of a NOT_SPECIFIED drop, are only in
+    // the stack; take it for those reasons alone (it is the most expensive step here).
+    let wanted = &cfg().stack_reasons;
+    if reason == wanted[0] || reason == wanted[1] {
+        ev.stack_id = stack_id(ctx, &STACKS);
+    }
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn stack_id<C: StackIdContext>(ctx: &C, map: &StackTrace) -> i32 {
+    ctx.get_stackid(map, 0).map(|id| id as i32).unwrap_or(-1)
+}

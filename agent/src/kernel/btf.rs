@@ -1,0 +1,351 @@
+//! What the running kernel looks like, read from its BTF: struct member offsets for the eBPF
+//! programs and the names behind drop-reason numbers. All kernel-version knowledge stops here.
+use std::{collections::HashMap, path::Path};
+
+use agent_ebpf::{Offsets, ABSENT};
+use anyhow::{anyhow, bail, Context, Result};
+use btf_rs::{Btf, Type};
+use fallible_iterator::FallibleIterator;
+
+/// The kernel's BTF, with the lookups dropscope needs.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    /// Opens a BTF file (normally `/sys/kernel/btf/vmlinux`).
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!(
+                "no kernel BTF at {} (dropscope needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)",
+                path.display()
+            );
+        }
+        let btf = Btf::from_file(path)
+            .map_err(|e| anyhow!("cannot parse kernel BTF at {}: {e}", path.display()))?;
+        Ok(KernelBtf { btf })
+    }
+
+    /// Byte offset of `path` ("a.b.c", members of nested structs, anonymous ones looked
+    /// through) inside `struct name`, or `None` if this kernel has no such member.
+    pub fn offset_of(&self, name: &str, path: &str) -> Option<u32> {
+        let mut ty = self.named_composite(name)?;
+        let mut total = 0;
+        for part in path.split('.') {
+            let (bits, member_ty) = self.find_member(&ty, part)?;
+            total += bits / 8;
+            ty = member_ty;
+        }
+        Some(total)
+    }
+
+    /// Like [`Self::offset_of`], but [`ABSENT`] when missing (the form the eBPF side takes).
+    fn offset_or_absent(&self, name: &str, path: &str) -> u32 {
+        self.offset_of(name, path).unwrap_or(ABSENT)
+    }
+
+    /// Values of a named enum: `name -> value`.
+    pub fn enum_values(&self, name: &str) -> Result<Vec<(String, u32)>> {
+        let types = self.btf.resolve_types_by_name(name).unwrap_or_default();
+        for ty in types {
+            if let Type::Enum(e) = ty {
+                return e
+                    .members
+                    .iter()
+                    .map(|m| Ok((self.btf.resolve_name(m)?, m.val())))
+                    .collect::<Result<_, btf_rs::Error>>()
+                    .map_err(|e| anyhow!("reading enum {name}: {e}"));
+            }
+        }
+        bail!("this kernel's BTF has no enum {name}")
+    }
+
+    /// Values of constants declared in anonymous enums (e.g. `IPV4_DEVCONF_FORWARDING`),
+    /// found in one pass over the enums (anonymous types cannot be looked up by name).
+    pub fn anonymous_enum_values(&self, constants: &[&str]) -> HashMap<String, u32> {
+        let mut found = HashMap::new();
+        let mut iter = self.btf.type_iter();
+        while let Ok(Some(ty)) = iter.next() {
+            let Type::Enum(e) = ty else { continue };
+            for m in &e.members {
+                let Ok(name) = self.btf.resolve_name(m) else { continue };
+                if constants.contains(&name.as_str()) {
+                    found.insert(name, m.val());
+                }
+            }
+            if found.len() == constants.len() {
+                break;
+            }
+        }
+        found
+    }
+
+    /// Whether a function exists in BTF (what tp_btf/fentry need to attach).
+    pub fn has_type(&self, name: &str) -> bool {
+        self.btf.resolve_ids_by_name(name).map(|ids| !ids.is_empty()).unwrap_or(false)
+    }
+
+    /// Number of arguments of the raw tracepoint `btf_trace_<name>` minus its leading context.
+    pub fn tracepoint_args(&self, name: &str) -> Option<usize> {
+        let ty = self.btf.resolve_types_by_name(&format!("btf_trace_{name}")).ok()?.pop()?;
+        let mut t = ty;
+        for _ in 0..4 {
+            match t {
+                Type::FuncProto(p) => return Some(p.parameters.len().saturating_sub(1)),
+                other => t = self.btf.resolve_chained_type(other.as_btf_type()?).ok()?,
+            }
+        }
+        None
+    }
+
+    fn named_composite(&self, name: &str) -> Option<Type> {
+        self.btf.resolve_types_by_name(name).ok()?.into_iter().find(|t| match t {
+            Type::Struct(s) | Type::Union(s) => !s.members.is_empty(),
+            _ => false,
+        })
+    }
+
+    /// Finds `name` among the members of a struct/union, descending into anonymous members.
+    /// Returns the member's bit offset and its type with typedefs/qualifiers stripped.
+    fn find_member(&self, ty: &Type, name: &str) -> Option<(u32, Type)> {
+        let (Type::Struct(s) | Type::Union(s)) = ty else { return None };
+        for m in &s.members {
+            let member_name = self.btf.resolve_name(m).unwrap_or_default();
+            let member_ty = self.strip(self.btf.resolve_chained_type(m).ok()?);
+            if member_name == name {
+                return Some((m.bit_offset(), member_ty));
+            }
+            if member_name.is_empty() {
+                if let Some((bits, t)) = self.find_member(&member_ty, name) {
+                    return Some((m.bit_offset() + bits, t));
+                }
+            }
+        }
+        None
+    }
+
+    fn strip(&self, mut ty: Type) -> Type {
+        for _ in 0..8 {
+            match &ty {
+                Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_) | Type::TypeTag(_) => {
+                    match ty.as_btf_type().and_then(|t| self.btf.resolve_chained_type(t).ok()) {
+                        Some(next) => ty = next,
+                        None => return ty,
+                    }
+                }
+                _ => return ty,
+            }
+        }
+        ty
+    }
+
+    /// All offsets the eBPF programs use. Missing members stay [`ABSENT`]: the programs then
+    /// report "unknown" for that fact instead of reading a wrong place.
+    pub fn offsets(&self) -> Offsets {
+        let skb = |p| self.offset_or_absent("sk_buff", p);
+        let dev = |p| self.offset_or_absent("net_device", p);
+        let net = |p| self.offset_or_absent("net", p);
+        let consts = self.anonymous_enum_values(&["IPV4_DEVCONF_FORWARDING", "IPV4_DEVCONF_RP_FILTER"]);
+        // The kernel indexes data[] with IPV4_DEVCONF_X - 1.
+        let devconf = |c: &str| consts.get(c).map(|v| v - 1).unwrap_or(ABSENT);
+        let possible_net = self.offset_of("possible_net_t", "net").unwrap_or(0);
+        let nd_net = self.offset_of("net_device", "nd_net").map(|o| o + possible_net);
+        Offsets {
+            skb_len: skb("len"),
+            skb_dev: skb("dev"),
+            skb_head: skb("head"),
+            skb_network_header: skb("network_header"),
+            skb_protocol: skb("protocol"),
+            skb_mark: skb("mark"),
+            skb_refdst: skb("_skb_refdst"),
+            dev_ifindex: dev("ifindex"),
+            dev_name: dev("name"),
+            dev_mtu: dev("mtu"),
+            dev_ip_ptr: dev("ip_ptr"),
+            dev_ip6_ptr: dev("ip6_ptr"),
+            dev_nd_net: nd_net.unwrap_or(ABSENT),
+            net_inum: net("ns.inum"),
+            net_ipv4_devconf_all: net("ipv4.devconf_all"),
+            net_ipv6_devconf_all: net("ipv6.devconf_all"),
+            in_dev_cnf_data: self.offset_or_absent("in_device", "cnf.data"),
+            ipv4_devconf_data: self.offset_or_absent("ipv4_devconf", "data"),
+            devconf_idx_forwarding: devconf("IPV4_DEVCONF_FORWARDING"),
+            devconf_idx_rp_filter: devconf("IPV4_DEVCONF_RP_FILTER"),
+            in6_dev_cnf_forwarding: self.offset_or_absent("inet6_dev", "cnf.forwarding"),
+            ipv6_devconf_forwarding: self.offset_or_absent("ipv6_devconf", "forwarding"),
+            dst_dev: self.offset_or_absent("dst_entry", "dev"),
+            tp_kfree_skbaddr: ABSENT,
+            tp_kfree_location: ABSENT,
+            tp_kfree_reason: ABSENT,
+            tp_icmp_skbaddr: ABSENT,
+            tp_icmp_type: ABSENT,
+            tp_icmp_code: ABSENT,
+        }
+    }
+
+    /// The drop-reason names of this kernel (`enum skb_drop_reason` and its subsystems).
+    pub fn drop_reasons(&self) -> Result<DropReasons> {
+        let values = self.enum_values("skb_drop_reason").context(
+            "this kernel reports no drop reasons (enum skb_drop_reason is missing; kernels before 5.17)",
+        )?;
+        let subsystems = self.enum_values("skb_drop_reason_subsys").unwrap_or_default();
+        Ok(DropReasons::new(values, subsystems))
+    }
+}
+
+/// Drop-reason numbers <-> names for the running kernel.
+#[derive(Debug, Clone, Default)]
+pub struct DropReasons {
+    by_value: HashMap<u32, String>,
+    by_name: HashMap<String, u32>,
+    subsystems: HashMap<u32, String>,
+}
+
+/// Reasons carry the subsystem in their upper 16 bits (6.4+).
+pub const SUBSYS_SHIFT: u32 = 16;
+
+impl DropReasons {
+    /// Builds the table from BTF enum members, shortening `SKB_DROP_REASON_X` to `X`.
+    pub fn new(values: Vec<(String, u32)>, subsystems: Vec<(String, u32)>) -> Self {
+        let mut r = DropReasons::default();
+        for (name, value) in values {
+            let short = name.strip_prefix("SKB_DROP_REASON_").unwrap_or(&name).to_string();
+            if short == "MAX" || short.starts_with("SUBSYS_") {
+                continue;
+            }
+            r.by_name.insert(short.clone(), value);
+            r.by_value.entry(value).or_insert(short);
+        }
+        for (name, value) in subsystems {
+            if let Some(short) = name.strip_prefix("SKB_DROP_REASON_SUBSYS_") {
+                if short != "NUM" && short != "CORE" {
+                    r.subsystems.insert(value, short.to_string());
+                }
+            }
+        }
+        r
+    }
+
+    /// The value this kernel uses for a reason name.
+    pub fn value(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The name of a reason value: the core name, `SUBSYS:index` for subsystem reasons this
+    /// kernel's BTF does not name, or the raw number.
+    pub fn name(&self, value: u32) -> String {
+        let subsys = value >> SUBSYS_SHIFT;
+        if subsys != 0 {
+            let sub = self.subsystems.get(&subsys).map(String::as_str).unwrap_or("SUBSYS");
+            return format!("{sub}:{}", value & 0xffff);
+        }
+        match self.by_value.get(&value) {
+            Some(n) => n.clone(),
+            None => format!("REASON_{value}"),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel() -> KernelBtf {
+        KernelBtf::open(Path::new("/sys/kernel/btf/vmlinux")).expect("this machine has BTF")
+    }
+
+    #[test]
+    fn resolves_every_offset_the_programs_use() {
+        let o = kernel().offsets();
+        for (name, v) in [
+            ("skb_len", o.skb_len),
+            ("skb_dev", o.skb_dev),
+            ("skb_head", o.skb_head),
+            ("skb_network_header", o.skb_network_header),
+            ("skb_protocol", o.skb_protocol),
+            ("skb_mark", o.skb_mark),
+            ("skb_refdst", o.skb_refdst),
+            ("dev_ifindex", o.dev_ifindex),
+            ("dev_name", o.dev_name),
+            ("dev_mtu", o.dev_mtu),
+            ("dev_ip_ptr", o.dev_ip_ptr),
+            ("dev_ip6_ptr", o.dev_ip6_ptr),
+            ("dev_nd_net", o.dev_nd_net),
+            ("net_inum", o.net_inum),
+            ("net_ipv4_devconf_all", o.net_ipv4_devconf_all),
+            ("net_ipv6_devconf_all", o.net_ipv6_devconf_all),
+            ("in_dev_cnf_data", o.in_dev_cnf_data),
+            ("ipv4_devconf_data", o.ipv4_devconf_data),
+            ("in6_dev_cnf_forwarding", o.in6_dev_cnf_forwarding),
+            ("ipv6_devconf_forwarding", o.ipv6_devconf_forwarding),
+            ("dst_dev", o.dst_dev),
+        ] {
+            assert_ne!(v, ABSENT, "{name} not found in BTF");
+        }
+        // Stable since the devconf enum was introduced: FORWARDING=1, RP_FILTER=8.
+        assert_eq!(o.devconf_idx_forwarding, 0);
+        assert_eq!(o.devconf_idx_rp_filter, 7);
+    }
+
+    #[test]
+    fn offsets_agree_with_independent_pahole_style_reading() {
+        // Cross-check against bpftool's own BTF dump, when bpftool is installed.
+        let Ok(out) = std::process::Command::new("bpftool")
+            .args(["btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw"])
+            .output()
+        else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "[N] STRUCT 'net_device' size=..." followed by "'mtu' type_id=.. bits_offset=X".
+        let start = text.find("STRUCT 'net_device' size=").expect("net_device in dump");
+        let body = &text[start..];
+        let end = body[1..].find("\n[").map(|i| i + 1).unwrap_or(body.len());
+        let line = body[..end].lines().find(|l| l.trim_start().starts_with("'mtu' ")).unwrap();
+        let bits: u32 = line.split("bits_offset=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+        assert_eq!(kernel().offset_of("net_device", "mtu"), Some(bits / 8));
+    }
+
+    #[test]
+    fn reason_names_come_from_the_running_kernel() {
+        let reasons = kernel().drop_reasons().unwrap();
+        assert!(reasons.len() > 50);
+        for name in ["NOT_SPECIFIED", "NO_SOCKET", "NETFILTER_DROP", "IP_RPFILTER", "PKT_TOO_BIG"] {
+            let v = reasons.value(name).unwrap_or_else(|| panic!("{name} missing"));
+            assert_eq!(reasons.name(v), name);
+        }
+        // Tracefs prints the same table; compare one entry when it is mounted.
+        if let Ok(fmt) = std::fs::read_to_string("/sys/kernel/tracing/events/skb/kfree_skb/format") {
+            let v = reasons.value("NETFILTER_DROP").unwrap();
+            assert!(fmt.contains(&format!("{{ {v}, \"NETFILTER_DROP\" }}")), "tracefs disagrees");
+        }
+    }
+
+    #[test]
+    fn subsystem_reasons_are_never_confused_with_core_ones() {
+        let r = DropReasons::new(
+            vec![("SKB_DROP_REASON_NO_SOCKET".into(), 3)],
+            vec![("SKB_DROP_REASON_SUBSYS_OPENVSWITCH".into(), 2)],
+        );
+        assert_eq!(r.name(3), "NO_SOCKET");
+        assert_eq!(r.name((2 << 16) | 3), "OPENVSWITCH:3");
+        assert_eq!(r.name((9 << 16) | 1), "SUBSYS:1");
+        assert_eq!(r.name(999), "REASON_999");
+    }
+
+    #[test]
+    fn kfree_skb_tracepoint_arguments_are_detected() {
+        // 6.11+: (skb, location, reason, rx_sk)
+        assert!(kernel().tracepoint_args("kfree_skb").unwrap() >= 3);
+    }
+
+    #[test]
+    fn missing_btf_is_a_clear_error() {
+        let err = KernelBtf::open(Path::new("/nonexistent/vmlinux")).err().unwrap().to_string();
+        assert!(err.contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
+    }
+}
