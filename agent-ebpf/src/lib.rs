@@ -75,7 +75,7 @@ pub enum EventKind {
     /// A packet freed through `kfree_skb` with a drop reason.
     Drop = 1,
     /// The kernel sent an ICMP error about a packet (REJECT, frag-needed, unreachable).
-    IcmpSend = 2,
+    IcmpSent = 2,
 }
 
 /// Packet and device facts read at drop time; `flags` says which parts are valid.

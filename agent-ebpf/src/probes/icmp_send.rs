@@ -10,7 +10,7 @@ pub fn on_icmp_send(skb: u64, ty: u8, code: u8) {
     let Some(mut entry) = reserve() else { return };
     // SAFETY: `reserve` initialised the record.
     let ev = unsafe { entry.assume_init_mut() };
-    ev.kind = EventKind::IcmpSend as u8;
+    ev.kind = EventKind::IcmpSent as u8;
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     packet::fill(ev, skb);
     // The ICMP message sent, not the offending packet's own ICMP header.

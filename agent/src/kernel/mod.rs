@@ -1,2 +1,6 @@
 //! Everything that depends on the running kernel: BTF, symbols, tracefs, privileges, attaching.
+pub mod attach;
 pub mod btf;
+pub mod kallsyms;
+pub mod preflight;
+pub mod tracefs;

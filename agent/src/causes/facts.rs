@@ -1,0 +1,134 @@
+//! The facts a rule can test or print, computed from one drop and its context.
+use std::borrow::Cow;
+
+use crate::events::Drop;
+
+/// Facts usable in a rule's `when` (and as placeholders).
+pub const CONDITION_FACTS: &[&str] = &[
+    "family",
+    "proto",
+    "dev_forwarding",
+    "all_forwarding",
+    "dev6_forwarding",
+    "all6_forwarding",
+    "dev_rp_filter",
+    "all_rp_filter",
+    "rp_filter",
+    "icmp_sent",
+    "icmp_sent_name",
+    "nf_engine",
+    "over_mtu",
+];
+
+/// Facts usable only as placeholders in evidence and fix texts.
+pub const PLACEHOLDERS: &[&str] = &[
+    "ifname", "out_ifname", "mtu", "len", "src", "dst", "sport", "dport", "flow", "ttl", "netns", "reason", "location",
+    "nsexec",
+];
+
+/// A fact's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    Int(i64),
+    Str(Cow<'a, str>),
+    Bool(bool),
+}
+
+impl std::fmt::Display for Value<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Int(v) => write!(f, "{v}"),
+            Value::Str(v) => f.write_str(v),
+            Value::Bool(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl Value<'_> {
+    /// Whether this value equals a value written in the table.
+    pub fn matches(&self, want: &toml::Value) -> bool {
+        match (self, want) {
+            (_, toml::Value::Array(options)) => options.iter().any(|o| self.matches(o)),
+            (Value::Int(a), toml::Value::Integer(b)) => a == b,
+            (Value::Str(a), toml::Value::String(b)) => a == b,
+            (Value::Bool(a), toml::Value::Boolean(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// One drop plus what correlation and live state added to it.
+pub struct Facts<'a> {
+    pub drop: &'a Drop,
+    /// ICMP error the kernel sent about this very packet (type, code).
+    pub icmp_sent: Option<(u8, u8)>,
+    /// Netfilter engine, for netfilter drops.
+    pub nf_engine: Option<&'static str>,
+    /// Command prefix to act in the drop's namespace.
+    pub nsexec: String,
+}
+
+impl<'a> Facts<'a> {
+    /// The value of a fact, or `None` when this drop does not carry it.
+    pub fn get(&self, name: &str) -> Option<Value<'_>> {
+        let d = self.drop;
+        let s = d.sysctls;
+        let int = |v: Option<u8>| v.map(|v| Value::Int(v.into()));
+        let text = |v: String| Some(Value::Str(Cow::Owned(v)));
+        match name {
+            "family" => d.flow.map(|f| Value::Str(f.family.as_str().into())),
+            "proto" => d.flow.and_then(|f| text(f.proto_name())),
+            "dev_forwarding" => int(s.dev_forwarding),
+            "all_forwarding" => int(s.all_forwarding),
+            "dev6_forwarding" => int(s.dev6_forwarding),
+            "all6_forwarding" => int(s.all6_forwarding),
+            "dev_rp_filter" => int(s.dev_rp_filter),
+            "all_rp_filter" => int(s.all_rp_filter),
+            "rp_filter" => int(s.effective_rp_filter()),
+            "icmp_sent" => text(self.icmp_sent.map_or("none".into(), |(t, c)| format!("{t}/{c}"))),
+            "icmp_sent_name" => text(self.icmp_sent.map_or("none".into(), |(t, c)| icmp_name(t, c).into())),
+            "nf_engine" => self.nf_engine.map(|e| Value::Str(e.into())),
+            "over_mtu" => self.egress_mtu().map(|m| Value::Bool(d.len > m)),
+            "ifname" => d.dev.map(|dev| Value::Str(Cow::Owned(dev.name().to_string()))),
+            "out_ifname" => d.out.or(d.dev).map(|dev| Value::Str(Cow::Owned(dev.name().to_string()))),
+            "mtu" => self.egress_mtu().map(|m| Value::Int(m.into())),
+            "len" => Some(Value::Int(d.len.into())),
+            "src" => d.flow.and_then(|f| text(f.src.to_string())),
+            "dst" => d.flow.and_then(|f| text(f.dst.to_string())),
+            "sport" => d.flow.and_then(|f| f.ports).map(|p| Value::Int(p.0.into())),
+            "dport" => d.flow.and_then(|f| f.ports).map(|p| Value::Int(p.1.into())),
+            "flow" => d.flow.and_then(|f| text(f.to_string())),
+            "ttl" => d.ttl.map(|t| Value::Int(t.into())),
+            "netns" => Some(Value::Int(d.netns.into())),
+            "reason" => Some(Value::Str(Cow::Borrowed(&d.reason))),
+            "location" => Some(Value::Str(Cow::Borrowed(&d.location))),
+            "nsexec" => Some(Value::Str(Cow::Borrowed(&self.nsexec))),
+            _ => None,
+        }
+    }
+
+    /// MTU of the device the packet leaves through (the route's device, else `skb->dev`).
+    fn egress_mtu(&self) -> Option<u32> {
+        self.drop.out.or(self.drop.dev).map(|d| d.mtu).filter(|&m| m > 0)
+    }
+}
+
+/// ICMP(v4) error names for the types the kernel sends.
+pub fn icmp_name(ty: u8, code: u8) -> &'static str {
+    match (ty, code) {
+        (3, 0) => "net unreachable",
+        (3, 1) => "host unreachable",
+        (3, 2) => "protocol unreachable",
+        (3, 3) => "port unreachable",
+        (3, 4) => "fragmentation needed",
+        (3, 9) => "net prohibited",
+        (3, 10) => "host prohibited",
+        (3, 13) => "administratively prohibited",
+        (3, _) => "destination unreachable",
+        (11, 0) => "TTL exceeded",
+        (11, _) => "time exceeded",
+        (12, _) => "parameter problem",
+        (5, _) => "redirect",
+        _ => "ICMP error",
+    }
+}

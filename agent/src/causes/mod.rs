@@ -1,0 +1,8 @@
+//! From a kernel drop to an operator cause: the rule table (`rules.toml`), the facts it can
+//! test, and the engine that applies it.
+pub mod engine;
+pub mod facts;
+pub mod table;
+
+pub use engine::{Engine, Verdict};
+pub use facts::Facts;

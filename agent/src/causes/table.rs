@@ -1,0 +1,182 @@
+//! The cause table as data: parsed from `rules.toml` (compiled in) and validated at start-up,
+//! so a typo in a fact or cause name is a test failure, not a silent mismatch.
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use super::facts::{CONDITION_FACTS, PLACEHOLDERS};
+
+/// The table shipped with dropscope.
+pub const BUILTIN: &str = include_str!("rules.toml");
+
+/// A cause as the operator reads it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cause {
+    pub title: String,
+    pub meaning: String,
+}
+
+/// One or several strings (TOML allows either for `reason` and `at`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    #[default]
+    Any,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// Whether `value` is allowed (an absent list allows everything).
+    pub fn allows(&self, value: &str) -> bool {
+        match self {
+            OneOrMany::Any => true,
+            OneOrMany::One(v) => v == value,
+            OneOrMany::Many(vs) => vs.iter().any(|v| v == value),
+        }
+    }
+
+    pub fn values(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::Any => vec![],
+            OneOrMany::One(v) => vec![v.as_str()],
+            OneOrMany::Many(vs) => vs.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// A text with `{fact}` placeholders, split once at load time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Text(String),
+    Fact(String),
+}
+
+/// One row: signal -> cause -> evidence -> fix.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub cause: String,
+    #[serde(default)]
+    pub reason: OneOrMany,
+    #[serde(default)]
+    pub at: OneOrMany,
+    #[serde(default)]
+    pub when: BTreeMap<String, toml::Value>,
+    pub evidence: String,
+    pub fix: String,
+    #[serde(default)]
+    pub benign: bool,
+    #[serde(skip)]
+    pub evidence_tpl: Vec<Piece>,
+    #[serde(skip)]
+    pub fix_tpl: Vec<Piece>,
+}
+
+/// The whole table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    pub cause: BTreeMap<String, Cause>,
+    pub rule: Vec<Rule>,
+}
+
+impl Table {
+    /// Parses and validates a table.
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut table: Table = toml::from_str(text).context("cause table is not valid TOML")?;
+        for (i, rule) in table.rule.iter_mut().enumerate() {
+            let at = || format!("rule {} (cause {})", i + 1, rule.cause);
+            if !table.cause.contains_key(&rule.cause) {
+                bail!("{}: unknown cause id", at());
+            }
+            for (fact, value) in &rule.when {
+                if !CONDITION_FACTS.contains(&fact.as_str()) {
+                    bail!("{}: unknown fact '{fact}' in when", at());
+                }
+                let ok = match value {
+                    toml::Value::Array(vs) => vs.iter().all(is_scalar),
+                    v => is_scalar(v),
+                };
+                if !ok {
+                    bail!("{}: when.{fact} must be a string, number, boolean or a list of them", at());
+                }
+            }
+            rule.evidence_tpl = split(&rule.evidence).with_context(at)?;
+            rule.fix_tpl = split(&rule.fix).with_context(at)?;
+        }
+        match table.rule.last() {
+            Some(r) if matches!(r.reason, OneOrMany::Any) && r.when.is_empty() && matches!(r.at, OneOrMany::Any) => {}
+            _ => bail!("the last rule must match everything (the unclassified fallback)"),
+        }
+        Ok(table)
+    }
+
+    /// The table compiled into dropscope.
+    pub fn builtin() -> Self {
+        Self::parse(BUILTIN).expect("built-in cause table is valid (checked by tests)")
+    }
+}
+
+fn is_scalar(v: &toml::Value) -> bool {
+    matches!(v, toml::Value::String(_) | toml::Value::Integer(_) | toml::Value::Boolean(_))
+}
+
+/// Splits "a {x} b" into text and placeholder pieces, rejecting unknown placeholders.
+pub fn split(template: &str) -> Result<Vec<Piece>> {
+    let mut pieces = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..].find('}').map(|c| open + c).context("unclosed '{' in template")?;
+        if open > 0 {
+            pieces.push(Piece::Text(rest[..open].to_string()));
+        }
+        let name = &rest[open + 1..close];
+        if !PLACEHOLDERS.contains(&name) && !CONDITION_FACTS.contains(&name) {
+            bail!("unknown placeholder {{{name}}}");
+        }
+        pieces.push(Piece::Fact(name.to_string()));
+        rest = &rest[close + 1..];
+    }
+    if !rest.is_empty() {
+        pieces.push(Piece::Text(rest.to_string()));
+    }
+    Ok(pieces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_table_is_valid_and_every_cause_has_a_rule() {
+        let t = Table::parse(BUILTIN).unwrap();
+        for id in t.cause.keys() {
+            assert!(t.rule.iter().any(|r| &r.cause == id), "cause {id} has no rule");
+            assert!(id.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{id} is not snake_case");
+        }
+    }
+
+    #[test]
+    fn typos_are_caught() {
+        let base = "[cause.x]\ntitle='t'\nmeaning='m'\n";
+        let bad_fact = format!("{base}[[rule]]\ncause='x'\nwhen={{ dev_fowarding = 0 }}\nevidence='e'\nfix='f'\n");
+        assert!(Table::parse(&bad_fact).unwrap_err().to_string().contains("dev_fowarding"));
+        let bad_cause = format!("{base}[[rule]]\ncause='y'\nevidence='e'\nfix='f'\n");
+        assert!(Table::parse(&bad_cause).unwrap_err().to_string().contains("unknown cause"));
+        let bad_placeholder = format!("{base}[[rule]]\ncause='x'\nevidence='{{ifnmae}}'\nfix='f'\n");
+        assert!(format!("{:#}", Table::parse(&bad_placeholder).unwrap_err()).contains("ifnmae"));
+        let no_fallback = format!("{base}[[rule]]\ncause='x'\nreason='NO_SOCKET'\nevidence='e'\nfix='f'\n");
+        assert!(Table::parse(&no_fallback).unwrap_err().to_string().contains("last rule"));
+    }
+
+    #[test]
+    fn templates_split_into_pieces() {
+        assert_eq!(
+            split("a {ifname} b").unwrap(),
+            vec![Piece::Text("a ".into()), Piece::Fact("ifname".into()), Piece::Text(" b".into())]
+        );
+    }
+}

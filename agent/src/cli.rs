@@ -1,0 +1,179 @@
+//! Command-line interface. Bad input dies here with one clear line (clap's exit code 2).
+use std::path::PathBuf;
+
+use clap::{Args, Parser, ValueEnum};
+use ipnet::IpNet;
+
+use crate::{
+    filter::{parse_net, parse_proto, Filter},
+    kernel::attach::Mode,
+};
+
+const ABOUT: &str = "Tells you, live, why the kernel is dropping your packets.";
+
+const LONG_ABOUT: &str = "\
+Tells you, live, why the kernel is dropping your packets.
+
+dropscope attaches to the kernel's packet-drop tracepoint (skb:kfree_skb) and to icmp:icmp_send,
+reads each dropped packet's flow, device, network namespace and the sysctls the kernel used, and
+names the cause in operator terms, with the evidence that proves it and the command that fixes it:
+forwarding disabled, strict rp_filter, firewall DROP or REJECT (nftables vs iptables-legacy),
+MTU exceeded, no route, TTL expired, ARP failure, nothing listening, and more.
+
+Identical drops are folded: the first is shown at once, repeats are counted and shown once per
+--interval. Ctrl-C (or SIGTERM, or --duration) prints a summary ranked by count. Benign kernel
+housekeeping (ping socket copies, socket close purges) is counted but hidden unless --all.
+
+Needs root, or CAP_BPF + CAP_PERFMON, and a kernel with BTF (/sys/kernel/btf/vmlinux).
+Nothing stays attached after exit: the programs live only as long as the process.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  dropscope                                   stream every drop on this node, summary on Ctrl-C
+  dropscope --dst 10.96.0.0/12 --port 53      only DNS to the service range
+  dropscope --netns dr-r --duration 30        one `ip netns` namespace, for 30 seconds
+  dropscope --format json | jq 'select(.cause==\"netfilter_drop\")'
+
+JSON records (one per line): {\"type\":\"attach\",...} first, then {\"type\":\"drop\",\"cause\",\"reason\",
+\"location\",\"family\",\"proto\",\"src\",\"dst\",\"sport\",\"dport\",\"len\",\"ifname\",\"ifindex\",\"netns\",
+\"count\",\"evidence\",\"hint\",...}, and {\"type\":\"summary\",\"causes\":{..},\"reasons\":{..},\"suppressed\",
+\"lost\",...} at exit. `count` is how many identical drops a record stands for.";
+
+#[derive(Debug, Parser)]
+#[command(name = "dropscope", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// More diagnostics on stderr (-v: progress, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Human-readable lines, coloured on a terminal.
+    Text,
+    /// One JSON object per line, for scripts.
+    Json,
+}
+
+/// When to colour text output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Stop after this many seconds (default: run until Ctrl-C / SIGTERM).
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    pub duration: Option<f64>,
+
+    /// Create this file once the probes are attached (start test traffic after it appears).
+    /// It is removed on exit.
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
+
+    /// Also show benign drops (ping socket copies, socket close purges, frames for other hosts).
+    #[arg(long)]
+    pub all: bool,
+
+    /// Only drops whose source is in this CIDR (or address). Repeatable.
+    #[arg(long, value_name = "CIDR", value_parser = parse_net)]
+    pub src: Vec<IpNet>,
+
+    /// Only drops whose destination is in this CIDR (or address). Repeatable.
+    #[arg(long, value_name = "CIDR", value_parser = parse_net)]
+    pub dst: Vec<IpNet>,
+
+    /// Only drops with this TCP/UDP port, source or destination. Repeatable.
+    #[arg(long, value_name = "PORT")]
+    pub port: Vec<u16>,
+
+    /// Only this protocol: tcp, udp, icmp, icmpv6, sctp, gre, esp or a number. Repeatable.
+    #[arg(long, value_name = "PROTO", value_parser = parse_proto)]
+    pub proto: Vec<u8>,
+
+    /// Only drops on this interface (ingress or egress). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub iface: Vec<String>,
+
+    /// Only drops in this network namespace: an inode number (see `ls -l /proc/PID/ns/net`)
+    /// or an `ip netns` name. Repeatable.
+    #[arg(long, value_name = "NETNS")]
+    pub netns: Vec<String>,
+
+    /// How repeated identical drops are reported: once per this many seconds.
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_seconds)]
+    pub interval: f64,
+
+    /// How to attach: auto tries BTF tracepoints, then classic tracepoints.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub attach: Mode,
+
+    /// Kernel BTF to read struct layouts and drop-reason names from.
+    #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]
+    pub btf: PathBuf,
+
+    /// Colour text output.
+    #[arg(long, value_enum, default_value_t = Color::Auto)]
+    pub color: Color,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number of seconds")),
+    }
+}
+
+impl RunArgs {
+    /// The filters, with `--netns` names resolved to inodes.
+    pub fn filter(&self) -> anyhow::Result<Filter> {
+        let netns = self.netns.iter().map(|n| crate::evidence::netns::resolve_arg(n)).collect::<anyhow::Result<_>>()?;
+        Ok(Filter {
+            src: self.src.clone(),
+            dst: self.dst.clone(),
+            ports: self.port.clone(),
+            protos: self.proto.clone(),
+            ifaces: self.iface.clone(),
+            netns,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        for args in [
+            &["dropscope", "--format", "yaml"][..],
+            &["dropscope", "--duration", "-1"],
+            &["dropscope", "--src", "10.0.0.0/40"],
+            &["dropscope", "--port", "70000"],
+            &["dropscope", "--proto", "nope"],
+            &["dropscope", "--attach", "kprobe"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
+        }
+        let ok = Cli::try_parse_from(["dropscope", "--format", "json", "--dst", "10.231.2.2", "--proto", "udp"]).unwrap();
+        assert_eq!(ok.run.format, Format::Json);
+        assert_eq!(ok.run.proto, vec![17]);
+    }
+}

@@ -1,0 +1,324 @@
+//! The event model: ring-buffer records decoded into typed drops. No kernel numbers past here:
+//! reasons and locations are names, addresses are `IpAddr`s, unknown values are `None`.
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
+
+use agent_ebpf::{Event, EventKind, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4};
+
+use crate::kernel::{btf::DropReasons, kallsyms::Kallsyms};
+
+/// IP version of a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// The packet's addresses and L4 identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub family: Family,
+    pub proto: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// TCP/UDP ports, when parsed.
+    pub ports: Option<(u16, u16)>,
+    /// ICMP/ICMPv6 type and code of the packet itself, when parsed.
+    pub icmp: Option<(u8, u8)>,
+}
+
+impl Flow {
+    /// "tcp", "udp", "icmp", "icmpv6" or the protocol number.
+    pub fn proto_name(&self) -> String {
+        proto_name(self.proto).map_or_else(|| self.proto.to_string(), str::to_string)
+    }
+}
+
+/// The name of an IP protocol number dropscope knows.
+pub fn proto_name(proto: u8) -> Option<&'static str> {
+    Some(match proto {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        58 => "icmpv6",
+        47 => "gre",
+        50 => "esp",
+        132 => "sctp",
+        _ => return None,
+    })
+}
+
+impl fmt::Display for Flow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.ports, self.family) {
+            (Some((sp, dp)), Family::Ipv4) => write!(f, "{}:{sp} -> {}:{dp}", self.src, self.dst)?,
+            (Some((sp, dp)), Family::Ipv6) => write!(f, "[{}]:{sp} -> [{}]:{dp}", self.src, self.dst)?,
+            (None, _) => write!(f, "{} -> {}", self.src, self.dst)?,
+        }
+        write!(f, " {}", self.proto_name())?;
+        if let Some((t, c)) = self.icmp {
+            write!(f, " {t}/{c}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A network device as seen at drop time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Device {
+    pub ifindex: u32,
+    name: [u8; 16],
+    pub mtu: u32,
+}
+
+impl Device {
+    pub fn new(ifindex: u32, name: [u8; 16], mtu: u32) -> Self {
+        Device { ifindex, name, mtu }
+    }
+
+    pub fn name(&self) -> &str {
+        let end = self.name.iter().position(|&b| b == 0).unwrap_or(self.name.len());
+        std::str::from_utf8(&self.name[..end]).unwrap_or("?")
+    }
+}
+
+/// Forwarding and rp_filter values the kernel itself used (None when unreadable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Sysctls {
+    pub dev_forwarding: Option<u8>,
+    pub all_forwarding: Option<u8>,
+    pub dev_rp_filter: Option<u8>,
+    pub all_rp_filter: Option<u8>,
+    pub dev6_forwarding: Option<u8>,
+    pub all6_forwarding: Option<u8>,
+}
+
+impl Sysctls {
+    /// rp_filter as the kernel applies it: the maximum of `all` and the device.
+    pub fn effective_rp_filter(&self) -> Option<u8> {
+        match (self.dev_rp_filter, self.all_rp_filter) {
+            (Some(d), Some(a)) => Some(d.max(a)),
+            (d, a) => d.or(a),
+        }
+    }
+}
+
+/// A packet the kernel dropped.
+#[derive(Debug, Clone)]
+pub struct Drop {
+    pub ts_ns: u64,
+    pub skb: u64,
+    pub reason: Arc<str>,
+    pub location: Arc<str>,
+    pub netns: u32,
+    /// `skb->dev`: ingress on receive paths, egress on transmit paths.
+    pub dev: Option<Device>,
+    /// The device the route sends the packet to.
+    pub out: Option<Device>,
+    pub len: u32,
+    pub mark: u32,
+    pub ttl: Option<u8>,
+    pub flow: Option<Flow>,
+    pub sysctls: Sysctls,
+    pub stack_id: Option<u32>,
+}
+
+/// The kernel sent an ICMP error about a packet.
+#[derive(Debug, Clone, Copy)]
+pub struct IcmpSent {
+    pub ts_ns: u64,
+    pub skb: u64,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub netns: u32,
+}
+
+/// A decoded ring-buffer record.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Drop(Drop),
+    IcmpSent(IcmpSent),
+}
+
+/// Turns raw records into typed ones, naming reasons and locations.
+pub struct Decoder {
+    pub reasons: DropReasons,
+    pub symbols: Kallsyms,
+    names: std::collections::HashMap<u32, Arc<str>>,
+}
+
+impl Decoder {
+    pub fn new(reasons: DropReasons, symbols: Kallsyms) -> Self {
+        Decoder { reasons, symbols, names: Default::default() }
+    }
+
+    /// Decodes one ring-buffer record; `None` if it is not a record this version knows.
+    pub fn decode(&mut self, bytes: &[u8]) -> Option<Record> {
+        let ev = parse(bytes)?;
+        match ev.kind {
+            k if k == EventKind::Drop as u8 => Some(Record::Drop(self.drop(&ev))),
+            k if k == EventKind::IcmpSent as u8 => Some(Record::IcmpSent(IcmpSent {
+                ts_ns: ev.ts_ns,
+                skb: ev.skb,
+                icmp_type: ev.icmp_type,
+                icmp_code: ev.icmp_code,
+                netns: ev.netns,
+            })),
+            _ => None,
+        }
+    }
+
+    fn drop(&mut self, ev: &Event) -> Drop {
+        let reasons = &self.reasons;
+        let reason = self.names.entry(ev.reason).or_insert_with(|| Arc::from(reasons.name(ev.reason))).clone();
+        let opt = |v: i8| u8::try_from(v).ok();
+        Drop {
+            ts_ns: ev.ts_ns,
+            skb: ev.skb,
+            reason,
+            location: self.symbols.resolve(ev.location),
+            netns: ev.netns,
+            dev: (ev.flags & FLAG_DEV != 0).then(|| Device::new(ev.ifindex, ev.ifname, ev.mtu)),
+            out: (ev.flags & FLAG_DST != 0).then(|| Device::new(ev.out_ifindex, ev.out_ifname, ev.out_mtu)),
+            len: ev.len,
+            mark: ev.mark,
+            ttl: (ev.flags & (FLAG_IPV4 | FLAG_IPV6) != 0).then_some(ev.ttl),
+            flow: flow(ev),
+            sysctls: Sysctls {
+                dev_forwarding: opt(ev.dev_forwarding),
+                all_forwarding: opt(ev.all_forwarding),
+                dev_rp_filter: opt(ev.dev_rp_filter),
+                all_rp_filter: opt(ev.all_rp_filter),
+                dev6_forwarding: opt(ev.dev6_forwarding),
+                all6_forwarding: opt(ev.all6_forwarding),
+            },
+            stack_id: u32::try_from(ev.stack_id).ok(),
+        }
+    }
+}
+
+/// Copies a record out of the ring buffer (which gives no alignment guarantee for our type).
+pub fn parse(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: length checked; Event is plain old data valid for any bit pattern.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+fn flow(ev: &Event) -> Option<Flow> {
+    let (family, src, dst) = if ev.flags & FLAG_IPV4 != 0 {
+        let v4 = |a: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
+        (Family::Ipv4, v4(&ev.saddr), v4(&ev.daddr))
+    } else if ev.flags & FLAG_IPV6 != 0 {
+        (Family::Ipv6, IpAddr::V6(Ipv6Addr::from(ev.saddr)), IpAddr::V6(Ipv6Addr::from(ev.daddr)))
+    } else {
+        return None;
+    };
+    let l4 = ev.flags & FLAG_L4 != 0;
+    let is_icmp = matches!(ev.l4_proto, 1 | 58);
+    Some(Flow {
+        family,
+        proto: ev.l4_proto,
+        src,
+        dst,
+        ports: (l4 && !is_icmp).then_some((ev.sport, ev.dport)),
+        icmp: (l4 && is_icmp).then_some((ev.icmp_type, ev.icmp_code)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(f: impl FnOnce(&mut Event)) -> Vec<u8> {
+        let mut ev = Event::zeroed();
+        f(&mut ev);
+        // SAFETY: Event is POD; view it as bytes like the ring buffer delivers it.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), std::mem::size_of::<Event>())
+        };
+        bytes.to_vec()
+    }
+
+    fn decoder() -> Decoder {
+        let reasons = DropReasons::new(
+            vec![("SKB_DROP_REASON_NO_SOCKET".into(), 3), ("SKB_DROP_REASON_IP_RPFILTER".into(), 16)],
+            vec![],
+        );
+        Decoder::new(reasons, Kallsyms::parse("ffffffff81000000 T tcp_v4_rcv\n"))
+    }
+
+    #[test]
+    fn decodes_an_ipv4_tcp_drop() {
+        let bytes = raw(|e| {
+            e.kind = EventKind::Drop as u8;
+            e.reason = 3;
+            e.location = 0xffffffff81000040;
+            e.flags = FLAG_IPV4 | FLAG_L4 | FLAG_DEV;
+            e.l4_proto = 6;
+            e.saddr[..4].copy_from_slice(&[10, 231, 1, 2]);
+            e.daddr[..4].copy_from_slice(&[10, 231, 2, 2]);
+            e.sport = 40000;
+            e.dport = 8081;
+            e.ifindex = 7;
+            e.ifname[..2].copy_from_slice(b"b0");
+            e.dev_forwarding = 0;
+            e.all_rp_filter = 2;
+        });
+        let Some(Record::Drop(d)) = decoder().decode(&bytes) else { panic!("not a drop") };
+        assert_eq!(&*d.reason, "NO_SOCKET");
+        assert_eq!(&*d.location, "tcp_v4_rcv");
+        let flow = d.flow.unwrap();
+        assert_eq!(flow.to_string(), "10.231.1.2:40000 -> 10.231.2.2:8081 tcp");
+        assert_eq!(d.dev.unwrap().name(), "b0");
+        assert_eq!(d.sysctls.dev_forwarding, Some(0));
+        assert_eq!(d.sysctls.dev_rp_filter, None, "-1 from the kernel means unknown");
+        assert_eq!(d.sysctls.effective_rp_filter(), Some(2));
+        assert!(d.out.is_none());
+    }
+
+    #[test]
+    fn decodes_ipv6_icmp_and_icmp_sent() {
+        let mut dec = decoder();
+        let bytes = raw(|e| {
+            e.kind = EventKind::Drop as u8;
+            e.flags = FLAG_IPV6 | FLAG_L4;
+            e.l4_proto = 58;
+            e.saddr = Ipv6Addr::new(0xfd00, 0x231, 1, 0, 0, 0, 0, 2).octets();
+            e.daddr = Ipv6Addr::new(0xfd00, 0x231, 2, 0, 0, 0, 0, 2).octets();
+            e.icmp_type = 128;
+            e.reason = 77;
+        });
+        let Some(Record::Drop(d)) = dec.decode(&bytes) else { panic!() };
+        assert_eq!(d.flow.unwrap().to_string(), "fd00:231:1::2 -> fd00:231:2::2 icmpv6 128/0");
+        assert_eq!(&*d.reason, "REASON_77", "unknown numbers stay visible");
+        let bytes = raw(|e| {
+            e.kind = EventKind::IcmpSent as u8;
+            e.icmp_type = 3;
+            e.icmp_code = 3;
+            e.skb = 0x1234;
+        });
+        let Some(Record::IcmpSent(i)) = dec.decode(&bytes) else { panic!() };
+        assert_eq!((i.icmp_type, i.icmp_code, i.skb), (3, 3, 0x1234));
+    }
+
+    #[test]
+    fn short_or_unknown_records_are_rejected() {
+        assert!(decoder().decode(&[0u8; 10]).is_none());
+        assert!(decoder().decode(&raw(|e| e.kind = 99)).is_none());
+    }
+}

@@ -1,0 +1,172 @@
+//! Network namespaces by inode: finding a handle to one, naming it, and reading inside it.
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use nix::sched::{setns, CloneFlags};
+
+/// Where `ip netns` keeps named namespaces.
+pub const NAMED_DIR: &str = "/run/netns";
+
+/// A way into one network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetnsRef {
+    pub inode: u32,
+    /// `ip netns` name, when it has one.
+    pub name: Option<String>,
+    /// A process living in it, when one was found.
+    pub pid: Option<u32>,
+    /// A file that can be passed to setns(2).
+    pub path: PathBuf,
+}
+
+impl NetnsRef {
+    /// The command prefix an operator types to act inside this namespace.
+    pub fn exec_prefix(&self) -> String {
+        match (&self.name, self.pid) {
+            (Some(name), _) => format!("ip netns exec {name} "),
+            (None, Some(pid)) => format!("nsenter -t {pid} -n "),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// Known namespaces, rescanned (at most once a second) when an unknown inode shows up.
+pub struct Registry {
+    own: u32,
+    known: HashMap<u32, NetnsRef>,
+    last_scan: Option<Instant>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        let own = inode_of(Path::new("/proc/self/ns/net")).unwrap_or(0);
+        Registry { own, known: HashMap::new(), last_scan: None }
+    }
+
+    /// The inode of dropscope's own (normally the host's) namespace.
+    pub fn own(&self) -> u32 {
+        self.own
+    }
+
+    /// A handle to namespace `inode`, if one can be found.
+    pub fn get(&mut self, inode: u32) -> Option<&NetnsRef> {
+        if !self.known.contains_key(&inode) && self.last_scan.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            self.scan();
+        }
+        self.known.get(&inode)
+    }
+
+    /// The prefix to run a command in `inode` ("" for dropscope's own namespace).
+    pub fn exec_prefix(&mut self, inode: u32) -> String {
+        if inode == self.own || inode == 0 {
+            return String::new();
+        }
+        self.get(inode).map(NetnsRef::exec_prefix).unwrap_or_default()
+    }
+
+    /// The `ip netns` name of `inode`, if any.
+    pub fn name(&mut self, inode: u32) -> Option<String> {
+        self.get(inode).and_then(|r| r.name.clone())
+    }
+
+    fn scan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        let mut found: HashMap<u32, NetnsRef> = HashMap::new();
+        if let Ok(dir) = fs::read_dir(NAMED_DIR) {
+            for entry in dir.flatten() {
+                let path = entry.path();
+                if let Ok(inode) = inode_of(&path) {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    found.insert(inode, NetnsRef { inode, name: Some(name), pid: None, path });
+                }
+            }
+        }
+        if let Ok(proc) = fs::read_dir("/proc") {
+            for entry in proc.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+                let path = entry.path().join("ns/net");
+                let Ok(inode) = inode_of(&path) else { continue };
+                found
+                    .entry(inode)
+                    .and_modify(|r| {
+                        r.pid.get_or_insert(pid);
+                    })
+                    .or_insert(NetnsRef { inode, name: None, pid: Some(pid), path });
+            }
+        }
+        self.known = found;
+    }
+}
+
+/// The namespace inode behind a file (`/proc/PID/ns/net` or a bind mount in /run/netns).
+pub fn inode_of(path: &Path) -> Result<u32> {
+    let meta = fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    Ok(meta.ino() as u32)
+}
+
+/// Parses a `--netns` value: an inode number or an `ip netns` name.
+pub fn resolve_arg(value: &str) -> Result<u32> {
+    if let Ok(inode) = value.parse::<u32>() {
+        return Ok(inode);
+    }
+    let path = if value.contains('/') { PathBuf::from(value) } else { Path::new(NAMED_DIR).join(value) };
+    if !path.exists() {
+        bail!("--netns {value}: not an inode number and no such namespace ({} does not exist)", path.display());
+    }
+    inode_of(&path)
+}
+
+/// Runs `f` on a thread that has joined the namespace at `path` (setns only changes the
+/// calling thread, so dropscope itself never leaves its own namespace).
+pub fn run_in<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let handle = std::thread::spawn(move || -> Result<T> {
+        setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
+        Ok(f())
+    });
+    handle.join().map_err(|_| anyhow::anyhow!("namespace reader panicked"))?
+}
+
+/// Reads a file as seen from inside namespace `ns` (e.g. `/proc/sys/net/...`,
+/// `/proc/thread-self/net/...`).
+pub fn read_in(ns: &NetnsRef, file: &'static str) -> Result<String> {
+    run_in(&ns.path, move || fs::read_to_string(file))?.with_context(|| format!("reading {file}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_namespace_needs_no_prefix() {
+        let mut r = Registry::new();
+        assert_ne!(r.own(), 0);
+        let own = r.own();
+        assert_eq!(r.exec_prefix(own), "");
+        // Our own process is found by the scan and reads back its own inode.
+        let me = r.get(own).cloned().expect("own netns visible in /proc");
+        let inode = run_in(&me.path, || inode_of(Path::new("/proc/thread-self/ns/net")).unwrap()).unwrap();
+        assert_eq!(inode, own);
+    }
+
+    #[test]
+    fn named_prefix_wins_over_pid() {
+        let r = NetnsRef { inode: 1, name: Some("dr-r".into()), pid: Some(5), path: "/x".into() };
+        assert_eq!(r.exec_prefix(), "ip netns exec dr-r ");
+        let r = NetnsRef { name: None, ..r };
+        assert_eq!(r.exec_prefix(), "nsenter -t 5 -n ");
+    }
+
+    #[test]
+    fn bad_netns_argument_is_explained() {
+        let err = resolve_arg("no-such-ns-here").unwrap_err().to_string();
+        assert!(err.contains("/run/netns/no-such-ns-here"), "{err}");
+        assert_eq!(resolve_arg("4026531840").unwrap(), 4026531840);
+    }
+}

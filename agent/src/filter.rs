@@ -1,0 +1,125 @@
+//! Which drops the operator asked to see (`--src`, `--dst`, `--port`, `--proto`, `--iface`,
+//! `--netns`). Within one flag values are alternatives; different flags must all match.
+use ipnet::IpNet;
+
+use crate::events::Drop;
+
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub src: Vec<IpNet>,
+    pub dst: Vec<IpNet>,
+    pub ports: Vec<u16>,
+    pub protos: Vec<u8>,
+    pub ifaces: Vec<String>,
+    pub netns: Vec<u32>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.src.is_empty()
+            && self.dst.is_empty()
+            && self.ports.is_empty()
+            && self.protos.is_empty()
+            && self.ifaces.is_empty()
+            && self.netns.is_empty()
+    }
+
+    /// Whether `d` passes. A drop without the field a filter needs (e.g. no parsed address)
+    /// does not pass that filter.
+    pub fn matches(&self, d: &Drop) -> bool {
+        let flow = d.flow.as_ref();
+        let any = |set: bool, ok: bool| !set || ok;
+        any(!self.src.is_empty(), flow.is_some_and(|f| self.src.iter().any(|n| n.contains(&f.src))))
+            && any(!self.dst.is_empty(), flow.is_some_and(|f| self.dst.iter().any(|n| n.contains(&f.dst))))
+            && any(
+                !self.ports.is_empty(),
+                flow.and_then(|f| f.ports).is_some_and(|(s, p)| self.ports.contains(&s) || self.ports.contains(&p)),
+            )
+            && any(!self.protos.is_empty(), flow.is_some_and(|f| self.protos.contains(&f.proto)))
+            && any(
+                !self.ifaces.is_empty(),
+                [d.dev, d.out].iter().flatten().any(|dev| self.ifaces.iter().any(|i| i == dev.name())),
+            )
+            && any(!self.netns.is_empty(), self.netns.contains(&d.netns))
+    }
+}
+
+/// Parses a `--proto` value: a name or an IP protocol number.
+pub fn parse_proto(s: &str) -> Result<u8, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "icmp" => Ok(1),
+        "tcp" => Ok(6),
+        "udp" => Ok(17),
+        "icmpv6" | "icmp6" => Ok(58),
+        "sctp" => Ok(132),
+        "gre" => Ok(47),
+        "esp" => Ok(50),
+        other => other
+            .parse::<u8>()
+            .map_err(|_| format!("'{s}' is not a protocol (use tcp, udp, icmp, icmpv6, sctp, gre, esp or a number 0-255)")),
+    }
+}
+
+/// Parses a `--src`/`--dst` value: a CIDR or a single address.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("'{s}' is not an address or CIDR (e.g. 10.0.0.0/8, fd00::/64, 10.1.2.3)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Device, Family, Flow, Sysctls};
+    use std::sync::Arc;
+
+    fn sample() -> Drop {
+        let mut name = [0u8; 16];
+        name[..2].copy_from_slice(b"r0");
+        Drop {
+            ts_ns: 0,
+            skb: 0,
+            reason: Arc::from("NO_SOCKET"),
+            location: Arc::from("tcp_v4_rcv"),
+            netns: 42,
+            dev: Some(Device::new(3, name, 1500)),
+            out: None,
+            len: 60,
+            mark: 0,
+            ttl: Some(64),
+            flow: Some(Flow {
+                family: Family::Ipv4,
+                proto: 6,
+                src: "10.0.0.1".parse().unwrap(),
+                dst: "10.9.0.1".parse().unwrap(),
+                ports: Some((40000, 80)),
+                icmp: None,
+            }),
+            sysctls: Sysctls::default(),
+            stack_id: None,
+        }
+    }
+
+    #[test]
+    fn flags_combine_with_and_values_with_or() {
+        let d = sample();
+        assert!(Filter::default().matches(&d));
+        let f = Filter { src: vec![parse_net("10.0.0.0/8").unwrap()], ports: vec![80, 443], ..Default::default() };
+        assert!(f.matches(&d));
+        let f = Filter { ports: vec![22], ..Default::default() };
+        assert!(!f.matches(&d));
+        let f = Filter { protos: vec![parse_proto("udp").unwrap()], ..Default::default() };
+        assert!(!f.matches(&d));
+        let f = Filter { ifaces: vec!["r0".into()], netns: vec![42], ..Default::default() };
+        assert!(f.matches(&d));
+        let f = Filter { dst: vec![parse_net("10.9.0.1").unwrap()], netns: vec![7], ..Default::default() };
+        assert!(!f.matches(&d));
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        assert!(parse_proto("tcpp").unwrap_err().contains("not a protocol"));
+        assert!(parse_net("10.0.0.0/33").unwrap_err().contains("not an address or CIDR"));
+        assert_eq!(parse_proto("47").unwrap(), 47);
+    }
+}

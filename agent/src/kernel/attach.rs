@@ -1,0 +1,200 @@
+//! Loading the eBPF object and attaching each probe in the best mode this kernel allows.
+//!
+//! Every probe tries its modes in order (tp_btf, then the classic tracepoint) and records which
+//! one it got and why a better one was refused, so the operator sees exactly what is observed.
+use std::{fmt, path::Path, time::Instant};
+
+use agent_ebpf::{Config, ABSENT};
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf, StackTraceMap},
+    programs::{BtfTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader,
+};
+use serde::Serialize;
+
+use super::{btf::KernelBtf, tracefs};
+
+/// The eBPF object, built by agent/build.rs and embedded so the binary is self-contained.
+static PROBES_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dropscope-probes"));
+
+/// How a probe may attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Try BTF tracepoints first, fall back to classic tracepoints.
+    Auto,
+    /// BTF-typed tracepoints only (no tracefs needed).
+    TpBtf,
+    /// Classic tracepoints only (needs tracefs).
+    Tracepoint,
+}
+
+/// What one probe got.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attached {
+    pub probe: &'static str,
+    /// "tp_btf", "tracepoint" or "unavailable".
+    pub mode: &'static str,
+    /// Why a better mode was refused, or why the probe is unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl fmt::Display for Attached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} via {}", self.probe, self.mode)?;
+        if let Some(note) = &self.note {
+            write!(f, " ({note})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A loaded and attached set of probes. Dropping it detaches everything.
+pub struct Probes {
+    pub events: RingBuf<MapData>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub stacks: StackTraceMap<MapData>,
+    pub report: Vec<Attached>,
+    pub attach_ms: u128,
+    /// Owns the programs and their links: dropping it detaches them.
+    pub ebpf: Ebpf,
+}
+
+/// One hook: its names in the object and in the kernel.
+struct Hook {
+    probe: &'static str,
+    required: bool,
+    btf_program: &'static str,
+    tp_program: &'static str,
+    category: &'static str,
+    name: &'static str,
+}
+
+const HOOKS: [Hook; 2] = [
+    Hook { probe: "kfree_skb", required: true, btf_program: "kfree_skb_btf", tp_program: "kfree_skb_tp", category: "skb", name: "kfree_skb" },
+    Hook { probe: "icmp_send", required: false, btf_program: "icmp_send_btf", tp_program: "icmp_send_tp", category: "icmp", name: "icmp_send" },
+];
+
+/// Loads the object with `config` filled from this kernel and attaches every hook.
+pub fn attach(kernel: &KernelBtf, btf_path: &Path, mode: Mode, mut config: Config) -> Result<Probes> {
+    let start = Instant::now();
+    let tracefs_root = match mode {
+        Mode::Tracepoint => Some(tracefs::find_or_mount()?),
+        _ => tracefs::find(),
+    };
+    if let Some(root) = &tracefs_root {
+        fill_tracepoint_layouts(root, &mut config);
+    }
+    config.has_reason = u32::from(kernel.tracepoint_args("kfree_skb").is_none_or(|n| n >= 3));
+
+    let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())
+        .map_err(|e| anyhow!("cannot parse BTF at {}: {e}", btf_path.display()))?;
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&aya_btf))
+        .override_global("CONFIG", &config, true)
+        .load(PROBES_OBJECT)
+        .context("loading dropscope's eBPF object")?;
+
+    let mut report = Vec::new();
+    for hook in &HOOKS {
+        let tp_ready = tracefs_root.is_some() && tracepoint_ready(hook, &config);
+        let got = attach_hook(&mut ebpf, &aya_btf, hook, mode, tp_ready)?;
+        tracing::debug!("{got}");
+        report.push(got);
+    }
+
+    let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
+    let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
+    let stacks = StackTraceMap::try_from(ebpf.take_map("STACKS").context("STACKS map missing")?)?;
+    Ok(Probes { events, counters, stacks, report, attach_ms: start.elapsed().as_millis(), ebpf })
+}
+
+fn attach_hook(ebpf: &mut Ebpf, btf: &Btf, hook: &Hook, mode: Mode, tp_ready: bool) -> Result<Attached> {
+    let mut refused = Vec::new();
+    if mode != Mode::Tracepoint {
+        match attach_btf(ebpf, btf, hook) {
+            Ok(()) => return Ok(Attached { probe: hook.probe, mode: "tp_btf", note: None }),
+            Err(e) => refused.push(format!("tp_btf: {e}")),
+        }
+    }
+    if mode != Mode::TpBtf {
+        if tp_ready {
+            match attach_tracepoint(ebpf, hook) {
+                Ok(()) => {
+                    let note = (!refused.is_empty()).then(|| refused.join("; "));
+                    return Ok(Attached { probe: hook.probe, mode: "tracepoint", note });
+                }
+                Err(e) => refused.push(format!("tracepoint: {e}")),
+            }
+        } else {
+            refused.push(format!(
+                "tracepoint: {}/{} not available (tracefs not mounted, or this kernel lacks it)",
+                hook.category, hook.name
+            ));
+        }
+    }
+    let note = refused.join("; ");
+    if hook.required {
+        bail!("cannot attach to {}: {note}", hook.probe);
+    }
+    Ok(Attached { probe: hook.probe, mode: "unavailable", note: Some(note) })
+}
+
+fn attach_btf(ebpf: &mut Ebpf, btf: &Btf, hook: &Hook) -> Result<()> {
+    let prog: &mut BtfTracePoint = program(ebpf, hook.btf_program)?.try_into()?;
+    prog.load(hook.name, btf).map_err(verbose)?;
+    prog.attach().map_err(verbose)?;
+    Ok(())
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
+    let prog: &mut TracePoint = program(ebpf, hook.tp_program)?.try_into()?;
+    prog.load().map_err(verbose)?;
+    prog.attach(hook.category, hook.name).map_err(verbose)?;
+    Ok(())
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
+}
+
+/// aya errors nest their cause (e.g. the errno); show the whole chain on one line.
+fn verbose(e: aya::programs::ProgramError) -> anyhow::Error {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    // The verifier log is long; keep its last line, which names the problem.
+    anyhow!(msg.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").to_string())
+        .context(msg.lines().next().unwrap_or("").to_string())
+}
+
+/// Reads the classic tracepoints' field offsets from tracefs into `config`.
+fn fill_tracepoint_layouts(root: &Path, config: &mut Config) {
+    let o = &mut config.offsets;
+    if let Ok(f) = tracefs::fields(root, "skb", "kfree_skb") {
+        let off = |n: &str| f.get(n).map_or(ABSENT, |f| f.offset);
+        o.tp_kfree_skbaddr = off("skbaddr");
+        o.tp_kfree_location = off("location");
+        o.tp_kfree_reason = off("reason");
+    }
+    if let Ok(f) = tracefs::fields(root, "icmp", "icmp_send") {
+        let off = |n: &str| f.get(n).map_or(ABSENT, |f| f.offset);
+        o.tp_icmp_skbaddr = off("skbaddr");
+        o.tp_icmp_type = off("type");
+        o.tp_icmp_code = off("code");
+    }
+}
+
+fn tracepoint_ready(hook: &Hook, config: &Config) -> bool {
+    let o = &config.offsets;
+    match hook.probe {
+        "kfree_skb" => o.tp_kfree_skbaddr != ABSENT && o.tp_kfree_location != ABSENT,
+        _ => o.tp_icmp_skbaddr != ABSENT && o.tp_icmp_type != ABSENT,
+    }
+}

@@ -1,0 +1,111 @@
+//! Kernel addresses -> function names, from /proc/kallsyms.
+use std::{collections::HashMap, fs, sync::Arc};
+
+use anyhow::{Context, Result};
+
+/// A sorted table of kernel text symbols.
+pub struct Kallsyms {
+    /// (address, name) sorted by address.
+    syms: Vec<(u64, Arc<str>)>,
+    /// Names already handed out, so each location is one shared string.
+    cache: HashMap<u64, Arc<str>>,
+}
+
+impl Kallsyms {
+    /// Reads `/proc/kallsyms`. Fails with a hint when addresses are hidden (kptr_restrict).
+    pub fn load() -> Result<Self> {
+        let text = fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
+        let k = Self::parse(&text);
+        if k.syms.is_empty() {
+            anyhow::bail!(
+                "/proc/kallsyms shows no addresses (kernel.kptr_restrict); drop locations will be raw"
+            );
+        }
+        Ok(k)
+    }
+
+    /// Parses kallsyms text: `ADDR TYPE NAME [MODULE]`, keeping text symbols only.
+    pub fn parse(text: &str) -> Self {
+        let mut syms: Vec<(u64, Arc<str>)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut it = line.split_whitespace();
+                let addr = u64::from_str_radix(it.next()?, 16).ok()?;
+                let kind = it.next()?;
+                let name = it.next()?;
+                (addr != 0 && matches!(kind, "t" | "T" | "w" | "W")).then(|| (addr, Arc::from(clean(name))))
+            })
+            .collect();
+        syms.sort_by_key(|(a, _)| *a);
+        Kallsyms { syms, cache: HashMap::new() }
+    }
+
+    /// An empty table: every address stays raw.
+    pub fn empty() -> Self {
+        Kallsyms { syms: Vec::new(), cache: HashMap::new() }
+    }
+
+    /// The function containing `addr` (suffixes like `.constprop.0` removed), or the raw address.
+    pub fn resolve(&mut self, addr: u64) -> Arc<str> {
+        if let Some(name) = self.cache.get(&addr) {
+            return name.clone();
+        }
+        let idx = self.syms.partition_point(|(a, _)| *a <= addr);
+        let name = match idx.checked_sub(1).map(|i| &self.syms[i]) {
+            Some((_, name)) => name.clone(),
+            None => Arc::from(format!("0x{addr:x}")),
+        };
+        if self.cache.len() < 65_536 {
+            self.cache.insert(addr, name.clone());
+        }
+        name
+    }
+
+    /// Like [`Self::resolve`] with the offset into the function, for stack frames.
+    pub fn resolve_with_offset(&self, addr: u64) -> String {
+        let idx = self.syms.partition_point(|(a, _)| *a <= addr);
+        match idx.checked_sub(1).map(|i| &self.syms[i]) {
+            Some((start, name)) => format!("{name}+0x{:x}", addr - start),
+            None => format!("0x{addr:x}"),
+        }
+    }
+}
+
+/// Strips compiler-generated suffixes: `ip_rcv_finish_core.isra.0` -> `ip_rcv_finish_core`.
+pub fn clean(name: &str) -> &str {
+    name.split_once('.').map_or(name, |(base, _)| base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+ffffffff81000000 T _stext
+ffffffff81a00000 t ip_rcv_finish_core.isra.0
+ffffffff81a00400 T ip_error
+ffffffff81a00800 d some_data
+ffffffff81a00900 t nft_do_chain\t[nf_tables]
+";
+
+    #[test]
+    fn resolves_inside_functions_and_strips_suffixes() {
+        let mut k = Kallsyms::parse(SAMPLE);
+        assert_eq!(&*k.resolve(0xffffffff81a00010), "ip_rcv_finish_core");
+        assert_eq!(&*k.resolve(0xffffffff81a00400), "ip_error");
+        // Data symbols are not functions: the address still belongs to ip_error.
+        assert_eq!(&*k.resolve(0xffffffff81a00850), "ip_error");
+        assert_eq!(&*k.resolve(0xffffffff81a00901), "nft_do_chain");
+        assert_eq!(&*k.resolve(0x10), "0x10");
+        assert_eq!(k.resolve_with_offset(0xffffffff81a00410), "ip_error+0x10");
+    }
+
+    #[test]
+    fn reads_this_machines_kallsyms() {
+        let mut k = Kallsyms::load().expect("kallsyms readable as root");
+        let text = fs::read_to_string("/proc/kallsyms").unwrap();
+        let line = text.lines().find(|l| l.ends_with(" T ip_rcv")).expect("ip_rcv symbol");
+        let addr = u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap();
+        assert_eq!(&*k.resolve(addr + 1), "ip_rcv");
+    }
+}

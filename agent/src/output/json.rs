@@ -1,0 +1,136 @@
+//! `--format json`: one JSON object per line. The field names are a contract other tools rely
+//! on: fields may be added, never renamed.
+use std::io::Write;
+
+use serde_json::{json, Map, Value};
+
+use super::{top, AttachInfo, Clock, DropRecord, Sink, Summary};
+use crate::causes::facts::icmp_name;
+
+pub struct JsonSink<W: Write> {
+    out: W,
+    clock: Clock,
+}
+
+impl<W: Write> JsonSink<W> {
+    pub fn new(out: W, clock: Clock) -> Self {
+        JsonSink { out, clock }
+    }
+
+    fn emit(&mut self, v: &Value) {
+        // A closed pipe (e.g. `| head`) must not kill the session mid-detach; ignore errors.
+        let _ = writeln!(self.out, "{v}");
+        let _ = self.out.flush();
+    }
+}
+
+/// The JSON object for one drop record.
+pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
+    let d = &r.drop;
+    let mut m = Map::new();
+    m.insert("type".into(), json!("drop"));
+    m.insert("time".into(), json!(clock.wall(d.ts_ns).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)));
+    m.insert("cause".into(), json!(r.verdict.cause));
+    m.insert("title".into(), json!(r.verdict.title));
+    m.insert("reason".into(), json!(&*d.reason));
+    m.insert("location".into(), json!(&*d.location));
+    if let Some(f) = d.flow {
+        m.insert("family".into(), json!(f.family.as_str()));
+        m.insert("proto".into(), json!(f.proto_name()));
+        m.insert("src".into(), json!(f.src.to_string()));
+        m.insert("dst".into(), json!(f.dst.to_string()));
+        if let Some((sp, dp)) = f.ports {
+            m.insert("sport".into(), json!(sp));
+            m.insert("dport".into(), json!(dp));
+        }
+        if let Some((t, c)) = f.icmp {
+            m.insert("icmp_type".into(), json!(t));
+            m.insert("icmp_code".into(), json!(c));
+        }
+    }
+    m.insert("len".into(), json!(d.len));
+    if let Some(dev) = d.dev {
+        m.insert("ifname".into(), json!(dev.name()));
+        m.insert("ifindex".into(), json!(dev.ifindex));
+    }
+    if let Some(out) = d.out {
+        m.insert("out_ifname".into(), json!(out.name()));
+        m.insert("out_ifindex".into(), json!(out.ifindex));
+        m.insert("out_mtu".into(), json!(out.mtu));
+    }
+    m.insert("netns".into(), json!(d.netns));
+    if let Some(name) = &r.netns_name {
+        m.insert("netns_name".into(), json!(name));
+    }
+    if let Some((t, c)) = r.icmp_sent {
+        m.insert("icmp_sent".into(), json!({"type": t, "code": c, "name": icmp_name(t, c)}));
+    }
+    if d.mark != 0 {
+        m.insert("mark".into(), json!(d.mark));
+    }
+    m.insert("count".into(), json!(r.count));
+    m.insert("repeat".into(), json!(!r.first));
+    m.insert("evidence".into(), json!(r.verdict.evidence));
+    m.insert("hint".into(), json!(r.verdict.hint));
+    if r.verdict.benign {
+        m.insert("benign".into(), json!(true));
+    }
+    Value::Object(m)
+}
+
+/// The JSON object for the summary.
+pub fn summary_json(s: &Summary) -> Value {
+    let causes: Map<String, Value> = s.causes.iter().map(|(id, t)| (id.clone(), json!(t.count))).collect();
+    let details: Vec<Value> = s
+        .causes
+        .iter()
+        .map(|(id, t)| {
+            json!({
+                "cause": id,
+                "title": t.title,
+                "count": t.count,
+                "reasons": top(t.reasons.iter().map(|(k, v)| (k, *v)), 8),
+                "locations": top(t.locations.iter().map(|(k, v)| (k, *v)), 8),
+                "ifaces": top(t.ifaces.iter().map(|(k, v)| (k, *v)), 8),
+                "top_flows": top(t.flows.iter().map(|(k, v)| (k, *v)), 5),
+                "evidence": t.evidence,
+                "hint": t.hint,
+            })
+        })
+        .collect();
+    json!({
+        "type": "summary",
+        "causes": causes,
+        "reasons": s.reasons,
+        "suppressed": s.suppressed,
+        "filtered": s.filtered,
+        "seen": s.seen,
+        "decoded": s.decoded,
+        "lost": s.lost,
+        "seconds": (s.seconds * 1000.0).round() / 1000.0,
+        "details": details,
+    })
+}
+
+impl<W: Write> Sink for JsonSink<W> {
+    fn attach(&mut self, info: &AttachInfo) {
+        let v = json!({
+            "type": "attach",
+            "kernel": info.kernel,
+            "attach_ms": info.attach_ms,
+            "drop_reasons": info.reasons,
+            "probes": info.probes,
+        });
+        self.emit(&v);
+    }
+
+    fn drop(&mut self, record: &DropRecord) {
+        let v = drop_json(record, &self.clock);
+        self.emit(&v);
+    }
+
+    fn summary(&mut self, summary: &Summary) {
+        let v = summary_json(summary);
+        self.emit(&v);
+    }
+}

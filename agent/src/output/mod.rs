@@ -1,0 +1,90 @@
+//! Where reports go: human text or one JSON object per line.
+pub mod json;
+pub mod text;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::{
+    causes::Verdict,
+    events::Drop,
+    kernel::attach::Attached,
+    pipeline::CauseTotals,
+};
+
+/// One reported drop, standing for `count` identical packets.
+#[derive(Debug, Clone)]
+pub struct DropRecord {
+    pub verdict: Arc<Verdict>,
+    pub drop: Drop,
+    pub icmp_sent: Option<(u8, u8)>,
+    pub count: u64,
+    /// False for the periodic records that report repeats of an already shown drop.
+    pub first: bool,
+    pub netns_name: Option<String>,
+}
+
+/// What was attached, printed first.
+#[derive(Debug, Clone)]
+pub struct AttachInfo {
+    pub probes: Vec<Attached>,
+    pub attach_ms: u128,
+    pub kernel: String,
+    pub reasons: usize,
+}
+
+/// Totals at exit.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Causes ranked by count.
+    pub causes: Vec<(String, CauseTotals)>,
+    pub reasons: std::collections::BTreeMap<String, u64>,
+    /// Benign drops not reported (see `--all`).
+    pub suppressed: u64,
+    /// Drops outside the filters.
+    pub filtered: u64,
+    /// Drop records received from the kernel.
+    pub decoded: u64,
+    /// Drops the kernel probe saw (delivered or not).
+    pub seen: u64,
+    /// Drops the ring buffer had no room for.
+    pub lost: u64,
+    pub seconds: f64,
+}
+
+/// A destination for reports.
+pub trait Sink {
+    fn attach(&mut self, info: &AttachInfo);
+    fn drop(&mut self, record: &DropRecord);
+    fn summary(&mut self, summary: &Summary);
+}
+
+/// Converts the kernel's monotonic timestamps (bpf_ktime_get_ns) to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    offset_ns: i128,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(|t| {
+            t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128
+        });
+        let wall = Utc::now().timestamp_nanos_opt().unwrap_or(0) as i128;
+        Clock { offset_ns: wall - mono.unwrap_or(0) }
+    }
+
+    pub fn wall(&self, ktime_ns: u64) -> DateTime<Utc> {
+        let ns = (ktime_ns as i128 + self.offset_ns) as i64;
+        DateTime::from_timestamp_nanos(ns)
+    }
+}
+
+/// Top `n` entries of a count map, largest first (ties by name, for stable output).
+pub fn top<K: ToString, M: IntoIterator<Item = (K, u64)>>(map: M, n: usize) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = map.into_iter().map(|(k, c)| (k.to_string(), c)).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.truncate(n);
+    v
+}

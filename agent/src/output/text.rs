@@ -1,0 +1,123 @@
+//! Human output: one line per drop (plus evidence and fix the first time), a ranked summary.
+use std::io::Write;
+
+use owo_colors::OwoColorize;
+
+use super::{top, AttachInfo, Clock, DropRecord, Sink, Summary};
+
+pub struct TextSink<W: Write> {
+    out: W,
+    clock: Clock,
+    color: bool,
+}
+
+impl<W: Write> TextSink<W> {
+    pub fn new(out: W, clock: Clock, color: bool) -> Self {
+        TextSink { out, clock, color }
+    }
+
+    fn paint(&self, s: &str, style: fn(&str) -> String) -> String {
+        if self.color {
+            style(s)
+        } else {
+            s.to_string()
+        }
+    }
+}
+
+fn bold(s: &str) -> String {
+    s.bold().to_string()
+}
+fn red(s: &str) -> String {
+    s.red().bold().to_string()
+}
+fn dim(s: &str) -> String {
+    s.dimmed().to_string()
+}
+fn green(s: &str) -> String {
+    s.green().to_string()
+}
+
+/// The single line describing a drop (without evidence), shared by stream and tests.
+pub fn drop_line(r: &DropRecord, clock: &Clock) -> String {
+    let d = &r.drop;
+    let time = clock.wall(d.ts_ns).with_timezone(&chrono::Local).format("%H:%M:%S");
+    let flow = d.flow.map_or_else(|| format!("{} len {}", d.reason, d.len), |f| f.to_string());
+    let dev = match (d.dev, d.out) {
+        (Some(i), Some(o)) if i.ifindex != o.ifindex => format!("in {} out {}", i.name(), o.name()),
+        (Some(i), _) => format!("in {}", i.name()),
+        (None, Some(o)) => format!("out {}", o.name()),
+        (None, None) => "no device".to_string(),
+    };
+    let ns = match &r.netns_name {
+        Some(name) => format!("netns {name}"),
+        None => format!("netns {}", d.netns),
+    };
+    let count = if r.first { format!("x{}", r.count) } else { format!("+{} more", r.count) };
+    format!("{time}  {}  {flow}  {dev} ({ns})  {count}", r.verdict.cause)
+}
+
+impl<W: Write> Sink for TextSink<W> {
+    fn attach(&mut self, info: &AttachInfo) {
+        let probes: Vec<String> = info.probes.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            self.out,
+            "{} attached in {} ms on {} ({} drop reasons): {}. Ctrl-C for the summary.",
+            self.paint("dropscope", bold),
+            info.attach_ms,
+            info.kernel,
+            info.reasons,
+            probes.join(", ")
+        );
+        let _ = self.out.flush();
+    }
+
+    fn drop(&mut self, r: &DropRecord) {
+        let line = drop_line(r, &self.clock);
+        let cause = &r.verdict.cause;
+        let line = line.replacen(cause.as_str(), &self.paint(cause, red), 1);
+        let _ = writeln!(self.out, "{line}");
+        // Evidence and fix once per distinct drop; repeats are one line.
+        if r.first {
+            let _ = writeln!(self.out, "          {} {}", self.paint("evidence:", dim), r.verdict.evidence);
+            let _ = writeln!(self.out, "          {} {}", self.paint("fix:", dim), self.paint(&r.verdict.hint, green));
+        }
+        let _ = self.out.flush();
+    }
+
+    fn summary(&mut self, s: &Summary) {
+        let o = &mut Vec::new();
+        let _ = writeln!(o, "\n{}", self.paint(&format!("── dropscope summary: {:.1} s ──", s.seconds), bold));
+        if s.causes.is_empty() {
+            let _ = writeln!(o, "no drops matched");
+        }
+        for (rank, (id, t)) in s.causes.iter().enumerate() {
+            let _ = writeln!(o, "{:>2}. {}  {}  x{}", rank + 1, self.paint(id, red), t.title, t.count);
+            let reasons = top(t.reasons.iter().map(|(k, v)| (k, *v)), 3);
+            let locs = top(t.locations.iter().map(|(k, v)| (k, *v)), 3);
+            let ifaces = top(t.ifaces.iter().map(|(k, v)| (k, *v)), 3);
+            let list = |v: &[(String, u64)]| v.iter().map(|(k, c)| format!("{k} ({c})")).collect::<Vec<_>>().join(", ");
+            let _ = writeln!(o, "    kernel: {} at {}; iface {}", list(&reasons), list(&locs), list(&ifaces));
+            let flows = top(t.flows.iter().map(|(k, v)| (k, *v)), 3);
+            if !flows.is_empty() {
+                let _ = writeln!(o, "    top flows: {}", list(&flows));
+            }
+            let _ = writeln!(o, "    evidence: {}", t.evidence);
+            let _ = writeln!(o, "    fix: {}", self.paint(&t.hint, green));
+        }
+        let _ = writeln!(
+            o,
+            "kernel saw {} drops; reported {}, suppressed {} as benign (--all shows them), filtered out {}, lost {}",
+            s.seen,
+            s.causes.iter().map(|(_, t)| t.count).sum::<u64>(),
+            s.suppressed,
+            s.filtered,
+            s.lost
+        );
+        if s.lost > 0 {
+            let _ = writeln!(o, "{}", self.paint("events were lost: counts above are lower bounds (narrow the filters)", red));
+        }
+        let _ = self.out.write_all(o);
+        let _ = self.out.flush();
+    }
+}

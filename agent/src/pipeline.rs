@@ -1,0 +1,239 @@
+//! events -> correlate -> filter -> classify -> fold -> sinks.
+//!
+//! Identical drops are folded: the first is reported at once, repeats are counted and reported
+//! as one record per flush interval. Classification runs once per distinct drop, not per packet.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use crate::{
+    causes::{Engine, Facts, Verdict},
+    events::{Device, Drop, Flow, IcmpSent, Record, Sysctls},
+    evidence::{netfilter, netns},
+    filter::Filter,
+    output::{DropRecord, Sink, Summary},
+};
+
+/// How long an ICMP error waits for the drop of the same packet (ns).
+const ICMP_PAIR_WINDOW_NS: u64 = 100_000_000;
+/// Distinct drops remembered for folding before the table is flushed and restarted.
+const MAX_FOLDS: usize = 65_536;
+/// Distinct flows remembered per cause for the summary.
+const MAX_FLOWS_PER_CAUSE: usize = 1024;
+
+/// What makes two drops "the same" for folding.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FoldKey {
+    reason: Arc<str>,
+    location: Arc<str>,
+    netns: u32,
+    dev: Option<Device>,
+    out: Option<Device>,
+    flow: Option<Flow>,
+    sysctls: Sysctls,
+    icmp_sent: Option<(u8, u8)>,
+}
+
+struct Fold {
+    verdict: Arc<Verdict>,
+    sample: Drop,
+    icmp_sent: Option<(u8, u8)>,
+    pending: u64,
+}
+
+/// Per-cause totals for the summary.
+#[derive(Debug, Clone, Default)]
+pub struct CauseTotals {
+    pub count: u64,
+    pub title: String,
+    pub evidence: String,
+    pub hint: String,
+    pub reasons: HashMap<Arc<str>, u64>,
+    pub locations: HashMap<Arc<str>, u64>,
+    pub ifaces: HashMap<String, u64>,
+    pub flows: HashMap<String, u64>,
+}
+
+pub struct Pipeline {
+    engine: Engine,
+    filter: Filter,
+    show_benign: bool,
+    namespaces: netns::Registry,
+    icmp: HashMap<u64, IcmpSent>,
+    folds: HashMap<FoldKey, Fold>,
+    nf_engines: HashMap<(u32, Arc<str>), &'static str>,
+    pub causes: HashMap<String, CauseTotals>,
+    pub reasons: HashMap<Arc<str>, u64>,
+    pub suppressed: u64,
+    pub filtered: u64,
+    pub drops: u64,
+}
+
+impl Pipeline {
+    pub fn new(engine: Engine, filter: Filter, show_benign: bool) -> Self {
+        Pipeline {
+            engine,
+            filter,
+            show_benign,
+            namespaces: netns::Registry::new(),
+            icmp: HashMap::new(),
+            folds: HashMap::new(),
+            nf_engines: HashMap::new(),
+            causes: HashMap::new(),
+            reasons: HashMap::new(),
+            suppressed: 0,
+            filtered: 0,
+            drops: 0,
+        }
+    }
+
+    /// Feeds one decoded record.
+    pub fn push(&mut self, record: Record, sink: &mut dyn Sink) {
+        match record {
+            Record::IcmpSent(i) => self.remember_icmp(i),
+            Record::Drop(d) => self.on_drop(d, sink),
+        }
+    }
+
+    fn remember_icmp(&mut self, i: IcmpSent) {
+        if self.icmp.len() >= 4096 {
+            let newest = i.ts_ns;
+            self.icmp.retain(|_, v| newest.saturating_sub(v.ts_ns) < ICMP_PAIR_WINDOW_NS);
+        }
+        self.icmp.insert(i.skb, i);
+    }
+
+    /// The ICMP error sent about this very packet, if one was seen just before its drop.
+    fn icmp_for(&mut self, d: &Drop) -> Option<(u8, u8)> {
+        let i = self.icmp.remove(&d.skb)?;
+        (d.ts_ns.saturating_sub(i.ts_ns) < ICMP_PAIR_WINDOW_NS).then_some((i.icmp_type, i.icmp_code))
+    }
+
+    fn on_drop(&mut self, d: Drop, sink: &mut dyn Sink) {
+        self.drops += 1;
+        let icmp_sent = self.icmp_for(&d);
+        if !self.filter.matches(&d) {
+            self.filtered += 1;
+            return;
+        }
+        let key = FoldKey {
+            reason: d.reason.clone(),
+            location: d.location.clone(),
+            netns: d.netns,
+            dev: d.dev,
+            out: d.out,
+            flow: d.flow,
+            sysctls: d.sysctls,
+            icmp_sent,
+        };
+        if let Some(fold) = self.folds.get_mut(&key) {
+            let benign = fold.verdict.benign;
+            let verdict = fold.verdict.clone();
+            fold.pending += u64::from(self.show_benign || !benign);
+            fold.sample.ts_ns = d.ts_ns;
+            self.count(&verdict, &d);
+            return;
+        }
+        let verdict = Arc::new(self.classify(&d, icmp_sent));
+        self.count(&verdict, &d);
+        if self.folds.len() >= MAX_FOLDS {
+            self.flush(sink);
+            self.folds.clear();
+        }
+        if self.show_benign || !verdict.benign {
+            sink.drop(&self.record(&verdict, &d, icmp_sent, 1, true));
+        }
+        self.folds.insert(key, Fold { verdict, sample: d, icmp_sent, pending: 0 });
+    }
+
+    fn classify(&mut self, d: &Drop, icmp_sent: Option<(u8, u8)>) -> Verdict {
+        let nf_engine = (&*d.reason == "NETFILTER_DROP").then(|| self.nf_engine(d));
+        let nsexec = self.namespaces.exec_prefix(d.netns);
+        self.engine.classify(&Facts { drop: d, icmp_sent, nf_engine, nsexec })
+    }
+
+    /// The netfilter engine for a drop, looked up once per namespace and location.
+    fn nf_engine(&mut self, d: &Drop) -> &'static str {
+        let key = (d.netns, d.location.clone());
+        if let Some(e) = self.nf_engines.get(&key) {
+            return e;
+        }
+        let ns = self.namespaces.get(d.netns).cloned();
+        let engine = netfilter::engine(&d.location, ns.as_ref());
+        self.nf_engines.insert(key, engine);
+        engine
+    }
+
+    fn count(&mut self, v: &Verdict, d: &Drop) {
+        if v.benign && !self.show_benign {
+            self.suppressed += 1;
+            return;
+        }
+        *self.reasons.entry(d.reason.clone()).or_default() += 1;
+        let t = self.causes.entry(v.cause.clone()).or_insert_with(|| CauseTotals {
+            title: v.title.clone(),
+            evidence: v.evidence.clone(),
+            hint: v.hint.clone(),
+            ..Default::default()
+        });
+        t.count += 1;
+        *t.reasons.entry(d.reason.clone()).or_default() += 1;
+        *t.locations.entry(d.location.clone()).or_default() += 1;
+        if let Some(dev) = d.dev {
+            *t.ifaces.entry(dev.name().to_string()).or_default() += 1;
+        }
+        if let Some(flow) = d.flow {
+            let text = flow.to_string();
+            if t.flows.len() < MAX_FLOWS_PER_CAUSE || t.flows.contains_key(&text) {
+                *t.flows.entry(text).or_default() += 1;
+            }
+        }
+    }
+
+    fn record(&mut self, v: &Arc<Verdict>, d: &Drop, icmp_sent: Option<(u8, u8)>, count: u64, first: bool) -> DropRecord {
+        DropRecord {
+            verdict: v.clone(),
+            drop: d.clone(),
+            icmp_sent,
+            count,
+            first,
+            netns_name: self.namespaces.name(d.netns),
+        }
+    }
+
+    /// Reports the repeats counted since the last flush.
+    pub fn flush(&mut self, sink: &mut dyn Sink) {
+        let pending: Vec<(Arc<Verdict>, Drop, Option<(u8, u8)>, u64)> = self
+            .folds
+            .values_mut()
+            .filter(|f| f.pending > 0)
+            .map(|f| (f.verdict.clone(), f.sample.clone(), f.icmp_sent, std::mem::take(&mut f.pending)))
+            .collect();
+        for (v, d, icmp, count) in pending {
+            let rec = self.record(&v, &d, icmp, count, false);
+            sink.drop(&rec);
+        }
+    }
+
+    /// Final totals, ranked by count. `seen`/`lost` come from the kernel's own counters.
+    pub fn summary(&self, seen: u64, lost: u64, seconds: f64) -> Summary {
+        let mut causes: Vec<(String, CauseTotals)> = self.causes.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        causes.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(&b.0)));
+        Summary {
+            causes,
+            reasons: self.reasons.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            suppressed: self.suppressed,
+            filtered: self.filtered,
+            decoded: self.drops,
+            seen,
+            lost,
+            seconds,
+        }
+    }
+
+    /// Causes seen so far (for tests and the live view).
+    pub fn cause_ids(&self) -> HashSet<&str> {
+        self.causes.keys().map(String::as_str).collect()
+    }
+}

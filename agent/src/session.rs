@@ -1,0 +1,144 @@
+//! One observation session: attach -> stream through the pipeline -> summary -> detach.
+//! Every exit path (Ctrl-C, SIGTERM, --duration, an error) drops the probes, which detaches
+//! them; the kernel also releases them if the process dies, since nothing is pinned.
+use std::{
+    io::IsTerminal,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use agent_ebpf::{counter, Config, ABSENT};
+use anyhow::{Context, Result};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{
+    causes::Engine,
+    cli::{Color, Format, RunArgs},
+    events::Decoder,
+    kernel::{attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
+    output::{json::JsonSink, text::TextSink, AttachInfo, Clock, Sink},
+    pipeline::Pipeline,
+};
+
+/// Runs until the duration ends or a signal arrives.
+pub async fn run(args: RunArgs) -> Result<()> {
+    let started = Instant::now();
+    preflight::check_privileges()?;
+    let filter = args.filter()?;
+    let kernel = KernelBtf::open(&args.btf)?;
+    let reasons = kernel.drop_reasons()?;
+    // Symbols load while the programs are verified and attached.
+    let symbols = std::thread::spawn(|| Kallsyms::load());
+
+    let stack_reason = |name| reasons.value(name).unwrap_or(ABSENT);
+    let config = Config {
+        offsets: kernel.offsets(),
+        stack_reasons: [stack_reason("NETFILTER_DROP"), stack_reason("NOT_SPECIFIED")],
+        has_reason: 1,
+        _pad: 0,
+    };
+    preflight::raise_memlock();
+    let probes = attach::attach(&kernel, &args.btf, args.attach, config)?;
+    let attach_ms = started.elapsed().as_millis();
+    drop(kernel);
+
+    let symbols = symbols.join().map_err(|_| anyhow::anyhow!("kallsyms loader panicked"))?.unwrap_or_else(|e| {
+        tracing::warn!("{e:#}");
+        Kallsyms::empty()
+    });
+    let clock = Clock::new();
+    let mut sink: Box<dyn Sink> = match args.format {
+        Format::Json => Box::new(JsonSink::new(std::io::stdout(), clock)),
+        Format::Text => {
+            let color = match args.color {
+                Color::Always => true,
+                Color::Never => false,
+                Color::Auto => std::io::stdout().is_terminal(),
+            };
+            Box::new(TextSink::new(std::io::stdout(), clock, color))
+        }
+    };
+    let info = AttachInfo {
+        probes: probes.report.clone(),
+        attach_ms,
+        kernel: nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+        reasons: reasons.len(),
+    };
+    tracing::info!("attached in {attach_ms} ms (load+verify+attach {} ms)", probes.attach_ms);
+    sink.attach(&info);
+
+    let mut decoder = Decoder::new(reasons, symbols);
+    let mut pipeline = Pipeline::new(Engine::builtin(), filter, args.all);
+    let attach::Probes { events, counters, ebpf, .. } = probes;
+    // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
+    let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
+
+    let _ready = args.ready_file.as_deref().map(ReadyFile::create).transpose()?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let deadline = args.duration.map(Duration::from_secs_f64);
+    let until = async {
+        match deadline {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
+    let streaming = Instant::now();
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("ring buffer poll")?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    if let Some(record) = decoder.decode(&item) {
+                        pipeline.push(record, sink.as_mut());
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = tick.tick() => pipeline.flush(sink.as_mut()),
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut until => break,
+        }
+    }
+
+    // Drain what the kernel delivered before the stop, then read the kernel's own counters.
+    let rb = ring.get_mut();
+    while let Some(item) = rb.next() {
+        if let Some(record) = decoder.decode(&item) {
+            pipeline.push(record, sink.as_mut());
+        }
+    }
+    pipeline.flush(sink.as_mut());
+    let sum = |index| counters.get(&index, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+    let (seen, lost) = (sum(counter::SEEN), sum(counter::LOST));
+    drop(ring);
+    drop(ebpf);
+    tracing::info!("detached");
+    sink.summary(&pipeline.summary(seen, lost, streaming.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+/// `--ready-file`: exists exactly while the probes are attached.
+struct ReadyFile(std::path::PathBuf);
+
+impl ReadyFile {
+    fn create(path: &Path) -> Result<Self> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot create --ready-file {}", path.display()))?;
+        Ok(ReadyFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for ReadyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
