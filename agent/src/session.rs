@@ -76,9 +76,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
 
-    let _ready = args.ready_file.as_deref().map(ReadyFile::create).transpose()?;
+    // Handlers first: a signal that arrives right after the ready file appears must still
+    // end in a summary and a clean detach.
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let _ready = args.ready_file.as_deref().map(ReadyFile::create).transpose()?;
     let deadline = args.duration.map(Duration::from_secs_f64);
     let until = async {
         match deadline {

@@ -1,0 +1,24 @@
+//! Test harness: network namespaces wired like a small network, traffic generators that run
+//! inside them, the kernel's own counters, and the real `dropscope` binary observing it all.
+pub mod counters;
+pub mod netns;
+pub mod observer;
+pub mod topology;
+pub mod traffic;
+
+pub use counters::{iptables_rule_packets, nft_rule_packets, Nstat};
+pub use netns::Netns;
+pub use observer::{Observer, Report};
+pub use topology::Topology;
+
+/// Waits until `cond` holds, polling every 20 ms, or panics with `what` after `secs`.
+/// Used to wait for a kernel-side condition (a counter reaching a value), never for time.
+pub fn wait_for(what: &str, secs: f64, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+    while !cond() {
+        if std::time::Instant::now() > deadline {
+            panic!("timed out after {secs} s waiting for {what}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -1,1 +1,137 @@
-fn main() {}
+//! Project tasks: `cargo xtask <build|run|test|setup>`.
+//!
+//! Every task first makes sure the machine has what it needs (nightly rust-src, bpf-linker,
+//! the Debian tools the tests drive), installing what is missing, idempotently.
+mod prereqs;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test dropscope")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites (nightly rust-src, bpf-linker, test tools).
+    Setup,
+    /// Build dropscope (the eBPF object is embedded in the binary).
+    Build {
+        /// Optimised, self-contained binary to copy onto a node: target/release/dropscope.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run dropscope as root; arguments after `--` go to dropscope.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the whole test suite: unit tests and integration tests against the real kernel.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => prereqs::ensure_all(),
+        Task::Build { release } => {
+            prereqs::ensure_build()?;
+            let bin = build(&root, release)?;
+            println!("built {}", bin.display());
+            Ok(())
+        }
+        Task::Run { release, args } => {
+            prereqs::ensure_build()?;
+            let bin = build(&root, release)?;
+            run_as_root(&bin, &args)
+        }
+        Task::Test { args } => {
+            prereqs::ensure_all()?;
+            test(&root, &args)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Builds the agent (its build script builds the eBPF object) and returns the binary's path.
+fn build(root: &Path, release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.current_dir(root).args(["build", "--package", "dropscope"]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(&mut cmd)?;
+    Ok(root.join("target").join(if release { "release" } else { "debug" }).join("dropscope"))
+}
+
+fn run_as_root(bin: &Path, args: &[String]) -> Result<()> {
+    let mut cmd = if nix_is_root() {
+        Command::new(bin)
+    } else {
+        eprintln!("xtask: dropscope needs root; running it through sudo");
+        let mut c = Command::new("sudo");
+        c.arg(bin);
+        c
+    };
+    cmd.args(args);
+    // Ctrl-C reaches dropscope too (same process group); let it print its summary.
+    let st = cmd.status().with_context(|| format!("starting {}", bin.display()))?;
+    if !st.success() {
+        std::process::exit(st.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    if !nix_is_root() {
+        bail!("the integration tests create network namespaces and load eBPF programs: run as root");
+    }
+    let bin = build(root, false)?;
+    let mut cmd = cargo();
+    cmd.current_dir(root).args(["test", "--workspace"]).env("DROPSCOPE_BIN", &bin).args(extra);
+    status(&mut cmd)
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{:?} failed ({st})", cmd.get_program());
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}

@@ -70,6 +70,7 @@ fn cases() -> Vec<Case> {
     ttl.ttl = Some(1);
     vec![
         case("ping reply copy", drop("NO_SOCKET", "ping_rcv"), "benign", "ping socket"),
+        case("mld report", v6(drop("NOT_SPECIFIED", "ip6_mc_input")), "benign", "has not joined"),
         case("socket purge", drop("QUEUE_PURGE", "inet_sock_destruct"), "benign", "QUEUE_PURGE"),
         case(
             "forwarding off everywhere",

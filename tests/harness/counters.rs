@@ -1,0 +1,61 @@
+//! Independent oracles: the kernel's own counters, read without dropscope.
+use std::collections::HashMap;
+
+use crate::netns::Netns;
+
+/// A snapshot of `nstat -az` (SNMP and netstat counters) in one namespace.
+pub struct Nstat(HashMap<String, u64>);
+
+impl Nstat {
+    pub fn read(ns: &Netns) -> Self {
+        let text = ns.sh("nstat -az");
+        Nstat(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| {
+                    let mut it = l.split_whitespace();
+                    Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, name: &str) -> u64 {
+        *self.0.get(name).unwrap_or_else(|| panic!("nstat has no counter {name}"))
+    }
+
+    /// How much `name` grew between `before` and now.
+    pub fn delta(ns: &Netns, before: &Nstat, name: &str) -> u64 {
+        Nstat::read(ns).get(name) - before.get(name)
+    }
+}
+
+/// Packets counted by the nftables rule carrying `comment "<tag>"`.
+pub fn nft_rule_packets(ns: &Netns, tag: &str) -> u64 {
+    let json: serde_json::Value = serde_json::from_str(&ns.sh("nft -j list ruleset")).expect("nft json");
+    for item in json["nftables"].as_array().expect("nftables array") {
+        let rule = &item["rule"];
+        if rule["comment"].as_str() == Some(tag) {
+            for expr in rule["expr"].as_array().into_iter().flatten() {
+                if let Some(p) = expr["counter"]["packets"].as_u64() {
+                    return p;
+                }
+            }
+        }
+    }
+    panic!("no nft rule with comment {tag} and a counter in {}", ns.name)
+}
+
+/// Packets counted by the iptables rule whose `-save -c` line contains `needle`.
+/// `tool` is `iptables-nft`, `iptables-legacy`, `ip6tables-nft`, ...
+pub fn iptables_rule_packets(ns: &Netns, tool: &str, needle: &str) -> u64 {
+    let text = ns.sh(&format!("{tool}-save -c"));
+    for line in text.lines() {
+        // "[12:1008] -A FORWARD -p udp ... -j DROP"
+        if line.starts_with('[') && line.contains(needle) {
+            let counts = &line[1..line.find(']').unwrap()];
+            return counts.split(':').next().unwrap().parse().unwrap();
+        }
+    }
+    panic!("no {tool} rule matching {needle:?} in {}:\n{text}", ns.name)
+}

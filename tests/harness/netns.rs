@@ -1,0 +1,79 @@
+//! A network namespace that exists for the life of the value.
+use std::{
+    fs,
+    os::unix::fs::MetadataExt,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use nix::sched::{setns, CloneFlags};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A named namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// A fresh namespace with a unique name (tests run in parallel) and `lo` up.
+    pub fn new(role: &str) -> Self {
+        let name = format!("ds{}x{}{role}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        ns.sh("ip link set lo up; sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0");
+        ns
+    }
+
+    /// Runs a shell command inside the namespace; panics with its output if it fails.
+    pub fn sh(&self, cmd: &str) -> String {
+        let out = self.try_sh(cmd);
+        if !out.status.success() {
+            panic!(
+                "in netns {}: `{cmd}` failed ({}): {}{}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn try_sh(&self, cmd: &str) -> Output {
+        Command::new("ip").args(["netns", "exec", &self.name, "sh", "-c", cmd]).output().expect("ip netns exec")
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets it opens live there).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = fs::File::open(self.path()).expect("netns file");
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("netns thread panicked")
+        })
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// The namespace's inode, as dropscope reports it in "netns".
+    pub fn inode(&self) -> u64 {
+        fs::metadata(self.path()).expect("netns file").ino()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,0 +1,148 @@
+//! The real `dropscope` binary, started with a ready file and stopped with a signal.
+use std::{
+    io::Read,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use serde_json::Value;
+
+/// Path of the binary under test (set by `cargo xtask test`).
+pub fn binary() -> PathBuf {
+    match std::env::var_os("DROPSCOPE_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/dropscope")),
+    }
+}
+
+/// A running dropscope.
+pub struct Observer {
+    child: Option<Child>,
+    ready: PathBuf,
+}
+
+/// What dropscope printed, parsed.
+#[derive(Debug)]
+pub struct Report {
+    pub records: Vec<Value>,
+    pub stderr: String,
+    pub status: ExitStatus,
+}
+
+impl Observer {
+    /// Starts `dropscope --format json --ready-file ... ARGS` and waits until it is attached.
+    pub fn start(args: &[&str]) -> Self {
+        let ready = std::env::temp_dir().join(format!(
+            "dropscope-ready-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        let mut child = Command::new(binary())
+            .args(["--format", "json", "--color", "never", "--ready-file"])
+            .arg(&ready)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("dropscope exited before attaching ({status}): {err}");
+            }
+            assert!(Instant::now() < deadline, "dropscope did not attach within 20 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Observer { child: Some(child), ready }
+    }
+
+    /// The process id (for signal tests).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Stops with SIGINT (like Ctrl-C) and collects the output.
+    pub fn stop(self) -> Report {
+        self.stop_with(Signal::SIGINT)
+    }
+
+    pub fn stop_with(mut self, sig: Signal) -> Report {
+        let mut child = self.child.take().unwrap();
+        nix::sys::signal::kill(Pid::from_raw(child.id() as i32), sig).expect("signal dropscope");
+        let out = child.wait_with_output().expect("wait for dropscope");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let records = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let report = Report { records, stderr: String::from_utf8_lossy(&out.stderr).into_owned(), status: out.status };
+        assert!(!self.ready.exists(), "ready file left behind");
+        report
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Report {
+    /// Drop records.
+    pub fn drops(&self) -> Vec<&Value> {
+        self.records.iter().filter(|r| r["type"] == "drop").collect()
+    }
+
+    /// Drop records of one cause.
+    pub fn of(&self, cause: &str) -> Vec<&Value> {
+        self.drops().into_iter().filter(|r| r["cause"] == cause).collect()
+    }
+
+    /// Packets a cause stands for (sum of `count`).
+    pub fn count(&self, cause: &str) -> u64 {
+        self.of(cause).iter().map(|r| r["count"].as_u64().unwrap()).sum()
+    }
+
+    /// The summary record (exactly one, last).
+    pub fn summary(&self) -> &Value {
+        let last = self.records.last().expect("some output");
+        assert_eq!(last["type"], "summary", "last record is the summary: {last}");
+        last
+    }
+
+    /// The attach record (first).
+    pub fn attach(&self) -> &Value {
+        let first = &self.records[0];
+        assert_eq!(first["type"], "attach");
+        first
+    }
+
+    /// Causes reported, with counts (from the summary).
+    pub fn causes(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self.summary()["causes"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Asserts the run was clean and the records add up to the summary.
+    pub fn assert_consistent(&self) {
+        assert!(self.status.success(), "dropscope failed ({}): {}", self.status, self.stderr);
+        let summary = self.summary();
+        for (cause, total) in self.causes() {
+            assert_eq!(self.count(&cause), total, "records of {cause} do not add up to the summary");
+        }
+        assert_eq!(summary["lost"], 0, "events lost");
+    }
+}

@@ -1,0 +1,108 @@
+//! Firewall causes: nftables / iptables-nft / iptables-legacy DROP, and REJECT.
+use dropscope_tests::{
+    iptables_rule_packets, nft_rule_packets,
+    topology::{A4, B4},
+    traffic::{tcp_connect, Udp},
+    Nstat, Observer, Topology,
+};
+
+use crate::{evidence, Expect};
+
+fn expect<'a>(t: &Topology, cause: &'a str, dport: u16) -> Expect<'a> {
+    Expect { cause, ifname: "r0", family: "ipv4", proto: "udp", src: A4, dst: B4, dport: Some(dport), netns: t.r.inode() }
+}
+
+#[test]
+fn nft_drop_is_netfilter_drop_in_nftables() {
+    let t = Topology::new();
+    t.r.sh(
+        "nft add table inet drt; nft add chain inet drt fw '{ type filter hook forward priority 0; }'; \
+         nft add rule inet drt fw ip daddr 10.231.2.2 udp dport 9100 counter drop comment '\"ds-9100\"'",
+    );
+    let obs = Observer::start(&["--netns", &t.r.name]);
+    Udp::to(B4, 9100).count(5).send(&t.a);
+    let report = obs.stop();
+    let counted = expect(&t, "netfilter_drop", 9100).check(&report);
+    assert_eq!(counted, nft_rule_packets(&t.r, "ds-9100"));
+    assert_eq!(counted, 5);
+    assert_eq!(report.of("netfilter_drop")[0]["location"], "nft_do_chain");
+    assert!(evidence(&report, "netfilter_drop").contains("nftables"));
+}
+
+#[test]
+fn ipt_nft_drop_is_netfilter_drop_in_nftables() {
+    let t = Topology::new();
+    t.r.sh("iptables-nft -A FORWARD -p udp --dport 9101 -j DROP");
+    let obs = Observer::start(&["--netns", &t.r.name]);
+    Udp::to(B4, 9101).count(3).send(&t.a);
+    let report = obs.stop();
+    let counted = expect(&t, "netfilter_drop", 9101).check(&report);
+    assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-nft", "--dport 9101 -j DROP"));
+    assert_eq!(counted, 3);
+    assert!(evidence(&report, "netfilter_drop").contains("nftables / iptables-nft"));
+}
+
+#[test]
+fn ipt_legacy_drop_is_netfilter_drop_in_iptables_legacy() {
+    let t = Topology::new();
+    t.r.sh("iptables-legacy -A FORWARD -p udp --dport 9102 -j DROP");
+    let obs = Observer::start(&["--netns", &t.r.name]);
+    Udp::to(B4, 9102).count(4).send(&t.a);
+    let report = obs.stop();
+    let counted = expect(&t, "netfilter_drop", 9102).check(&report);
+    assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-legacy", "--dport 9102 -j DROP"));
+    assert_eq!(counted, 4);
+    assert_eq!(report.of("netfilter_drop")[0]["location"], "nf_hook_slow");
+    let ev = evidence(&report, "netfilter_drop");
+    assert!(ev.contains("iptables-legacy"), "{ev}");
+}
+
+#[test]
+fn reject_udp_is_netfilter_reject() {
+    let t = Topology::new();
+    t.r.sh("iptables-nft -A FORWARD -p udp --dport 5353 -j REJECT");
+    let before_a = Nstat::read(&t.a);
+    let obs = Observer::start(&["--netns", &t.r.name]);
+    Udp::to(B4, 5353).count(3).send(&t.a);
+    let report = obs.stop();
+    let counted = expect(&t, "netfilter_reject", 5353).check(&report);
+    assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-nft", "--dport 5353 -j REJECT"));
+    assert_eq!(counted, 3);
+    // The sender really got the ICMP errors dropscope paired with the drops.
+    assert_eq!(Nstat::delta(&t.a, &before_a, "IcmpInDestUnreachs"), 3);
+    let r = report.of("netfilter_reject")[0];
+    assert_eq!(r["icmp_sent"]["type"], 3);
+    assert_eq!(r["icmp_sent"]["code"], 3);
+    assert!(evidence(&report, "netfilter_reject").contains("port unreachable"));
+}
+
+#[test]
+fn reject_tcp_reset_is_netfilter_reject() {
+    let t = Topology::new();
+    t.r.sh("iptables-nft -A FORWARD -p tcp --dport 8080 -j REJECT --reject-with tcp-reset");
+    let obs = Observer::start(&["--netns", &t.r.name]);
+    for _ in 0..2 {
+        let err = tcp_connect(&t.a, B4, 8080).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    }
+    let report = obs.stop();
+    let e = Expect { proto: "tcp", ..expect(&t, "netfilter_reject", 8080) };
+    let counted = e.check(&report);
+    assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-nft", "--dport 8080 -j REJECT"));
+    assert_eq!(counted, 2);
+    assert!(evidence(&report, "netfilter_reject").contains("tcp-reset"), "{}", evidence(&report, "netfilter_reject"));
+}
+
+#[test]
+fn drop_and_reject_are_told_apart_in_one_run() {
+    let t = Topology::new();
+    t.r.sh("iptables-nft -A FORWARD -p udp --dport 9103 -j DROP; iptables-nft -A FORWARD -p udp --dport 9104 -j REJECT");
+    let obs = Observer::start(&["--netns", &t.r.name]);
+    Udp::to(B4, 9103).count(2).send(&t.a);
+    Udp::to(B4, 9104).count(3).send(&t.a);
+    let report = obs.stop();
+    report.assert_consistent();
+    assert_eq!(report.causes(), vec![("netfilter_drop".to_string(), 2), ("netfilter_reject".to_string(), 3)]);
+    assert!(report.of("netfilter_drop").iter().all(|r| r["dport"] == 9103));
+    assert!(report.of("netfilter_reject").iter().all(|r| r["dport"] == 9104));
+}

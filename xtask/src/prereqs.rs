@@ -1,0 +1,95 @@
+//! Prerequisites, checked cheaply and installed only when missing.
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+/// Debian packages the integration tests drive, keyed by a command each provides.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nstat", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("nft", "nftables"),
+    ("iptables-legacy", "iptables"),
+    ("iptables-nft", "iptables"),
+    ("conntrack", "conntrack"),
+    ("bpftool", "bpftool"),
+    ("setpriv", "util-linux"),
+];
+
+/// What building the eBPF programs needs.
+pub fn ensure_build() -> Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()
+}
+
+/// Everything, including the tools the tests use.
+pub fn ensure_all() -> Result<()> {
+    ensure_build()?;
+    ensure_test_tools()
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let installed = output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"]).unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the nightly toolchain's rust-src (the eBPF crate builds core from source)");
+    run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"])
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    if output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF object with nightly's LLVM; takes about a minute)"
+    );
+    run("cargo", &["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
+}
+
+fn ensure_test_tools() -> Result<()> {
+    let mut missing: Vec<&str> = TEST_TOOLS.iter().filter(|(cmd, _)| !on_path(cmd)).map(|(_, pkg)| *pkg).collect();
+    missing.sort();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("missing test tools; install them with: sudo apt-get install -y {}", missing.join(" "));
+    }
+    eprintln!("xtask: installing Debian packages the tests need: {}", missing.join(" "));
+    run("apt-get", &["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?
+        .success()
+        .then_some(())
+        .context("apt-get install failed")
+}
+
+fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false)
+        || ["/usr/sbin", "/sbin"].iter().any(|d| std::path::Path::new(d).join(cmd).is_file())
+}
+
+fn output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<()> {
+    let st = Command::new(cmd).args(args).status().with_context(|| format!("running {cmd}"))?;
+    if !st.success() {
+        bail!("{cmd} {} failed ({st})", args.join(" "));
+    }
+    Ok(())
+}
