@@ -10,7 +10,7 @@ use std::{
 use crate::{
     causes::{Engine, Facts, Verdict},
     events::{Device, Drop, Flow, IcmpSent, Record, Sysctls},
-    evidence::{netfilter, netns},
+    evidence::{netfilter, netns, rules},
     filter::Filter,
     output::{DropRecord, Sink, Summary},
 };
@@ -63,6 +63,7 @@ pub struct Pipeline {
     icmp: HashMap<u64, IcmpSent>,
     folds: HashMap<FoldKey, Fold>,
     nf_engines: HashMap<(u32, Arc<str>), &'static str>,
+    rules: rules::Tracker,
     pub causes: HashMap<String, CauseTotals>,
     pub reasons: HashMap<Arc<str>, u64>,
     pub suppressed: u64,
@@ -71,8 +72,9 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(engine: Engine, filter: Filter, show_benign: bool) -> Self {
+    pub fn new(engine: Engine, filter: Filter, show_benign: bool, rules: rules::Tracker) -> Self {
         Pipeline {
+            rules,
             engine,
             filter,
             show_benign,
@@ -148,9 +150,39 @@ impl Pipeline {
     }
 
     fn classify(&mut self, d: &Drop, icmp_sent: Option<(u8, u8)>) -> Verdict {
-        let nf_engine = (&*d.reason == "NETFILTER_DROP").then(|| self.nf_engine(d));
+        let netfilter = &*d.reason == "NETFILTER_DROP";
+        let nf_engine = netfilter.then(|| self.nf_engine(d));
+        let nf_rule = if netfilter { self.dropping_rule(d, icmp_sent) } else { None };
         let nsexec = self.namespaces.exec_prefix(d.netns);
-        self.engine.classify(&Facts { drop: d, icmp_sent, nf_engine, nsexec })
+        self.engine.classify(&Facts { drop: d, icmp_sent, nf_engine, nsexec, nf_rule })
+    }
+
+    /// The DROP/REJECT rule whose counter moved with this drop. Rules that cannot have
+    /// matched the packet are excluded; an ICMP error sent with the drop prefers a REJECT
+    /// rule, its absence a DROP rule; otherwise the rule that moved most.
+    fn dropping_rule(&mut self, d: &Drop, icmp_sent: Option<(u8, u8)>) -> Option<rules::Moved> {
+        let path = self.netns_path(d.netns)?;
+        let fields = packet_fields(d);
+        let candidates: Vec<rules::Moved> = self
+            .rules
+            .attribute(d.netns, path.as_deref())
+            .into_iter()
+            .filter(|m| m.matcher.could_match(&fields))
+            .collect();
+        let is_reject = |m: &&rules::Moved| matches!(m.verdict, rules::Verdict::Reject(_));
+        let preferred = match icmp_sent {
+            Some(_) => candidates.iter().find(is_reject),
+            None => candidates.iter().find(|m| !is_reject(m)),
+        };
+        preferred.or(candidates.first()).cloned()
+    }
+
+    /// How to enter `netns`: `Some(None)` for dropscope's own namespace, `None` if unreachable.
+    fn netns_path(&mut self, netns: u32) -> Option<Option<std::path::PathBuf>> {
+        if netns == self.namespaces.own() {
+            return Some(None);
+        }
+        self.namespaces.get(netns).map(|r| Some(r.path.clone()))
     }
 
     /// The netfilter engine for a drop, looked up once per namespace and location.
@@ -235,5 +267,19 @@ impl Pipeline {
     /// Causes seen so far (for tests and the live view).
     pub fn cause_ids(&self) -> HashSet<&str> {
         self.causes.keys().map(String::as_str).collect()
+    }
+}
+
+/// The fields of a drop that firewall rules commonly match on.
+fn packet_fields(d: &Drop) -> rules::PacketFields {
+    let flow = d.flow.as_ref();
+    rules::PacketFields {
+        proto: flow.map(|f| f.proto),
+        sport: flow.and_then(|f| f.ports).map(|p| p.0),
+        dport: flow.and_then(|f| f.ports).map(|p| p.1),
+        src: flow.map(|f| f.src),
+        dst: flow.map(|f| f.dst),
+        iif: d.dev.map(|dev| dev.name().to_string()),
+        oif: d.out.map(|dev| dev.name().to_string()),
     }
 }

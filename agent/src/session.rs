@@ -18,6 +18,7 @@ use crate::{
     causes::Engine,
     cli::{Color, Format, RunArgs},
     events::Decoder,
+    evidence::{netns, rules},
     kernel::{attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
     output::{json::JsonSink, text::TextSink, AttachInfo, Clock, Sink},
     pipeline::Pipeline,
@@ -30,8 +31,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let filter = args.filter()?;
     let kernel = KernelBtf::open(&args.btf)?;
     let reasons = kernel.drop_reasons()?;
-    // Symbols load while the programs are verified and attached.
-    let symbols = std::thread::spawn(|| Kallsyms::load());
+    // Symbols and firewall rule counters load while the programs are verified and attached.
+    let symbols = std::thread::spawn(Kallsyms::load);
+    let watched = filter.netns.clone();
+    let rule_baseline = std::thread::spawn(move || baseline_rules(&watched));
 
     let stack_reason = |name| reasons.value(name).unwrap_or(ABSENT);
     let config = Config {
@@ -71,7 +74,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     sink.attach(&info);
 
     let mut decoder = Decoder::new(reasons, symbols);
-    let mut pipeline = Pipeline::new(Engine::builtin(), filter, args.all);
+    let rules = rule_baseline.join().map_err(|_| anyhow::anyhow!("rule counter reader panicked"))?;
+    tracing::info!("firewall rule counters read ({} ms since start)", started.elapsed().as_millis());
+    let mut pipeline = Pipeline::new(Engine::builtin(), filter, args.all, rules);
     let attach::Probes { events, counters, ebpf, .. } = probes;
     // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
@@ -126,6 +131,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
     tracing::info!("detached");
     sink.summary(&pipeline.summary(seen, lost, streaming.elapsed().as_secs_f64()));
     Ok(())
+}
+
+/// Reads the starting counters of every DROP/REJECT rule, in the watched namespaces (all
+/// namespaces when no `--netns` filter is given), so later drops can be matched to a rule.
+fn baseline_rules(watched: &[u32]) -> rules::Tracker {
+    let mut registry = netns::Registry::new();
+    let own = registry.own();
+    let targets: Vec<(u32, Option<std::path::PathBuf>)> = registry
+        .all()
+        .into_iter()
+        .filter(|r| watched.is_empty() || watched.contains(&r.inode))
+        .map(|r| (r.inode, (r.inode != own).then_some(r.path)))
+        .collect();
+    rules::Tracker::with_baselines(&targets)
 }
 
 /// `--ready-file`: exists exactly while the probes are attached.

@@ -3,7 +3,15 @@
 use std::{net::IpAddr, sync::Arc};
 
 use super::*;
-use crate::events::{Device, Drop, Family, Flow, Sysctls};
+use crate::{
+    events::{Device, Drop, Family, Flow, Sysctls},
+    evidence::rules::{Moved, RuleId, Verdict as NfVerdict},
+};
+
+fn moved(engine: &'static str, table: &str, text: &str, verdict: NfVerdict) -> Option<Moved> {
+    let rule = RuleId { engine, table: table.into(), chain: "FORWARD".into(), text: text.into() };
+    Some(Moved { rule, verdict, matcher: Default::default(), packets: 2 })
+}
 
 fn dev(name: &str, mtu: u32) -> Device {
     let mut n = [0u8; 16];
@@ -41,12 +49,13 @@ struct Case {
     drop: Drop,
     icmp: Option<(u8, u8)>,
     engine: Option<&'static str>,
+    rule: Option<Moved>,
     cause: &'static str,
     evidence_has: &'static str,
 }
 
 fn case(name: &'static str, drop: Drop, cause: &'static str, evidence_has: &'static str) -> Case {
-    Case { name, drop, icmp: None, engine: None, cause, evidence_has }
+    Case { name, drop, icmp: None, engine: None, rule: None, cause, evidence_has }
 }
 
 fn with_sysctls(mut d: Drop, f: impl FnOnce(&mut Sysctls)) -> Drop {
@@ -122,6 +131,11 @@ fn cases() -> Vec<Case> {
             ..case("nft drop", drop("NETFILTER_DROP", "nft_do_chain"), "netfilter_drop", "nft_do_chain")
         },
         Case {
+            engine: Some("nftables"),
+            rule: moved("iptables-nft", "filter", "-A FORWARD -p tcp -j REJECT --reject-with tcp-reset", NfVerdict::Reject("tcp-reset".into())),
+            ..case("tcp reset reject", drop("NETFILTER_DROP", "nft_do_chain"), "netfilter_reject", "REJECT with tcp-reset")
+        },
+        Case {
             engine: Some("iptables-legacy"),
             ..case("legacy drop", drop("NETFILTER_DROP", "nf_hook_slow"), "netfilter_drop", "iptables-legacy")
         },
@@ -155,7 +169,13 @@ fn cases() -> Vec<Case> {
 }
 
 fn classify(engine: &Engine, c: &Case) -> Verdict {
-    let facts = Facts { drop: &c.drop, icmp_sent: c.icmp, nf_engine: c.engine, nsexec: "ip netns exec dr-r ".into() };
+    let facts = Facts {
+        drop: &c.drop,
+        icmp_sent: c.icmp,
+        nf_engine: c.engine,
+        nsexec: "ip netns exec dr-r ".into(),
+        nf_rule: c.rule.clone(),
+    };
     engine.classify(&facts)
 }
 
@@ -211,4 +231,24 @@ fn missing_facts_print_as_question_marks() {
     let c = case("x", d, "rp_filter", "");
     let v = classify(&engine, &c);
     assert!(v.evidence.contains("rp_filter on ? is strict: effective=?"), "{}", v.evidence);
+}
+
+#[test]
+fn the_dropping_rule_is_named_with_its_removal_command() {
+    let engine = Engine::builtin();
+    let c = Case {
+        engine: Some("nftables"),
+        rule: moved("nftables", "inet drt", "handle 3 comment \"ds\"", NfVerdict::Drop),
+        ..case("x", drop("NETFILTER_DROP", "nft_do_chain"), "netfilter_drop", "")
+    };
+    let v = classify(&engine, &c);
+    assert!(v.evidence.contains("rule: [nftables table inet drt chain FORWARD: handle 3 comment \"ds\"] (+2 packets)"), "{}", v.evidence);
+    assert!(v.hint.contains("ip netns exec dr-r nft delete rule inet drt FORWARD handle 3"), "{}", v.hint);
+    let c = Case {
+        engine: Some("iptables-legacy"),
+        rule: moved("iptables-legacy", "filter", "-A FORWARD -p udp -j DROP", NfVerdict::Drop),
+        ..case("x", drop("NETFILTER_DROP", "nf_hook_slow"), "netfilter_drop", "")
+    };
+    let v = classify(&engine, &c);
+    assert!(v.hint.contains("iptables-legacy -t filter -D FORWARD -p udp -j DROP"), "{}", v.hint);
 }

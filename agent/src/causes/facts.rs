@@ -1,7 +1,10 @@
 //! The facts a rule can test or print, computed from one drop and its context.
 use std::borrow::Cow;
 
-use crate::events::Drop;
+use crate::{
+    events::Drop,
+    evidence::rules::{Moved, Verdict},
+};
 
 /// Facts usable in a rule's `when` (and as placeholders).
 pub const CONDITION_FACTS: &[&str] = &[
@@ -17,13 +20,14 @@ pub const CONDITION_FACTS: &[&str] = &[
     "icmp_sent",
     "icmp_sent_name",
     "nf_engine",
+    "nf_verdict",
     "over_mtu",
 ];
 
 /// Facts usable only as placeholders in evidence and fix texts.
 pub const PLACEHOLDERS: &[&str] = &[
     "ifname", "out_ifname", "mtu", "len", "src", "dst", "sport", "dport", "flow", "ttl", "netns", "reason", "location",
-    "nsexec",
+    "nsexec", "nf_rule", "nf_reject_with", "nf_delete",
 ];
 
 /// A fact's value.
@@ -66,6 +70,8 @@ pub struct Facts<'a> {
     pub nf_engine: Option<&'static str>,
     /// Command prefix to act in the drop's namespace.
     pub nsexec: String,
+    /// The DROP/REJECT rule whose counter moved with this drop, when one did.
+    pub nf_rule: Option<Moved>,
 }
 
 impl<'a> Facts<'a> {
@@ -87,7 +93,23 @@ impl<'a> Facts<'a> {
             "rp_filter" => int(s.effective_rp_filter()),
             "icmp_sent" => text(self.icmp_sent.map_or("none".into(), |(t, c)| format!("{t}/{c}"))),
             "icmp_sent_name" => text(self.icmp_sent.map_or("none".into(), |(t, c)| icmp_name(t, c).into())),
-            "nf_engine" => self.nf_engine.map(|e| Value::Str(e.into())),
+            "nf_engine" => self.nf_rule.as_ref().map(|m| m.rule.engine).or(self.nf_engine).map(|e| Value::Str(e.into())),
+            "nf_verdict" => self.nf_rule.as_ref().map(|m| match m.verdict {
+                Verdict::Drop => Value::Str("drop".into()),
+                Verdict::Reject(_) => Value::Str("reject".into()),
+            }),
+            "nf_reject_with" => self.nf_rule.as_ref().and_then(|m| match &m.verdict {
+                Verdict::Reject(with) => Some(Value::Str(Cow::Borrowed(with))),
+                Verdict::Drop => None,
+            }),
+            "nf_rule" => text(match &self.nf_rule {
+                Some(m) => format!("[{}] (+{} packets)", m.rule, m.packets),
+                None => "not identified (no DROP/REJECT rule counter moved; nftables rules need `counter`)".into(),
+            }),
+            "nf_delete" => text(match &self.nf_rule {
+                Some(m) => format!("{}{}", self.nsexec, delete_command(m)),
+                None => format!("{}nft -a list ruleset; {}iptables-save -c", self.nsexec, self.nsexec),
+            }),
             "over_mtu" => self.egress_mtu().map(|m| Value::Bool(d.len > m)),
             "ifname" => d.dev.map(|dev| Value::Str(Cow::Owned(dev.name().to_string()))),
             "out_ifname" => d.out.or(d.dev).map(|dev| Value::Str(Cow::Owned(dev.name().to_string()))),
@@ -130,5 +152,23 @@ pub fn icmp_name(ty: u8, code: u8) -> &'static str {
         (12, _) => "parameter problem",
         (5, _) => "redirect",
         _ => "ICMP error",
+    }
+}
+
+/// The command that removes (or, for a chain policy, relaxes) the rule that dropped.
+pub fn delete_command(m: &Moved) -> String {
+    let r = &m.rule;
+    let tool = r.engine;
+    if r.engine == "nftables" {
+        // table is "<family> <name>", text starts with "handle N".
+        let handle = r.text.split_whitespace().nth(1).unwrap_or("?");
+        return format!("nft delete rule {} {} handle {handle}", r.table, r.chain);
+    }
+    if r.text.starts_with("policy ") {
+        return format!("{tool} -t {} -P {} ACCEPT   # only if nothing else should drop here", r.table, r.chain);
+    }
+    match r.text.strip_prefix("-A ") {
+        Some(rest) => format!("{tool} -t {} -D {rest}", r.table),
+        None => format!("{tool} -t {} -L {} -v -n --line-numbers", r.table, r.chain),
     }
 }

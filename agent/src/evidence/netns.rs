@@ -62,6 +62,12 @@ impl Registry {
         self.known.get(&inode)
     }
 
+    /// Every namespace that can be entered right now (freshly scanned).
+    pub fn all(&mut self) -> Vec<NetnsRef> {
+        self.scan();
+        self.known.values().cloned().collect()
+    }
+
     /// The prefix to run a command in `inode` ("" for dropscope's own namespace).
     pub fn exec_prefix(&mut self, inode: u32) -> String {
         if inode == self.own || inode == 0 {

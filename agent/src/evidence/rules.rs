@@ -1,0 +1,484 @@
+//! Naming the firewall rule behind a netfilter drop, by its packet counters.
+//!
+//! At start-up dropscope snapshots the per-rule counters of both engines (iptables-legacy and
+//! nftables, including iptables-nft) in every namespace with rules. When a netfilter drop
+//! appears, the namespace is snapshotted again: the DROP/REJECT rules whose counters moved are
+//! the ones that dropped it. Read-only: the ruleset is never modified.
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use std::net::IpAddr;
+
+use super::netns::run_in;
+
+/// A terminal verdict a rule (or chain policy) can give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Drop,
+    /// REJECT, with what it answers ("tcp-reset", "icmp-port-unreachable", ...).
+    Reject(String),
+}
+
+/// One rule with a counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RuleId {
+    /// "nftables", "iptables-nft", "ip6tables-nft", "iptables-legacy", "ip6tables-legacy".
+    pub engine: &'static str,
+    pub table: String,
+    pub chain: String,
+    /// The rule as its tool prints it (or "policy DROP").
+    pub text: String,
+}
+
+impl fmt::Display for RuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} table {} chain {}: {}", self.engine, self.table, self.chain, self.text)
+    }
+}
+
+/// A rule whose counter moved, and by how much.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub rule: RuleId,
+    pub verdict: Verdict,
+    pub matcher: Matcher,
+    pub packets: u64,
+}
+
+/// What a rule matches on, as far as simple fields go (protocol, ports, addresses,
+/// interfaces). Used to rule out rules that cannot have matched a given packet; anything more
+/// complex (sets, negations, marks) is left unknown and never excludes a rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Matcher {
+    pub proto: Option<u8>,
+    pub sport: Option<(u16, u16)>,
+    pub dport: Option<(u16, u16)>,
+    pub src: Option<IpNet>,
+    pub dst: Option<IpNet>,
+    pub iif: Option<String>,
+    pub oif: Option<String>,
+}
+
+impl Matcher {
+    /// Whether a packet with these fields could have matched (unknown fields never exclude).
+    pub fn could_match(&self, p: &PacketFields) -> bool {
+        fn ok<T, U>(rule: &Option<T>, pkt: &Option<U>, f: impl Fn(&T, &U) -> bool) -> bool {
+            match (rule, pkt) {
+                (Some(r), Some(v)) => f(r, v),
+                _ => true,
+            }
+        }
+        ok(&self.proto, &p.proto, |a, b| a == b)
+            && ok(&self.sport, &p.sport, |(lo, hi), v| (lo..=hi).contains(&v))
+            && ok(&self.dport, &p.dport, |(lo, hi), v| (lo..=hi).contains(&v))
+            && ok(&self.src, &p.src, |n, a| n.contains(a))
+            && ok(&self.dst, &p.dst, |n, a| n.contains(a))
+            && ok(&self.iif, &p.iif, |a, b| a == b)
+            && ok(&self.oif, &p.oif, |a, b| a == b)
+    }
+}
+
+/// The packet fields a [`Matcher`] is compared with.
+#[derive(Debug, Clone, Default)]
+pub struct PacketFields {
+    pub proto: Option<u8>,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    pub iif: Option<String>,
+    pub oif: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Counted {
+    verdict: Verdict,
+    matcher: Matcher,
+    packets: u64,
+}
+
+/// Counters of every DROP/REJECT rule in one namespace at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    rules: HashMap<RuleId, Counted>,
+}
+
+impl Snapshot {
+    /// Reads all engines inside the namespace at `ns` (`None`: dropscope's own).
+    pub fn take(ns: Option<&Path>) -> Self {
+        let read = move || {
+            let mut snap = Snapshot::default();
+            let mut seen_tables = HashSet::new();
+            for (tool, engine, family) in [
+                ("iptables-nft-save", "iptables-nft", "ip"),
+                ("ip6tables-nft-save", "ip6tables-nft", "ip6"),
+            ] {
+                if let Some(text) = output(tool, &["-c"]) {
+                    for table in parse_iptables_save(&text, engine, &mut snap) {
+                        seen_tables.insert((family.to_string(), table));
+                    }
+                }
+            }
+            if let Some(text) = output("nft", &["-j", "list", "ruleset"]) {
+                parse_nft_json(&text, &seen_tables, &mut snap);
+            }
+            for (names, tool, engine) in [
+                ("/proc/thread-self/net/ip_tables_names", "iptables-legacy-save", "iptables-legacy"),
+                ("/proc/thread-self/net/ip6_tables_names", "ip6tables-legacy-save", "ip6tables-legacy"),
+            ] {
+                // Only ask x_tables when it has tables here (asking could load modules).
+                if std::fs::read_to_string(names).is_ok_and(|t| !t.trim().is_empty()) {
+                    if let Some(text) = output(tool, &["-c"]) {
+                        parse_iptables_save(&text, engine, &mut snap);
+                    }
+                }
+            }
+            snap
+        };
+        match ns {
+            Some(path) => run_in(path, read).unwrap_or_default(),
+            None => read(),
+        }
+    }
+
+    /// Rules whose counters grew since `before` (new rules count from zero).
+    pub fn moved_since(&self, before: &Snapshot) -> Vec<Moved> {
+        let mut moved: Vec<Moved> = self
+            .rules
+            .iter()
+            .filter_map(|(id, c)| {
+                let was = before.rules.get(id).map_or(0, |b| b.packets);
+                (c.packets > was).then(|| Moved {
+                    rule: id.clone(),
+                    verdict: c.verdict.clone(),
+                    matcher: c.matcher.clone(),
+                    packets: c.packets - was,
+                })
+            })
+            .collect();
+        moved.sort_by(|a, b| b.packets.cmp(&a.packets));
+        moved
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+}
+
+fn output(tool: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(tool).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Parses `iptables-save -c` into `snap`; returns the tables it listed.
+pub fn parse_iptables_save(text: &str, engine: &'static str, snap: &mut Snapshot) -> Vec<String> {
+    let mut tables = Vec::new();
+    let mut table = String::new();
+    for line in text.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.to_string();
+            tables.push(table.clone());
+        } else if let Some(policy) = line.strip_prefix(':') {
+            // ":FORWARD DROP [5:300]"
+            let mut it = policy.split_whitespace();
+            let (Some(chain), Some(target), Some(counts)) = (it.next(), it.next(), it.next()) else { continue };
+            if let (Some(verdict), Some(packets)) = (verdict_of_target(target, ""), packets_of(counts)) {
+                let id = RuleId { engine, table: table.clone(), chain: chain.into(), text: format!("policy {target}") };
+                snap.rules.insert(id, Counted { verdict, matcher: Matcher::default(), packets });
+            }
+        } else if line.starts_with('[') {
+            // "[2:120] -A FORWARD -p tcp ... -j REJECT --reject-with tcp-reset"
+            let Some((counts, rule)) = line.split_once(' ') else { continue };
+            let chain = rule.split_whitespace().nth(1).unwrap_or("").to_string();
+            let target = rule.split(" -j ").nth(1).and_then(|t| t.split_whitespace().next()).unwrap_or("");
+            let with = rule.split("--reject-with ").nth(1).and_then(|t| t.split_whitespace().next()).unwrap_or("");
+            if let (Some(verdict), Some(packets)) = (verdict_of_target(target, with), packets_of(counts)) {
+                let id = RuleId { engine, table: table.clone(), chain, text: rule.to_string() };
+                snap.rules.insert(id, Counted { verdict, matcher: iptables_matcher(rule), packets });
+            }
+        }
+    }
+    tables
+}
+
+fn verdict_of_target(target: &str, with: &str) -> Option<Verdict> {
+    match target {
+        "DROP" => Some(Verdict::Drop),
+        "REJECT" => Some(Verdict::Reject(if with.is_empty() { "icmp-port-unreachable".into() } else { with.into() })),
+        _ => None,
+    }
+}
+
+fn packets_of(counts: &str) -> Option<u64> {
+    counts.trim_start_matches('[').split(':').next()?.parse().ok()
+}
+
+/// Parses `nft -j list ruleset` into `snap`, skipping tables already read through iptables-nft.
+pub fn parse_nft_json(text: &str, skip: &HashSet<(String, String)>, snap: &mut Snapshot) {
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else { return };
+    for item in json["nftables"].as_array().into_iter().flatten() {
+        let rule = &item["rule"];
+        let (Some(family), Some(table), Some(chain)) =
+            (rule["family"].as_str(), rule["table"].as_str(), rule["chain"].as_str())
+        else {
+            continue;
+        };
+        if skip.contains(&(family.to_string(), table.to_string())) {
+            continue;
+        }
+        let exprs = rule["expr"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let packets = exprs.iter().find_map(|e| e["counter"]["packets"].as_u64());
+        let verdict = exprs.iter().find_map(|e| {
+            if e.get("drop").is_some() {
+                Some(Verdict::Drop)
+            } else if let Some(r) = e.get("reject") {
+                let with = match (r["type"].as_str(), r["expr"].as_str()) {
+                    (Some("tcp reset"), _) => "tcp-reset".to_string(),
+                    (_, Some(code)) => code.to_string(),
+                    _ => "icmp-port-unreachable".to_string(),
+                };
+                Some(Verdict::Reject(with))
+            } else {
+                None
+            }
+        });
+        if let (Some(verdict), Some(packets)) = (verdict, packets) {
+            let handle = rule["handle"].as_u64().unwrap_or(0);
+            let comment = rule["comment"].as_str().map(|c| format!(" comment \"{c}\"")).unwrap_or_default();
+            let id = RuleId {
+                engine: "nftables",
+                table: format!("{family} {table}"),
+                chain: chain.to_string(),
+                text: format!("handle {handle}{comment}"),
+            };
+            snap.rules.insert(id, Counted { verdict, matcher: nft_matcher(exprs), packets });
+        }
+    }
+}
+
+/// Simple match fields of an `iptables-save` rule line.
+pub fn iptables_matcher(rule: &str) -> Matcher {
+    let mut m = Matcher::default();
+    let tokens: Vec<&str> = rule.split_whitespace().collect();
+    for (i, pair) in tokens.windows(2).enumerate() {
+        if i > 0 && tokens[i - 1] == "!" {
+            continue; // negated: not reasoned about
+        }
+        let (flag, value) = (pair[0], pair[1]);
+        match flag {
+            "-p" => m.proto = proto_number(value),
+            "--dport" | "--destination-port" => m.dport = port_range(value),
+            "--sport" | "--source-port" => m.sport = port_range(value),
+            "-s" | "--source" => m.src = net(value),
+            "-d" | "--destination" => m.dst = net(value),
+            "-i" | "--in-interface" if !value.ends_with('+') => m.iif = Some(value.to_string()),
+            "-o" | "--out-interface" if !value.ends_with('+') => m.oif = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    m
+}
+
+/// Simple match fields of an nftables rule's JSON expressions.
+pub fn nft_matcher(exprs: &[serde_json::Value]) -> Matcher {
+    let mut m = Matcher::default();
+    for e in exprs {
+        let mt = &e["match"];
+        if mt["op"].as_str().is_some_and(|op| op != "==" && op != "in") {
+            continue;
+        }
+        let right = &mt["right"];
+        let payload = &mt["left"]["payload"];
+        let meta = mt["left"]["meta"]["key"].as_str();
+        match (payload["protocol"].as_str(), payload["field"].as_str(), meta) {
+            (Some(proto), Some("dport"), _) => {
+                m.proto = proto_number(proto);
+                m.dport = right.as_u64().map(|p| (p as u16, p as u16));
+            }
+            (Some(proto), Some("sport"), _) => {
+                m.proto = proto_number(proto);
+                m.sport = right.as_u64().map(|p| (p as u16, p as u16));
+            }
+            (Some(_), Some("saddr"), _) => m.src = nft_net(right),
+            (Some(_), Some("daddr"), _) => m.dst = nft_net(right),
+            (Some("ip" | "ip6"), Some("protocol" | "nexthdr"), _) | (_, _, Some("l4proto")) => {
+                m.proto = right.as_str().and_then(proto_number)
+            }
+            (_, _, Some("iifname")) => m.iif = right.as_str().map(str::to_string),
+            (_, _, Some("oifname")) => m.oif = right.as_str().map(str::to_string),
+            _ => {}
+        }
+    }
+    m
+}
+
+fn proto_number(name: &str) -> Option<u8> {
+    crate::filter::parse_proto(name).ok()
+}
+
+fn port_range(v: &str) -> Option<(u16, u16)> {
+    match v.split_once(':') {
+        Some((lo, hi)) => Some((lo.parse().unwrap_or(0), hi.parse().unwrap_or(u16::MAX))),
+        None => v.parse().ok().map(|p| (p, p)),
+    }
+}
+
+fn net(v: &str) -> Option<IpNet> {
+    crate::filter::parse_net(v).ok()
+}
+
+fn nft_net(right: &serde_json::Value) -> Option<IpNet> {
+    if let Some(addr) = right.as_str() {
+        return net(addr);
+    }
+    let p = &right["prefix"];
+    net(&format!("{}/{}", p["addr"].as_str()?, p["len"].as_u64()?))
+}
+
+/// Per-namespace baselines and recent attributions.
+pub struct Tracker {
+    baselines: HashMap<u32, Snapshot>,
+    recent: HashMap<u32, (Instant, Vec<Moved>)>,
+}
+
+/// How often one namespace may be re-read while drops keep coming.
+const MIN_INTERVAL: Duration = Duration::from_millis(500);
+
+impl Tracker {
+    pub fn new() -> Self {
+        Tracker { baselines: HashMap::new(), recent: HashMap::new() }
+    }
+
+    /// Records the starting counters of each namespace (`None` path: dropscope's own).
+    pub fn with_baselines(targets: &[(u32, Option<std::path::PathBuf>)]) -> Self {
+        let mut t = Tracker::new();
+        for (netns, path) in targets {
+            let snap = Snapshot::take(path.as_deref());
+            if snap.len() > 0 {
+                t.baselines.insert(*netns, snap);
+            }
+        }
+        t
+    }
+
+    /// The DROP/REJECT rules that moved in `netns` since the last look. Within `MIN_INTERVAL`
+    /// of the last look the previous answer is reused (one read per namespace per interval).
+    pub fn attribute(&mut self, netns: u32, path: Option<&Path>) -> Vec<Moved> {
+        if let Some((at, moved)) = self.recent.get(&netns) {
+            if at.elapsed() < MIN_INTERVAL {
+                return moved.clone();
+            }
+        }
+        let now = Snapshot::take(path);
+        let before = self.baselines.remove(&netns).unwrap_or_default();
+        let mut moved = now.moved_since(&before);
+        if moved.is_empty() {
+            // Nothing new since the last look: the drop belongs to what moved then.
+            if let Some((_, last)) = self.recent.get(&netns) {
+                moved = last.clone();
+            }
+        }
+        self.baselines.insert(netns, now);
+        self.recent.insert(netns, (Instant::now(), moved.clone()));
+        moved
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAVE: &str = "\
+# Generated by iptables-nft-save v1.8.9 (nf_tables)
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [7:420]
+:OUTPUT ACCEPT [0:0]
+[2:120] -A FORWARD -p tcp -m tcp --dport 8080 -j REJECT --reject-with tcp-reset
+[3:90] -A FORWARD -p udp -m udp --dport 5353 -j REJECT
+[9:900] -A FORWARD -p udp -j DROP
+[1:60] -A FORWARD -j ACCEPT
+COMMIT
+";
+
+    #[test]
+    fn iptables_save_rules_and_policies() {
+        let mut snap = Snapshot::default();
+        assert_eq!(parse_iptables_save(SAVE, "iptables-nft", &mut snap), vec!["filter"]);
+        assert_eq!(snap.len(), 4, "ACCEPT rules are not tracked");
+        let moved = snap.moved_since(&Snapshot::default());
+        assert_eq!(moved[0].packets, 9);
+        assert_eq!(moved[0].verdict, Verdict::Drop);
+        let reset = moved.iter().find(|m| m.rule.text.contains("8080")).unwrap();
+        assert_eq!(reset.verdict, Verdict::Reject("tcp-reset".into()));
+        let icmp = moved.iter().find(|m| m.rule.text.contains("5353")).unwrap();
+        assert_eq!(icmp.verdict, Verdict::Reject("icmp-port-unreachable".into()));
+        let policy = moved.iter().find(|m| m.rule.text == "policy DROP").unwrap();
+        assert_eq!((policy.rule.chain.as_str(), policy.packets), ("FORWARD", 7));
+    }
+
+    #[test]
+    fn only_moved_counters_are_reported() {
+        let mut before = Snapshot::default();
+        parse_iptables_save(SAVE, "iptables-nft", &mut before);
+        let mut after = Snapshot::default();
+        parse_iptables_save(&SAVE.replace("[2:120]", "[4:240]"), "iptables-nft", &mut after);
+        let moved = after.moved_since(&before);
+        assert_eq!(moved.len(), 1);
+        assert_eq!(moved[0].packets, 2);
+        assert!(moved[0].rule.to_string().starts_with("iptables-nft table filter chain FORWARD: -A FORWARD -p tcp"));
+    }
+
+    #[test]
+    fn rules_that_cannot_match_the_packet_are_excluded() {
+        let m = iptables_matcher("-A FORWARD -d 10.0.0.0/8 -i r0 -p udp -m udp --dport 9104 -j REJECT");
+        let pkt = |dport| PacketFields {
+            proto: Some(17),
+            dport: Some(dport),
+            dst: Some("10.1.2.3".parse().unwrap()),
+            iif: Some("r0".into()),
+            ..Default::default()
+        };
+        assert!(m.could_match(&pkt(9104)));
+        assert!(!m.could_match(&pkt(9103)));
+        assert!(!m.could_match(&PacketFields { proto: Some(6), ..pkt(9104) }));
+        let negated = iptables_matcher("-A FORWARD ! -p udp -j DROP");
+        assert_eq!(negated.proto, None, "negations are not reasoned about");
+        assert_eq!(iptables_matcher("-A X -p tcp --dport 1000:2000 -j DROP").dport, Some((1000, 2000)));
+        let exprs: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "10.231.2.2"}},
+                {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 9100}},
+                {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "r0"}}]"#,
+        )
+        .unwrap();
+        let m = nft_matcher(&exprs);
+        assert_eq!((m.proto, m.dport, m.iif.as_deref()), (Some(17), Some((9100, 9100)), Some("r0")));
+        assert_eq!(m.dst, Some("10.231.2.2/32".parse().unwrap()));
+    }
+
+    #[test]
+    fn nft_json_rules_with_counters() {
+        let json = r#"{"nftables": [{"metainfo": {}},
+          {"rule": {"family": "inet", "table": "drt", "chain": "fw", "handle": 3, "comment": "ds",
+            "expr": [{"match": {}}, {"counter": {"packets": 5, "bytes": 300}}, {"drop": null}]}},
+          {"rule": {"family": "inet", "table": "drt", "chain": "fw", "handle": 4,
+            "expr": [{"counter": {"packets": 1, "bytes": 60}}, {"reject": {"type": "tcp reset"}}]}},
+          {"rule": {"family": "inet", "table": "drt", "chain": "fw", "handle": 5, "expr": [{"drop": null}]}},
+          {"rule": {"family": "ip", "table": "filter", "chain": "FORWARD", "handle": 2,
+            "expr": [{"counter": {"packets": 8, "bytes": 0}}, {"xt": {"type": "target", "name": "REJECT"}}]}}
+        ]}"#;
+        let mut snap = Snapshot::default();
+        let skip = HashSet::from([("ip".to_string(), "filter".to_string())]);
+        parse_nft_json(json, &skip, &mut snap);
+        let moved = snap.moved_since(&Snapshot::default());
+        assert_eq!(moved.len(), 2, "rules without counters and iptables-nft tables are skipped: {moved:?}");
+        assert_eq!(moved[0].rule.to_string(), "nftables table inet drt chain fw: handle 3 comment \"ds\"");
+        assert_eq!(moved[1].verdict, Verdict::Reject("tcp-reset".into()));
+    }
+}
