@@ -40,15 +40,23 @@ fn benign_ping_noise_is_suppressed_and_counted() {
     let replies = Nstat::delta(&t.a, &before, "IcmpInEchoReps");
     assert_eq!(replies, 3);
     assert!(report.drops().is_empty(), "benign drops shown without --all: {:#?}", report.drops());
-    assert_eq!(report.summary()["suppressed"].as_u64(), Some(replies));
+    // Other IPv6 multicast housekeeping may be suppressed too, so at least the replies.
+    assert!(report.summary()["suppressed"].as_u64().unwrap() >= replies, "{}", report.summary());
 
-    // With --all the same noise is shown, as "benign".
+    // With --all the same noise is shown, as "benign", one per echo reply.
+    let before = Nstat::read(&t.a);
     let obs = Observer::start(&["--netns", &t.a.name, "--all"]);
     t.a.sh("ping -c2 -i0.2 -W2 10.231.2.2 >/dev/null");
     let report = obs.stop();
     report.assert_consistent();
-    assert_eq!(report.count("benign"), 2);
-    assert_eq!(report.of("benign")[0]["location"], "ping_rcv");
+    let at_ping: u64 = report
+        .of("benign")
+        .iter()
+        .filter(|r| r["location"] == "ping_rcv")
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(at_ping, Nstat::delta(&t.a, &before, "IcmpInEchoReps"));
+    assert_eq!(at_ping, 2);
 }
 
 #[test]

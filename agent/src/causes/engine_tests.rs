@@ -80,6 +80,11 @@ fn cases() -> Vec<Case> {
     vec![
         case("ping reply copy", drop("NO_SOCKET", "ping_rcv"), "benign", "ping socket"),
         case("mld report", v6(drop("NOT_SPECIFIED", "ip6_mc_input")), "benign", "has not joined"),
+        case("mld not forwarded", {
+            let mut d = v6(drop("IP_INADDRERRORS", "ip6_forward"));
+            d.flow.as_mut().unwrap().dst = "ff02::16".parse().unwrap();
+            d
+        }, "benign", "never forwarded"),
         case("socket purge", drop("QUEUE_PURGE", "inet_sock_destruct"), "benign", "QUEUE_PURGE"),
         case(
             "forwarding off everywhere",

@@ -22,6 +22,7 @@ pub const CONDITION_FACTS: &[&str] = &[
     "nf_engine",
     "nf_verdict",
     "over_mtu",
+    "dst_multicast",
 ];
 
 /// Facts usable only as placeholders in evidence and fix texts.
@@ -110,6 +111,7 @@ impl<'a> Facts<'a> {
                 Some(m) => format!("{}{}", self.nsexec, delete_command(m)),
                 None => format!("{}nft -a list ruleset; {}iptables-save -c", self.nsexec, self.nsexec),
             }),
+            "dst_multicast" => d.flow.map(|f| Value::Bool(f.dst.is_multicast())),
             "over_mtu" => self.egress_mtu().map(|m| Value::Bool(d.len > m)),
             "ifname" => d.dev.map(|dev| Value::Str(Cow::Owned(dev.name().to_string()))),
             "out_ifname" => d.out.or(d.dev).map(|dev| Value::Str(Cow::Owned(dev.name().to_string()))),
