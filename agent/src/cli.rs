@@ -126,6 +126,10 @@ pub struct RunArgs {
     /// Colour text output.
     #[arg(long, value_enum, default_value_t = Color::Auto)]
     pub color: Color,
+
+    /// Print the catalogue of causes dropscope knows (Markdown) and exit.
+    #[arg(long)]
+    pub causes: bool,
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {

@@ -14,6 +14,10 @@ use clap::{error::ErrorKind, Parser};
 fn main() {
     let cli = cli::Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     init_logging(cli.verbose);
+    if cli.run.causes {
+        print!("{}", causes::catalogue::markdown(&causes::Engine::builtin()));
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
     let result = runtime.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(session::run(cli.run)));
     if let Err(e) = result {

@@ -163,12 +163,14 @@ impl Pipeline {
     fn dropping_rule(&mut self, d: &Drop, icmp_sent: Option<(u8, u8)>) -> Option<rules::Moved> {
         let path = self.netns_path(d.netns)?;
         let fields = packet_fields(d);
-        let candidates: Vec<rules::Moved> = self
-            .rules
-            .attribute(d.netns, path.as_deref())
-            .into_iter()
-            .filter(|m| m.matcher.could_match(&fields))
-            .collect();
+        let mut candidates: Vec<rules::Moved> = Vec::new();
+        for fresh in [false, true] {
+            candidates = self.rules.attribute(d.netns, path.as_deref(), fresh);
+            candidates.retain(|m| m.matcher.could_match(&fields));
+            if !candidates.is_empty() {
+                break;
+            }
+        }
         let is_reject = |m: &&rules::Moved| matches!(m.verdict, rules::Verdict::Reject(_));
         let preferred = match icmp_sent {
             Some(_) => candidates.iter().find(is_reject),

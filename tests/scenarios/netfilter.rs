@@ -26,7 +26,11 @@ fn nft_drop_is_netfilter_drop_in_nftables() {
     assert_eq!(counted, nft_rule_packets(&t.r, "ds-9100"));
     assert_eq!(counted, 5);
     assert_eq!(report.of("netfilter_drop")[0]["location"], "nft_do_chain");
-    assert!(evidence(&report, "netfilter_drop").contains("nftables"));
+    let ev = evidence(&report, "netfilter_drop");
+    assert!(ev.contains("rule: [nftables table inet drt chain fw: handle"), "the rule is named: {ev}");
+    assert!(ev.contains("comment \"ds-9100\""), "{ev}");
+    let hint = report.of("netfilter_drop")[0]["hint"].as_str().unwrap();
+    assert!(hint.contains("nft delete rule inet drt fw handle"), "{hint}");
 }
 
 #[test]
@@ -55,6 +59,7 @@ fn ipt_legacy_drop_is_netfilter_drop_in_iptables_legacy() {
     assert_eq!(report.of("netfilter_drop")[0]["location"], "nf_hook_slow");
     let ev = evidence(&report, "netfilter_drop");
     assert!(ev.contains("iptables-legacy"), "{ev}");
+    assert!(ev.contains("[iptables-legacy table filter chain FORWARD: -A FORWARD -p udp -m udp --dport 9102 -j DROP]"), "{ev}");
 }
 
 #[test]

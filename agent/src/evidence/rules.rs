@@ -368,10 +368,11 @@ impl Tracker {
     }
 
     /// The DROP/REJECT rules that moved in `netns` since the last look. Within `MIN_INTERVAL`
-    /// of the last look the previous answer is reused (one read per namespace per interval).
-    pub fn attribute(&mut self, netns: u32, path: Option<&Path>) -> Vec<Moved> {
+    /// of the last look the previous answer is reused (one read per namespace per interval),
+    /// unless `fresh` asks for a new read (the reused answer did not explain the drop).
+    pub fn attribute(&mut self, netns: u32, path: Option<&Path>, fresh: bool) -> Vec<Moved> {
         if let Some((at, moved)) = self.recent.get(&netns) {
-            if at.elapsed() < MIN_INTERVAL {
+            if !fresh && at.elapsed() < MIN_INTERVAL {
                 return moved.clone();
             }
         }

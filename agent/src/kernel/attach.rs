@@ -198,3 +198,26 @@ fn tracepoint_ready(hook: &Hook, config: &Config) -> bool {
         _ => o.tp_icmp_skbaddr != ABSENT && o.tp_icmp_type != ABSENT,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object, ObjectSection};
+
+    use super::*;
+
+    #[test]
+    fn every_hook_has_both_programs_in_the_embedded_object() {
+        let elf = object::File::parse(PROBES_OBJECT).expect("embedded eBPF object is ELF");
+        let sections: Vec<&str> = elf.sections().filter_map(|s| s.name().ok()).collect();
+        for hook in &HOOKS {
+            assert!(sections.contains(&format!("tp_btf/{}", hook.name).as_str()), "{sections:?}");
+            assert!(sections.contains(&format!("tracepoint/{}/{}", hook.category, hook.name).as_str()), "{sections:?}");
+            for program in [hook.btf_program, hook.tp_program] {
+                assert!(elf.symbols().any(|s| object::ObjectSymbol::name(&s) == Ok(program)), "{program} missing");
+            }
+        }
+        for map in ["EVENTS", "STACKS", "COUNTERS", "CONFIG"] {
+            assert!(elf.symbols().any(|s| object::ObjectSymbol::name(&s) == Ok(map)), "{map} missing");
+        }
+    }
+}
