@@ -55,6 +55,41 @@ pub struct Offsets {
     pub tp_icmp_code: u32,
 }
 
+impl Offsets {
+    /// Every offset unknown: what the programs assume until userspace fills them in.
+    pub const UNKNOWN: Offsets = Offsets {
+        skb_len: ABSENT,
+        skb_dev: ABSENT,
+        skb_head: ABSENT,
+        skb_network_header: ABSENT,
+        skb_protocol: ABSENT,
+        skb_mark: ABSENT,
+        skb_refdst: ABSENT,
+        dev_ifindex: ABSENT,
+        dev_name: ABSENT,
+        dev_mtu: ABSENT,
+        dev_ip_ptr: ABSENT,
+        dev_ip6_ptr: ABSENT,
+        dev_nd_net: ABSENT,
+        net_inum: ABSENT,
+        net_ipv4_devconf_all: ABSENT,
+        net_ipv6_devconf_all: ABSENT,
+        in_dev_cnf_data: ABSENT,
+        ipv4_devconf_data: ABSENT,
+        devconf_idx_forwarding: ABSENT,
+        devconf_idx_rp_filter: ABSENT,
+        in6_dev_cnf_forwarding: ABSENT,
+        ipv6_devconf_forwarding: ABSENT,
+        dst_dev: ABSENT,
+        tp_kfree_skbaddr: ABSENT,
+        tp_kfree_location: ABSENT,
+        tp_kfree_reason: ABSENT,
+        tp_icmp_skbaddr: ABSENT,
+        tp_icmp_type: ABSENT,
+        tp_icmp_code: ABSENT,
+    };
+}
+
 /// Load-time configuration of the eBPF programs (a `.rodata` global named `CONFIG`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -143,7 +143,6 @@ pub struct IcmpSent {
     pub skb: u64,
     pub icmp_type: u8,
     pub icmp_code: u8,
-    pub netns: u32,
 }
 
 /// A decoded ring-buffer record.
@@ -156,12 +155,13 @@ pub enum Record {
 /// Turns raw records into typed ones, naming reasons and locations.
 pub struct Decoder {
     pub reasons: DropReasons,
-    pub symbols: Kallsyms,
+    /// Shared with the stack reader (single-threaded session).
+    pub symbols: std::rc::Rc<std::cell::RefCell<Kallsyms>>,
     names: std::collections::HashMap<u32, Arc<str>>,
 }
 
 impl Decoder {
-    pub fn new(reasons: DropReasons, symbols: Kallsyms) -> Self {
+    pub fn new(reasons: DropReasons, symbols: std::rc::Rc<std::cell::RefCell<Kallsyms>>) -> Self {
         Decoder { reasons, symbols, names: Default::default() }
     }
 
@@ -175,7 +175,6 @@ impl Decoder {
                 skb: ev.skb,
                 icmp_type: ev.icmp_type,
                 icmp_code: ev.icmp_code,
-                netns: ev.netns,
             })),
             _ => None,
         }
@@ -189,7 +188,7 @@ impl Decoder {
             ts_ns: ev.ts_ns,
             skb: ev.skb,
             reason,
-            location: self.symbols.resolve(ev.location),
+            location: self.symbols.borrow_mut().resolve(ev.location),
             netns: ev.netns,
             dev: (ev.flags & FLAG_DEV != 0).then(|| Device::new(ev.ifindex, ev.ifname, ev.mtu)),
             out: (ev.flags & FLAG_DST != 0).then(|| Device::new(ev.out_ifindex, ev.out_ifname, ev.out_mtu)),
@@ -259,7 +258,8 @@ mod tests {
             vec![("SKB_DROP_REASON_NO_SOCKET".into(), 3), ("SKB_DROP_REASON_IP_RPFILTER".into(), 16)],
             vec![],
         );
-        Decoder::new(reasons, Kallsyms::parse("ffffffff81000000 T tcp_v4_rcv\n"))
+        let symbols = Kallsyms::parse("ffffffff81000000 T tcp_v4_rcv\n");
+        Decoder::new(reasons, std::rc::Rc::new(std::cell::RefCell::new(symbols)))
     }
 
     #[test]

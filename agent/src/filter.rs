@@ -15,15 +15,6 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn is_empty(&self) -> bool {
-        self.src.is_empty()
-            && self.dst.is_empty()
-            && self.ports.is_empty()
-            && self.protos.is_empty()
-            && self.ifaces.is_empty()
-            && self.netns.is_empty()
-    }
-
     /// Whether `d` passes. A drop without the field a filter needs (e.g. no parsed address)
     /// does not pass that filter.
     pub fn matches(&self, d: &Drop) -> bool {

@@ -2,10 +2,7 @@
 //!
 //! Identical drops are folded: the first is reported at once, repeats are counted and reported
 //! as one record per flush interval. Classification runs once per distinct drop, not per packet.
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     causes::{Engine, Facts, Verdict},
@@ -21,6 +18,9 @@ const ICMP_PAIR_WINDOW_NS: u64 = 100_000_000;
 const MAX_FOLDS: usize = 65_536;
 /// Distinct flows remembered per cause for the summary.
 const MAX_FLOWS_PER_CAUSE: usize = 1024;
+
+/// Reads a captured kernel stack by id, symbolized, innermost frame first.
+pub type StackReader = Box<dyn FnMut(u32) -> Vec<Arc<str>>>;
 
 /// What makes two drops "the same" for folding.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -64,6 +64,7 @@ pub struct Pipeline {
     folds: HashMap<FoldKey, Fold>,
     nf_engines: HashMap<(u32, Arc<str>), &'static str>,
     rules: rules::Tracker,
+    stacks: StackReader,
     pub causes: HashMap<String, CauseTotals>,
     pub reasons: HashMap<Arc<str>, u64>,
     pub suppressed: u64,
@@ -72,9 +73,10 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(engine: Engine, filter: Filter, show_benign: bool, rules: rules::Tracker) -> Self {
+    pub fn new(engine: Engine, filter: Filter, show_benign: bool, rules: rules::Tracker, stacks: StackReader) -> Self {
         Pipeline {
             rules,
+            stacks,
             engine,
             filter,
             show_benign,
@@ -153,8 +155,24 @@ impl Pipeline {
         let netfilter = &*d.reason == "NETFILTER_DROP";
         let nf_engine = netfilter.then(|| self.nf_engine(d));
         let nf_rule = if netfilter { self.dropping_rule(d, icmp_sent) } else { None };
+        let stack = d.stack_id.map(|id| (self.stacks)(id)).unwrap_or_default();
+        let nf_hook = if netfilter { netfilter::hook_from_stack(&stack) } else { None };
         let nsexec = self.namespaces.exec_prefix(d.netns);
-        self.engine.classify(&Facts { drop: d, icmp_sent, nf_engine, nsexec, nf_rule })
+        let facts = Facts { drop: d, icmp_sent, nf_engine, nsexec, nf_rule, nf_hook };
+        let mut verdict = self.engine.classify(&facts);
+        if netfilter {
+            for (key, fact) in [("hook", "nf_hook"), ("engine", "nf_engine"), ("rule", "nf_rule")] {
+                if let Some(v) = facts.get(fact) {
+                    verdict.details.push((key, v.to_string()));
+                }
+            }
+        }
+        if verdict.cause == "unclassified" && !stack.is_empty() {
+            // Something to act on when no rule knows the drop: where it came from.
+            let frames: Vec<&str> = stack.iter().skip(1).take(6).map(|f| &**f).collect();
+            verdict.details.push(("stack", frames.join(" <- ")));
+        }
+        verdict
     }
 
     /// The DROP/REJECT rule whose counter moved with this drop. Rules that cannot have
@@ -266,10 +284,6 @@ impl Pipeline {
         }
     }
 
-    /// Causes seen so far (for tests and the live view).
-    pub fn cause_ids(&self) -> HashSet<&str> {
-        self.causes.keys().map(String::as_str).collect()
-    }
 }
 
 /// The fields of a drop that firewall rules commonly match on.

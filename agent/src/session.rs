@@ -2,7 +2,9 @@
 //! Every exit path (Ctrl-C, SIGTERM, --duration, an error) drops the probes, which detaches
 //! them; the kernel also releases them if the process dies, since nothing is pinned.
 use std::{
+    cell::RefCell,
     io::IsTerminal,
+    rc::Rc,
     path::Path,
     time::{Duration, Instant},
 };
@@ -21,7 +23,7 @@ use crate::{
     evidence::{netns, rules},
     kernel::{attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
     output::{json::JsonSink, text::TextSink, AttachInfo, Clock, Sink},
-    pipeline::Pipeline,
+    pipeline::{Pipeline, StackReader},
 };
 
 /// Runs until the duration ends or a signal arrives.
@@ -73,11 +75,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
     tracing::info!("attached in {attach_ms} ms (load+verify+attach {} ms)", probes.attach_ms);
     sink.attach(&info);
 
-    let mut decoder = Decoder::new(reasons, symbols);
+    let symbols = Rc::new(RefCell::new(symbols));
+    let mut decoder = Decoder::new(reasons, symbols.clone());
     let rules = rule_baseline.join().map_err(|_| anyhow::anyhow!("rule counter reader panicked"))?;
     tracing::info!("firewall rule counters read ({} ms since start)", started.elapsed().as_millis());
-    let mut pipeline = Pipeline::new(Engine::builtin(), filter, args.all, rules);
-    let attach::Probes { events, counters, ebpf, .. } = probes;
+    let attach::Probes { events, counters, stacks, ebpf, .. } = probes;
+    let stack_reader: StackReader = Box::new(move |id| match stacks.get(&id, 0) {
+        Ok(trace) => symbols.borrow_mut().frames(trace.frames().iter().map(|f| f.ip)),
+        Err(_) => Vec::new(),
+    });
+    let mut pipeline = Pipeline::new(Engine::builtin(), filter, args.all, rules, stack_reader);
     // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
 

@@ -71,7 +71,7 @@ impl Observer {
     }
 
     pub fn stop_with(mut self, sig: Signal) -> Report {
-        let mut child = self.child.take().unwrap();
+        let child = self.child.take().unwrap();
         nix::sys::signal::kill(Pid::from_raw(child.id() as i32), sig).expect("signal dropscope");
         let out = child.wait_with_output().expect("wait for dropscope");
         let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,59 +1,37 @@
 //! Routing-path causes: forwarding disabled (v4, v6), rp_filter, no route, TTL expired.
 use dropscope_tests::{
-    topology::{A4, A6, B4, B6},
+    topology::{A6, B4, B6},
     traffic::Udp,
-    Nstat, Observer, Topology,
+    Topology,
 };
 
-use crate::{evidence, Expect};
+use crate::{evidence, observe, Expect};
 
 #[test]
 fn fwd4_off_is_forwarding_disabled() {
     let t = Topology::new();
     t.r.sh("sysctl -qw net.ipv4.ip_forward=0");
-    let before = Nstat::read(&t.r);
-    let obs = Observer::start(&["--netns", &t.r.name]);
-    Udp::to(B4, 9000).count(3).send(&t.a);
-    let report = obs.stop();
-    let e = Expect {
-        cause: "forwarding_disabled",
-        ifname: "r0",
-        family: "ipv4",
-        proto: "udp",
-        src: A4,
-        dst: B4,
-        dport: Some(9000),
-        netns: t.r.inode(),
-    };
-    let counted = e.check(&report);
-    assert_eq!(counted, Nstat::delta(&t.r, &before, "IpInAddrErrors"));
-    assert_eq!(counted, 3);
+    let (report, kernel) = observe(&t.r, &[], (&t.r, "IpInAddrErrors"), || {
+        Udp::to(B4, 9000).count(3).send(&t.a);
+    });
+    let counted = Expect::routed(&t, "forwarding_disabled", 9000).check(&report);
+    assert_eq!((counted, kernel), (3, 3));
     let ev = evidence(&report, "forwarding_disabled");
     assert!(ev.contains("net.ipv4.conf.r0.forwarding=0"), "{ev}");
-    let hint = report.of("forwarding_disabled")[0]["hint"].as_str().unwrap();
+    let first = report.of("forwarding_disabled")[0];
+    let hint = first["hint"].as_str().unwrap();
     assert!(hint.starts_with(&format!("ip netns exec {} sysctl -w net.ipv4.ip_forward=1", t.r.name)), "{hint}");
-    assert_eq!(report.of("forwarding_disabled")[0]["reason"], "IP_INADDRERRORS");
+    assert_eq!(first["reason"], "IP_INADDRERRORS");
 }
 
 #[test]
 fn fwd4_off_on_one_interface_names_it() {
     let t = Topology::new();
     t.r.sh("sysctl -qw net.ipv4.conf.r0.forwarding=0");
-    let before = Nstat::read(&t.r);
-    let obs = Observer::start(&["--netns", &t.r.name]);
-    Udp::to(B4, 9001).count(2).send(&t.a);
-    let report = obs.stop();
-    let e = Expect {
-        cause: "forwarding_disabled",
-        ifname: "r0",
-        family: "ipv4",
-        proto: "udp",
-        src: A4,
-        dst: B4,
-        dport: Some(9001),
-        netns: t.r.inode(),
-    };
-    assert_eq!(e.check(&report), Nstat::delta(&t.r, &before, "IpInAddrErrors"));
+    let (report, kernel) = observe(&t.r, &[], (&t.r, "IpInAddrErrors"), || {
+        Udp::to(B4, 9001).count(2).send(&t.a);
+    });
+    assert_eq!((Expect::routed(&t, "forwarding_disabled", 9001).check(&report), kernel), (2, 2));
     let ev = evidence(&report, "forwarding_disabled");
     assert!(ev.contains("net.ipv4.conf.r0.forwarding=0 while net.ipv4.conf.all.forwarding=1"), "{ev}");
 }
@@ -62,23 +40,11 @@ fn fwd4_off_on_one_interface_names_it() {
 fn fwd6_off_is_forwarding_disabled() {
     let t = Topology::new();
     t.r.sh("sysctl -qw net.ipv6.conf.all.forwarding=0");
-    let before = Nstat::read(&t.r);
-    let obs = Observer::start(&["--netns", &t.r.name]);
-    Udp::to(B6, 9002).count(3).send(&t.a);
-    let report = obs.stop();
-    let e = Expect {
-        cause: "forwarding_disabled",
-        ifname: "r0",
-        family: "ipv6",
-        proto: "udp",
-        src: A6,
-        dst: B6,
-        dport: Some(9002),
-        netns: t.r.inode(),
-    };
-    let counted = e.check(&report);
-    assert_eq!(counted, Nstat::delta(&t.r, &before, "Ip6InAddrErrors"));
-    assert_eq!(counted, 3);
+    let (report, kernel) = observe(&t.r, &[], (&t.r, "Ip6InAddrErrors"), || {
+        Udp::to(B6, 9002).count(3).send(&t.a);
+    });
+    let e = Expect { family: "ipv6", src: A6, dst: B6, ..Expect::routed(&t, "forwarding_disabled", 9002) };
+    assert_eq!((e.check(&report), kernel), (3, 3));
     assert!(evidence(&report, "forwarding_disabled").contains("net.ipv6.conf.all.forwarding=0"));
 }
 
@@ -87,23 +53,11 @@ fn rpf_strict_is_rp_filter() {
     let t = Topology::new();
     t.a.sh("ip addr add 10.231.9.2/32 dev a0");
     t.r.sh("ip route add 10.231.9.0/24 via 10.231.2.2; sysctl -qw net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.r0.rp_filter=0");
-    let before = Nstat::read(&t.r);
-    let obs = Observer::start(&["--netns", &t.r.name]);
-    Udp::to(B4, 9003).from("10.231.9.2").count(4).send(&t.a);
-    let report = obs.stop();
-    let e = Expect {
-        cause: "rp_filter",
-        ifname: "r0",
-        family: "ipv4",
-        proto: "udp",
-        src: "10.231.9.2",
-        dst: B4,
-        dport: Some(9003),
-        netns: t.r.inode(),
-    };
-    let counted = e.check(&report);
-    assert_eq!(counted, Nstat::delta(&t.r, &before, "TcpExtIPReversePathFilter"));
-    assert_eq!(counted, 4);
+    let (report, kernel) = observe(&t.r, &[], (&t.r, "TcpExtIPReversePathFilter"), || {
+        Udp::to(B4, 9003).from("10.231.9.2").count(4).send(&t.a);
+    });
+    let e = Expect { src: "10.231.9.2", ..Expect::routed(&t, "rp_filter", 9003) };
+    assert_eq!((e.check(&report), kernel), (4, 4));
     // The strict value is on "all", not on the device: evidence must show both.
     let ev = evidence(&report, "rp_filter");
     assert!(ev.contains("effective=1 (all=1, r0=0)"), "{ev}");
@@ -115,58 +69,32 @@ fn rp_filter_loose_lets_the_packet_through() {
     let t = Topology::new();
     t.a.sh("ip addr add 10.231.9.2/32 dev a0");
     t.r.sh("ip route add 10.231.9.0/24 via 10.231.2.2; sysctl -qw net.ipv4.conf.all.rp_filter=2");
-    let before = Nstat::read(&t.r);
-    let obs = Observer::start(&["--netns", &t.r.name]);
-    Udp::to(B4, 9004).from("10.231.9.2").count(2).send(&t.a);
-    let report = obs.stop();
+    let (report, kernel) = observe(&t.r, &[], (&t.r, "TcpExtIPReversePathFilter"), || {
+        Udp::to(B4, 9004).from("10.231.9.2").count(2).send(&t.a);
+    });
     report.assert_consistent();
     assert!(report.drops().is_empty(), "{:#?}", report.drops());
-    assert_eq!(Nstat::delta(&t.r, &before, "TcpExtIPReversePathFilter"), 0);
+    assert_eq!(kernel, 0);
 }
 
 #[test]
 fn noroute4_is_no_route() {
     let t = Topology::new();
-    let before = Nstat::read(&t.r);
-    let obs = Observer::start(&["--netns", &t.r.name]);
-    Udp::to("10.231.77.7", 9005).count(2).send(&t.a);
-    let report = obs.stop();
-    let e = Expect {
-        cause: "no_route",
-        ifname: "r0",
-        family: "ipv4",
-        proto: "udp",
-        src: A4,
-        dst: "10.231.77.7",
-        dport: Some(9005),
-        netns: t.r.inode(),
-    };
-    let counted = e.check(&report);
-    assert_eq!(counted, Nstat::delta(&t.r, &before, "IpExtInNoRoutes"));
-    assert_eq!(counted, 2);
+    let (report, kernel) = observe(&t.r, &[], (&t.r, "IpExtInNoRoutes"), || {
+        Udp::to("10.231.77.7", 9005).count(2).send(&t.a);
+    });
+    let e = Expect { dst: "10.231.77.7", ..Expect::routed(&t, "no_route", 9005) };
+    assert_eq!((e.check(&report), kernel), (2, 2));
     assert!(evidence(&report, "no_route").contains("net unreachable"), "ICMP 3/0 is correlated");
 }
 
 #[test]
 fn ttl4_is_ttl_expired() {
     let t = Topology::new();
-    let before = Nstat::read(&t.r);
-    let obs = Observer::start(&["--netns", &t.r.name]);
-    Udp::to(B4, 9006).ttl(1).count(3).send(&t.a);
-    let report = obs.stop();
-    let e = Expect {
-        cause: "ttl_expired",
-        ifname: "r0",
-        family: "ipv4",
-        proto: "udp",
-        src: A4,
-        dst: B4,
-        dport: Some(9006),
-        netns: t.r.inode(),
-    };
-    let counted = e.check(&report);
-    assert_eq!(counted, Nstat::delta(&t.r, &before, "IpInHdrErrors"));
-    assert_eq!(counted, 3);
+    let (report, kernel) = observe(&t.r, &[], (&t.r, "IpInHdrErrors"), || {
+        Udp::to(B4, 9006).ttl(1).count(3).send(&t.a);
+    });
+    assert_eq!((Expect::routed(&t, "ttl_expired", 9006).check(&report), kernel), (3, 3));
     let ev = evidence(&report, "ttl_expired");
     assert!(ev.contains("TTL 1") && ev.contains("TTL exceeded"), "{ev}");
 }

@@ -8,8 +8,24 @@ mod neighbor;
 mod netfilter;
 mod sockets;
 
-use dropscope_tests::Report;
+use dropscope_tests::{
+    topology::{A4, B4},
+    Netns, Nstat, Observer, Report, Topology,
+};
 use serde_json::Value;
+
+/// Watches `watch` with dropscope (plus `extra` flags) while `traffic` runs. Returns the report
+/// and how much the kernel counter `counter` grew in its namespace meanwhile: the oracle that
+/// dropscope's counts are checked against.
+pub fn observe(watch: &Netns, extra: &[&str], counter: (&Netns, &str), traffic: impl FnOnce()) -> (Report, u64) {
+    let before = Nstat::read(counter.0);
+    let mut args = vec!["--netns", watch.name.as_str()];
+    args.extend_from_slice(extra);
+    let obs = Observer::start(&args);
+    traffic();
+    let report = obs.stop();
+    (report, Nstat::delta(counter.0, &before, counter.1))
+}
 
 /// The fields every cause test checks on each of its drop records.
 pub struct Expect<'a> {
@@ -23,7 +39,12 @@ pub struct Expect<'a> {
     pub netns: u64,
 }
 
-impl Expect<'_> {
+impl<'a> Expect<'a> {
+    /// UDP from A to B that the router R drops on its ingress r0.
+    pub fn routed(t: &Topology, cause: &'a str, dport: u16) -> Self {
+        Expect { cause, ifname: "r0", family: "ipv4", proto: "udp", src: A4, dst: B4, dport: Some(dport), netns: t.r.inode() }
+    }
+
     /// Checks every record of the cause and returns the packets they stand for. Also checks
     /// that nothing else was reported in the namespace.
     pub fn check(&self, report: &Report) -> u64 {

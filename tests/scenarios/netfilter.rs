@@ -1,16 +1,12 @@
 //! Firewall causes: nftables / iptables-nft / iptables-legacy DROP, and REJECT.
 use dropscope_tests::{
     iptables_rule_packets, nft_rule_packets,
-    topology::{A4, B4},
+    topology::B4,
     traffic::{tcp_connect, Udp},
     Nstat, Observer, Topology,
 };
 
 use crate::{evidence, Expect};
-
-fn expect<'a>(t: &Topology, cause: &'a str, dport: u16) -> Expect<'a> {
-    Expect { cause, ifname: "r0", family: "ipv4", proto: "udp", src: A4, dst: B4, dport: Some(dport), netns: t.r.inode() }
-}
 
 #[test]
 fn nft_drop_is_netfilter_drop_in_nftables() {
@@ -22,7 +18,7 @@ fn nft_drop_is_netfilter_drop_in_nftables() {
     let obs = Observer::start(&["--netns", &t.r.name]);
     Udp::to(B4, 9100).count(5).send(&t.a);
     let report = obs.stop();
-    let counted = expect(&t, "netfilter_drop", 9100).check(&report);
+    let counted = Expect::routed(&t, "netfilter_drop", 9100).check(&report);
     assert_eq!(counted, nft_rule_packets(&t.r, "ds-9100"));
     assert_eq!(counted, 5);
     assert_eq!(report.of("netfilter_drop")[0]["location"], "nft_do_chain");
@@ -40,7 +36,7 @@ fn ipt_nft_drop_is_netfilter_drop_in_nftables() {
     let obs = Observer::start(&["--netns", &t.r.name]);
     Udp::to(B4, 9101).count(3).send(&t.a);
     let report = obs.stop();
-    let counted = expect(&t, "netfilter_drop", 9101).check(&report);
+    let counted = Expect::routed(&t, "netfilter_drop", 9101).check(&report);
     assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-nft", "--dport 9101 -j DROP"));
     assert_eq!(counted, 3);
     assert!(evidence(&report, "netfilter_drop").contains("nftables / iptables-nft"));
@@ -53,7 +49,7 @@ fn ipt_legacy_drop_is_netfilter_drop_in_iptables_legacy() {
     let obs = Observer::start(&["--netns", &t.r.name]);
     Udp::to(B4, 9102).count(4).send(&t.a);
     let report = obs.stop();
-    let counted = expect(&t, "netfilter_drop", 9102).check(&report);
+    let counted = Expect::routed(&t, "netfilter_drop", 9102).check(&report);
     assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-legacy", "--dport 9102 -j DROP"));
     assert_eq!(counted, 4);
     assert_eq!(report.of("netfilter_drop")[0]["location"], "nf_hook_slow");
@@ -70,7 +66,7 @@ fn reject_udp_is_netfilter_reject() {
     let obs = Observer::start(&["--netns", &t.r.name]);
     Udp::to(B4, 5353).count(3).send(&t.a);
     let report = obs.stop();
-    let counted = expect(&t, "netfilter_reject", 5353).check(&report);
+    let counted = Expect::routed(&t, "netfilter_reject", 5353).check(&report);
     assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-nft", "--dport 5353 -j REJECT"));
     assert_eq!(counted, 3);
     // The sender really got the ICMP errors dropscope paired with the drops.
@@ -91,7 +87,7 @@ fn reject_tcp_reset_is_netfilter_reject() {
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     }
     let report = obs.stop();
-    let e = Expect { proto: "tcp", ..expect(&t, "netfilter_reject", 8080) };
+    let e = Expect { proto: "tcp", ..Expect::routed(&t, "netfilter_reject", 8080) };
     let counted = e.check(&report);
     assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-nft", "--dport 8080 -j REJECT"));
     assert_eq!(counted, 2);
@@ -110,4 +106,75 @@ fn drop_and_reject_are_told_apart_in_one_run() {
     assert_eq!(report.causes(), vec![("netfilter_drop".to_string(), 2), ("netfilter_reject".to_string(), 3)]);
     assert!(report.of("netfilter_drop").iter().all(|r| r["dport"] == 9103));
     assert!(report.of("netfilter_reject").iter().all(|r| r["dport"] == 9104));
+}
+
+/// Where a rule at each hook sits in the topology, and what dropscope should report for it.
+struct HookCase {
+    hook: &'static str,
+    /// Namespace that holds the rule: "a" (sender), "r" (router) or "b" (receiver).
+    ns: &'static str,
+    legacy: &'static str,
+    nft_hook: &'static str,
+}
+
+const HOOKS: &[HookCase] = &[
+    HookCase { hook: "prerouting", ns: "r", legacy: "-t raw -A PREROUTING", nft_hook: "prerouting" },
+    HookCase { hook: "input", ns: "b", legacy: "-A INPUT", nft_hook: "input" },
+    HookCase { hook: "forward", ns: "r", legacy: "-A FORWARD", nft_hook: "forward" },
+    HookCase { hook: "output", ns: "a", legacy: "-A OUTPUT", nft_hook: "output" },
+    HookCase { hook: "postrouting", ns: "r", legacy: "-t mangle -A POSTROUTING", nft_hook: "postrouting" },
+];
+
+/// Drops UDP to one port at every hook with one engine; checks hook, engine, rule and count.
+fn hooks_are_named(engine: &str) {
+    for (i, case) in HOOKS.iter().enumerate() {
+        let t = Topology::new();
+        let ns = match case.ns {
+            "a" => &t.a,
+            "b" => &t.b,
+            _ => &t.r,
+        };
+        let port = 9500 + i as u16;
+        let rule_text = format!("--dport {port} -j DROP");
+        if engine == "iptables-legacy" {
+            ns.sh(&format!("iptables-legacy {} -p udp --dport {port} -j DROP", case.legacy));
+        } else {
+            ns.sh(&format!(
+                "nft add table inet h; nft add chain inet h c '{{ type filter hook {} priority 0; }}'; \
+                 nft add rule inet h c udp dport {port} counter drop comment '\"hook-{port}\"'",
+                case.nft_hook
+            ));
+        }
+        let obs = Observer::start(&["--netns", &ns.name]);
+        Udp::to(B4, port).count(2).send(&t.a);
+        let report = obs.stop();
+        report.assert_consistent();
+        let recs = report.of("netfilter_drop");
+        assert!(!recs.is_empty(), "{engine} {}: no netfilter_drop: {:#?}", case.hook, report.records);
+        for r in &recs {
+            assert_eq!(r["hook"], case.hook, "{engine} at {}: {r:#}", case.hook);
+            assert_eq!(r["dport"], port);
+            assert_eq!(r["netns"].as_u64(), Some(ns.inode()));
+        }
+        let rule = recs[0]["rule"].as_str().unwrap();
+        let kernel = if engine == "iptables-legacy" {
+            assert!(rule.contains(&rule_text) && rule.starts_with("[iptables-legacy"), "{rule}");
+            iptables_rule_packets(ns, "iptables-legacy", &rule_text)
+        } else {
+            assert!(rule.contains(&format!("comment \"hook-{port}\"")), "{rule}");
+            nft_rule_packets(ns, &format!("hook-{port}"))
+        };
+        assert_eq!(report.count("netfilter_drop"), kernel, "{engine} at {}", case.hook);
+        assert_eq!(kernel, 2);
+    }
+}
+
+#[test]
+fn iptables_legacy_rules_at_every_hook_are_named() {
+    hooks_are_named("iptables-legacy");
+}
+
+#[test]
+fn nftables_rules_at_every_hook_are_named() {
+    hooks_are_named("nftables");
 }

@@ -1,35 +1,23 @@
 //! Nothing listening on the destination port (TCP and UDP).
 use dropscope_tests::{
-    topology::{A4, B4},
+    topology::B4,
     traffic::{tcp_connect, Udp},
-    Nstat, Observer, Topology,
+    Topology,
 };
 
-use crate::{evidence, Expect};
+use crate::{evidence, observe, Expect};
 
 #[test]
 fn nolisten_tcp_is_no_listener() {
     let t = Topology::new();
-    let before = Nstat::read(&t.b);
-    let obs = Observer::start(&["--netns", &t.b.name]);
-    for _ in 0..3 {
-        let err = tcp_connect(&t.a, B4, 8081).unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
-    }
-    let report = obs.stop();
-    let e = Expect {
-        cause: "no_listener",
-        ifname: "b0",
-        family: "ipv4",
-        proto: "tcp",
-        src: A4,
-        dst: B4,
-        dport: Some(8081),
-        netns: t.b.inode(),
-    };
-    let counted = e.check(&report);
-    assert_eq!(counted, Nstat::delta(&t.b, &before, "TcpOutRsts"));
-    assert_eq!(counted, 3);
+    let (report, resets) = observe(&t.b, &[], (&t.b, "TcpOutRsts"), || {
+        for _ in 0..3 {
+            let err = tcp_connect(&t.a, B4, 8081).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+    });
+    let e = Expect { ifname: "b0", proto: "tcp", netns: t.b.inode(), ..Expect::routed(&t, "no_listener", 8081) };
+    assert_eq!((e.check(&report), resets), (3, 3));
     assert_eq!(report.of("no_listener")[0]["location"], "tcp_v4_rcv");
     assert!(evidence(&report, "no_listener").contains("tcp port 8081"));
 }
@@ -37,22 +25,10 @@ fn nolisten_tcp_is_no_listener() {
 #[test]
 fn nolisten_udp_is_no_listener() {
     let t = Topology::new();
-    let before = Nstat::read(&t.b);
-    let obs = Observer::start(&["--netns", &t.b.name]);
-    Udp::to(B4, 5354).count(3).send(&t.a);
-    let report = obs.stop();
-    let e = Expect {
-        cause: "no_listener",
-        ifname: "b0",
-        family: "ipv4",
-        proto: "udp",
-        src: A4,
-        dst: B4,
-        dport: Some(5354),
-        netns: t.b.inode(),
-    };
-    let counted = e.check(&report);
-    assert_eq!(counted, Nstat::delta(&t.b, &before, "UdpNoPorts"));
-    assert_eq!(counted, 3);
+    let (report, noports) = observe(&t.b, &[], (&t.b, "UdpNoPorts"), || {
+        Udp::to(B4, 5354).count(3).send(&t.a);
+    });
+    let e = Expect { ifname: "b0", netns: t.b.inode(), ..Expect::routed(&t, "no_listener", 5354) };
+    assert_eq!((e.check(&report), noports), (3, 3));
     assert!(evidence(&report, "no_listener").contains("udp port 5354"));
 }

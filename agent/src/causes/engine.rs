@@ -19,6 +19,8 @@ pub struct Verdict {
     pub benign: bool,
     /// Index of the rule that matched (for tests and `--explain`-style output).
     pub rule: usize,
+    /// Attribution beyond the cause (netfilter hook, rule, engine), shown as extra fields.
+    pub details: Vec<(&'static str, String)>,
 }
 
 impl Engine {
@@ -61,6 +63,7 @@ impl Engine {
             hint: render(&rule.fix_tpl, facts),
             benign: rule.benign,
             rule: index,
+            details: Vec::new(),
         }
     }
 }

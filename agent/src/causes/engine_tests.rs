@@ -180,6 +180,7 @@ fn classify(engine: &Engine, c: &Case) -> Verdict {
         nf_engine: c.engine,
         nsexec: "ip netns exec dr-r ".into(),
         nf_rule: c.rule.clone(),
+        nf_hook: Some("forward"),
     };
     engine.classify(&facts)
 }

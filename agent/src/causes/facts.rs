@@ -21,6 +21,7 @@ pub const CONDITION_FACTS: &[&str] = &[
     "icmp_sent_name",
     "nf_engine",
     "nf_verdict",
+    "nf_hook",
     "over_mtu",
     "dst_multicast",
 ];
@@ -73,6 +74,8 @@ pub struct Facts<'a> {
     pub nsexec: String,
     /// The DROP/REJECT rule whose counter moved with this drop, when one did.
     pub nf_rule: Option<Moved>,
+    /// The netfilter hook (prerouting, input, forward, output, postrouting, bridge).
+    pub nf_hook: Option<&'static str>,
 }
 
 impl<'a> Facts<'a> {
@@ -95,6 +98,7 @@ impl<'a> Facts<'a> {
             "icmp_sent" => text(self.icmp_sent.map_or("none".into(), |(t, c)| format!("{t}/{c}"))),
             "icmp_sent_name" => text(self.icmp_sent.map_or("none".into(), |(t, c)| icmp_name(t, c).into())),
             "nf_engine" => self.nf_rule.as_ref().map(|m| m.rule.engine).or(self.nf_engine).map(|e| Value::Str(e.into())),
+            "nf_hook" => self.nf_hook.map(|h| Value::Str(h.into())),
             "nf_verdict" => self.nf_rule.as_ref().map(|m| match m.verdict {
                 Verdict::Drop => Value::Str("drop".into()),
                 Verdict::Reject(_) => Value::Str("reject".into()),

@@ -80,11 +80,6 @@ impl KernelBtf {
         found
     }
 
-    /// Whether a function exists in BTF (what tp_btf/fentry need to attach).
-    pub fn has_type(&self, name: &str) -> bool {
-        self.btf.resolve_ids_by_name(name).map(|ids| !ids.is_empty()).unwrap_or(false)
-    }
-
     /// Number of arguments of the raw tracepoint `btf_trace_<name>` minus its leading context.
     pub fn tracepoint_args(&self, name: &str) -> Option<usize> {
         let ty = self.btf.resolve_types_by_name(&format!("btf_trace_{name}")).ok()?.pop()?;
@@ -174,12 +169,8 @@ impl KernelBtf {
             in6_dev_cnf_forwarding: self.offset_or_absent("inet6_dev", "cnf.forwarding"),
             ipv6_devconf_forwarding: self.offset_or_absent("ipv6_devconf", "forwarding"),
             dst_dev: self.offset_or_absent("dst_entry", "dev"),
-            tp_kfree_skbaddr: ABSENT,
-            tp_kfree_location: ABSENT,
-            tp_kfree_reason: ABSENT,
-            tp_icmp_skbaddr: ABSENT,
-            tp_icmp_type: ABSENT,
-            tp_icmp_code: ABSENT,
+            // Tracepoint layouts come from tracefs (kernel::tracefs), not BTF.
+            ..Offsets::UNKNOWN
         }
     }
 

@@ -61,13 +61,9 @@ impl Kallsyms {
         name
     }
 
-    /// Like [`Self::resolve`] with the offset into the function, for stack frames.
-    pub fn resolve_with_offset(&self, addr: u64) -> String {
-        let idx = self.syms.partition_point(|(a, _)| *a <= addr);
-        match idx.checked_sub(1).map(|i| &self.syms[i]) {
-            Some((start, name)) => format!("{name}+0x{:x}", addr - start),
-            None => format!("0x{addr:x}"),
-        }
+    /// Function names of a stack, innermost first.
+    pub fn frames(&mut self, ips: impl IntoIterator<Item = u64>) -> Vec<Arc<str>> {
+        ips.into_iter().map(|ip| self.resolve(ip)).collect()
     }
 }
 
@@ -97,7 +93,7 @@ ffffffff81a00900 t nft_do_chain\t[nf_tables]
         assert_eq!(&*k.resolve(0xffffffff81a00850), "ip_error");
         assert_eq!(&*k.resolve(0xffffffff81a00901), "nft_do_chain");
         assert_eq!(&*k.resolve(0x10), "0x10");
-        assert_eq!(k.resolve_with_offset(0xffffffff81a00410), "ip_error+0x10");
+        assert_eq!(k.frames([0xffffffff81a00410, 0xffffffff81a00010]), vec![Arc::from("ip_error"), Arc::from("ip_rcv_finish_core")]);
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
     if d.mark != 0 {
         m.insert("mark".into(), json!(d.mark));
     }
+    for (key, value) in &r.verdict.details {
+        m.insert((*key).into(), json!(value));
+    }
     m.insert("count".into(), json!(r.count));
     m.insert("repeat".into(), json!(!r.first));
     m.insert("evidence".into(), json!(r.verdict.evidence));
