@@ -32,7 +32,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     preflight::check_privileges()?;
     let filter = args.filter()?;
     let kernel = KernelBtf::open(&args.btf)?;
-    let reasons = kernel.drop_reasons()?;
+    let reasons = kernel.drop_reasons(args.btf.parent().unwrap_or(std::path::Path::new("/sys/kernel/btf")))?;
     // Symbols and firewall rule counters load while the programs are verified and attached.
     let symbols = std::thread::spawn(Kallsyms::load);
     let watched = filter.netns.clone();

@@ -64,13 +64,10 @@ impl KernelBtf {
     /// found in one pass over the enums (anonymous types cannot be looked up by name).
     pub fn anonymous_enum_values(&self, constants: &[&str]) -> HashMap<String, u32> {
         let mut found = HashMap::new();
-        let mut iter = self.btf.type_iter();
-        while let Ok(Some(ty)) = iter.next() {
-            let Type::Enum(e) = ty else { continue };
-            for m in &e.members {
-                let Ok(name) = self.btf.resolve_name(m) else { continue };
+        for members in enums(&self.btf) {
+            for (name, value) in members {
                 if constants.contains(&name.as_str()) {
-                    found.insert(name, m.val());
+                    found.insert(name, value);
                 }
             }
             if found.len() == constants.len() {
@@ -175,14 +172,50 @@ impl KernelBtf {
     }
 
     /// The drop-reason names of this kernel (`enum skb_drop_reason` and its subsystems).
-    pub fn drop_reasons(&self) -> Result<DropReasons> {
+    /// Subsystem reasons (mac80211, openvswitch, qdisc on 7.x) are named from the BTF of the
+    /// module that registers them, when it is loaded.
+    pub fn drop_reasons(&self, btf_dir: &Path) -> Result<DropReasons> {
         let values = self.enum_values("skb_drop_reason").context(
             "this kernel reports no drop reasons (enum skb_drop_reason is missing; kernels before 5.17)",
         )?;
         let subsystems = self.enum_values("skb_drop_reason_subsys").unwrap_or_default();
-        Ok(DropReasons::new(values, subsystems))
+        let mut reasons = DropReasons::new(values, subsystems);
+        let ids: Vec<u32> = reasons.subsystems.keys().copied().collect();
+        if !ids.is_empty() {
+            // Built-in subsystems (qdisc on 7.x) live in vmlinux (one enum pass: ~15 ms).
+            reasons.add_subsystem_names(enums(&self.btf), &ids);
+            // Module subsystems: BTF of the module named after the subsystem, when loaded
+            // (MAC80211_UNUSABLE -> mac80211, OPENVSWITCH -> openvswitch).
+            let modules: Vec<String> = reasons
+                .subsystems
+                .values()
+                .filter_map(|n| n.split('_').next().map(str::to_ascii_lowercase))
+                .collect();
+            for module in modules {
+                if let Ok(btf) = Btf::from_split_file(btf_dir.join(&module), &self.btf) {
+                    reasons.add_subsystem_names(enums(&btf), &ids);
+                }
+            }
+        }
+        Ok(reasons)
     }
 }
+
+/// Every enum of a BTF object (for split BTF the module's, then the base's), as (name, value)
+/// lists.
+fn enums(btf: &Btf) -> impl Iterator<Item = Vec<(String, u32)>> + '_ {
+    let mut iter = btf.type_iter();
+    std::iter::from_fn(move || loop {
+        match iter.next() {
+            Ok(Some(Type::Enum(e))) => {
+                return Some(e.members.iter().filter_map(|m| Some((btf.resolve_name(m).ok()?, m.val()))).collect())
+            }
+            Ok(Some(_)) => continue,
+            _ => return None,
+        }
+    })
+}
+
 
 /// Drop-reason numbers <-> names for the running kernel.
 #[derive(Debug, Clone, Default)]
@@ -226,18 +259,33 @@ impl DropReasons {
     /// kernel's BTF does not name, or the raw number.
     pub fn name(&self, value: u32) -> String {
         let subsys = value >> SUBSYS_SHIFT;
+        if let Some(name) = self.by_value.get(&value) {
+            return name.clone();
+        }
         if subsys != 0 {
             let sub = self.subsystems.get(&subsys).map(String::as_str).unwrap_or("SUBSYS");
             return format!("{sub}:{}", value & 0xffff);
         }
-        match self.by_value.get(&value) {
-            Some(n) => n.clone(),
-            None => format!("REASON_{value}"),
-        }
+        format!("REASON_{value}")
     }
 
     pub fn len(&self) -> usize {
         self.by_name.len()
+    }
+
+    /// Names subsystem reasons from module enums. A subsystem's enum starts with a marker
+    /// member (`__OVS_DROP_REASON = SUBSYS << 16`); its other members are the full values.
+    pub fn add_subsystem_names(&mut self, enums: impl Iterator<Item = Vec<(String, u32)>>, ids: &[u32]) {
+        for members in enums {
+            let marker = members.iter().find(|(n, v)| n.starts_with("__") && v & 0xffff == 0 && ids.contains(&(v >> SUBSYS_SHIFT)));
+            let Some((_, base)) = marker else { continue };
+            let id = base >> SUBSYS_SHIFT;
+            for (name, value) in &members {
+                if value >> SUBSYS_SHIFT == id && value & 0xffff != 0 && !name.starts_with("__") {
+                    self.by_value.insert(*value, name.clone());
+                }
+            }
+        }
     }
 }
 
@@ -303,7 +351,7 @@ mod tests {
 
     #[test]
     fn reason_names_come_from_the_running_kernel() {
-        let reasons = kernel().drop_reasons().unwrap();
+        let reasons = kernel().drop_reasons(Path::new("/sys/kernel/btf")).unwrap();
         assert!(reasons.len() > 50);
         for name in ["NOT_SPECIFIED", "NO_SOCKET", "NETFILTER_DROP", "IP_RPFILTER", "PKT_TOO_BIG"] {
             let v = reasons.value(name).unwrap_or_else(|| panic!("{name} missing"));
@@ -326,6 +374,22 @@ mod tests {
         assert_eq!(r.name((2 << 16) | 3), "OPENVSWITCH:3");
         assert_eq!(r.name((9 << 16) | 1), "SUBSYS:1");
         assert_eq!(r.name(999), "REASON_999");
+    }
+
+    #[test]
+    fn subsystem_reasons_are_named_from_module_enums() {
+        let mut r = DropReasons::new(vec![], vec![("SKB_DROP_REASON_SUBSYS_OPENVSWITCH".into(), 2)]);
+        let ovs = vec![
+            ("__OVS_DROP_REASON".to_string(), 2 << 16),
+            ("OVS_DROP_LAST_ACTION".to_string(), (2 << 16) | 1),
+            ("OVS_DROP_ACTION_ERROR".to_string(), (2 << 16) | 2),
+            ("OVS_DROP_MAX".to_string(), (2 << 16) | 3),
+        ];
+        // An unrelated enum with similar-looking values is ignored (no marker).
+        let other = vec![("SOME_FLAG".to_string(), (2 << 16) | 1)];
+        r.add_subsystem_names([other, ovs].into_iter(), &[2]);
+        assert_eq!(r.name((2 << 16) | 2), "OVS_DROP_ACTION_ERROR");
+        assert_eq!(r.name((2 << 16) | 9), "OPENVSWITCH:9");
     }
 
     #[test]
