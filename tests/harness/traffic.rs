@@ -16,6 +16,8 @@ pub struct Udp {
     pub count: usize,
     pub payload: usize,
     pub ttl: Option<u32>,
+    /// Bytes to send instead of a filler payload of `payload` bytes.
+    pub data: Option<&'static [u8]>,
     /// Set Don't Fragment (IPv4) / no local fragmentation (IPv6): the path MTU is not probed.
     pub dont_fragment: bool,
 }
@@ -23,7 +25,7 @@ pub struct Udp {
 impl Udp {
     pub fn to(dst: &str, port: u16) -> Self {
         let ip: IpAddr = dst.parse().expect("address");
-        Udp { dst: SocketAddr::new(ip, port), src: None, count: 1, payload: 32, ttl: None, dont_fragment: false }
+        Udp { dst: SocketAddr::new(ip, port), src: None, count: 1, payload: 32, ttl: None, data: None, dont_fragment: false }
     }
     pub fn count(self, count: usize) -> Self {
         Udp { count, ..self }
@@ -36,6 +38,9 @@ impl Udp {
     }
     pub fn ttl(self, ttl: u32) -> Self {
         Udp { ttl: Some(ttl), ..self }
+    }
+    pub fn data(self, data: &'static [u8]) -> Self {
+        Udp { data: Some(data), ..self }
     }
     pub fn dont_fragment(self) -> Self {
         Udp { dont_fragment: true, ..self }
@@ -65,7 +70,7 @@ impl Udp {
                     setsockopt(&sock, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1);
                 }
             }
-            let buf = vec![0x5a; self.payload];
+            let buf = self.data.map_or_else(|| vec![0x5a; self.payload], <[u8]>::to_vec);
             for _ in 0..self.count {
                 // Errors (ICMP feedback such as ECONNREFUSED) are expected in drop scenarios.
                 let _ = sock.send_to(&buf, self.dst);

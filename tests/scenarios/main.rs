@@ -5,6 +5,7 @@ mod forwarding;
 mod lifecycle;
 mod mtu;
 mod neighbor;
+mod queues;
 mod netfilter;
 mod sockets;
 
