@@ -5,13 +5,15 @@
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
-    causes::{Engine, Facts, Verdict},
+    causes::{facts, Engine, Facts, Verdict},
     events::{Device, Drop, Flow, IcmpSent, Record, Sysctls},
-    evidence::{netfilter, netns, rules},
+    evidence::{conntrack::CtStats, netfilter, netns, routes, rules},
     filter::Filter,
     output::{DropRecord, Sink, Summary},
 };
 
+/// How long a dropped "fragmentation needed" explains later too-big drops of its flow (ns).
+const FRAG_NEEDED_WINDOW_NS: u64 = 2_000_000_000;
 /// How long an ICMP error waits for the drop of the same packet (ns).
 const ICMP_PAIR_WINDOW_NS: u64 = 100_000_000;
 /// Distinct drops remembered for folding before the table is flushed and restarted.
@@ -33,6 +35,7 @@ struct FoldKey {
     flow: Option<Flow>,
     sysctls: Sysctls,
     icmp_sent: Option<(u8, u8)>,
+    frag_needed_dropped: bool,
 }
 
 struct Fold {
@@ -63,6 +66,8 @@ pub struct Pipeline {
     icmp: HashMap<u64, IcmpSent>,
     folds: HashMap<FoldKey, Fold>,
     nf_engines: HashMap<(u32, Arc<str>), &'static str>,
+    /// Where an ICMP "fragmentation needed" was just dropped: (netns, its destination) -> time.
+    frag_needed_drops: HashMap<(u32, std::net::IpAddr), u64>,
     rules: rules::Tracker,
     stacks: StackReader,
     pub causes: HashMap<String, CauseTotals>,
@@ -84,6 +89,7 @@ impl Pipeline {
             icmp: HashMap::new(),
             folds: HashMap::new(),
             nf_engines: HashMap::new(),
+            frag_needed_drops: HashMap::new(),
             causes: HashMap::new(),
             reasons: HashMap::new(),
             suppressed: 0,
@@ -121,6 +127,7 @@ impl Pipeline {
             self.filtered += 1;
             return;
         }
+        let frag_needed_dropped = self.track_frag_needed(&d);
         let key = FoldKey {
             reason: d.reason.clone(),
             location: d.location.clone(),
@@ -130,6 +137,7 @@ impl Pipeline {
             flow: d.flow,
             sysctls: d.sysctls,
             icmp_sent,
+            frag_needed_dropped,
         };
         if let Some(fold) = self.folds.get_mut(&key) {
             let benign = fold.verdict.benign;
@@ -139,7 +147,7 @@ impl Pipeline {
             self.count(&verdict, &d);
             return;
         }
-        let verdict = Arc::new(self.classify(&d, icmp_sent));
+        let verdict = Arc::new(self.classify(&d, icmp_sent, frag_needed_dropped));
         self.count(&verdict, &d);
         if self.folds.len() >= MAX_FOLDS {
             self.flush(sink);
@@ -151,14 +159,36 @@ impl Pipeline {
         self.folds.insert(key, Fold { verdict, sample: d, icmp_sent, pending: 0 });
     }
 
-    fn classify(&mut self, d: &Drop, icmp_sent: Option<(u8, u8)>) -> Verdict {
+    /// Remembers netfilter drops of ICMP "fragmentation needed"; for a too-big drop, says
+    /// whether the ICMP that should have told its sender was just dropped (a PMTU black hole).
+    fn track_frag_needed(&mut self, d: &Drop) -> bool {
+        let Some(flow) = d.flow else { return false };
+        if &*d.reason == "NETFILTER_DROP" && facts::is_frag_needed(d) {
+            if self.frag_needed_drops.len() > 4096 {
+                self.frag_needed_drops.clear();
+            }
+            self.frag_needed_drops.insert((d.netns, flow.dst), d.ts_ns);
+            return false;
+        }
+        &*d.reason == "PKT_TOO_BIG"
+            && self
+                .frag_needed_drops
+                .get(&(d.netns, flow.src))
+                .is_some_and(|&t| d.ts_ns.saturating_sub(t) < FRAG_NEEDED_WINDOW_NS)
+    }
+
+    fn classify(&mut self, d: &Drop, icmp_sent: Option<(u8, u8)>, frag_needed_dropped: bool) -> Verdict {
         let netfilter = &*d.reason == "NETFILTER_DROP";
         let nf_engine = netfilter.then(|| self.nf_engine(d));
-        let nf_rule = if netfilter { self.dropping_rule(d, icmp_sent) } else { None };
+        let (nf_rule, ct) = if netfilter { self.dropping_rule(d, icmp_sent) } else { (None, None) };
         let stack = d.stack_id.map(|id| (self.stacks)(id)).unwrap_or_default();
         let nf_hook = if netfilter { netfilter::hook_from_stack(&stack) } else { None };
+        let (route, ifaces) = match (needs_route(d), self.netns_path(d.netns)) {
+            (true, Some(path)) => routes::lookup(path.as_deref(), d.flow.map(|f| f.dst)),
+            _ => (None, None),
+        };
         let nsexec = self.namespaces.exec_prefix(d.netns);
-        let facts = Facts { drop: d, icmp_sent, nf_engine, nsexec, nf_rule, nf_hook };
+        let facts = Facts { drop: d, icmp_sent, nf_engine, nsexec, nf_rule, nf_hook, ct, frag_needed_dropped, route, ifaces };
         let mut verdict = self.engine.classify(&facts);
         if netfilter {
             for (key, fact) in [("hook", "nf_hook"), ("engine", "nf_engine"), ("rule", "nf_rule")] {
@@ -166,6 +196,9 @@ impl Pipeline {
                     verdict.details.push((key, v.to_string()));
                 }
             }
+        }
+        if let Some(route) = &facts.route {
+            verdict.details.push(("route", route.clone()));
         }
         if verdict.cause == "unclassified" && !stack.is_empty() {
             // Something to act on when no rule knows the drop: where it came from.
@@ -175,26 +208,26 @@ impl Pipeline {
         verdict
     }
 
-    /// The DROP/REJECT rule whose counter moved with this drop. Rules that cannot have
-    /// matched the packet are excluded; an ICMP error sent with the drop prefers a REJECT
-    /// rule, its absence a DROP rule; otherwise the rule that moved most.
-    fn dropping_rule(&mut self, d: &Drop, icmp_sent: Option<(u8, u8)>) -> Option<rules::Moved> {
-        let path = self.netns_path(d.netns)?;
+    /// The DROP/REJECT rule whose counter moved with this drop, and conntrack's counters.
+    /// Rules that cannot have matched the packet are excluded; an ICMP error sent with the
+    /// drop prefers a REJECT rule, its absence a DROP rule; otherwise the rule that moved most.
+    fn dropping_rule(&mut self, d: &Drop, icmp_sent: Option<(u8, u8)>) -> (Option<rules::Moved>, Option<CtStats>) {
+        let Some(path) = self.netns_path(d.netns) else { return (None, None) };
         let fields = packet_fields(d);
-        let mut candidates: Vec<rules::Moved> = Vec::new();
+        let mut found = rules::Attribution::default();
         for fresh in [false, true] {
-            candidates = self.rules.attribute(d.netns, path.as_deref(), fresh);
-            candidates.retain(|m| m.matcher.could_match(&fields));
-            if !candidates.is_empty() {
+            found = self.rules.attribute(d.netns, path.as_deref(), fresh);
+            found.moved.retain(|m| m.matcher.could_match(&fields));
+            if !found.moved.is_empty() {
                 break;
             }
         }
         let is_reject = |m: &&rules::Moved| matches!(m.verdict, rules::Verdict::Reject(_));
         let preferred = match icmp_sent {
-            Some(_) => candidates.iter().find(is_reject),
-            None => candidates.iter().find(|m| !is_reject(m)),
+            Some(_) => found.moved.iter().find(is_reject),
+            None => found.moved.iter().find(|m| !is_reject(m)),
         };
-        preferred.or(candidates.first()).cloned()
+        (preferred.or(found.moved.first()).cloned(), found.ct)
     }
 
     /// How to enter `netns`: `Some(None)` for dropscope's own namespace, `None` if unreachable.
@@ -298,4 +331,11 @@ fn packet_fields(d: &Drop) -> rules::PacketFields {
         iif: d.dev.map(|dev| dev.name().to_string()),
         oif: d.out.map(|dev| dev.name().to_string()),
     }
+}
+
+/// Drops whose explanation depends on the routing table of their namespace.
+fn needs_route(d: &Drop) -> bool {
+    matches!(&*d.reason, "IP_INNOROUTES" | "IP_OUTNOROUTES" | "IP_INADDRERRORS")
+        || (&*d.reason == "NOT_SPECIFIED"
+            && matches!(&*d.location, "ip_error" | "dst_discard" | "ip6_pkt_discard" | "ip6_pkt_prohibit"))
 }

@@ -77,3 +77,16 @@ fn run(cmd: &mut Command) {
     let out = cmd.output().expect("spawn");
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+impl Netns {
+    /// The MAC address of an interface in this namespace.
+    pub fn mac(&self, ifname: &str) -> [u8; 6] {
+        let text = self.sh(&format!("cat /sys/class/net/{ifname}/address 2>/dev/null || ip -o link show {ifname}"));
+        let hex = text.split_whitespace().find(|w| w.len() == 17 && w.matches(':').count() == 5).unwrap_or(text.trim());
+        let mut mac = [0u8; 6];
+        for (i, b) in hex.split(':').enumerate().take(6) {
+            mac[i] = u8::from_str_radix(b, 16).expect("mac");
+        }
+        mac
+    }
+}

@@ -98,3 +98,43 @@ fn ttl4_is_ttl_expired() {
     let ev = evidence(&report, "ttl_expired");
     assert!(ev.contains("TTL 1") && ev.contains("TTL exceeded"), "{ev}");
 }
+
+#[test]
+fn packet_for_a_foreign_address_at_an_end_host_is_not_local_address() {
+    let t = Topology::new();
+    // R believes 10.231.2.77 lives at B's MAC (a stale ARP entry): B gets a packet not for it.
+    let mac = t.b.mac("b0").iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    t.r.sh(&format!("ip neigh replace 10.231.2.77 lladdr {mac} dev r1 nud permanent"));
+    let (report, kernel) = observe(&t.b, &[], (&t.b, "IpInAddrErrors"), || {
+        Udp::to("10.231.2.77", 9007).count(2).send(&t.a);
+    });
+    let e = Expect { ifname: "b0", dst: "10.231.2.77", netns: t.b.inode(), ..Expect::routed(&t, "not_local_address", 9007) };
+    assert_eq!((e.check(&report), kernel), (2, 2));
+    assert!(evidence(&report, "not_local_address").contains("b0 is its only interface"));
+}
+
+#[test]
+fn explicit_route_types_are_unreachable_route() {
+    let t = Topology::new();
+    t.r.sh("ip route add unreachable 10.231.66.0/24; ip route add prohibit 10.231.67.0/24; ip route add blackhole 10.231.68.0/24");
+    let before_a = dropscope_tests::Nstat::read(&t.a);
+    let (report, _) = observe(&t.r, &[], (&t.r, "IpInReceives"), || {
+        for (dst, port) in [("10.231.66.1", 9008), ("10.231.67.1", 9009), ("10.231.68.1", 9010)] {
+            Udp::to(dst, port).count(2).send(&t.a);
+        }
+    });
+    report.assert_consistent();
+    assert_eq!(report.causes(), vec![("unreachable_route".to_string(), 6)]);
+    for (dst, kind, icmp) in [
+        ("10.231.66.1", "unreachable 10.231.66.0/24", Some(1)),
+        ("10.231.67.1", "prohibit 10.231.67.0/24", Some(13)),
+        ("10.231.68.1", "blackhole 10.231.68.0/24", None),
+    ] {
+        let recs: Vec<_> = report.of("unreachable_route").into_iter().filter(|r| r["dst"] == dst).collect();
+        assert_eq!(recs.iter().map(|r| r["count"].as_u64().unwrap()).sum::<u64>(), 2, "{dst}");
+        assert!(recs[0]["route"].as_str().unwrap().starts_with(kind), "{dst}: {}", recs[0]);
+        assert_eq!(recs[0]["icmp_sent"]["code"].as_u64(), icmp, "{dst}");
+    }
+    // The sender got exactly the 4 ICMP errors (unreachable + prohibit; blackhole is silent).
+    assert_eq!(dropscope_tests::Nstat::delta(&t.a, &before_a, "IcmpInDestUnreachs"), 4);
+}

@@ -1,11 +1,12 @@
 //! Integration tests: one scenario per cause, each breaking the network the way the cause does,
 //! observing it with the real dropscope, and checking cause, interface, flow and count against
 //! a kernel counter that dropscope does not read.
+mod conntrack;
 mod forwarding;
 mod lifecycle;
 mod mtu;
 mod neighbor;
-mod queues;
+mod signals;
 mod netfilter;
 mod sockets;
 

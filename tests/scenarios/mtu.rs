@@ -35,3 +35,43 @@ fn mtu6_is_mtu_exceeded() {
     assert_eq!((e.check(&report), kernel), (2, 2));
     assert!(evidence(&report, "mtu_exceeded").contains("MTU 1280 of r1"));
 }
+
+#[test]
+fn smaller_veth_peer_is_veth_mtu_mismatch() {
+    let t = Topology::new();
+    t.r.sh("ip link set r0 mtu 1280");
+    let before = t.r.sh("cat /sys/class/net/r0/statistics/rx_dropped").trim().parse::<u64>().unwrap();
+    let (report, _) = observe(&t.a, &[], (&t.a, "IpOutRequests"), || {
+        Udp::to(B4, 9202).payload(1400).count(3).send(&t.a);
+    });
+    let dropped = t.r.sh("cat /sys/class/net/r0/statistics/rx_dropped").trim().parse::<u64>().unwrap() - before;
+    // The sender's veth end frees the packet: ifname a0, namespace A.
+    let e = Expect { ifname: "a0", netns: t.a.inode(), ..Expect::routed(&t, "veth_mtu_mismatch", 9202) };
+    assert_eq!((e.check(&report), dropped), (3, 3));
+    // On the transmit path skb->len includes the 14-byte Ethernet header: 1400 + 28 + 14.
+    let ev = evidence(&report, "veth_mtu_mismatch");
+    assert!(ev.contains("1442-byte packet sent on a0 (MTU 1500)"), "{ev}");
+}
+
+#[test]
+fn dropped_frag_needed_is_pmtu_blackhole() {
+    let t = Topology::new();
+    t.r.sh("ip link set r1 mtu 1280; iptables-nft -A OUTPUT -p icmp --icmp-type fragmentation-needed -j DROP");
+    t.a.sh("ip route flush cache");
+    let (report, too_big) = observe(&t.r, &[], (&t.r, "IpFragFails"), || {
+        Udp::to(B4, 9203).payload(1400).dont_fragment().count(3).send(&t.a);
+    });
+    report.assert_consistent();
+    let icmp_dropped = dropscope_tests::iptables_rule_packets(&t.r, "iptables-nft", "--icmp-type 3/4 -j DROP");
+    assert_eq!((too_big, icmp_dropped), (3, 3));
+    // Each big packet is two drops: the packet itself and the ICMP that should have reported it.
+    assert_eq!(report.causes(), vec![("pmtu_blackhole".to_string(), 6)]);
+    let recs = report.of("pmtu_blackhole");
+    let originals: u64 = recs.iter().filter(|r| r["reason"] == "PKT_TOO_BIG").map(|r| r["count"].as_u64().unwrap()).sum();
+    let icmps: Vec<_> = recs.iter().filter(|r| r["reason"] == "NETFILTER_DROP").collect();
+    assert_eq!(originals, too_big);
+    assert_eq!(icmps.iter().map(|r| r["count"].as_u64().unwrap()).sum::<u64>(), icmp_dropped);
+    assert_eq!(icmps[0]["hook"], "output");
+    assert_eq!((&icmps[0]["icmp_type"], &icmps[0]["icmp_code"], &icmps[0]["dst"]), (&3.into(), &4.into(), &"10.231.1.2".into()));
+    assert!(icmps[0]["rule"].as_str().unwrap().contains("--icmp-type 3/4 -j DROP"));
+}

@@ -178,3 +178,39 @@ fn iptables_legacy_rules_at_every_hook_are_named() {
 fn nftables_rules_at_every_hook_are_named() {
     hooks_are_named("nftables");
 }
+
+#[test]
+fn l3_rule_on_bridged_traffic_is_bridge_netfilter() {
+    // A and B on one bridge in namespace S; S filters bridged frames through iptables.
+    let t = Topology::new();
+    let s = dropscope_tests::Netns::new("s");
+    s.sh(&format!(
+        "ip link add br0 type bridge; ip link add p1 type veth peer name x1 netns {a}; \
+         ip link add p2 type veth peer name x2 netns {b}; \
+         for i in p1 p2; do ip link set $i master br0; ip link set $i up; done; ip link set br0 up; \
+         sysctl -qw net.bridge.bridge-nf-call-iptables=1; \
+         iptables-nft -A FORWARD -p udp --dport 9110 -j DROP",
+        a = t.a.name,
+        b = t.b.name
+    ));
+    t.a.sh("ip addr add 192.168.77.1/24 dev x1; ip link set x1 up");
+    t.b.sh("ip addr add 192.168.77.2/24 dev x2; ip link set x2 up");
+    t.a.sh("ping -c1 -W2 192.168.77.2 >/dev/null");
+    let obs = Observer::start(&["--netns", &s.name]);
+    Udp::to("192.168.77.2", 9110).count(3).send(&t.a);
+    let report = obs.stop();
+    let e = Expect {
+        cause: "bridge_netfilter",
+        ifname: "p2",
+        family: "ipv4",
+        proto: "udp",
+        src: "192.168.77.1",
+        dst: "192.168.77.2",
+        dport: Some(9110),
+        netns: s.inode(),
+    };
+    let counted = e.check(&report);
+    assert_eq!(counted, iptables_rule_packets(&s, "iptables-nft", "--dport 9110 -j DROP"));
+    assert_eq!(counted, 3);
+    assert_eq!(report.of("bridge_netfilter")[0]["hook"], "bridge");
+}

@@ -5,7 +5,10 @@ use std::{net::IpAddr, sync::Arc};
 use super::*;
 use crate::{
     events::{Device, Drop, Family, Flow, Sysctls},
-    evidence::rules::{Moved, RuleId, Verdict as NfVerdict},
+    evidence::{
+        conntrack::CtStats,
+        rules::{Matcher, Moved, RuleId, Verdict as NfVerdict},
+    },
 };
 
 fn moved(engine: &'static str, table: &str, text: &str, verdict: NfVerdict) -> Option<Moved> {
@@ -50,12 +53,30 @@ struct Case {
     icmp: Option<(u8, u8)>,
     engine: Option<&'static str>,
     rule: Option<Moved>,
+    hook: &'static str,
+    ct: Option<CtStats>,
+    frag_needed_dropped: bool,
+    route: Option<&'static str>,
+    ifaces: usize,
     cause: &'static str,
     evidence_has: &'static str,
 }
 
 fn case(name: &'static str, drop: Drop, cause: &'static str, evidence_has: &'static str) -> Case {
-    Case { name, drop, icmp: None, engine: None, rule: None, cause, evidence_has }
+    Case {
+        name,
+        drop,
+        icmp: None,
+        engine: None,
+        rule: None,
+        hook: "forward",
+        ct: None,
+        frag_needed_dropped: false,
+        route: None,
+        ifaces: 2,
+        cause,
+        evidence_has,
+    }
 }
 
 fn with_sysctls(mut d: Drop, f: impl FnOnce(&mut Sysctls)) -> Drop {
@@ -157,6 +178,52 @@ fn cases() -> Vec<Case> {
             ..case("no route", drop("IP_INNOROUTES", "ip_error"), "no_route", "no route to 10.231.2.2")
         },
         case("ttl", ttl, "ttl_expired", "TTL 1 on arrival at r0"),
+        Case { ifaces: 1, ..case("end host", drop("IP_INADDRERRORS", "ip_error"), "not_local_address", "is not an address of this host") },
+        Case {
+            icmp: Some((3, 1)),
+            route: Some("unreachable 10.231.66.0/24"),
+            ..case("unreachable route", drop("NOT_SPECIFIED", "ip_error"), "unreachable_route", "route for 10.231.2.2: unreachable 10.231.66.0/24")
+        },
+        case("veth mtu", drop("NOT_SPECIFIED", "__dev_forward_skb2"), "veth_mtu_mismatch", "did not fit its veth peer"),
+        Case { icmp: Some((3, 4)), ..case("tunnel", drop("NOT_SPECIFIED", "ip_fragment"), "tunnel_mtu", "encapsulated") },
+        Case {
+            frag_needed_dropped: true,
+            ..case("pmtu (original)", drop("PKT_TOO_BIG", "ip_forward"), "pmtu_blackhole", "was dropped by a firewall rule")
+        },
+        Case {
+            rule: moved("iptables-nft", "filter", "-A OUTPUT -p icmp --icmp-type 3/4 -j DROP", NfVerdict::Drop),
+            hook: "output",
+            ..case("pmtu (icmp)", {
+                let mut d = drop("NETFILTER_DROP", "nft_do_chain");
+                let f = d.flow.as_mut().unwrap();
+                f.proto = 1;
+                f.ports = None;
+                f.icmp = Some((3, 4));
+                d
+            }, "pmtu_blackhole", "dropped in the output hook")
+        },
+        Case {
+            ct: Some(CtStats { drop: 3, count: Some(3), max: Some(3), ..Default::default() }),
+            hook: "prerouting",
+            ..case("ct full", drop("NETFILTER_DROP", "nf_hook_slow"), "conntrack_full", "3 of nf_conntrack_max=3")
+        },
+        Case {
+            ct: Some(CtStats { drop: 1, insert_failed: 1, ..Default::default() }),
+            ..case("ct race", drop("NETFILTER_DROP", "nf_hook_slow"), "conntrack_race", "insert_failed")
+        },
+        Case {
+            rule: {
+                let mut m = moved("nftables", "inet f", "handle 4", NfVerdict::Drop).unwrap();
+                m.matcher = Matcher { ct_invalid: true, ..Default::default() };
+                Some(m)
+            },
+            ..case("ct invalid", drop("NETFILTER_DROP", "nft_do_chain"), "conntrack_invalid", "conntrack state INVALID")
+        },
+        Case {
+            rule: moved("iptables-nft", "filter", "-A FORWARD -p udp -j DROP", NfVerdict::Drop),
+            hook: "bridge",
+            ..case("bridged", drop("NETFILTER_DROP", "nft_do_chain"), "bridge_netfilter", "bridged frame on r0")
+        },
         case("bad header", drop("IP_INHDR", "ip_rcv_core"), "malformed_packet", "IP_INHDR at ip_rcv_core"),
         case("arp failed", drop("NEIGH_FAILED", "neigh_invalidate"), "neighbor_failed", "ARP/ND"),
         case("nd failed (v6, no reason)", v6(drop("NOT_SPECIFIED", "neigh_invalidate")), "neighbor_failed", "resolution failed"),
@@ -175,12 +242,16 @@ fn cases() -> Vec<Case> {
 
 fn classify(engine: &Engine, c: &Case) -> Verdict {
     let facts = Facts {
-        drop: &c.drop,
         icmp_sent: c.icmp,
         nf_engine: c.engine,
         nsexec: "ip netns exec dr-r ".into(),
         nf_rule: c.rule.clone(),
-        nf_hook: Some("forward"),
+        nf_hook: Some(c.hook),
+        ct: c.ct,
+        frag_needed_dropped: c.frag_needed_dropped,
+        route: c.route.map(str::to_string),
+        ifaces: Some(c.ifaces),
+        ..Facts::bare(&c.drop)
     };
     engine.classify(&facts)
 }

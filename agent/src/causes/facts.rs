@@ -3,7 +3,10 @@ use std::borrow::Cow;
 
 use crate::{
     events::Drop,
-    evidence::rules::{Moved, Verdict},
+    evidence::{
+        conntrack::CtStats,
+        rules::{Moved, Verdict},
+    },
 };
 
 /// Facts usable in a rule's `when` (and as placeholders).
@@ -22,6 +25,11 @@ pub const CONDITION_FACTS: &[&str] = &[
     "nf_engine",
     "nf_verdict",
     "nf_hook",
+    "nf_ct_invalid",
+    "conntrack",
+    "frag_needed",
+    "frag_needed_dropped",
+    "end_host",
     "over_mtu",
     "dst_multicast",
 ];
@@ -29,7 +37,7 @@ pub const CONDITION_FACTS: &[&str] = &[
 /// Facts usable only as placeholders in evidence and fix texts.
 pub const PLACEHOLDERS: &[&str] = &[
     "ifname", "out_ifname", "mtu", "len", "src", "dst", "sport", "dport", "flow", "ttl", "netns", "reason", "location",
-    "nsexec", "nf_rule", "nf_reject_with", "nf_delete",
+    "nsexec", "nf_rule", "nf_reject_with", "nf_delete", "ct_count", "ct_max", "ct_drops", "route",
 ];
 
 /// A fact's value.
@@ -76,6 +84,37 @@ pub struct Facts<'a> {
     pub nf_rule: Option<Moved>,
     /// The netfilter hook (prerouting, input, forward, output, postrouting, bridge).
     pub nf_hook: Option<&'static str>,
+    /// Conntrack counters moved since the last look at this namespace, with its fill level.
+    pub ct: Option<CtStats>,
+    /// An ICMP "fragmentation needed" to this packet's sender was just dropped in this namespace.
+    pub frag_needed_dropped: bool,
+    /// The route matching the destination, as `ip route` prints it.
+    pub route: Option<String>,
+    /// Non-loopback interfaces in the namespace.
+    pub ifaces: Option<usize>,
+}
+
+impl Facts<'_> {
+    /// Facts of a drop with no context beyond the drop itself.
+    pub fn bare(drop: &Drop) -> Facts<'_> {
+        Facts {
+            drop,
+            icmp_sent: None,
+            nf_engine: None,
+            nsexec: String::new(),
+            nf_rule: None,
+            nf_hook: None,
+            ct: None,
+            frag_needed_dropped: false,
+            route: None,
+            ifaces: None,
+        }
+    }
+}
+
+/// Whether a packet is itself an ICMP "fragmentation needed" / ICMPv6 "packet too big".
+pub fn is_frag_needed(d: &Drop) -> bool {
+    d.flow.is_some_and(|f| matches!((f.proto, f.icmp), (1, Some((3, 4))) | (58, Some((2, _)))))
 }
 
 impl<'a> Facts<'a> {
@@ -99,6 +138,26 @@ impl<'a> Facts<'a> {
             "icmp_sent_name" => text(self.icmp_sent.map_or("none".into(), |(t, c)| icmp_name(t, c).into())),
             "nf_engine" => self.nf_rule.as_ref().map(|m| m.rule.engine).or(self.nf_engine).map(|e| Value::Str(e.into())),
             "nf_hook" => self.nf_hook.map(|h| Value::Str(h.into())),
+            "nf_ct_invalid" => self.nf_rule.as_ref().map(|m| Value::Bool(m.matcher.ct_invalid)),
+            "conntrack" => self.ct.map(|c| {
+                Value::Str(
+                    if c.insert_failed > 0 {
+                        "insert_failed"
+                    } else if c.drop > 0 {
+                        "table_full"
+                    } else {
+                        "none"
+                    }
+                    .into(),
+                )
+            }),
+            "ct_count" => self.ct.and_then(|c| c.count).map(|v| Value::Int(v as i64)),
+            "ct_max" => self.ct.and_then(|c| c.max).map(|v| Value::Int(v as i64)),
+            "ct_drops" => self.ct.map(|c| Value::Int(c.drop as i64)),
+            "frag_needed" => Some(Value::Bool(is_frag_needed(d))),
+            "frag_needed_dropped" => Some(Value::Bool(self.frag_needed_dropped)),
+            "route" => text(self.route.clone().unwrap_or_else(|| "no matching route".into())),
+            "end_host" => self.ifaces.map(|n| Value::Bool(n <= 1)),
             "nf_verdict" => self.nf_rule.as_ref().map(|m| match m.verdict {
                 Verdict::Drop => Value::Str("drop".into()),
                 Verdict::Reject(_) => Value::Str("reject".into()),

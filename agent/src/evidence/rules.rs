@@ -15,7 +15,7 @@ use std::{
 use ipnet::IpNet;
 use std::net::IpAddr;
 
-use super::netns::run_in;
+use super::{conntrack::CtStats, netns::run_in};
 
 /// A terminal verdict a rule (or chain policy) can give.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +63,8 @@ pub struct Matcher {
     pub dst: Option<IpNet>,
     pub iif: Option<String>,
     pub oif: Option<String>,
+    /// The rule matches conntrack state INVALID.
+    pub ct_invalid: bool,
 }
 
 impl Matcher {
@@ -103,17 +105,25 @@ struct Counted {
     packets: u64,
 }
 
-/// Counters of every DROP/REJECT rule in one namespace at one moment.
+/// Counters of every DROP/REJECT rule, and conntrack's, in one namespace at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     rules: HashMap<RuleId, Counted>,
+    ct: Option<CtStats>,
+}
+
+/// What a look at a namespace found: the rules that moved and conntrack's deltas.
+#[derive(Debug, Clone, Default)]
+pub struct Attribution {
+    pub moved: Vec<Moved>,
+    pub ct: Option<CtStats>,
 }
 
 impl Snapshot {
     /// Reads all engines inside the namespace at `ns` (`None`: dropscope's own).
     pub fn take(ns: Option<&Path>) -> Self {
         let read = move || {
-            let mut snap = Snapshot::default();
+            let mut snap = Snapshot { ct: CtStats::read(), ..Default::default() };
             let mut seen_tables = HashSet::new();
             for (tool, engine, family) in [
                 ("iptables-nft-save", "iptables-nft", "ip"),
@@ -168,6 +178,11 @@ impl Snapshot {
 
     pub fn len(&self) -> usize {
         self.rules.len()
+    }
+
+    /// Whether there is anything to compare later (rules or conntrack).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty() && self.ct.is_none()
     }
 }
 
@@ -279,6 +294,7 @@ pub fn iptables_matcher(rule: &str) -> Matcher {
             "-d" | "--destination" => m.dst = net(value),
             "-i" | "--in-interface" if !value.ends_with('+') => m.iif = Some(value.to_string()),
             "-o" | "--out-interface" if !value.ends_with('+') => m.oif = Some(value.to_string()),
+            "--ctstate" | "--state" if value.split(',').any(|v| v == "INVALID") => m.ct_invalid = true,
             _ => {}
         }
     }
@@ -294,6 +310,13 @@ pub fn nft_matcher(exprs: &[serde_json::Value]) -> Matcher {
             continue;
         }
         let right = &mt["right"];
+        if mt["left"]["ct"]["key"] == "state" {
+            let states = right.as_str().map(|s| vec![s]).unwrap_or_else(|| {
+                right["set"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect()
+            });
+            m.ct_invalid |= states.contains(&"invalid");
+            continue;
+        }
         let payload = &mt["left"]["payload"];
         let meta = mt["left"]["meta"]["key"].as_str();
         match (payload["protocol"].as_str(), payload["field"].as_str(), meta) {
@@ -344,7 +367,7 @@ fn nft_net(right: &serde_json::Value) -> Option<IpNet> {
 /// Per-namespace baselines and recent attributions.
 pub struct Tracker {
     baselines: HashMap<u32, Snapshot>,
-    recent: HashMap<u32, (Instant, Vec<Moved>)>,
+    recent: HashMap<u32, (Instant, Attribution)>,
 }
 
 /// How often one namespace may be re-read while drops keep coming.
@@ -360,34 +383,41 @@ impl Tracker {
         let mut t = Tracker::new();
         for (netns, path) in targets {
             let snap = Snapshot::take(path.as_deref());
-            if snap.len() > 0 {
+            if !snap.is_empty() {
                 t.baselines.insert(*netns, snap);
             }
         }
         t
     }
 
-    /// The DROP/REJECT rules that moved in `netns` since the last look. Within `MIN_INTERVAL`
-    /// of the last look the previous answer is reused (one read per namespace per interval),
-    /// unless `fresh` asks for a new read (the reused answer did not explain the drop).
-    pub fn attribute(&mut self, netns: u32, path: Option<&Path>, fresh: bool) -> Vec<Moved> {
-        if let Some((at, moved)) = self.recent.get(&netns) {
+    /// What moved in `netns` since the last look: DROP/REJECT rules and conntrack counters.
+    /// Within `MIN_INTERVAL` of the last look the previous answer is reused (one read per
+    /// namespace per interval), unless `fresh` asks for a new read (the reused answer did not
+    /// explain the drop).
+    pub fn attribute(&mut self, netns: u32, path: Option<&Path>, fresh: bool) -> Attribution {
+        if let Some((at, last)) = self.recent.get(&netns) {
             if !fresh && at.elapsed() < MIN_INTERVAL {
-                return moved.clone();
+                return last.clone();
             }
         }
         let now = Snapshot::take(path);
         let before = self.baselines.remove(&netns).unwrap_or_default();
-        let mut moved = now.moved_since(&before);
-        if moved.is_empty() {
+        let mut found = Attribution {
+            moved: now.moved_since(&before),
+            ct: match (&now.ct, &before.ct) {
+                (Some(n), Some(b)) => Some(n.since(b)),
+                (n, _) => *n,
+            },
+        };
+        if found.moved.is_empty() && found.ct.is_none_or(|c| c.drop == 0 && c.invalid == 0) {
             // Nothing new since the last look: the drop belongs to what moved then.
             if let Some((_, last)) = self.recent.get(&netns) {
-                moved = last.clone();
+                found = last.clone();
             }
         }
         self.baselines.insert(netns, now);
-        self.recent.insert(netns, (Instant::now(), moved.clone()));
-        moved
+        self.recent.insert(netns, (Instant::now(), found.clone()));
+        found
     }
 }
 
@@ -460,6 +490,12 @@ COMMIT
         .unwrap();
         let m = nft_matcher(&exprs);
         assert_eq!((m.proto, m.dport, m.iif.as_deref()), (Some(17), Some((9100, 9100)), Some("r0")));
+        let ct: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}}]"#,
+        )
+        .unwrap();
+        assert!(nft_matcher(&ct).ct_invalid);
+        assert!(iptables_matcher("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP").ct_invalid);
         assert_eq!(m.dst, Some("10.231.2.2/32".parse().unwrap()));
     }
 

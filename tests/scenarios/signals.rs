@@ -1,4 +1,4 @@
-//! Queues, classifiers, sockets, tunnels and policies: causes with one clear kernel reason.
+//! Causes with one clear kernel reason: queues, sockets, tunnels, IPsec, martians, malformed packets.
 use dropscope_tests::{
     topology::B4,
     traffic::Udp,
@@ -100,4 +100,16 @@ fn own_address_as_source_is_martian_source() {
     let e = Expect { src: "10.231.2.1", ..Expect::routed(&t, "martian_source", 9604) };
     assert_eq!(e.check(&report), 2);
     assert_eq!(report.of("martian_source")[0]["reason"], "IP_LOCAL_SOURCE");
+}
+
+#[test]
+fn corrupted_header_is_malformed_packet() {
+    let t = Topology::new();
+    let mac = t.r.mac("r0");
+    let (report, kernel) = observe(&t.r, &[], (&t.r, "IpExtInCsumErrors"), || {
+        dropscope_tests::traffic::corrupt_ipv4_frames(&t.a, "a0", mac, "10.231.1.2", B4, 3);
+    });
+    let e = Expect { dport: None, ..Expect::routed(&t, "malformed_packet", 0) };
+    assert_eq!((e.check(&report), kernel), (3, 3));
+    assert_eq!(report.of("malformed_packet")[0]["reason"], "IP_CSUM");
 }

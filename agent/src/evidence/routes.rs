@@ -1,0 +1,67 @@
+//! Routing state of a namespace: the route that matches a destination, and whether the
+//! namespace looks like an end host (one interface) or a router.
+use std::{fs, net::IpAddr, path::Path, process::Command};
+
+use ipnet::IpNet;
+
+use super::netns::run_in;
+
+/// The most specific route for `dst` in the namespace at `ns` (`None`: dropscope's own), as
+/// `ip route` prints it (e.g. "unreachable 10.231.66.0/24"), and the count of non-loopback
+/// interfaces there.
+pub fn lookup(ns: Option<&Path>, dst: Option<IpAddr>) -> (Option<String>, Option<usize>) {
+    let read = move || {
+        let route = dst.and_then(|d| {
+            let family = if d.is_ipv4() { "-4" } else { "-6" };
+            let out = Command::new("ip").args([family, "-o", "route", "show", "match", &d.to_string()]).output().ok()?;
+            best_match(&String::from_utf8_lossy(&out.stdout), d)
+        });
+        let ifaces = fs::read_to_string("/proc/thread-self/net/dev").ok().map(|t| count_interfaces(&t));
+        (route, ifaces)
+    };
+    match ns {
+        Some(path) => run_in(path, read).unwrap_or((None, None)),
+        None => read(),
+    }
+}
+
+/// The line of `ip -o route show match` output with the longest prefix containing `dst`.
+pub fn best_match(text: &str, dst: IpAddr) -> Option<String> {
+    text.lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            // "[type] prefix ...": the prefix is the first word that parses as one.
+            let prefix = words.iter().take(2).find_map(|w| match *w {
+                "default" => Some(if dst.is_ipv4() { "0.0.0.0/0".parse().unwrap() } else { "::/0".parse().unwrap() }),
+                w => w.parse::<IpNet>().ok().or_else(|| w.parse::<IpAddr>().ok().map(IpNet::from)),
+            })?;
+            prefix.contains(&dst).then(|| (prefix.prefix_len(), line.trim().to_string()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, line)| line)
+}
+
+/// Interfaces other than `lo` in `/proc/net/dev` text.
+pub fn count_interfaces(text: &str) -> usize {
+    text.lines().skip(2).filter(|l| l.split(':').next().is_some_and(|n| n.trim() != "lo")).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn most_specific_route_wins() {
+        let text = "default via 10.0.0.1 dev eth0 \nunreachable 10.231.66.0/24 \n10.231.0.0/16 dev r0 scope link \n";
+        let dst = "10.231.66.7".parse().unwrap();
+        assert_eq!(best_match(text, dst).as_deref(), Some("unreachable 10.231.66.0/24"));
+        assert_eq!(best_match(text, "8.8.8.8".parse().unwrap()).as_deref(), Some("default via 10.0.0.1 dev eth0"));
+        assert_eq!(best_match("", dst), None);
+    }
+
+    #[test]
+    fn counts_interfaces_without_loopback() {
+        let text = "Inter-|   Receive\n face |bytes\n    lo: 0 0\n  eth0: 1 2\nveth1: 3 4\n";
+        assert_eq!(count_interfaces(text), 2);
+    }
+}
