@@ -1,7 +1,7 @@
 //! Command-line interface. Bad input dies here with one clear line (clap's exit code 2).
 use std::path::PathBuf;
 
-use clap::{Args, Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::{
@@ -34,20 +34,51 @@ Examples:
   dropscope --netns dr-r --duration 30        one `ip netns` namespace, for 30 seconds
   dropscope --format json | jq 'select(.cause==\"netfilter_drop\")'
 
+Node health check without traffic: dropscope check (see dropscope check --help).
+
 JSON records (one per line): {\"type\":\"attach\",...} first, then {\"type\":\"drop\",\"cause\",\"reason\",
 \"location\",\"family\",\"proto\",\"src\",\"dst\",\"sport\",\"dport\",\"len\",\"ifname\",\"ifindex\",\"netns\",
 \"count\",\"evidence\",\"hint\",...}, and {\"type\":\"summary\",\"causes\":{..},\"reasons\":{..},\"suppressed\",
 \"lost\",...} at exit. `count` is how many identical drops a record stands for.";
 
 #[derive(Debug, Parser)]
-#[command(name = "dropscope", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+#[command(
+    name = "dropscope",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     #[command(flatten)]
     pub run: RunArgs,
 
     /// More diagnostics on stderr (-v: progress, -vv: debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Node health snapshot, no traffic needed: forwarding, rp_filter, rules split between
+    /// iptables-legacy and nftables, conntrack fill, veth and overlay MTU mismatches, in every
+    /// network namespace. Exit status 3 when problems are found, 0 when none.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Only these network namespaces (inode or `ip netns` name). Repeatable. Default: all.
+    #[arg(long, value_name = "NETNS")]
+    pub netns: Vec<String>,
 }
 
 /// Output format.

@@ -1,5 +1,6 @@
 //! dropscope: tells a node operator, live, why the kernel is dropping their packets.
 mod causes;
+mod check;
 mod cli;
 mod events;
 mod evidence;
@@ -17,6 +18,15 @@ fn main() {
     if cli.run.causes {
         print!("{}", causes::catalogue::markdown(&causes::Engine::builtin()));
         return;
+    }
+    if let Some(cli::Command::Check(args)) = &cli.command {
+        match check::run(args) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("dropscope: {e:#}");
+                std::process::exit(1);
+            }
+        }
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
     let result = runtime.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(session::run(cli.run)));

@@ -96,6 +96,7 @@ pub struct Facts<'a> {
 
 impl Facts<'_> {
     /// Facts of a drop with no context beyond the drop itself.
+    #[cfg(test)]
     pub fn bare(drop: &Drop) -> Facts<'_> {
         Facts {
             drop,

@@ -176,10 +176,6 @@ impl Snapshot {
         moved
     }
 
-    pub fn len(&self) -> usize {
-        self.rules.len()
-    }
-
     /// Whether there is anything to compare later (rules or conntrack).
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty() && self.ct.is_none()
@@ -442,7 +438,7 @@ COMMIT
     fn iptables_save_rules_and_policies() {
         let mut snap = Snapshot::default();
         assert_eq!(parse_iptables_save(SAVE, "iptables-nft", &mut snap), vec!["filter"]);
-        assert_eq!(snap.len(), 4, "ACCEPT rules are not tracked");
+        assert_eq!(snap.rules.len(), 4, "ACCEPT rules are not tracked");
         let moved = snap.moved_since(&Snapshot::default());
         assert_eq!(moved[0].packets, 9);
         assert_eq!(moved[0].verdict, Verdict::Drop);

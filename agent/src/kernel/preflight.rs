@@ -15,6 +15,14 @@ pub fn check_privileges() -> Result<()> {
     bail!("dropscope needs root (or CAP_BPF and CAP_PERFMON) to load its eBPF programs: run it with sudo");
 }
 
+/// Fails with one clear line unless the process has CAP_SYS_ADMIN (needed to `why`).
+pub fn check_privileges_for(command: &str, why: &str) -> Result<()> {
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN).unwrap_or(false) {
+        return Ok(());
+    }
+    bail!("dropscope {command} needs root (CAP_SYS_ADMIN) to {why}: run it with sudo");
+}
+
 /// Lifts RLIMIT_MEMLOCK for kernels that still charge BPF maps to it (before 5.11).
 /// Failing is fine on newer kernels, which account BPF memory to the cgroup instead.
 pub fn raise_memlock() {
