@@ -143,6 +143,8 @@ pub struct IcmpSent {
     pub skb: u64,
     pub icmp_type: u8,
     pub icmp_code: u8,
+    /// The packet the error is about (pairs the error with that packet's drop).
+    pub flow: Option<Flow>,
 }
 
 /// A decoded ring-buffer record.
@@ -175,6 +177,7 @@ impl Decoder {
                 skb: ev.skb,
                 icmp_type: ev.icmp_type,
                 icmp_code: ev.icmp_code,
+                flow: flow(&ev),
             })),
             _ => None,
         }

@@ -114,10 +114,12 @@ impl Pipeline {
         self.icmp.insert(i.skb, i);
     }
 
-    /// The ICMP error sent about this very packet, if one was seen just before its drop.
+    /// The ICMP error sent about this very packet, if one was seen just before its drop: same
+    /// skb, same addresses (an skb address is reused as soon as the packet is freed).
     fn icmp_for(&mut self, d: &Drop) -> Option<(u8, u8)> {
         let i = self.icmp.remove(&d.skb)?;
-        (d.ts_ns.saturating_sub(i.ts_ns) < ICMP_PAIR_WINDOW_NS).then_some((i.icmp_type, i.icmp_code))
+        let same = |a: Option<Flow>, b: Option<Flow>| a.map(|f| (f.src, f.dst)) == b.map(|f| (f.src, f.dst));
+        (d.ts_ns.saturating_sub(i.ts_ns) < ICMP_PAIR_WINDOW_NS && same(i.flow, d.flow)).then_some((i.icmp_type, i.icmp_code))
     }
 
     fn on_drop(&mut self, d: Drop, sink: &mut dyn Sink) {

@@ -133,7 +133,7 @@ fn explicit_route_types_are_unreachable_route() {
         let recs: Vec<_> = report.of("unreachable_route").into_iter().filter(|r| r["dst"] == dst).collect();
         assert_eq!(recs.iter().map(|r| r["count"].as_u64().unwrap()).sum::<u64>(), 2, "{dst}");
         assert!(recs[0]["route"].as_str().unwrap().starts_with(kind), "{dst}: {}", recs[0]);
-        assert_eq!(recs[0]["icmp_sent"]["code"].as_u64(), icmp, "{dst}");
+        assert_eq!(recs[0]["icmp_sent"]["code"].as_u64(), icmp, "{dst}: {:#?}", report.drops());
     }
     // The sender got exactly the 4 ICMP errors (unreachable + prohibit; blackhole is silent).
     assert_eq!(dropscope_tests::Nstat::delta(&t.a, &before_a, "IcmpInDestUnreachs"), 4);

@@ -54,7 +54,11 @@ fn full_receive_buffer_is_socket_buffer_full() {
 #[test]
 fn unknown_vni_is_overlay_mismatch() {
     let t = Topology::new();
-    t.b.sh("ip link add vx42 type vxlan id 42 dstport 4789 local 10.231.2.2 nolearning; ip link set vx42 up");
+    // No IPv6 on the overlay: its MLD reports would have nowhere to go (NO_TX_TARGET).
+    t.b.sh(
+        "ip link add vx42 type vxlan id 42 dstport 4789 local 10.231.2.2 nolearning; \
+         sysctl -qw net.ipv6.conf.vx42.disable_ipv6=1; ip link set vx42 up",
+    );
     // VXLAN header for VNI 43: flags 0x08, VNI in bytes 4..7, then an inner Ethernet frame.
     static FRAME: [u8; 8 + 14 + 20] = {
         let mut f = [0u8; 42];

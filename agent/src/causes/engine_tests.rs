@@ -235,6 +235,7 @@ fn cases() -> Vec<Case> {
         case("tc", drop("TC_INGRESS", "tcf_classify"), "tc_drop", "TC_INGRESS on r0"),
         case("backlog", drop("CPU_BACKLOG", "enqueue_to_backlog"), "cpu_backlog", "backlog"),
         case("vxlan", drop("VXLAN_VNI_NOT_FOUND", "vxlan_rcv"), "overlay_mismatch", "VXLAN_VNI_NOT_FOUND"),
+        case("vxlan no remote", drop("NO_TX_TARGET", "vxlan_xmit"), "overlay_mismatch", "has no remote"),
         case("xfrm", drop("XFRM_POLICY", "ip_forward"), "xfrm_policy", "IPsec"),
         case("unknown", drop("SOME_NEW_REASON", "somewhere"), "unclassified", "kernel reason SOME_NEW_REASON at somewhere"),
     ]
