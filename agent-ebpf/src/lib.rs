@@ -53,6 +53,8 @@ pub struct Offsets {
     pub tp_icmp_skbaddr: u32,
     pub tp_icmp_type: u32,
     pub tp_icmp_code: u32,
+    // Classic `tcp:tcp_send_reset` tracepoint layout.
+    pub tp_rst_skbaddr: u32,
 }
 
 impl Offsets {
@@ -87,6 +89,7 @@ impl Offsets {
         tp_icmp_skbaddr: ABSENT,
         tp_icmp_type: ABSENT,
         tp_icmp_code: ABSENT,
+        tp_rst_skbaddr: ABSENT,
     };
 }
 
@@ -100,7 +103,8 @@ pub struct Config {
     pub stack_reasons: [u32; 2],
     /// Whether the tp_btf program may read the `reason` argument (absent before 5.17).
     pub has_reason: u32,
-    pub _pad: u32,
+    /// Whether `tcp_send_reset`'s tp_btf arguments include the incoming skb (6.x: sk, skb, ...).
+    pub rst_has_skb: u32,
 }
 
 /// Which probe produced an [`Event`].
@@ -111,6 +115,8 @@ pub enum EventKind {
     Drop = 1,
     /// The kernel sent an ICMP error about a packet (REJECT, frag-needed, unreachable).
     IcmpSent = 2,
+    /// The kernel answered a packet with a TCP reset (closed port, aborted connection).
+    RstSent = 3,
 }
 
 /// Packet and device facts read at drop time; `flags` says which parts are valid.

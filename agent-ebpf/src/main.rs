@@ -68,6 +68,27 @@ mod programs {
         probes::icmp_send::on_icmp_send(skb, ty as u8, code as u8);
         0
     }
+
+    /// `tcp:tcp_send_reset` as a BTF tracepoint: (sk, skb, reason) on 6.x.
+    #[btf_tracepoint(function = "tcp_send_reset")]
+    pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> i32 {
+        // Older kernels pass only the socket; the verifier prunes this read there.
+        let skb: u64 = if cfg().rst_has_skb != 0 { ctx.arg(1) } else { 0 };
+        probes::tcp_send_reset::on_reset(skb);
+        0
+    }
+
+    /// `tcp:tcp_send_reset` as a classic tracepoint (layout from tracefs).
+    #[tracepoint(category = "tcp", name = "tcp_send_reset")]
+    pub fn tcp_send_reset_tp(ctx: TracePointContext) -> u32 {
+        let o = &cfg().offsets;
+        if o.tp_rst_skbaddr != agent_ebpf::ABSENT {
+            // SAFETY: offset from this kernel's tracefs format for this tracepoint.
+            let skb: u64 = unsafe { ctx.read_at(o.tp_rst_skbaddr as usize) }.unwrap_or(0);
+            probes::tcp_send_reset::on_reset(skb);
+        }
+        0
+    }
 }
 
 #[cfg(target_arch = "bpf")]

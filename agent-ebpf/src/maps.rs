@@ -12,7 +12,7 @@ static CONFIG: Config = Config {
     offsets: Offsets::UNKNOWN,
     stack_reasons: [ABSENT; 2],
     has_reason: 1,
-    _pad: 0,
+    rst_has_skb: 0,
 };
 
 /// The configuration as the verifier sees it: a read from the frozen `.rodata` map.

@@ -136,14 +136,22 @@ pub struct Drop {
     pub stack_id: Option<u32>,
 }
 
-/// The kernel sent an ICMP error about a packet.
+/// How the kernel answered a packet it is about to drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Answer {
+    /// An ICMP error (type, code).
+    Icmp(u8, u8),
+    /// A TCP reset.
+    TcpReset,
+}
+
+/// The kernel answered a packet (an ICMP error or a TCP reset).
 #[derive(Debug, Clone, Copy)]
-pub struct IcmpSent {
+pub struct Reply {
     pub ts_ns: u64,
     pub skb: u64,
-    pub icmp_type: u8,
-    pub icmp_code: u8,
-    /// The packet the error is about (pairs the error with that packet's drop).
+    pub answer: Answer,
+    /// The packet answered (pairs the answer with that packet's drop).
     pub flow: Option<Flow>,
 }
 
@@ -151,7 +159,7 @@ pub struct IcmpSent {
 #[derive(Debug, Clone)]
 pub enum Record {
     Drop(Drop),
-    IcmpSent(IcmpSent),
+    Reply(Reply),
 }
 
 /// Turns raw records into typed ones, naming reasons and locations.
@@ -172,11 +180,14 @@ impl Decoder {
         let ev = parse(bytes)?;
         match ev.kind {
             k if k == EventKind::Drop as u8 => Some(Record::Drop(self.drop(&ev))),
-            k if k == EventKind::IcmpSent as u8 => Some(Record::IcmpSent(IcmpSent {
+            k if k == EventKind::IcmpSent as u8 || k == EventKind::RstSent as u8 => Some(Record::Reply(Reply {
                 ts_ns: ev.ts_ns,
                 skb: ev.skb,
-                icmp_type: ev.icmp_type,
-                icmp_code: ev.icmp_code,
+                answer: if k == EventKind::RstSent as u8 {
+                    Answer::TcpReset
+                } else {
+                    Answer::Icmp(ev.icmp_type, ev.icmp_code)
+                },
                 flow: flow(&ev),
             })),
             _ => None,
@@ -315,8 +326,11 @@ mod tests {
             e.icmp_code = 3;
             e.skb = 0x1234;
         });
-        let Some(Record::IcmpSent(i)) = dec.decode(&bytes) else { panic!() };
-        assert_eq!((i.icmp_type, i.icmp_code, i.skb), (3, 3, 0x1234));
+        let Some(Record::Reply(i)) = dec.decode(&bytes) else { panic!() };
+        assert_eq!((i.answer, i.skb), (Answer::Icmp(3, 3), 0x1234));
+        let bytes = raw(|e| e.kind = EventKind::RstSent as u8);
+        let Some(Record::Reply(r)) = dec.decode(&bytes) else { panic!() };
+        assert_eq!(r.answer, Answer::TcpReset);
     }
 
     #[test]

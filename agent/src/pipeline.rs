@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     causes::{facts, Engine, Facts, Verdict},
-    events::{Device, Drop, Flow, IcmpSent, Record, Sysctls},
+    events::{Answer, Device, Drop, Flow, Record, Reply, Sysctls},
     evidence::{conntrack::CtStats, netfilter, netns, routes, rules},
     filter::Filter,
     output::{DropRecord, Sink, Summary},
@@ -14,8 +14,8 @@ use crate::{
 
 /// How long a dropped "fragmentation needed" explains later too-big drops of its flow (ns).
 const FRAG_NEEDED_WINDOW_NS: u64 = 2_000_000_000;
-/// How long an ICMP error waits for the drop of the same packet (ns).
-const ICMP_PAIR_WINDOW_NS: u64 = 100_000_000;
+/// How long an answer (ICMP error, TCP reset) waits for the drop of the same packet (ns).
+const REPLY_PAIR_WINDOW_NS: u64 = 100_000_000;
 /// Distinct drops remembered for folding before the table is flushed and restarted.
 const MAX_FOLDS: usize = 65_536;
 /// Distinct flows remembered per cause for the summary.
@@ -34,14 +34,14 @@ struct FoldKey {
     out: Option<Device>,
     flow: Option<Flow>,
     sysctls: Sysctls,
-    icmp_sent: Option<(u8, u8)>,
+    answer: Option<Answer>,
     frag_needed_dropped: bool,
 }
 
 struct Fold {
     verdict: Arc<Verdict>,
     sample: Drop,
-    icmp_sent: Option<(u8, u8)>,
+    answer: Option<Answer>,
     pending: u64,
 }
 
@@ -63,7 +63,7 @@ pub struct Pipeline {
     filter: Filter,
     show_benign: bool,
     namespaces: netns::Registry,
-    icmp: HashMap<u64, IcmpSent>,
+    replies: HashMap<u64, Reply>,
     folds: HashMap<FoldKey, Fold>,
     nf_engines: HashMap<(u32, Arc<str>), &'static str>,
     /// Where an ICMP "fragmentation needed" was just dropped: (netns, its destination) -> time.
@@ -86,7 +86,7 @@ impl Pipeline {
             filter,
             show_benign,
             namespaces: netns::Registry::new(),
-            icmp: HashMap::new(),
+            replies: HashMap::new(),
             folds: HashMap::new(),
             nf_engines: HashMap::new(),
             frag_needed_drops: HashMap::new(),
@@ -101,30 +101,30 @@ impl Pipeline {
     /// Feeds one decoded record.
     pub fn push(&mut self, record: Record, sink: &mut dyn Sink) {
         match record {
-            Record::IcmpSent(i) => self.remember_icmp(i),
+            Record::Reply(r) => self.remember_reply(r),
             Record::Drop(d) => self.on_drop(d, sink),
         }
     }
 
-    fn remember_icmp(&mut self, i: IcmpSent) {
-        if self.icmp.len() >= 4096 {
-            let newest = i.ts_ns;
-            self.icmp.retain(|_, v| newest.saturating_sub(v.ts_ns) < ICMP_PAIR_WINDOW_NS);
+    fn remember_reply(&mut self, r: Reply) {
+        if self.replies.len() >= 4096 {
+            let newest = r.ts_ns;
+            self.replies.retain(|_, v| newest.saturating_sub(v.ts_ns) < REPLY_PAIR_WINDOW_NS);
         }
-        self.icmp.insert(i.skb, i);
+        self.replies.insert(r.skb, r);
     }
 
-    /// The ICMP error sent about this very packet, if one was seen just before its drop: same
-    /// skb, same addresses (an skb address is reused as soon as the packet is freed).
-    fn icmp_for(&mut self, d: &Drop) -> Option<(u8, u8)> {
-        let i = self.icmp.remove(&d.skb)?;
+    /// How the kernel answered this very packet, if an answer was seen just before its drop:
+    /// same skb, same addresses (an skb address is reused as soon as the packet is freed).
+    fn answer_for(&mut self, d: &Drop) -> Option<Answer> {
+        let r = self.replies.remove(&d.skb)?;
         let same = |a: Option<Flow>, b: Option<Flow>| a.map(|f| (f.src, f.dst)) == b.map(|f| (f.src, f.dst));
-        (d.ts_ns.saturating_sub(i.ts_ns) < ICMP_PAIR_WINDOW_NS && same(i.flow, d.flow)).then_some((i.icmp_type, i.icmp_code))
+        (d.ts_ns.saturating_sub(r.ts_ns) < REPLY_PAIR_WINDOW_NS && same(r.flow, d.flow)).then_some(r.answer)
     }
 
     fn on_drop(&mut self, d: Drop, sink: &mut dyn Sink) {
         self.drops += 1;
-        let icmp_sent = self.icmp_for(&d);
+        let answer = self.answer_for(&d);
         if !self.filter.matches(&d) {
             self.filtered += 1;
             return;
@@ -138,7 +138,7 @@ impl Pipeline {
             out: d.out,
             flow: d.flow,
             sysctls: d.sysctls,
-            icmp_sent,
+            answer,
             frag_needed_dropped,
         };
         if let Some(fold) = self.folds.get_mut(&key) {
@@ -149,16 +149,16 @@ impl Pipeline {
             self.count(&verdict, &d);
             return;
         }
-        let verdict = Arc::new(self.classify(&d, icmp_sent, frag_needed_dropped));
+        let verdict = Arc::new(self.classify(&d, answer, frag_needed_dropped));
         self.count(&verdict, &d);
         if self.folds.len() >= MAX_FOLDS {
             self.flush(sink);
             self.folds.clear();
         }
         if self.show_benign || !verdict.benign {
-            sink.drop(&self.record(&verdict, &d, icmp_sent, 1, true));
+            sink.drop(&self.record(&verdict, &d, answer, 1, true));
         }
-        self.folds.insert(key, Fold { verdict, sample: d, icmp_sent, pending: 0 });
+        self.folds.insert(key, Fold { verdict, sample: d, answer, pending: 0 });
     }
 
     /// Remembers netfilter drops of ICMP "fragmentation needed"; for a too-big drop, says
@@ -179,7 +179,11 @@ impl Pipeline {
                 .is_some_and(|&t| d.ts_ns.saturating_sub(t) < FRAG_NEEDED_WINDOW_NS)
     }
 
-    fn classify(&mut self, d: &Drop, icmp_sent: Option<(u8, u8)>, frag_needed_dropped: bool) -> Verdict {
+    fn classify(&mut self, d: &Drop, answer: Option<Answer>, frag_needed_dropped: bool) -> Verdict {
+        let icmp_sent = match answer {
+            Some(Answer::Icmp(t, c)) => Some((t, c)),
+            _ => None,
+        };
         let netfilter = &*d.reason == "NETFILTER_DROP";
         let nf_engine = netfilter.then(|| self.nf_engine(d));
         let (nf_rule, ct) = if netfilter { self.dropping_rule(d, icmp_sent) } else { (None, None) };
@@ -190,7 +194,9 @@ impl Pipeline {
             _ => (None, None),
         };
         let nsexec = self.namespaces.exec_prefix(d.netns);
-        let facts = Facts { drop: d, icmp_sent, nf_engine, nsexec, nf_rule, nf_hook, ct, frag_needed_dropped, route, ifaces };
+        let rst_sent = answer == Some(Answer::TcpReset);
+        let facts =
+            Facts { drop: d, icmp_sent, rst_sent, nf_engine, nsexec, nf_rule, nf_hook, ct, frag_needed_dropped, route, ifaces };
         let mut verdict = self.engine.classify(&facts);
         if netfilter {
             for (key, fact) in [("hook", "nf_hook"), ("engine", "nf_engine"), ("rule", "nf_rule")] {
@@ -278,11 +284,11 @@ impl Pipeline {
         }
     }
 
-    fn record(&mut self, v: &Arc<Verdict>, d: &Drop, icmp_sent: Option<(u8, u8)>, count: u64, first: bool) -> DropRecord {
+    fn record(&mut self, v: &Arc<Verdict>, d: &Drop, answer: Option<Answer>, count: u64, first: bool) -> DropRecord {
         DropRecord {
             verdict: v.clone(),
             drop: d.clone(),
-            icmp_sent,
+            answer,
             count,
             first,
             netns_name: self.namespaces.name(d.netns),
@@ -291,14 +297,14 @@ impl Pipeline {
 
     /// Reports the repeats counted since the last flush.
     pub fn flush(&mut self, sink: &mut dyn Sink) {
-        let pending: Vec<(Arc<Verdict>, Drop, Option<(u8, u8)>, u64)> = self
+        let pending: Vec<(Arc<Verdict>, Drop, Option<Answer>, u64)> = self
             .folds
             .values_mut()
             .filter(|f| f.pending > 0)
-            .map(|f| (f.verdict.clone(), f.sample.clone(), f.icmp_sent, std::mem::take(&mut f.pending)))
+            .map(|f| (f.verdict.clone(), f.sample.clone(), f.answer, std::mem::take(&mut f.pending)))
             .collect();
-        for (v, d, icmp, count) in pending {
-            let rec = self.record(&v, &d, icmp, count, false);
+        for (v, d, answer, count) in pending {
+            let rec = self.record(&v, &d, answer, count, false);
             sink.drop(&rec);
         }
     }

@@ -43,7 +43,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         offsets: kernel.offsets(),
         stack_reasons: [stack_reason("NETFILTER_DROP"), stack_reason("NOT_SPECIFIED")],
         has_reason: 1,
-        _pad: 0,
+        rst_has_skb: 0,
     };
     preflight::raise_memlock();
     let probes = attach::attach(&kernel, &args.btf, args.attach, config)?;

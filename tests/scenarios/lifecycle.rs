@@ -107,7 +107,7 @@ fn loaded(ids: &[u64]) -> Vec<u64> {
 fn detaches_on(sig: Signal) {
     let obs = Observer::start(&["--netns", "1"]);
     let ids = programs_of(obs.pid());
-    assert!(ids.len() >= 2, "expected kfree_skb and icmp_send programs, got {ids:?}");
+    assert!(ids.len() >= 3, "expected kfree_skb, icmp_send and tcp_send_reset programs, got {ids:?}");
     assert_eq!(loaded(&ids), ids, "bpftool sees them while dropscope runs");
     let report = obs.stop_with(sig);
     assert!(report.status.success(), "{sig}: {}", report.stderr);

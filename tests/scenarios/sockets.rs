@@ -20,6 +20,9 @@ fn nolisten_tcp_is_no_listener() {
     assert_eq!((e.check(&report), resets), (3, 3));
     assert_eq!(report.of("no_listener")[0]["location"], "tcp_v4_rcv");
     assert!(evidence(&report, "no_listener").contains("tcp port 8081"));
+    // The reset is paired with the drop (tcp:tcp_send_reset).
+    assert_eq!(report.of("no_listener")[0]["tcp_reset_sent"], true);
+    assert!(evidence(&report, "no_listener").contains("answered 10.231.1.2 with a TCP reset"));
 }
 
 #[test]
@@ -31,4 +34,5 @@ fn nolisten_udp_is_no_listener() {
     let e = Expect { ifname: "b0", netns: t.b.inode(), ..Expect::routed(&t, "no_listener", 5354) };
     assert_eq!((e.check(&report), noports), (3, 3));
     assert!(evidence(&report, "no_listener").contains("udp port 5354"));
+    assert!(evidence(&report, "no_listener").contains("ICMP sent: port unreachable"));
 }

@@ -36,6 +36,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Regenerate the cause table in README.md from the rule table (`dropscope --causes`).
+    Docs,
     /// Run the whole test suite: unit tests and integration tests against the real kernel.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
@@ -68,6 +70,11 @@ fn run(cli: Cli) -> Result<()> {
             prereqs::ensure_build()?;
             let bin = build(&root, release)?;
             run_as_root(&bin, &args)
+        }
+        Task::Docs => {
+            prereqs::ensure_build()?;
+            let bin = build(&root, false)?;
+            docs(&root, &bin)
         }
         Task::Test { args } => {
             prereqs::ensure_all()?;
@@ -121,6 +128,22 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     let mut cmd = cargo();
     cmd.current_dir(root).args(["test", "--workspace"]).env("DROPSCOPE_BIN", &bin).args(extra);
     status(&mut cmd)
+}
+
+/// Replaces the README section between the CAUSES markers with `dropscope --causes`.
+fn docs(root: &Path, bin: &Path) -> Result<()> {
+    let out = Command::new(bin).arg("--causes").output().context("running dropscope --causes")?;
+    let table = String::from_utf8(out.stdout)?;
+    let path = root.join("README.md");
+    let readme = std::fs::read_to_string(&path)?;
+    let (begin, end) = ("<!-- CAUSES:BEGIN -->\n", "<!-- CAUSES:END -->");
+    let (Some(a), Some(b)) = (readme.find(begin), readme.find(end)) else {
+        bail!("README.md has no CAUSES markers");
+    };
+    let updated = format!("{}{begin}{table}{}", &readme[..a], &readme[b..]);
+    std::fs::write(&path, updated)?;
+    println!("README.md cause table regenerated");
+    Ok(())
 }
 
 fn status(cmd: &mut Command) -> Result<()> {

@@ -51,7 +51,7 @@ mod tests {
         let readme = include_str!("../../../README.md");
         assert!(
             readme.contains(&generated),
-            "README.md's cause table is stale: regenerate it with `dropscope --causes` \
+            "README.md's cause table is stale: regenerate it with `cargo xtask docs` \
              (between the CAUSES markers)"
         );
     }

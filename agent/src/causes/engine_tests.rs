@@ -51,6 +51,7 @@ struct Case {
     name: &'static str,
     drop: Drop,
     icmp: Option<(u8, u8)>,
+    rst: bool,
     engine: Option<&'static str>,
     rule: Option<Moved>,
     hook: &'static str,
@@ -67,6 +68,7 @@ fn case(name: &'static str, drop: Drop, cause: &'static str, evidence_has: &'sta
         name,
         drop,
         icmp: None,
+        rst: false,
         engine: None,
         rule: None,
         hook: "forward",
@@ -184,6 +186,17 @@ fn cases() -> Vec<Case> {
             route: Some("unreachable 10.231.66.0/24"),
             ..case("unreachable route", drop("NOT_SPECIFIED", "ip_error"), "unreachable_route", "route for 10.231.2.2: unreachable 10.231.66.0/24")
         },
+        Case {
+            icmp: Some((3, 1)),
+            route: Some("10.231.0.0/16 dev r1"),
+            ..case("ip_error without reason, unicast route", drop("NOT_SPECIFIED", "ip_error"), "unclassified", "NOT_SPECIFIED at ip_error")
+        },
+        case(
+            "old kernel, forwarding off",
+            with_sysctls(drop("NOT_SPECIFIED", "ip_error"), |s| s.dev_forwarding = Some(0)),
+            "forwarding_disabled",
+            "kernel gives no drop reason",
+        ),
         case("veth mtu", drop("NOT_SPECIFIED", "__dev_forward_skb2"), "veth_mtu_mismatch", "did not fit its veth peer"),
         Case { icmp: Some((3, 4)), ..case("tunnel", drop("NOT_SPECIFIED", "ip_fragment"), "tunnel_mtu", "encapsulated") },
         Case {
@@ -230,6 +243,7 @@ fn cases() -> Vec<Case> {
         case("neigh queue", drop("NEIGH_QUEUEFULL", "__neigh_event_send"), "neighbor_queue_full", "queue full"),
         case("neigh table", drop("NEIGH_CREATEFAIL", "ip_finish_output2"), "neighbor_table_full", "could not be created"),
         case("closed port", drop("NO_SOCKET", "__udp4_lib_rcv"), "no_listener", "udp port 5353 on 10.231.2.2"),
+        Case { rst: true, ..case("closed tcp port", drop("NO_SOCKET", "tcp_v4_rcv"), "no_listener", "answered 10.231.1.2 with a TCP reset") },
         case("rcvbuf", drop("SOCKET_RCVBUFF", "udp_queue_rcv_one_skb"), "socket_buffer_full", "port 5353"),
         case("qdisc", drop("QDISC_DROP", "__dev_queue_xmit"), "qdisc_drop", "QDISC_DROP on r0"),
         case("tc", drop("TC_INGRESS", "tcf_classify"), "tc_drop", "TC_INGRESS on r0"),
@@ -244,6 +258,7 @@ fn cases() -> Vec<Case> {
 fn classify(engine: &Engine, c: &Case) -> Verdict {
     let facts = Facts {
         icmp_sent: c.icmp,
+        rst_sent: c.rst,
         nf_engine: c.engine,
         nsexec: "ip netns exec dr-r ".into(),
         nf_rule: c.rule.clone(),

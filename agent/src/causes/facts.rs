@@ -22,6 +22,7 @@ pub const CONDITION_FACTS: &[&str] = &[
     "rp_filter",
     "icmp_sent",
     "icmp_sent_name",
+    "rst_sent",
     "nf_engine",
     "nf_verdict",
     "nf_hook",
@@ -30,6 +31,7 @@ pub const CONDITION_FACTS: &[&str] = &[
     "frag_needed",
     "frag_needed_dropped",
     "end_host",
+    "route_type",
     "over_mtu",
     "dst_multicast",
 ];
@@ -76,6 +78,8 @@ pub struct Facts<'a> {
     pub drop: &'a Drop,
     /// ICMP error the kernel sent about this very packet (type, code).
     pub icmp_sent: Option<(u8, u8)>,
+    /// The kernel answered this very packet with a TCP reset.
+    pub rst_sent: bool,
     /// Netfilter engine, for netfilter drops.
     pub nf_engine: Option<&'static str>,
     /// Command prefix to act in the drop's namespace.
@@ -101,6 +105,7 @@ impl Facts<'_> {
         Facts {
             drop,
             icmp_sent: None,
+            rst_sent: false,
             nf_engine: None,
             nsexec: String::new(),
             nf_rule: None,
@@ -136,6 +141,7 @@ impl<'a> Facts<'a> {
             "all_rp_filter" => int(s.all_rp_filter),
             "rp_filter" => int(s.effective_rp_filter()),
             "icmp_sent" => text(self.icmp_sent.map_or("none".into(), |(t, c)| format!("{t}/{c}"))),
+            "rst_sent" => Some(Value::Bool(self.rst_sent)),
             "icmp_sent_name" => text(self.icmp_sent.map_or("none".into(), |(t, c)| icmp_name(t, c).into())),
             "nf_engine" => self.nf_rule.as_ref().map(|m| m.rule.engine).or(self.nf_engine).map(|e| Value::Str(e.into())),
             "nf_hook" => self.nf_hook.map(|h| Value::Str(h.into())),
@@ -159,6 +165,14 @@ impl<'a> Facts<'a> {
             "frag_needed_dropped" => Some(Value::Bool(self.frag_needed_dropped)),
             "route" => text(self.route.clone().unwrap_or_else(|| "no matching route".into())),
             "end_host" => self.ifaces.map(|n| Value::Bool(n <= 1)),
+            "route_type" => self.route.as_deref().map(|r| {
+                let first = r.split_whitespace().next().unwrap_or("");
+                let kind = match first {
+                    "unreachable" | "prohibit" | "blackhole" | "throw" => first,
+                    _ => "unicast",
+                };
+                Value::Str(kind.into())
+            }),
             "nf_verdict" => self.nf_rule.as_ref().map(|m| match m.verdict {
                 Verdict::Drop => Value::Str("drop".into()),
                 Verdict::Reject(_) => Value::Str("reject".into()),

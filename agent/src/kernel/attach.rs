@@ -72,9 +72,17 @@ struct Hook {
     name: &'static str,
 }
 
-const HOOKS: [Hook; 2] = [
+const HOOKS: [Hook; 3] = [
     Hook { probe: "kfree_skb", required: true, btf_program: "kfree_skb_btf", tp_program: "kfree_skb_tp", category: "skb", name: "kfree_skb" },
     Hook { probe: "icmp_send", required: false, btf_program: "icmp_send_btf", tp_program: "icmp_send_tp", category: "icmp", name: "icmp_send" },
+    Hook {
+        probe: "tcp_send_reset",
+        required: false,
+        btf_program: "tcp_send_reset_btf",
+        tp_program: "tcp_send_reset_tp",
+        category: "tcp",
+        name: "tcp_send_reset",
+    },
 ];
 
 /// Loads the object with `config` filled from this kernel and attaches every hook.
@@ -88,6 +96,7 @@ pub fn attach(kernel: &KernelBtf, btf_path: &Path, mode: Mode, mut config: Confi
         fill_tracepoint_layouts(root, &mut config);
     }
     config.has_reason = u32::from(kernel.tracepoint_args("kfree_skb").is_none_or(|n| n >= 3));
+    config.rst_has_skb = u32::from(kernel.tracepoint_args("tcp_send_reset").is_some_and(|n| n >= 2));
 
     let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())
         .map_err(|e| anyhow!("cannot parse BTF at {}: {e}", btf_path.display()))?;
@@ -189,13 +198,17 @@ fn fill_tracepoint_layouts(root: &Path, config: &mut Config) {
         o.tp_icmp_type = off("type");
         o.tp_icmp_code = off("code");
     }
+    if let Ok(f) = tracefs::fields(root, "tcp", "tcp_send_reset") {
+        o.tp_rst_skbaddr = f.get("skbaddr").map_or(ABSENT, |f| f.offset);
+    }
 }
 
 fn tracepoint_ready(hook: &Hook, config: &Config) -> bool {
     let o = &config.offsets;
     match hook.probe {
         "kfree_skb" => o.tp_kfree_skbaddr != ABSENT && o.tp_kfree_location != ABSENT,
-        _ => o.tp_icmp_skbaddr != ABSENT && o.tp_icmp_type != ABSENT,
+        "icmp_send" => o.tp_icmp_skbaddr != ABSENT && o.tp_icmp_type != ABSENT,
+        _ => o.tp_rst_skbaddr != ABSENT,
     }
 }
 

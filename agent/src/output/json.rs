@@ -5,7 +5,7 @@ use std::io::Write;
 use serde_json::{json, Map, Value};
 
 use super::{top, AttachInfo, Clock, DropRecord, Sink, Summary};
-use crate::causes::facts::icmp_name;
+use crate::{causes::facts::icmp_name, events::Answer};
 
 pub struct JsonSink<W: Write> {
     out: W,
@@ -62,8 +62,14 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
     if let Some(name) = &r.netns_name {
         m.insert("netns_name".into(), json!(name));
     }
-    if let Some((t, c)) = r.icmp_sent {
-        m.insert("icmp_sent".into(), json!({"type": t, "code": c, "name": icmp_name(t, c)}));
+    match r.answer {
+        Some(Answer::Icmp(t, c)) => {
+            m.insert("icmp_sent".into(), json!({"type": t, "code": c, "name": icmp_name(t, c)}));
+        }
+        Some(Answer::TcpReset) => {
+            m.insert("tcp_reset_sent".into(), json!(true));
+        }
+        None => {}
     }
     if d.mark != 0 {
         m.insert("mark".into(), json!(d.mark));

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     causes::Verdict,
-    events::Drop,
+    events::{Answer, Drop},
     kernel::attach::Attached,
     pipeline::CauseTotals,
 };
@@ -18,7 +18,8 @@ use crate::{
 pub struct DropRecord {
     pub verdict: Arc<Verdict>,
     pub drop: Drop,
-    pub icmp_sent: Option<(u8, u8)>,
+    /// How the kernel answered the packet (ICMP error or TCP reset), when it did.
+    pub answer: Option<Answer>,
     pub count: u64,
     /// False for the periodic records that report repeats of an already shown drop.
     pub first: bool,
