@@ -193,10 +193,26 @@ impl Pipeline {
             (true, Some(path)) => routes::lookup(path.as_deref(), d.flow.map(|f| f.dst)),
             _ => (None, None),
         };
+        let neighbours = match (needs_neighbours(d), self.netns_path(d.netns), d.dev) {
+            (true, Some(path), Some(dev)) => routes::unresolved_neighbours(path.as_deref(), dev.name().to_string(), d.flow.map(|f| f.dst)),
+            _ => Vec::new(),
+        };
         let nsexec = self.namespaces.exec_prefix(d.netns);
         let rst_sent = answer == Some(Answer::TcpReset);
-        let facts =
-            Facts { drop: d, icmp_sent, rst_sent, nf_engine, nsexec, nf_rule, nf_hook, ct, frag_needed_dropped, route, ifaces };
+        let facts = Facts {
+            drop: d,
+            icmp_sent,
+            rst_sent,
+            nf_engine,
+            nsexec,
+            nf_rule,
+            nf_hook,
+            ct,
+            frag_needed_dropped,
+            route,
+            ifaces,
+            neighbours,
+        };
         let mut verdict = self.engine.classify(&facts);
         if netfilter {
             for (key, fact) in [("hook", "nf_hook"), ("engine", "nf_engine"), ("rule", "nf_rule")] {
@@ -346,4 +362,9 @@ fn needs_route(d: &Drop) -> bool {
     matches!(&*d.reason, "IP_INNOROUTES" | "IP_OUTNOROUTES" | "IP_INADDRERRORS")
         || (&*d.reason == "NOT_SPECIFIED"
             && matches!(&*d.location, "ip_error" | "dst_discard" | "ip6_pkt_discard" | "ip6_pkt_prohibit"))
+}
+
+/// Drops whose explanation depends on the neighbour table of their device.
+fn needs_neighbours(d: &Drop) -> bool {
+    matches!(&*d.reason, "NEIGH_FAILED" | "NEIGH_QUEUEFULL") || &*d.location == "neigh_invalidate"
 }

@@ -17,7 +17,8 @@ fn neigh_failed_is_neighbor_failed() {
     });
     let e = Expect { ifname: "r1", dst: "10.231.2.99", ..Expect::routed(&t, "neighbor_failed", 9300) };
     assert_eq!((e.check(&report), unreachables), (3, 3));
-    assert!(evidence(&report, "neighbor_failed").contains("host unreachable"));
+    let ev = evidence(&report, "neighbor_failed");
+    assert!(ev.contains("host unreachable") && ev.contains("neighbours 10.231.2.99 FAILED"), "{ev}");
 }
 
 /// `unresolved_discards` of the ARP table, summed over CPUs. The table's statistics are
@@ -44,4 +45,6 @@ fn burst_to_unresolved_neighbor_is_neighbor_queue_full() {
     assert_eq!(report.count("neighbor_queue_full"), discards);
     let r = report.of("neighbor_queue_full")[0];
     assert_eq!((&r["dst"], &r["dport"]), (&"10.231.2.98".into(), &9301.into()));
+    let ev = evidence(&report, "neighbor_queue_full");
+    assert!(ev.contains("neighbours 10.231.2.98 INCOMPLETE"), "{ev}");
 }

@@ -238,7 +238,7 @@ fn cases() -> Vec<Case> {
             ..case("bridged", drop("NETFILTER_DROP", "nft_do_chain"), "bridge_netfilter", "bridged frame on r0")
         },
         case("bad header", drop("IP_INHDR", "ip_rcv_core"), "malformed_packet", "IP_INHDR at ip_rcv_core"),
-        case("arp failed", drop("NEIGH_FAILED", "neigh_invalidate"), "neighbor_failed", "ARP/ND"),
+        case("arp failed", drop("NEIGH_FAILED", "neigh_invalidate"), "neighbor_failed", "neighbours 10.231.2.2 FAILED"),
         case("nd failed (v6, no reason)", v6(drop("NOT_SPECIFIED", "neigh_invalidate")), "neighbor_failed", "resolution failed"),
         case("neigh queue", drop("NEIGH_QUEUEFULL", "__neigh_event_send"), "neighbor_queue_full", "queue full"),
         case("neigh table", drop("NEIGH_CREATEFAIL", "ip_finish_output2"), "neighbor_table_full", "could not be created"),
@@ -267,6 +267,7 @@ fn classify(engine: &Engine, c: &Case) -> Verdict {
         frag_needed_dropped: c.frag_needed_dropped,
         route: c.route.map(str::to_string),
         ifaces: Some(c.ifaces),
+        neighbours: vec!["10.231.2.2 FAILED".into()],
         ..Facts::bare(&c.drop)
     };
     engine.classify(&facts)

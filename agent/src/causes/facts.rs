@@ -39,7 +39,7 @@ pub const CONDITION_FACTS: &[&str] = &[
 /// Facts usable only as placeholders in evidence and fix texts.
 pub const PLACEHOLDERS: &[&str] = &[
     "ifname", "out_ifname", "mtu", "len", "src", "dst", "sport", "dport", "flow", "ttl", "netns", "reason", "location",
-    "nsexec", "nf_rule", "nf_reject_with", "nf_delete", "ct_count", "ct_max", "ct_drops", "route",
+    "nsexec", "nf_rule", "nf_reject_with", "nf_delete", "ct_count", "ct_max", "ct_drops", "route", "neighbours",
 ];
 
 /// A fact's value.
@@ -96,6 +96,8 @@ pub struct Facts<'a> {
     pub route: Option<String>,
     /// Non-loopback interfaces in the namespace.
     pub ifaces: Option<usize>,
+    /// Unresolved neighbour entries on the egress device ("ADDR STATE").
+    pub neighbours: Vec<String>,
 }
 
 impl Facts<'_> {
@@ -114,6 +116,7 @@ impl Facts<'_> {
             frag_needed_dropped: false,
             route: None,
             ifaces: None,
+            neighbours: Vec::new(),
         }
     }
 }
@@ -163,6 +166,11 @@ impl<'a> Facts<'a> {
             "ct_drops" => self.ct.map(|c| Value::Int(c.drop as i64)),
             "frag_needed" => Some(Value::Bool(is_frag_needed(d))),
             "frag_needed_dropped" => Some(Value::Bool(self.frag_needed_dropped)),
+            "neighbours" => text(if self.neighbours.is_empty() {
+                "none unresolved now".into()
+            } else {
+                self.neighbours.join(", ")
+            }),
             "route" => text(self.route.clone().unwrap_or_else(|| "no matching route".into())),
             "end_host" => self.ifaces.map(|n| Value::Bool(n <= 1)),
             "route_type" => self.route.as_deref().map(|r| {

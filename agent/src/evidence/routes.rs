@@ -1,5 +1,5 @@
-//! Routing state of a namespace: the route that matches a destination, and whether the
-//! namespace looks like an end host (one interface) or a router.
+//! Routing state of a namespace: the route that matches a destination, whether the namespace
+//! looks like an end host (one interface) or a router, and unresolved neighbours.
 use std::{fs, net::IpAddr, path::Path, process::Command};
 
 use ipnet::IpNet;
@@ -23,6 +23,38 @@ pub fn lookup(ns: Option<&Path>, dst: Option<IpAddr>) -> (Option<String>, Option
         Some(path) => run_in(path, read).unwrap_or((None, None)),
         None => read(),
     }
+}
+
+/// Neighbour entries on `dev` that are not resolved (INCOMPLETE, FAILED), as "ADDR STATE",
+/// the one for `dst` first when it is among them.
+pub fn unresolved_neighbours(ns: Option<&Path>, dev: String, dst: Option<IpAddr>) -> Vec<String> {
+    let read = move || {
+        let out = Command::new("ip").args(["-j", "neigh", "show", "dev", &dev]).output().ok();
+        let json: serde_json::Value = out.and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or_default();
+        parse_unresolved(&json, dst)
+    };
+    match ns {
+        Some(path) => run_in(path, read).unwrap_or_default(),
+        None => read(),
+    }
+}
+
+/// Picks unresolved entries out of `ip -j neigh show` output.
+pub fn parse_unresolved(json: &serde_json::Value, dst: Option<IpAddr>) -> Vec<String> {
+    let mut found: Vec<(bool, String)> = json
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| {
+            let addr = n["dst"].as_str()?;
+            let states: Vec<&str> = n["state"].as_array()?.iter().filter_map(|s| s.as_str()).collect();
+            let bad = states.iter().find(|s| matches!(**s, "FAILED" | "INCOMPLETE"))?;
+            let is_dst = dst.is_some_and(|d| addr.parse::<IpAddr>().ok() == Some(d));
+            Some((!is_dst, format!("{addr} {bad}")))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, s)| s).collect()
 }
 
 /// The line of `ip -o route show match` output with the longest prefix containing `dst`.
@@ -57,6 +89,17 @@ mod tests {
         assert_eq!(best_match(text, dst).as_deref(), Some("unreachable 10.231.66.0/24"));
         assert_eq!(best_match(text, "8.8.8.8".parse().unwrap()).as_deref(), Some("default via 10.0.0.1 dev eth0"));
         assert_eq!(best_match("", dst), None);
+    }
+
+    #[test]
+    fn unresolved_neighbours_put_the_destination_first() {
+        let json = serde_json::json!([
+            {"dst": "10.0.0.2", "lladdr": "aa:bb:cc:dd:ee:ff", "state": ["STALE"]},
+            {"dst": "10.0.0.3", "state": ["INCOMPLETE"]},
+            {"dst": "10.0.0.9", "state": ["FAILED"]}
+        ]);
+        let dst = "10.0.0.9".parse().ok();
+        assert_eq!(parse_unresolved(&json, dst), vec!["10.0.0.9 FAILED", "10.0.0.3 INCOMPLETE"]);
     }
 
     #[test]
