@@ -93,6 +93,64 @@ impl Offsets {
     };
 }
 
+/// An address prefix for the kernel-side filters (`--src`, `--dst`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    /// IPv4 addresses use the first 4 bytes.
+    pub addr: [u8; 16],
+    pub prefix_len: u8,
+    /// [`FLAG_IPV4`] or [`FLAG_IPV6`].
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+impl Cidr {
+    pub const NONE: Cidr = Cidr { addr: [0; 16], prefix_len: 0, family: 0, _pad: [0; 2] };
+}
+
+/// Capacity of each kernel-side filter list; longer lists are filtered in userspace only.
+pub const FILTER_SLOTS: usize = 8;
+
+/// Filters applied in the kernel before an event is produced. Within a list values are
+/// alternatives; lists must all match; an empty list (count 0) matches everything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Filters {
+    pub src: [Cidr; FILTER_SLOTS],
+    pub dst: [Cidr; FILTER_SLOTS],
+    pub netns: [u32; FILTER_SLOTS],
+    pub ports: [u16; FILTER_SLOTS],
+    pub protos: [u8; FILTER_SLOTS],
+    pub ifnames: [[u8; 16]; FILTER_SLOTS],
+    pub n_src: u8,
+    pub n_dst: u8,
+    pub n_netns: u8,
+    pub n_ports: u8,
+    pub n_protos: u8,
+    pub n_ifnames: u8,
+    pub _pad: [u8; 2],
+}
+
+impl Filters {
+    /// No filter: everything passes.
+    pub const NONE: Filters = Filters {
+        src: [Cidr::NONE; FILTER_SLOTS],
+        dst: [Cidr::NONE; FILTER_SLOTS],
+        netns: [0; FILTER_SLOTS],
+        ports: [0; FILTER_SLOTS],
+        protos: [0; FILTER_SLOTS],
+        ifnames: [[0; 16]; FILTER_SLOTS],
+        n_src: 0,
+        n_dst: 0,
+        n_netns: 0,
+        n_ports: 0,
+        n_protos: 0,
+        n_ifnames: 0,
+        _pad: [0; 2],
+    };
+}
+
 /// Load-time configuration of the eBPF programs (a `.rodata` global named `CONFIG`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +163,7 @@ pub struct Config {
     pub has_reason: u32,
     /// Whether `tcp_send_reset`'s tp_btf arguments include the incoming skb (6.x: sk, skb, ...).
     pub rst_has_skb: u32,
+    pub filters: Filters,
 }
 
 /// Which probe produced an [`Event`].
@@ -182,7 +241,9 @@ pub mod counter {
     pub const LOST: u32 = 0;
     /// Drop events seen by the probe (delivered or not).
     pub const SEEN: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Drops the kernel-side filters left out (never sent to userspace).
+    pub const FILTERED: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Byte size of the ring buffer carrying [`Event`]s.
@@ -235,4 +296,5 @@ mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, no pointers, every bit pattern valid.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::Filters {}
 }

@@ -1,5 +1,5 @@
 //! Maps and the load-time configuration global.
-use agent_ebpf::{counter, Config, Event, Offsets, ABSENT, RING_BYTES, STACK_ENTRIES};
+use agent_ebpf::{counter, Config, Event, Filters, Offsets, ABSENT, RING_BYTES, STACK_ENTRIES};
 use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf, StackTrace},
@@ -13,6 +13,7 @@ static CONFIG: Config = Config {
     stack_reasons: [ABSENT; 2],
     has_reason: 1,
     rst_has_skb: 0,
+    filters: Filters::NONE,
 };
 
 /// The configuration as the verifier sees it: a read from the frozen `.rodata` map.
@@ -41,17 +42,28 @@ pub fn bump(index: u32) {
     }
 }
 
-/// Reserves a ring-buffer record starting from an all-zero event; counts the loss if full.
+/// Per-CPU scratch space where an event is built and filtered before it costs a ring-buffer slot.
+#[map]
+pub static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
+
+/// A zeroed event in this CPU's scratch slot.
 #[inline(always)]
-pub fn reserve() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<Event>> {
-    match EVENTS.reserve::<Event>(0) {
-        Some(mut entry) => {
-            entry.write(Event::zeroed());
-            Some(entry)
-        }
-        None => {
-            bump(counter::LOST);
-            None
-        }
+pub fn scratch() -> Option<&'static mut Event> {
+    let ev = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, exclusively ours for this program run.
+    let ev = unsafe { &mut *ev };
+    *ev = Event::zeroed();
+    Some(ev)
+}
+
+/// Sends a finished event if it passes the filters; counts it as filtered or lost otherwise.
+#[inline(always)]
+pub fn send(ev: &Event) {
+    if !crate::filter::passes(ev) {
+        bump(counter::FILTERED);
+        return;
+    }
+    if EVENTS.output::<Event>(ev, 0).is_err() {
+        bump(counter::LOST);
     }
 }

@@ -1,5 +1,6 @@
 //! Which drops the operator asked to see (`--src`, `--dst`, `--port`, `--proto`, `--iface`,
 //! `--netns`). Within one flag values are alternatives; different flags must all match.
+use agent_ebpf::{Cidr, Filters, FILTER_SLOTS, FLAG_IPV4, FLAG_IPV6};
 use ipnet::IpNet;
 
 use crate::events::Drop;
@@ -15,6 +16,28 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The same filters for the kernel, so unwanted drops never reach userspace. A list longer
+    /// than the kernel's capacity is left empty there (userspace still applies it).
+    pub fn to_kernel(&self) -> Filters {
+        let mut k = Filters::NONE;
+        fn fill<T: Copy, U>(src: &[T], dst: &mut [U; FILTER_SLOTS], n: &mut u8, f: impl Fn(T) -> U) {
+            if src.len() <= FILTER_SLOTS {
+                for (slot, v) in dst.iter_mut().zip(src) {
+                    *slot = f(*v);
+                }
+                *n = src.len() as u8;
+            }
+        }
+        fill(&self.src, &mut k.src, &mut k.n_src, cidr);
+        fill(&self.dst, &mut k.dst, &mut k.n_dst, cidr);
+        fill(&self.netns, &mut k.netns, &mut k.n_netns, |v| v);
+        fill(&self.ports, &mut k.ports, &mut k.n_ports, |v| v);
+        fill(&self.protos, &mut k.protos, &mut k.n_protos, |v| v);
+        let names: Vec<[u8; 16]> = self.ifaces.iter().map(|n| ifname_bytes(n)).collect();
+        fill(&names, &mut k.ifnames, &mut k.n_ifnames, |v| v);
+        k
+    }
+
     /// Whether `d` passes. A drop without the field a filter needs (e.g. no parsed address)
     /// does not pass that filter.
     pub fn matches(&self, d: &Drop) -> bool {
@@ -33,6 +56,30 @@ impl Filter {
             )
             && any(!self.netns.is_empty(), self.netns.contains(&d.netns))
     }
+}
+
+fn cidr(net: IpNet) -> Cidr {
+    let mut c = Cidr::NONE;
+    match net {
+        IpNet::V4(n) => {
+            c.addr[..4].copy_from_slice(&n.network().octets());
+            c.family = FLAG_IPV4;
+        }
+        IpNet::V6(n) => {
+            c.addr = n.network().octets();
+            c.family = FLAG_IPV6;
+        }
+    }
+    c.prefix_len = net.prefix_len();
+    c
+}
+
+/// An interface name as the kernel stores it (`char name[16]`, NUL-padded).
+fn ifname_bytes(name: &str) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let n = name.len().min(15);
+    b[..n].copy_from_slice(&name.as_bytes()[..n]);
+    b
 }
 
 /// Parses a `--proto` value: a name or an IP protocol number.
@@ -105,6 +152,23 @@ mod tests {
         assert!(f.matches(&d));
         let f = Filter { dst: vec![parse_net("10.9.0.1").unwrap()], netns: vec![7], ..Default::default() };
         assert!(!f.matches(&d));
+    }
+
+    #[test]
+    fn kernel_filters_mirror_the_flags() {
+        let f = Filter {
+            dst: vec![parse_net("10.231.2.0/24").unwrap(), parse_net("fd00::1").unwrap()],
+            ports: vec![53],
+            ifaces: vec!["r0".into()],
+            netns: (0..20).collect(),
+            ..Default::default()
+        };
+        let k = f.to_kernel();
+        assert_eq!((k.n_dst, k.n_ports, k.n_ifnames, k.n_src), (2, 1, 1, 0));
+        assert_eq!((k.dst[0].prefix_len, k.dst[0].family, &k.dst[0].addr[..4]), (24, FLAG_IPV4, &[10, 231, 2, 0][..]));
+        assert_eq!((k.dst[1].prefix_len, k.dst[1].family), (128, FLAG_IPV6));
+        assert_eq!(&k.ifnames[0][..3], b"r0\0");
+        assert_eq!(k.n_netns, 0, "too many namespaces for the kernel: filtered in userspace only");
     }
 
     #[test]

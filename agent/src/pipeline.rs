@@ -334,6 +334,7 @@ impl Pipeline {
             reasons: self.reasons.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             suppressed: self.suppressed,
             filtered: self.filtered,
+            filtered_in_kernel: 0,
             decoded: self.drops,
             seen,
             lost,

@@ -44,6 +44,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         stack_reasons: [stack_reason("NETFILTER_DROP"), stack_reason("NOT_SPECIFIED")],
         has_reason: 1,
         rst_has_skb: 0,
+        filters: filter.to_kernel(),
     };
     preflight::raise_memlock();
     let probes = attach::attach(&kernel, &args.btf, args.attach, config)?;
@@ -132,11 +133,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     pipeline.flush(sink.as_mut());
     let sum = |index| counters.get(&index, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
-    let (seen, lost) = (sum(counter::SEEN), sum(counter::LOST));
+    let (seen, lost, filtered_in_kernel) = (sum(counter::SEEN), sum(counter::LOST), sum(counter::FILTERED));
     drop(ring);
     drop(ebpf);
     tracing::info!("detached");
-    sink.summary(&pipeline.summary(seen, lost, streaming.elapsed().as_secs_f64()));
+    let mut summary = pipeline.summary(seen, lost, streaming.elapsed().as_secs_f64());
+    summary.filtered += filtered_in_kernel;
+    summary.filtered_in_kernel = filtered_in_kernel;
+    sink.summary(&summary);
     Ok(())
 }
 

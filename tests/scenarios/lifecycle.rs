@@ -161,3 +161,29 @@ fn bad_input_is_one_clear_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("needs root"), "{err}");
 }
+
+#[test]
+fn filters_apply_in_the_kernel() {
+    let t = Topology::new();
+    t.r.sh("iptables-nft -A FORWARD -p udp -j DROP");
+    // Drops in R on two ports and in B; only R port 9402 is asked for.
+    let before_b = Nstat::read(&t.b);
+    let obs = Observer::start(&["--netns", &t.r.name, "--port", "9402"]);
+    Udp::to(B4, 9402).count(3).send(&t.a);
+    Udp::to(B4, 9403).count(4).send(&t.a);
+    t.b.run(|| {
+        let s = std::net::UdpSocket::bind("10.231.2.2:0").unwrap();
+        for _ in 0..5 {
+            let _ = s.send_to(b"x", "10.231.2.1:9404");
+        }
+    });
+    let report = obs.stop();
+    report.assert_consistent();
+    assert_eq!(report.causes(), vec![("netfilter_drop".to_string(), 3)]);
+    let s = report.summary();
+    // Only the 3 wanted drops crossed into userspace; the other 4 (R) and 5 (R, no listener)
+    // were left out by the programs themselves.
+    assert_eq!(s["decoded"], 3, "{s}");
+    assert!(s["filtered_in_kernel"].as_u64().unwrap() >= 9, "{s}");
+    assert_eq!(Nstat::delta(&t.b, &before_b, "UdpOutDatagrams"), 5);
+}

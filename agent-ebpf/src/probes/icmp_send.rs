@@ -3,18 +3,19 @@
 use agent_ebpf::EventKind;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
-use crate::{maps::reserve, packet};
+use crate::{
+    maps::{scratch, send},
+    packet,
+};
 
 #[inline(always)]
 pub fn on_icmp_send(skb: u64, ty: u8, code: u8) {
-    let Some(mut entry) = reserve() else { return };
-    // SAFETY: `reserve` initialised the record.
-    let ev = unsafe { entry.assume_init_mut() };
+    let Some(ev) = scratch() else { return };
     ev.kind = EventKind::IcmpSent as u8;
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     packet::fill(ev, skb);
     // The ICMP message sent, not the offending packet's own ICMP header.
     ev.icmp_type = ty;
     ev.icmp_code = code;
-    entry.submit(0);
+    send(ev);
 }

@@ -3,16 +3,14 @@ use agent_ebpf::{counter, EventKind};
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::StackTrace, programs::tracing::StackIdContext, EbpfContext};
 
 use crate::{
-    maps::{bump, cfg, reserve, STACKS},
+    maps::{bump, cfg, scratch, send, STACKS},
     packet,
 };
 
 #[inline(always)]
 pub fn on_drop<C: EbpfContext + StackIdContext>(ctx: &C, skb: u64, location: u64, reason: u32) {
     bump(counter::SEEN);
-    let Some(mut entry) = reserve() else { return };
-    // SAFETY: `reserve` initialised the record.
-    let ev = unsafe { entry.assume_init_mut() };
+    let Some(ev) = scratch() else { return };
     ev.kind = EventKind::Drop as u8;
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.location = location;
@@ -24,7 +22,7 @@ pub fn on_drop<C: EbpfContext + StackIdContext>(ctx: &C, skb: u64, location: u64
     if reason == wanted[0] || reason == wanted[1] {
         ev.stack_id = stack_id(ctx, &STACKS);
     }
-    entry.submit(0);
+    send(ev);
 }
 
 #[inline(always)]

@@ -3,7 +3,10 @@
 use agent_ebpf::EventKind;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
-use crate::{maps::reserve, packet};
+use crate::{
+    maps::{scratch, send},
+    packet,
+};
 
 #[inline(always)]
 pub fn on_reset(skb: u64) {
@@ -11,11 +14,9 @@ pub fn on_reset(skb: u64) {
     if skb == 0 {
         return;
     }
-    let Some(mut entry) = reserve() else { return };
-    // SAFETY: `reserve` initialised the record.
-    let ev = unsafe { entry.assume_init_mut() };
+    let Some(ev) = scratch() else { return };
     ev.kind = EventKind::RstSent as u8;
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     packet::fill(ev, skb);
-    entry.submit(0);
+    send(ev);
 }

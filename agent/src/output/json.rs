@@ -113,6 +113,7 @@ pub fn summary_json(s: &Summary) -> Value {
         "reasons": s.reasons,
         "suppressed": s.suppressed,
         "filtered": s.filtered,
+        "filtered_in_kernel": s.filtered_in_kernel,
         "seen": s.seen,
         "decoded": s.decoded,
         "lost": s.lost,

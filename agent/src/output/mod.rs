@@ -43,8 +43,10 @@ pub struct Summary {
     pub reasons: std::collections::BTreeMap<String, u64>,
     /// Benign drops not reported (see `--all`).
     pub suppressed: u64,
-    /// Drops outside the filters.
+    /// Drops outside the filters (in the kernel and in userspace).
     pub filtered: u64,
+    /// Of those, drops the kernel-side filters left out before any event was produced.
+    pub filtered_in_kernel: u64,
     /// Drop records received from the kernel.
     pub decoded: u64,
     /// Drops the kernel probe saw (delivered or not).
