@@ -93,6 +93,53 @@ impl Offsets {
     };
 }
 
+/// What drops are counted by in the kernel: everything the cause of a drop depends on
+/// that is cheap to key on. Userspace classifies each key from its sampled events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AggKey {
+    pub location: u64,
+    pub reason: u32,
+    pub netns: u32,
+    pub ifindex: u32,
+    /// [`FLAG_IPV4`] / [`FLAG_IPV6`] or 0.
+    pub family: u8,
+    pub l4_proto: u8,
+    pub _pad: [u8; 2],
+}
+
+impl AggKey {
+    /// The key of an event (the same computation on both sides).
+    pub fn of(ev: &Event) -> AggKey {
+        AggKey {
+            location: ev.location,
+            reason: ev.reason,
+            netns: ev.netns,
+            ifindex: ev.ifindex,
+            family: ev.flags & (FLAG_IPV4 | FLAG_IPV6),
+            l4_proto: ev.l4_proto,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Per-CPU counts of one [`AggKey`]: exact packets and bytes, and how many of them were
+/// not sent as events (over the sampling budget, or no room in the ring buffer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AggVal {
+    pub packets: u64,
+    pub bytes: u64,
+    pub suppressed: u64,
+    pub lost: u64,
+    /// Start of the current one-second sampling window (ktime ns) and events sent in it.
+    pub window_ns: u64,
+    pub sent: u64,
+}
+
+/// Entries of the aggregation map (LRU: the least recently dropped keys go first).
+pub const AGG_ENTRIES: u32 = 16384;
+
 /// An address prefix for the kernel-side filters (`--src`, `--dst`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +210,9 @@ pub struct Config {
     pub has_reason: u32,
     /// Whether `tcp_send_reset`'s tp_btf arguments include the incoming skb (6.x: sk, skb, ...).
     pub rst_has_skb: u32,
+    /// Drop events sent per aggregation key per second per CPU; 0 = all of them.
+    pub sample_per_sec: u32,
+    pub _pad: u32,
     pub filters: Filters,
 }
 
@@ -297,4 +347,6 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Filters {}
+    unsafe impl aya::Pod for super::AggKey {}
+    unsafe impl aya::Pod for super::AggVal {}
 }

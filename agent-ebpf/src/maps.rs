@@ -1,8 +1,10 @@
 //! Maps and the load-time configuration global.
-use agent_ebpf::{counter, Config, Event, Filters, Offsets, ABSENT, RING_BYTES, STACK_ENTRIES};
+use agent_ebpf::{
+    counter, AggKey, AggVal, Config, Event, Filters, Offsets, ABSENT, AGG_ENTRIES, RING_BYTES, STACK_ENTRIES,
+};
 use aya_ebpf::{
     macros::map,
-    maps::{PerCpuArray, RingBuf, StackTrace},
+    maps::{LruPerCpuHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 
 /// Filled in by userspace before load (`EbpfLoader::set_global`); frozen afterwards, so the
@@ -13,6 +15,8 @@ static CONFIG: Config = Config {
     stack_reasons: [ABSENT; 2],
     has_reason: 1,
     rst_has_skb: 0,
+    sample_per_sec: 0,
+    _pad: 0,
     filters: Filters::NONE,
 };
 
@@ -56,14 +60,74 @@ pub fn scratch() -> Option<&'static mut Event> {
     Some(ev)
 }
 
-/// Sends a finished event if it passes the filters; counts it as filtered or lost otherwise.
+/// Exact drop counts by key, per CPU (see [`AggKey`]).
+#[map]
+pub static AGG: LruPerCpuHashMap<AggKey, AggVal> = LruPerCpuHashMap::with_max_entries(AGG_ENTRIES, 0);
+
+/// Whether an event passes the kernel-side filters (counting it when it does not).
+#[inline(always)]
+pub fn wanted(ev: &Event) -> bool {
+    let pass = crate::filter::passes(ev);
+    if !pass {
+        bump(counter::FILTERED);
+    }
+    pass
+}
+
+/// Sends a finished event if it passes the filters.
 #[inline(always)]
 pub fn send(ev: &Event) {
-    if !crate::filter::passes(ev) {
-        bump(counter::FILTERED);
-        return;
+    if wanted(ev) {
+        output(ev);
     }
+}
+
+#[inline(always)]
+fn output(ev: &Event) -> bool {
     if EVENTS.output::<Event>(ev, 0).is_err() {
         bump(counter::LOST);
+        return false;
+    }
+    true
+}
+
+/// For drops that passed the filters: counts the drop under its key (exactly), then sends the
+/// event only within the per-key sampling budget. What is not sent is counted, per key, as
+/// suppressed or lost.
+#[inline(always)]
+pub fn count_and_send(ev: &Event) {
+    let key = AggKey::of(ev);
+    let val = match AGG.get_ptr_mut(&key) {
+        Some(v) => v,
+        None => {
+            let _ = AGG.insert(&key, &AggVal::default(), 0);
+            match AGG.get_ptr_mut(&key) {
+                Some(v) => v,
+                // The map refused the key: still deliver the event, uncounted by key.
+                None => {
+                    output(ev);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: per-CPU value of this CPU, valid for the program's run.
+    let val = unsafe { &mut *val };
+    val.packets += 1;
+    val.bytes += ev.len as u64;
+    let budget = cfg().sample_per_sec as u64;
+    if budget != 0 {
+        if ev.ts_ns.wrapping_sub(val.window_ns) >= 1_000_000_000 {
+            val.window_ns = ev.ts_ns;
+            val.sent = 0;
+        }
+        if val.sent >= budget {
+            val.suppressed += 1;
+            return;
+        }
+        val.sent += 1;
+    }
+    if !output(ev) {
+        val.lost += 1;
     }
 }

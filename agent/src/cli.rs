@@ -146,6 +146,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_seconds)]
     pub interval: f64,
 
+    /// Drop events sent to userspace per kind of drop per second (per CPU); the rest are only
+    /// counted in the kernel and reported as "... and N more like this". 0 sends every drop.
+    /// Counts stay exact either way.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub sample: u32,
+
     /// How to attach: auto tries BTF tracepoints, then classic tracepoints.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub attach: Mode,

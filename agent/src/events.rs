@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use agent_ebpf::{Event, EventKind, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4};
+use agent_ebpf::{AggKey, Event, EventKind, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4};
 
 use crate::kernel::{btf::DropReasons, kallsyms::Kallsyms};
 
@@ -134,6 +134,8 @@ pub struct Drop {
     pub flow: Option<Flow>,
     pub sysctls: Sysctls,
     pub stack_id: Option<u32>,
+    /// The key the kernel counted this drop under.
+    pub agg: AggKey,
 }
 
 /// How the kernel answered a packet it is about to drop.
@@ -219,7 +221,22 @@ impl Decoder {
                 all6_forwarding: opt(ev.all6_forwarding),
             },
             stack_id: u32::try_from(ev.stack_id).ok(),
+            agg: AggKey::of(ev),
         }
+    }
+
+    /// A drop standing for a kernel count whose events never reached userspace (all sampled
+    /// away or lost): only what the key itself says is known.
+    pub fn synthetic(&mut self, key: &AggKey, ts_ns: u64) -> Drop {
+        let mut ev = Event::zeroed();
+        ev.kind = EventKind::Drop as u8;
+        ev.ts_ns = ts_ns;
+        ev.location = key.location;
+        ev.reason = key.reason;
+        ev.netns = key.netns;
+        ev.ifindex = key.ifindex;
+        ev.l4_proto = key.l4_proto;
+        self.drop(&ev)
     }
 }
 

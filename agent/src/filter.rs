@@ -135,6 +135,7 @@ mod tests {
             }),
             sysctls: Sysctls::default(),
             stack_id: None,
+            agg: Default::default(),
         }
     }
 

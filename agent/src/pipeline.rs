@@ -4,6 +4,8 @@
 //! as one record per flush interval. Classification runs once per distinct drop, not per packet.
 use std::{collections::HashMap, sync::Arc};
 
+use agent_ebpf::{AggKey, AggVal};
+
 use crate::{
     causes::{facts, Engine, Facts, Verdict},
     events::{Answer, Device, Drop, Flow, Record, Reply, Sysctls},
@@ -45,6 +47,17 @@ struct Fold {
     pending: u64,
 }
 
+/// What userspace knows about one kernel aggregation key: the cause of its latest sampled
+/// drop, and how many of its unsent drops have been reported already.
+struct KeyState {
+    verdict: Arc<Verdict>,
+    sample: Drop,
+    answer: Option<Answer>,
+    events: u64,
+    reported_suppressed: u64,
+    reported_lost: u64,
+}
+
 /// Per-cause totals for the summary.
 #[derive(Debug, Clone, Default)]
 pub struct CauseTotals {
@@ -70,6 +83,9 @@ pub struct Pipeline {
     frag_needed_drops: HashMap<(u32, std::net::IpAddr), u64>,
     rules: rules::Tracker,
     stacks: StackReader,
+    keys: HashMap<AggKey, KeyState>,
+    /// Whether every kernel count so far was matched by events plus reported unsent drops.
+    pub counts_exact: bool,
     pub causes: HashMap<String, CauseTotals>,
     pub reasons: HashMap<Arc<str>, u64>,
     pub suppressed: u64,
@@ -82,6 +98,8 @@ impl Pipeline {
         Pipeline {
             rules,
             stacks,
+            keys: HashMap::new(),
+            counts_exact: true,
             engine,
             filter,
             show_benign,
@@ -147,10 +165,23 @@ impl Pipeline {
             fold.pending += u64::from(self.show_benign || !benign);
             fold.sample.ts_ns = d.ts_ns;
             self.count(&verdict, &d);
+            if let Some(k) = self.keys.get_mut(&d.agg) {
+                k.events += 1;
+            }
             return;
         }
         let verdict = Arc::new(self.classify(&d, answer, frag_needed_dropped));
         self.count(&verdict, &d);
+        let k = self.keys.entry(d.agg).or_insert_with(|| KeyState {
+            verdict: verdict.clone(),
+            sample: d.clone(),
+            answer,
+            events: 0,
+            reported_suppressed: 0,
+            reported_lost: 0,
+        });
+        k.events += 1;
+        (k.verdict, k.sample, k.answer) = (verdict.clone(), d.clone(), answer);
         if self.folds.len() >= MAX_FOLDS {
             self.flush(sink);
             self.folds.clear();
@@ -275,27 +306,32 @@ impl Pipeline {
     }
 
     fn count(&mut self, v: &Verdict, d: &Drop) {
+        self.count_n(v, d, 1);
+    }
+
+    /// Adds `n` drops like `d` to the totals.
+    fn count_n(&mut self, v: &Verdict, d: &Drop, n: u64) {
         if v.benign && !self.show_benign {
-            self.suppressed += 1;
+            self.suppressed += n;
             return;
         }
-        *self.reasons.entry(d.reason.clone()).or_default() += 1;
+        *self.reasons.entry(d.reason.clone()).or_default() += n;
         let t = self.causes.entry(v.cause.clone()).or_insert_with(|| CauseTotals {
             title: v.title.clone(),
             evidence: v.evidence.clone(),
             hint: v.hint.clone(),
             ..Default::default()
         });
-        t.count += 1;
-        *t.reasons.entry(d.reason.clone()).or_default() += 1;
-        *t.locations.entry(d.location.clone()).or_default() += 1;
+        t.count += n;
+        *t.reasons.entry(d.reason.clone()).or_default() += n;
+        *t.locations.entry(d.location.clone()).or_default() += n;
         if let Some(dev) = d.dev {
-            *t.ifaces.entry(dev.name().to_string()).or_default() += 1;
+            *t.ifaces.entry(dev.name().to_string()).or_default() += n;
         }
         if let Some(flow) = d.flow {
             let text = flow.to_string();
             if t.flows.len() < MAX_FLOWS_PER_CAUSE || t.flows.contains_key(&text) {
-                *t.flows.entry(text).or_default() += 1;
+                *t.flows.entry(text).or_default() += n;
             }
         }
     }
@@ -307,7 +343,58 @@ impl Pipeline {
             answer,
             count,
             first,
+            unsent: None,
             netns_name: self.namespaces.name(d.netns),
+        }
+    }
+
+    /// Reports the drops the kernel counted but did not send (over the sampling budget, or no
+    /// room in the ring buffer), per key, as records standing for them. `kernel` holds the
+    /// kernel's per-key counts summed over CPUs; `synthetic` builds a drop for a key no event
+    /// of which ever arrived.
+    pub fn reconcile(
+        &mut self,
+        kernel: &[(AggKey, AggVal)],
+        mut synthetic: impl FnMut(&AggKey) -> Drop,
+        sink: &mut dyn Sink,
+        final_pass: bool,
+    ) {
+        for (key, val) in kernel {
+            if !self.keys.contains_key(key) {
+                if val.suppressed + val.lost == 0 {
+                    continue;
+                }
+                let d = synthetic(key);
+                if !self.filter.matches(&d) {
+                    continue;
+                }
+                let verdict = Arc::new(self.classify(&d, None, false));
+                let st = KeyState { verdict, sample: d, answer: None, events: 0, reported_suppressed: 0, reported_lost: 0 };
+                self.keys.insert(*key, st);
+            }
+            let st = self.keys.get_mut(key).expect("inserted above");
+            let sampled = val.suppressed.saturating_sub(std::mem::replace(&mut st.reported_suppressed, val.suppressed));
+            let lost = val.lost.saturating_sub(std::mem::replace(&mut st.reported_lost, val.lost));
+            let (verdict, sample, answer, events) = (st.verdict.clone(), st.sample.clone(), st.answer, st.events);
+            if final_pass && events + val.suppressed + val.lost != val.packets {
+                self.counts_exact = false;
+            }
+            for (n, kind) in [(sampled, "sampled"), (lost, "lost")] {
+                if n == 0 {
+                    continue;
+                }
+                self.count_n(&verdict, &sample, n);
+                if self.show_benign || !verdict.benign {
+                    let mut rec = self.record(&verdict, &sample, answer, n, false);
+                    rec.unsent = Some(kind);
+                    sink.drop(&rec);
+                }
+            }
+        }
+        if self.keys.len() > 2 * agent_ebpf::AGG_ENTRIES as usize {
+            // Keys the kernel evicted can never report again.
+            let live: std::collections::HashSet<&AggKey> = kernel.iter().map(|(k, _)| k).collect();
+            self.keys.retain(|k, _| live.contains(k));
         }
     }
 
@@ -339,6 +426,7 @@ impl Pipeline {
             seen,
             lost,
             seconds,
+            counts_exact: self.counts_exact,
         }
     }
 

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_ebpf::{counter, Config, ABSENT};
+use agent_ebpf::{counter, AggKey, AggVal, Config, ABSENT};
 use anyhow::{Context, Result};
 use tokio::{
     io::unix::AsyncFd,
@@ -44,6 +44,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         stack_reasons: [stack_reason("NETFILTER_DROP"), stack_reason("NOT_SPECIFIED")],
         has_reason: 1,
         rst_has_skb: 0,
+        sample_per_sec: args.sample,
+        _pad: 0,
         filters: filter.to_kernel(),
     };
     preflight::raise_memlock();
@@ -80,7 +82,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut decoder = Decoder::new(reasons, symbols.clone());
     let rules = rule_baseline.join().map_err(|_| anyhow::anyhow!("rule counter reader panicked"))?;
     tracing::info!("firewall rule counters read ({} ms since start)", started.elapsed().as_millis());
-    let attach::Probes { events, counters, stacks, ebpf, .. } = probes;
+    let attach::Probes { events, counters, stacks, agg, ebpf, .. } = probes;
+    let read_agg = || -> Vec<(AggKey, AggVal)> {
+        agg.iter()
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| {
+                let sum = per_cpu.iter().fold(AggVal::default(), |mut a, v| {
+                    a.packets += v.packets;
+                    a.bytes += v.bytes;
+                    a.suppressed += v.suppressed;
+                    a.lost += v.lost;
+                    a
+                });
+                (k, sum)
+            })
+            .collect()
+    };
     let stack_reader: StackReader = Box::new(move |id| match stacks.get(&id, 0) {
         Ok(trace) => symbols.borrow_mut().frames(trace.frames().iter().map(|f| f.ip)),
         Err(_) => Vec::new(),
@@ -117,7 +134,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
                 guard.clear_ready();
             }
-            _ = tick.tick() => pipeline.flush(sink.as_mut()),
+            _ = tick.tick() => {
+                let now = clock_ns();
+                pipeline.reconcile(&read_agg(), |k| decoder.synthetic(k, now), sink.as_mut(), false);
+                pipeline.flush(sink.as_mut());
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut until => break,
@@ -131,6 +152,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             pipeline.push(record, sink.as_mut());
         }
     }
+    let now = clock_ns();
+    pipeline.reconcile(&read_agg(), |k| decoder.synthetic(k, now), sink.as_mut(), true);
     pipeline.flush(sink.as_mut());
     let sum = |index| counters.get(&index, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
     let (seen, lost, filtered_in_kernel) = (sum(counter::SEEN), sum(counter::LOST), sum(counter::FILTERED));
@@ -142,6 +165,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     summary.filtered_in_kernel = filtered_in_kernel;
     sink.summary(&summary);
     Ok(())
+}
+
+/// The kernel's monotonic clock (what bpf_ktime_get_ns reads), in ns.
+fn clock_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 /// Reads the starting counters of every DROP/REJECT rule, in the watched namespaces (all

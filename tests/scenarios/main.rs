@@ -7,9 +7,10 @@ mod forwarding;
 mod lifecycle;
 mod mtu;
 mod neighbor;
-mod signals;
 mod netfilter;
+mod signals;
 mod sockets;
+mod storm;
 
 use dropscope_tests::{
     topology::{A4, B4},

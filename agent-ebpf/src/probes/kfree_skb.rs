@@ -3,7 +3,7 @@ use agent_ebpf::{counter, EventKind};
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::StackTrace, programs::tracing::StackIdContext, EbpfContext};
 
 use crate::{
-    maps::{bump, cfg, scratch, send, STACKS},
+    maps::{bump, cfg, count_and_send, scratch, wanted, STACKS},
     packet,
 };
 
@@ -16,13 +16,16 @@ pub fn on_drop<C: EbpfContext + StackIdContext>(ctx: &C, skb: u64, location: u64
     ev.location = location;
     ev.reason = reason;
     packet::fill(ev, skb);
+    if !wanted(ev) {
+        return;
+    }
     // The hook of a netfilter drop, and the real caller of a NOT_SPECIFIED drop, are only in
     // the stack; take it for those reasons alone (it is the most expensive step here).
-    let wanted = &cfg().stack_reasons;
-    if reason == wanted[0] || reason == wanted[1] {
+    let stack_for = &cfg().stack_reasons;
+    if reason == stack_for[0] || reason == stack_for[1] {
         ev.stack_id = stack_id(ctx, &STACKS);
     }
-    send(ev);
+    count_and_send(ev);
 }
 
 #[inline(always)]

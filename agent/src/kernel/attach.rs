@@ -4,10 +4,10 @@
 //! one it got and why a better one was refused, so the operator sees exactly what is observed.
 use std::{fmt, path::Path, time::Instant};
 
-use agent_ebpf::{Config, ABSENT};
+use agent_ebpf::{AggKey, AggVal, Config, ABSENT};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
     programs::{BtfTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
@@ -56,6 +56,8 @@ pub struct Probes {
     pub events: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
     pub stacks: StackTraceMap<MapData>,
+    /// Exact per-key drop counts (see `agent_ebpf::AggKey`).
+    pub agg: PerCpuHashMap<MapData, AggKey, AggVal>,
     pub report: Vec<Attached>,
     pub attach_ms: u128,
     /// Owns the programs and their links: dropping it detaches them.
@@ -117,7 +119,8 @@ pub fn attach(kernel: &KernelBtf, btf_path: &Path, mode: Mode, mut config: Confi
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
     let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
     let stacks = StackTraceMap::try_from(ebpf.take_map("STACKS").context("STACKS map missing")?)?;
-    Ok(Probes { events, counters, stacks, report, attach_ms: start.elapsed().as_millis(), ebpf })
+    let agg = PerCpuHashMap::try_from(ebpf.take_map("AGG").context("AGG map missing")?)?;
+    Ok(Probes { events, counters, stacks, agg, report, attach_ms: start.elapsed().as_millis(), ebpf })
 }
 
 fn attach_hook(ebpf: &mut Ebpf, btf: &Btf, hook: &Hook, mode: Mode, tp_ready: bool) -> Result<Attached> {
@@ -229,7 +232,7 @@ mod tests {
                 assert!(elf.symbols().any(|s| object::ObjectSymbol::name(&s) == Ok(program)), "{program} missing");
             }
         }
-        for map in ["EVENTS", "STACKS", "COUNTERS", "CONFIG"] {
+        for map in ["EVENTS", "STACKS", "COUNTERS", "CONFIG", "AGG", "SCRATCH"] {
             assert!(elf.symbols().any(|s| object::ObjectSymbol::name(&s) == Ok(map)), "{map} missing");
         }
     }

@@ -79,6 +79,9 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
     }
     m.insert("count".into(), json!(r.count));
     m.insert("repeat".into(), json!(!r.first));
+    if let Some(kind) = r.unsent {
+        m.insert(kind.into(), json!(true));
+    }
     m.insert("evidence".into(), json!(r.verdict.evidence));
     m.insert("hint".into(), json!(r.verdict.hint));
     if r.verdict.benign {
@@ -117,6 +120,7 @@ pub fn summary_json(s: &Summary) -> Value {
         "seen": s.seen,
         "decoded": s.decoded,
         "lost": s.lost,
+        "counts_exact": s.counts_exact,
         "seconds": (s.seconds * 1000.0).round() / 1000.0,
         "details": details,
     })

@@ -23,6 +23,10 @@ pub struct DropRecord {
     pub count: u64,
     /// False for the periodic records that report repeats of an already shown drop.
     pub first: bool,
+    /// For drops the kernel counted but did not send: "sampled" (over the per-key budget) or
+    /// "lost" (no room in the ring buffer). The record stands for them with the cause of the
+    /// latest drop of the same key.
+    pub unsent: Option<&'static str>,
     pub netns_name: Option<String>,
 }
 
@@ -54,6 +58,8 @@ pub struct Summary {
     /// Drops the ring buffer had no room for.
     pub lost: u64,
     pub seconds: f64,
+    /// Whether the kernel's exact per-key counts equal what was reported.
+    pub counts_exact: bool,
 }
 
 /// A destination for reports.

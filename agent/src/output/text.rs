@@ -55,7 +55,12 @@ pub fn drop_line(r: &DropRecord, clock: &Clock) -> String {
         Some(name) => format!("netns {name}"),
         None => format!("netns {}", d.netns),
     };
-    let count = if r.first { format!("x{}", r.count) } else { format!("+{} more", r.count) };
+    let count = match (r.first, r.unsent) {
+        (true, _) => format!("x{}", r.count),
+        (false, Some("sampled")) => format!("... and {} more like this (sampled in the kernel)", r.count),
+        (false, Some(_)) => format!("... and {} more like this (events lost, counted in the kernel)", r.count),
+        (false, None) => format!("+{} more", r.count),
+    };
     format!("{time}  {}  {flow}  {dev} ({ns})  {count}", r.verdict.cause)
 }
 
