@@ -24,6 +24,12 @@ Identical drops are folded: the first is shown at once, repeats are counted and 
 --interval. Ctrl-C (or SIGTERM, or --duration) prints a summary ranked by count. Benign kernel
 housekeeping (ping socket copies, socket close purges) is counted but hidden unless --all.
 
+Under a drop storm the kernel counts every drop exactly (per reason, location, device, netns
+and protocol) and sends only --sample events per kind per second; the rest are reported as
+'... and N more like this'. Filters run in the kernel, before any event is produced. Memory
+stays bounded whatever the traffic: the kernel table holds 16384 kinds of drop (least recently
+seen evicted), userspace keeps at most 65536 distinct drops for folding and 1024 flows per cause.
+
 Needs root, or CAP_BPF + CAP_PERFMON, and a kernel with BTF (/sys/kernel/btf/vmlinux).
 Nothing stays attached after exit: the programs live only as long as the process.";
 
@@ -163,6 +169,11 @@ pub struct RunArgs {
     /// Colour text output.
     #[arg(long, value_enum, default_value_t = Color::Auto)]
     pub color: Color,
+
+    /// Live view instead of a stream: causes ranked by drop rate, redrawn every --interval
+    /// (plain lines when stdout is not a terminal). Ctrl-C prints the summary.
+    #[arg(long, conflicts_with = "format")]
+    pub top: bool,
 
     /// Print the catalogue of causes dropscope knows (Markdown) and exit.
     #[arg(long)]

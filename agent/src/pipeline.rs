@@ -67,8 +67,8 @@ pub struct CauseTotals {
     pub hint: String,
     pub reasons: HashMap<Arc<str>, u64>,
     pub locations: HashMap<Arc<str>, u64>,
-    pub ifaces: HashMap<String, u64>,
-    pub flows: HashMap<String, u64>,
+    pub ifaces: HashMap<Device, u64>,
+    pub flows: HashMap<Flow, u64>,
 }
 
 pub struct Pipeline {
@@ -316,22 +316,21 @@ impl Pipeline {
             return;
         }
         *self.reasons.entry(d.reason.clone()).or_default() += n;
-        let t = self.causes.entry(v.cause.clone()).or_insert_with(|| CauseTotals {
-            title: v.title.clone(),
-            evidence: v.evidence.clone(),
-            hint: v.hint.clone(),
-            ..Default::default()
-        });
+        // Hot path: no allocation once a cause, flow and device have been seen.
+        if !self.causes.contains_key(v.cause.as_str()) {
+            let fresh = CauseTotals { title: v.title.clone(), evidence: v.evidence.clone(), hint: v.hint.clone(), ..Default::default() };
+            self.causes.insert(v.cause.clone(), fresh);
+        }
+        let t = self.causes.get_mut(v.cause.as_str()).expect("inserted above");
         t.count += n;
         *t.reasons.entry(d.reason.clone()).or_default() += n;
         *t.locations.entry(d.location.clone()).or_default() += n;
         if let Some(dev) = d.dev {
-            *t.ifaces.entry(dev.name().to_string()).or_default() += n;
+            *t.ifaces.entry(dev).or_default() += n;
         }
         if let Some(flow) = d.flow {
-            let text = flow.to_string();
-            if t.flows.len() < MAX_FLOWS_PER_CAUSE || t.flows.contains_key(&text) {
-                *t.flows.entry(text).or_default() += n;
+            if t.flows.len() < MAX_FLOWS_PER_CAUSE || t.flows.contains_key(&flow) {
+                *t.flows.entry(flow).or_default() += n;
             }
         }
     }

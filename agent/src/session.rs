@@ -22,7 +22,7 @@ use crate::{
     events::Decoder,
     evidence::{netns, rules},
     kernel::{attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
-    output::{json::JsonSink, text::TextSink, AttachInfo, Clock, Sink},
+    output::{json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, DropRecord, Sink, Summary},
     pipeline::{Pipeline, StackReader},
 };
 
@@ -58,7 +58,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Kallsyms::empty()
     });
     let clock = Clock::new();
+    let mut top_view = args.top.then(|| TopView::new(std::io::stdout(), std::io::stdout().is_terminal()));
     let mut sink: Box<dyn Sink> = match args.format {
+        _ if args.top => Box::new(NullSink),
         Format::Json => Box::new(JsonSink::new(std::io::stdout(), clock)),
         Format::Text => {
             let color = match args.color {
@@ -77,6 +79,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     tracing::info!("attached in {attach_ms} ms (load+verify+attach {} ms)", probes.attach_ms);
     sink.attach(&info);
+    if let Some(view) = top_view.as_mut() {
+        view.attach(&info);
+    }
 
     let symbols = Rc::new(RefCell::new(symbols));
     let mut decoder = Decoder::new(reasons, symbols.clone());
@@ -105,6 +110,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut pipeline = Pipeline::new(Engine::builtin(), filter, args.all, rules, stack_reader);
     // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
+    let sum = |index| counters.get(&index, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
 
     // Handlers first: a signal that arrives right after the ready file appears must still
     // end in a summary and a clean detach.
@@ -138,6 +144,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let now = clock_ns();
                 pipeline.reconcile(&read_agg(), |k| decoder.synthetic(k, now), sink.as_mut(), false);
                 pipeline.flush(sink.as_mut());
+                if let Some(view) = top_view.as_mut() {
+                    view.frame(&pipeline.causes, args.interval, sum(counter::LOST));
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -155,7 +164,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let now = clock_ns();
     pipeline.reconcile(&read_agg(), |k| decoder.synthetic(k, now), sink.as_mut(), true);
     pipeline.flush(sink.as_mut());
-    let sum = |index| counters.get(&index, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
     let (seen, lost, filtered_in_kernel) = (sum(counter::SEEN), sum(counter::LOST), sum(counter::FILTERED));
     drop(ring);
     drop(ebpf);
@@ -163,7 +171,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut summary = pipeline.summary(seen, lost, streaming.elapsed().as_secs_f64());
     summary.filtered += filtered_in_kernel;
     summary.filtered_in_kernel = filtered_in_kernel;
-    sink.summary(&summary);
+    match top_view.as_mut() {
+        Some(view) => view.summary(&summary),
+        None => sink.summary(&summary),
+    }
     Ok(())
 }
 
@@ -203,4 +214,13 @@ impl Drop for ReadyFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// Discards records (the live view draws from the pipeline's totals instead).
+struct NullSink;
+
+impl Sink for NullSink {
+    fn attach(&mut self, _: &AttachInfo) {}
+    fn drop(&mut self, _: &DropRecord) {}
+    fn summary(&mut self, _: &Summary) {}
 }

@@ -187,3 +187,24 @@ fn filters_apply_in_the_kernel() {
     assert!(s["filtered_in_kernel"].as_u64().unwrap() >= 9, "{s}");
     assert_eq!(Nstat::delta(&t.b, &before_b, "UdpOutDatagrams"), 5);
 }
+
+#[test]
+fn top_view_ranks_causes_in_plain_lines_off_a_terminal() {
+    let t = Topology::new();
+    t.r.sh("sysctl -qw net.ipv4.ip_forward=0");
+    let ready = std::env::temp_dir().join(format!("dropscope-top-{}", std::process::id()));
+    let child = Command::new(binary())
+        .args(["--top", "--interval", "0.2", "--duration", "2", "--netns", &t.r.name, "--ready-file"])
+        .arg(&ready)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start dropscope --top");
+    wait_for("dropscope to attach", 20.0, || ready.exists());
+    Udp::to(B4, 9405).count(3).send(&t.a);
+    let out = child.wait_with_output().expect("dropscope --top");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().filter(|l| l.contains(" forwarding_disabled rate=")).last().unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("total=3") && line.contains("IP_INADDRERRORS @ ip_error, r0"), "{line}");
+    assert!(text.contains("── dropscope summary"), "the summary follows: {text}");
+}

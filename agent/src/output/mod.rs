@@ -1,6 +1,7 @@
 //! Where reports go: human text or one JSON object per line.
 pub mod json;
 pub mod text;
+pub mod top;
 
 use std::sync::Arc;
 

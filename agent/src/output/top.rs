@@ -1,0 +1,75 @@
+//! `--top`: causes ranked by current drop rate, redrawn every interval. On a terminal the
+//! screen is redrawn in place; otherwise one line per cause per interval.
+use std::{collections::HashMap, io::Write};
+
+use super::{top, AttachInfo, DropRecord, Sink, Summary};
+use crate::pipeline::CauseTotals;
+
+/// Renders the live view; drop records themselves are not printed.
+pub struct TopView<W: Write> {
+    out: W,
+    tty: bool,
+    last: HashMap<String, u64>,
+    /// Attach line, kept for the screen header.
+    header: String,
+}
+
+impl<W: Write> TopView<W> {
+    pub fn new(out: W, tty: bool) -> Self {
+        TopView { out, tty, last: HashMap::new(), header: String::new() }
+    }
+
+    /// Draws one frame from the pipeline's totals; `seconds` is the time since the last frame.
+    pub fn frame(&mut self, causes: &HashMap<String, CauseTotals>, seconds: f64, lost: u64) {
+        let mut rows: Vec<(&String, &CauseTotals, f64)> = causes
+            .iter()
+            .map(|(id, t)| {
+                let before = self.last.get(id).copied().unwrap_or(0);
+                (id, t, (t.count - before) as f64 / seconds.max(0.001))
+            })
+            .collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2).then(b.1.count.cmp(&a.1.count)));
+        let now = chrono::Local::now().format("%H:%M:%S");
+        let mut o = Vec::new();
+        if self.tty {
+            let _ = write!(o, "\\x1b[H\\x1b[2J{}\\n{now}  lost events: {lost}\\n\\n", self.header);
+            let _ = writeln!(o, "{:>10}  {:>10}  {:<22} {}", "drops/s", "total", "cause", "top reason @ location, interface");
+        }
+        for (id, t, rate) in &rows {
+            let reason = top(t.reasons.iter().map(|(k, v)| (k, *v)), 1);
+            let loc = top(t.locations.iter().map(|(k, v)| (k, *v)), 1);
+            let iface = top(t.ifaces.iter().map(|(k, v)| (k, *v)), 1);
+            let first = |v: &[(String, u64)]| v.first().map(|x| x.0.clone()).unwrap_or_default();
+            let what = format!("{} @ {}, {}", first(&reason), first(&loc), first(&iface));
+            if self.tty {
+                let _ = writeln!(o, "{rate:>10.1}  {:>10}  {id:<22} {what}", t.count);
+            } else {
+                let _ = writeln!(o, "{now} {id} rate={rate:.1}/s total={} {what}", t.count);
+            }
+        }
+        if rows.is_empty() && self.tty {
+            let _ = writeln!(o, "{:>10}  {:>10}  no drops yet", "-", "-");
+        }
+        let _ = self.out.write_all(&o);
+        let _ = self.out.flush();
+        self.last = causes.iter().map(|(k, t)| (k.clone(), t.count)).collect();
+    }
+}
+
+impl<W: Write> Sink for TopView<W> {
+    fn attach(&mut self, info: &AttachInfo) {
+        let probes: Vec<String> = info.probes.iter().map(ToString::to_string).collect();
+        self.header = format!("dropscope top on {} ({}) - Ctrl-C for the summary", info.kernel, probes.join(", "));
+        if !self.tty {
+            let _ = writeln!(self.out, "{}", self.header);
+        }
+    }
+
+    fn drop(&mut self, _record: &DropRecord) {}
+
+    fn summary(&mut self, summary: &Summary) {
+        // The final ranking, as the text stream prints it.
+        let mut text = super::text::TextSink::new(&mut self.out, super::Clock::new(), false);
+        text.summary(summary);
+    }
+}
