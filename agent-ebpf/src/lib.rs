@@ -137,7 +137,7 @@ pub struct AggVal {
     pub sent: u64,
 }
 
-/// Entries of the aggregation map (LRU: the least recently dropped keys go first).
+/// Entries of the aggregation map.
 pub const AGG_ENTRIES: u32 = 16384;
 
 /// An address prefix for the kernel-side filters (`--src`, `--dst`).
@@ -293,7 +293,9 @@ pub mod counter {
     pub const SEEN: u32 = 1;
     /// Drops the kernel-side filters left out (never sent to userspace).
     pub const FILTERED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Drops whose key did not fit the aggregation table (their counts are not exact).
+    pub const AGG_FULL: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Byte size of the ring buffer carrying [`Event`]s.

@@ -33,6 +33,13 @@ mod programs {
         0
     }
 
+    /// An empty program on the same hook: the benchmark's floor (what any observer of this
+    /// tracepoint pays before doing anything).
+    #[btf_tracepoint(function = "kfree_skb")]
+    pub fn kfree_skb_null(_ctx: BtfTracePointContext) -> i32 {
+        0
+    }
+
     /// `skb:kfree_skb` as a classic tracepoint (layout from tracefs).
     #[tracepoint(category = "skb", name = "kfree_skb")]
     pub fn kfree_skb_tp(ctx: TracePointContext) -> u32 {

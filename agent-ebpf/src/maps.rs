@@ -4,7 +4,7 @@ use agent_ebpf::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{LruPerCpuHashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
 
 /// Filled in by userspace before load (`EbpfLoader::set_global`); frozen afterwards, so the
@@ -60,9 +60,11 @@ pub fn scratch() -> Option<&'static mut Event> {
     Some(ev)
 }
 
-/// Exact drop counts by key, per CPU (see [`AggKey`]).
+/// Exact drop counts by key, per CPU (see [`AggKey`]). A plain hash, not LRU: LRU upkeep
+/// costs every drop, and keys are few (reason x location x device x netns x protocol). When
+/// it is full, new keys are delivered uncounted and `AGG_FULL` says so.
 #[map]
-pub static AGG: LruPerCpuHashMap<AggKey, AggVal> = LruPerCpuHashMap::with_max_entries(AGG_ENTRIES, 0);
+pub static AGG: PerCpuHashMap<AggKey, AggVal> = PerCpuHashMap::with_max_entries(AGG_ENTRIES, 0);
 
 /// Whether an event passes the kernel-side filters (counting it when it does not).
 #[inline(always)]
@@ -91,11 +93,11 @@ fn output(ev: &Event) -> bool {
     true
 }
 
-/// For drops that passed the filters: counts the drop under its key (exactly), then sends the
-/// event only within the per-key sampling budget. What is not sent is counted, per key, as
-/// suppressed or lost.
+/// For drops that passed the filters: counts the drop under its key (exactly) and says
+/// whether its event fits the per-key sampling budget; what does not fit is counted, per key,
+/// as suppressed.
 #[inline(always)]
-pub fn count_and_send(ev: &Event) {
+pub fn admit(ev: &Event) -> bool {
     let key = AggKey::of(ev);
     let val = match AGG.get_ptr_mut(&key) {
         Some(v) => v,
@@ -103,10 +105,10 @@ pub fn count_and_send(ev: &Event) {
             let _ = AGG.insert(&key, &AggVal::default(), 0);
             match AGG.get_ptr_mut(&key) {
                 Some(v) => v,
-                // The map refused the key: still deliver the event, uncounted by key.
+                // The table is full: still deliver the event, uncounted by key.
                 None => {
-                    output(ev);
-                    return;
+                    bump(counter::AGG_FULL);
+                    return true;
                 }
             }
         }
@@ -123,11 +125,20 @@ pub fn count_and_send(ev: &Event) {
         }
         if val.sent >= budget {
             val.suppressed += 1;
-            return;
+            return false;
         }
         val.sent += 1;
     }
+    true
+}
+
+/// Sends an admitted drop event; a full ring buffer is counted against its key.
+#[inline(always)]
+pub fn deliver(ev: &Event) {
     if !output(ev) {
-        val.lost += 1;
+        if let Some(val) = AGG.get_ptr_mut(&AggKey::of(ev)) {
+            // SAFETY: per-CPU value of this CPU.
+            unsafe { (*val).lost += 1 };
+        }
     }
 }

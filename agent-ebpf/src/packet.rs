@@ -34,47 +34,91 @@ fn small(v: Option<i32>) -> i8 {
     }
 }
 
-/// Fills `ev` with everything known about `skb`: length, mark, devices, netns, sysctls, headers.
+/// The devices of a packet, found by [`fill_key`] and reused by [`fill_rest`].
+pub struct Devices {
+    dev: u64,
+    out: u64,
+}
+
+/// The route's device (`skb_dst(skb)->dev`), or 0.
 #[inline(always)]
-pub fn fill(ev: &mut Event, skb: u64) {
+fn route_device(skb: u64) -> u64 {
+    let o = &cfg().offsets;
+    let dst = read::<u64>(skb, o.skb_refdst).unwrap_or(0) & SKB_DST_PTRMASK;
+    read::<u64>(dst, o.dst_dev).unwrap_or(0)
+}
+
+/// The cheap part, needed for every drop: what the kernel-side filters and the aggregation
+/// key look at (length, device index, netns, addresses, ports). The rest waits until the
+/// event is known to be sent.
+#[inline(always)]
+pub fn fill_key(ev: &mut Event, skb: u64) -> Devices {
     let o = &cfg().offsets;
     ev.skb = skb;
     ev.len = read::<u32>(skb, o.skb_len).unwrap_or(0);
-    ev.mark = read::<u32>(skb, o.skb_mark).unwrap_or(0);
     let dev = read::<u64>(skb, o.skb_dev).unwrap_or(0);
+    let mut out = 0;
     if dev != 0 {
         ev.flags |= FLAG_DEV;
         ev.ifindex = read::<u32>(dev, o.dev_ifindex).unwrap_or(0);
-        ev.mtu = read::<u32>(dev, o.dev_mtu).unwrap_or(0);
-        ev.ifname = read::<[u8; 16]>(dev, o.dev_name).unwrap_or([0; 16]);
-        fill_devconf(ev, dev);
+    } else {
+        // Locally generated packets have no device yet: take the netns of the route's device.
+        out = route_device(skb);
     }
-    let dst = read::<u64>(skb, o.skb_refdst).unwrap_or(0) & SKB_DST_PTRMASK;
-    let out = read::<u64>(dst, o.dst_dev).unwrap_or(0);
+    let ns_dev = if dev != 0 { dev } else { out };
+    let net = read::<u64>(ns_dev, o.dev_nd_net).unwrap_or(0);
+    ev.netns = read::<u32>(net, o.net_inum).unwrap_or(0);
+    if cfg().filters.n_ifnames != 0 {
+        // Only an interface filter needs the names this early.
+        if out == 0 {
+            out = route_device(skb);
+        }
+        ev.ifname = read::<[u8; 16]>(dev, o.dev_name).unwrap_or([0; 16]);
+        ev.out_ifname = read::<[u8; 16]>(out, o.dev_name).unwrap_or([0; 16]);
+        if out != 0 {
+            ev.flags |= FLAG_DST;
+        }
+    }
+
+    let proto = u16::from_be(read::<u16>(skb, o.skb_protocol).unwrap_or(0));
+    ev.l3_proto = proto;
+    let head = read::<u64>(skb, o.skb_head).unwrap_or(0);
+    let nh = read::<u16>(skb, o.skb_network_header).unwrap_or(u16::MAX);
+    if head != 0 && nh != u16::MAX {
+        let l3 = head + nh as u64;
+        if proto == ETH_P_IP {
+            parse_ipv4(ev, l3);
+        } else if proto == ETH_P_IPV6 {
+            parse_ipv6(ev, l3);
+        }
+    }
+    Devices { dev, out }
+}
+
+/// Everything else, for events that will be sent: mark, MTU, names, sysctls, route device.
+#[inline(always)]
+pub fn fill_rest(ev: &mut Event, skb: u64, devs: &Devices) {
+    let o = &cfg().offsets;
+    ev.mark = read::<u32>(skb, o.skb_mark).unwrap_or(0);
+    if devs.dev != 0 {
+        ev.mtu = read::<u32>(devs.dev, o.dev_mtu).unwrap_or(0);
+        ev.ifname = read::<[u8; 16]>(devs.dev, o.dev_name).unwrap_or([0; 16]);
+        fill_devconf(ev, devs.dev);
+    }
+    let out = if devs.out != 0 { devs.out } else { route_device(skb) };
     if out != 0 {
         ev.flags |= FLAG_DST;
         ev.out_ifindex = read::<u32>(out, o.dev_ifindex).unwrap_or(0);
         ev.out_mtu = read::<u32>(out, o.dev_mtu).unwrap_or(0);
         ev.out_ifname = read::<[u8; 16]>(out, o.dev_name).unwrap_or([0; 16]);
     }
-    // Locally generated packets have no device yet: take the netns of the route's device.
-    let ns_dev = if dev != 0 { dev } else { out };
-    let net = read::<u64>(ns_dev, o.dev_nd_net).unwrap_or(0);
-    ev.netns = read::<u32>(net, o.net_inum).unwrap_or(0);
+}
 
-    let proto = u16::from_be(read::<u16>(skb, o.skb_protocol).unwrap_or(0));
-    ev.l3_proto = proto;
-    let head = read::<u64>(skb, o.skb_head).unwrap_or(0);
-    let nh = read::<u16>(skb, o.skb_network_header).unwrap_or(u16::MAX);
-    if head == 0 || nh == u16::MAX {
-        return;
-    }
-    let l3 = head + nh as u64;
-    if proto == ETH_P_IP {
-        parse_ipv4(ev, l3);
-    } else if proto == ETH_P_IPV6 {
-        parse_ipv6(ev, l3);
-    }
+/// Fills `ev` with everything known about `skb` (for rare events: no sampling to decide).
+#[inline(always)]
+pub fn fill(ev: &mut Event, skb: u64) {
+    let devs = fill_key(ev, skb);
+    fill_rest(ev, skb, &devs);
 }
 
 /// Forwarding and rp_filter of the device and of `all` in the device's netns.

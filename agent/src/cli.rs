@@ -27,8 +27,9 @@ housekeeping (ping socket copies, socket close purges) is counted but hidden unl
 Under a drop storm the kernel counts every drop exactly (per reason, location, device, netns
 and protocol) and sends only --sample events per kind per second; the rest are reported as
 '... and N more like this'. Filters run in the kernel, before any event is produced. Memory
-stays bounded whatever the traffic: the kernel table holds 16384 kinds of drop (least recently
-seen evicted), userspace keeps at most 65536 distinct drops for folding and 1024 flows per cause.
+stays bounded whatever the traffic: the kernel table holds 16384 kinds of drop (beyond that,
+counts are flagged as not exact), userspace keeps at most 65536 distinct drops for folding and
+1024 flows per cause.
 
 Needs root, or CAP_BPF + CAP_PERFMON, and a kernel with BTF (/sys/kernel/btf/vmlinux).
 Nothing stays attached after exit: the programs live only as long as the process.";
@@ -174,6 +175,10 @@ pub struct RunArgs {
     /// (plain lines when stdout is not a terminal). Ctrl-C prints the summary.
     #[arg(long, conflicts_with = "format")]
     pub top: bool,
+
+    /// Benchmark floor: attach only an empty program to kfree_skb, then wait for a signal.
+    #[arg(long, hide = true)]
+    pub null_observer: bool,
 
     /// Print the catalogue of causes dropscope knows (Markdown) and exit.
     #[arg(long)]

@@ -30,6 +30,9 @@ use crate::{
 pub async fn run(args: RunArgs) -> Result<()> {
     let started = Instant::now();
     preflight::check_privileges()?;
+    if args.null_observer {
+        return null_observer(&args).await;
+    }
     let filter = args.filter()?;
     let kernel = KernelBtf::open(&args.btf)?;
     let reasons = kernel.drop_reasons(args.btf.parent().unwrap_or(std::path::Path::new("/sys/kernel/btf")))?;
@@ -52,6 +55,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let probes = attach::attach(&kernel, &args.btf, args.attach, config)?;
     let attach_ms = started.elapsed().as_millis();
     drop(kernel);
+    // Parsing BTF allocates a lot briefly; hand that memory back to the system.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
 
     let symbols = symbols.join().map_err(|_| anyhow::anyhow!("kallsyms loader panicked"))?.unwrap_or_else(|e| {
         tracing::warn!("{e:#}");
@@ -171,6 +177,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut summary = pipeline.summary(seen, lost, streaming.elapsed().as_secs_f64());
     summary.filtered += filtered_in_kernel;
     summary.filtered_in_kernel = filtered_in_kernel;
+    if sum(counter::AGG_FULL) > 0 {
+        tracing::warn!("the kernel's aggregation table was full: some counts are not exact");
+        summary.counts_exact = false;
+    }
     match top_view.as_mut() {
         Some(view) => view.summary(&summary),
         None => sink.summary(&summary),
@@ -223,4 +233,19 @@ impl Sink for NullSink {
     fn attach(&mut self, _: &AttachInfo) {}
     fn drop(&mut self, _: &DropRecord) {}
     fn summary(&mut self, _: &Summary) {}
+}
+
+/// `--null-observer`: the empty program on the same hook, attached until a signal (the
+/// benchmark's floor).
+async fn null_observer(args: &RunArgs) -> Result<()> {
+    let ebpf = attach::attach_null(&args.btf)?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let _ready = args.ready_file.as_deref().map(ReadyFile::create).transpose()?;
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+    }
+    drop(ebpf);
+    Ok(())
 }

@@ -3,7 +3,7 @@ use agent_ebpf::{counter, EventKind};
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::StackTrace, programs::tracing::StackIdContext, EbpfContext};
 
 use crate::{
-    maps::{bump, cfg, count_and_send, scratch, wanted, STACKS},
+    maps::{admit, bump, cfg, deliver, scratch, wanted, STACKS},
     packet,
 };
 
@@ -15,17 +15,19 @@ pub fn on_drop<C: EbpfContext + StackIdContext>(ctx: &C, skb: u64, location: u64
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.location = location;
     ev.reason = reason;
-    packet::fill(ev, skb);
-    if !wanted(ev) {
+    // Cheap reads first: a filtered-out or sampled-away drop costs only these and a count.
+    let devs = packet::fill_key(ev, skb);
+    if !wanted(ev) || !admit(ev) {
         return;
     }
+    packet::fill_rest(ev, skb, &devs);
     // The hook of a netfilter drop, and the real caller of a NOT_SPECIFIED drop, are only in
     // the stack; take it for those reasons alone (it is the most expensive step here).
     let stack_for = &cfg().stack_reasons;
     if reason == stack_for[0] || reason == stack_for[1] {
         ev.stack_id = stack_id(ctx, &STACKS);
     }
-    count_and_send(ev);
+    deliver(ev);
 }
 
 #[inline(always)]

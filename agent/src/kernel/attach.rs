@@ -123,6 +123,17 @@ pub fn attach(kernel: &KernelBtf, btf_path: &Path, mode: Mode, mut config: Confi
     Ok(Probes { events, counters, stacks, agg, report, attach_ms: start.elapsed().as_millis(), ebpf })
 }
 
+/// Attaches only the empty `kfree_skb` program (`--null-observer`, for the benchmark).
+pub fn attach_null(btf_path: &Path) -> Result<Ebpf> {
+    let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())
+        .map_err(|e| anyhow!("cannot parse BTF at {}: {e}", btf_path.display()))?;
+    let mut ebpf = EbpfLoader::new().btf(Some(&aya_btf)).load(PROBES_OBJECT).context("loading dropscope's eBPF object")?;
+    let prog: &mut BtfTracePoint = program(&mut ebpf, "kfree_skb_null")?.try_into()?;
+    prog.load("kfree_skb", &aya_btf).map_err(verbose)?;
+    prog.attach().map_err(verbose)?;
+    Ok(ebpf)
+}
+
 fn attach_hook(ebpf: &mut Ebpf, btf: &Btf, hook: &Hook, mode: Mode, tp_ready: bool) -> Result<Attached> {
     let mut refused = Vec::new();
     if mode != Mode::Tracepoint {
@@ -232,6 +243,7 @@ mod tests {
                 assert!(elf.symbols().any(|s| object::ObjectSymbol::name(&s) == Ok(program)), "{program} missing");
             }
         }
+        assert!(elf.symbols().any(|s| object::ObjectSymbol::name(&s) == Ok("kfree_skb_null")));
         for map in ["EVENTS", "STACKS", "COUNTERS", "CONFIG", "AGG", "SCRATCH"] {
             assert!(elf.symbols().any(|s| object::ObjectSymbol::name(&s) == Ok(map)), "{map} missing");
         }

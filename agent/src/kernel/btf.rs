@@ -21,7 +21,7 @@ impl KernelBtf {
                 path.display()
             );
         }
-        let btf = Btf::from_file(path)
+        let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
             .map_err(|e| anyhow!("cannot parse kernel BTF at {}: {e}", path.display()))?;
         Ok(KernelBtf { btf })
     }

@@ -3,10 +3,12 @@ use std::{collections::HashMap, fs, sync::Arc};
 
 use anyhow::{Context, Result};
 
-/// A sorted table of kernel text symbols.
+/// A sorted table of kernel text symbols, stored compactly (one string buffer, fixed-size
+/// entries: ~2 MB for 120k symbols instead of one allocation each).
 pub struct Kallsyms {
-    /// (address, name) sorted by address.
-    syms: Vec<(u64, Arc<str>)>,
+    /// (address, offset of the name in `names`, name length), sorted by address.
+    syms: Vec<(u64, u32, u16)>,
+    names: String,
     /// Names already handed out, so each location is one shared string.
     cache: HashMap<u64, Arc<str>>,
 }
@@ -26,23 +28,28 @@ impl Kallsyms {
 
     /// Parses kallsyms text: `ADDR TYPE NAME [MODULE]`, keeping text symbols only.
     pub fn parse(text: &str) -> Self {
-        let mut syms: Vec<(u64, Arc<str>)> = text
-            .lines()
-            .filter_map(|line| {
-                let mut it = line.split_whitespace();
-                let addr = u64::from_str_radix(it.next()?, 16).ok()?;
-                let kind = it.next()?;
-                let name = it.next()?;
-                (addr != 0 && matches!(kind, "t" | "T" | "w" | "W")).then(|| (addr, Arc::from(clean(name))))
-            })
-            .collect();
-        syms.sort_by_key(|(a, _)| *a);
-        Kallsyms { syms, cache: HashMap::new() }
+        let mut syms = Vec::new();
+        let mut names = String::new();
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else { continue };
+            let Ok(addr) = u64::from_str_radix(addr, 16) else { continue };
+            if addr == 0 || !matches!(kind, "t" | "T" | "w" | "W") {
+                continue;
+            }
+            let name = clean(name);
+            syms.push((addr, names.len() as u32, name.len().min(u16::MAX as usize) as u16));
+            names.push_str(name);
+        }
+        syms.sort_by_key(|(a, _, _)| *a);
+        syms.shrink_to_fit();
+        names.shrink_to_fit();
+        Kallsyms { syms, names, cache: HashMap::new() }
     }
 
     /// An empty table: every address stays raw.
     pub fn empty() -> Self {
-        Kallsyms { syms: Vec::new(), cache: HashMap::new() }
+        Kallsyms { syms: Vec::new(), names: String::new(), cache: HashMap::new() }
     }
 
     /// The function containing `addr` (suffixes like `.constprop.0` removed), or the raw address.
@@ -50,9 +57,9 @@ impl Kallsyms {
         if let Some(name) = self.cache.get(&addr) {
             return name.clone();
         }
-        let idx = self.syms.partition_point(|(a, _)| *a <= addr);
-        let name = match idx.checked_sub(1).map(|i| &self.syms[i]) {
-            Some((_, name)) => name.clone(),
+        let idx = self.syms.partition_point(|(a, _, _)| *a <= addr);
+        let name: Arc<str> = match idx.checked_sub(1).map(|i| self.syms[i]) {
+            Some((_, at, len)) => Arc::from(&self.names[at as usize..at as usize + len as usize]),
             None => Arc::from(format!("0x{addr:x}")),
         };
         if self.cache.len() < 65_536 {
