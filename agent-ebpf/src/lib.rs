@@ -55,7 +55,17 @@ pub struct Offsets {
     pub tp_icmp_code: u32,
     // Classic `tcp:tcp_send_reset` tracepoint layout.
     pub tp_rst_skbaddr: u32,
+    /// Start of a [`SKB_WINDOW`]-byte span of `sk_buff` holding len, dev, protocol, head and
+    /// network_header (read with one helper call instead of five), or [`ABSENT`].
+    pub skb_window: u32,
+    /// Start of a [`DEV_WINDOW`]-byte span of `net_device` holding ifindex and nd_net.
+    pub dev_window: u32,
 }
+
+/// Bytes of `sk_buff` read at once for the fields every drop needs.
+pub const SKB_WINDOW: u32 = 256;
+/// Bytes of `net_device` read at once for ifindex and the netns pointer.
+pub const DEV_WINDOW: u32 = 64;
 
 impl Offsets {
     /// Every offset unknown: what the programs assume until userspace fills them in.
@@ -90,6 +100,8 @@ impl Offsets {
         tp_icmp_type: ABSENT,
         tp_icmp_code: ABSENT,
         tp_rst_skbaddr: ABSENT,
+        skb_window: ABSENT,
+        dev_window: ABSENT,
     };
 }
 

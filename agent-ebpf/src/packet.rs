@@ -2,10 +2,78 @@
 //!
 //! Every read goes through `bpf_probe_read_kernel`, so a wrong pointer yields "unknown", never a
 //! fault; an offset the running kernel does not have is skipped.
-use agent_ebpf::{Event, ABSENT, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4};
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+use agent_ebpf::{Event, ABSENT, DEV_WINDOW, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4, SKB_WINDOW};
+use aya_ebpf::{
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+    macros::map,
+    maps::PerCpuArray,
+};
 
 use crate::maps::cfg;
+
+/// Per-CPU buffers for windows of kernel structs read with one helper call each: helper calls
+/// are most of a drop's cost, and the fields every drop needs sit close together.
+#[map]
+static WINDOWS: PerCpuArray<[u8; SKB_WINDOW as usize]> = PerCpuArray::with_max_entries(2, 0);
+
+/// A span of a kernel struct copied into a per-CPU buffer; fields are taken from it by offset.
+struct Window {
+    buf: &'static [u8; SKB_WINDOW as usize],
+    start: u32,
+}
+
+impl Window {
+    /// Copies `len` bytes at `base + start` into buffer `slot`.
+    #[inline(always)]
+    fn read(slot: u32, base: u64, start: u32, len: u32) -> Option<Window> {
+        if base == 0 || start == ABSENT {
+            return None;
+        }
+        let buf = WINDOWS.get_ptr_mut(slot)?;
+        // SAFETY: per-CPU buffer of this CPU; probe-read reports failures instead of faulting.
+        let buf = unsafe { &mut *buf };
+        let n = (len as usize).min(buf.len());
+        unsafe { bpf_probe_read_kernel_buf((base + start as u64) as *const u8, &mut buf[..n]) }.ok()?;
+        Some(Window { buf, start })
+    }
+
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, off: u32) -> Option<[u8; N]> {
+        if off == ABSENT {
+            return None;
+        }
+        let i = off.wrapping_sub(self.start) as usize;
+        if i + N > self.buf.len() {
+            return None;
+        }
+        let mut out = [0u8; N];
+        out.copy_from_slice(&self.buf[i..i + N]);
+        Some(out)
+    }
+
+    #[inline(always)]
+    fn u16(&self, off: u32) -> Option<u16> {
+        self.bytes::<2>(off).map(u16::from_ne_bytes)
+    }
+    #[inline(always)]
+    fn u32(&self, off: u32) -> Option<u32> {
+        self.bytes::<4>(off).map(u32::from_ne_bytes)
+    }
+    #[inline(always)]
+    fn u64(&self, off: u32) -> Option<u64> {
+        self.bytes::<8>(off).map(u64::from_ne_bytes)
+    }
+}
+
+/// A field of `base`, from its window when there is one, else with its own read.
+macro_rules! field {
+    ($win:expr, $ty:ident, $base:expr, $off:expr) => {
+        match &$win {
+            Some(w) => w.$ty($off),
+            None => read::<$ty>($base, $off),
+        }
+    };
+}
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -55,18 +123,23 @@ fn route_device(skb: u64) -> u64 {
 pub fn fill_key(ev: &mut Event, skb: u64) -> Devices {
     let o = &cfg().offsets;
     ev.skb = skb;
-    ev.len = read::<u32>(skb, o.skb_len).unwrap_or(0);
-    let dev = read::<u64>(skb, o.skb_dev).unwrap_or(0);
+    let sw = Window::read(0, skb, o.skb_window, SKB_WINDOW);
+    ev.len = field!(sw, u32, skb, o.skb_len).unwrap_or(0);
+    let dev = field!(sw, u64, skb, o.skb_dev).unwrap_or(0);
     let mut out = 0;
-    if dev != 0 {
-        ev.flags |= FLAG_DEV;
-        ev.ifindex = read::<u32>(dev, o.dev_ifindex).unwrap_or(0);
+    let ns_dev = if dev != 0 {
+        dev
     } else {
         // Locally generated packets have no device yet: take the netns of the route's device.
         out = route_device(skb);
+        out
+    };
+    let dw = Window::read(1, ns_dev, o.dev_window, DEV_WINDOW);
+    if dev != 0 {
+        ev.flags |= FLAG_DEV;
+        ev.ifindex = field!(dw, u32, dev, o.dev_ifindex).unwrap_or(0);
     }
-    let ns_dev = if dev != 0 { dev } else { out };
-    let net = read::<u64>(ns_dev, o.dev_nd_net).unwrap_or(0);
+    let net = field!(dw, u64, ns_dev, o.dev_nd_net).unwrap_or(0);
     ev.netns = read::<u32>(net, o.net_inum).unwrap_or(0);
     if cfg().filters.n_ifnames != 0 {
         // Only an interface filter needs the names this early.
@@ -80,10 +153,10 @@ pub fn fill_key(ev: &mut Event, skb: u64) -> Devices {
         }
     }
 
-    let proto = u16::from_be(read::<u16>(skb, o.skb_protocol).unwrap_or(0));
+    let proto = u16::from_be(field!(sw, u16, skb, o.skb_protocol).unwrap_or(0));
     ev.l3_proto = proto;
-    let head = read::<u64>(skb, o.skb_head).unwrap_or(0);
-    let nh = read::<u16>(skb, o.skb_network_header).unwrap_or(u16::MAX);
+    let head = field!(sw, u64, skb, o.skb_head).unwrap_or(0);
+    let nh = field!(sw, u16, skb, o.skb_network_header).unwrap_or(u16::MAX);
     if head != 0 && nh != u16::MAX {
         let l3 = head + nh as u64;
         if proto == ETH_P_IP {
@@ -142,9 +215,13 @@ fn fill_devconf(ev: &mut Event, dev: u64) {
     ev.all6_forwarding = small(read::<i32>(all6, o.ipv6_devconf_forwarding));
 }
 
+/// Bytes read at the network header: an IPv6 header (40) or an IPv4 header with up to 20
+/// bytes of options, plus the first 4 bytes of L4 (ports, ICMP type/code), in one read.
+const HEADERS: usize = 48;
+
 #[inline(always)]
 fn parse_ipv4(ev: &mut Event, l3: u64) {
-    let Some(h) = read::<[u8; 20]>(l3, 0) else { return };
+    let Some(h) = read::<[u8; HEADERS]>(l3, 0) else { return };
     if h[0] >> 4 != 4 {
         return;
     }
@@ -156,13 +233,18 @@ fn parse_ipv4(ev: &mut Event, l3: u64) {
     // Only the first fragment carries the L4 header.
     let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
     if frag_off == 0 {
-        parse_l4(ev, l3 + ((h[0] & 0x0f) as u64) * 4);
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        if ihl + 4 <= HEADERS {
+            parse_l4_bytes(ev, [h[ihl], h[ihl + 1], h[ihl + 2], h[ihl + 3]]);
+        } else {
+            parse_l4(ev, l3 + ihl as u64);
+        }
     }
 }
 
 #[inline(always)]
 fn parse_ipv6(ev: &mut Event, l3: u64) {
-    let Some(h) = read::<[u8; 40]>(l3, 0) else { return };
+    let Some(h) = read::<[u8; HEADERS]>(l3, 0) else { return };
     if h[0] >> 4 != 6 {
         return;
     }
@@ -171,12 +253,18 @@ fn parse_ipv6(ev: &mut Event, l3: u64) {
     ev.ttl = h[7];
     ev.saddr.copy_from_slice(&h[8..24]);
     ev.daddr.copy_from_slice(&h[24..40]);
-    parse_l4(ev, l3 + 40);
+    parse_l4_bytes(ev, [h[40], h[41], h[42], h[43]]);
 }
 
 #[inline(always)]
 fn parse_l4(ev: &mut Event, l4: u64) {
-    let Some(h) = read::<[u8; 4]>(l4, 0) else { return };
+    if let Some(h) = read::<[u8; 4]>(l4, 0) {
+        parse_l4_bytes(ev, h);
+    }
+}
+
+#[inline(always)]
+fn parse_l4_bytes(ev: &mut Event, h: [u8; 4]) {
     match ev.l4_proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             ev.sport = u16::from_be_bytes([h[0], h[1]]);

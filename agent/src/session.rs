@@ -147,7 +147,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 guard.clear_ready();
             }
             _ = tick.tick() => {
+                // Events already in the ring come first: they give their keys a cause before
+                // the kernel's counts for those keys are reconciled.
                 let now = clock_ns();
+                let rb = ring.get_mut();
+                while let Some(item) = rb.next() {
+                    if let Some(record) = decoder.decode(&item) {
+                        pipeline.push(record, sink.as_mut());
+                    }
+                }
                 pipeline.reconcile(&read_agg(), |k| decoder.synthetic(k, now), sink.as_mut(), false);
                 pipeline.flush(sink.as_mut());
                 if let Some(view) = top_view.as_mut() {

@@ -21,5 +21,5 @@ fn sampled_storm_keeps_exact_counts() {
     assert!(s["decoded"].as_u64().unwrap() <= 5 * 2 * 3, "{s}");
     let sampled: Vec<_> = report.of("netfilter_drop").into_iter().filter(|r| r["sampled"] == true).collect();
     assert!(!sampled.is_empty());
-    assert!(sampled.iter().all(|r| r["dport"] == 9800 && r["ifname"] == "r0"));
+    assert!(sampled.iter().all(|r| r["dport"] == 9800 && r["ifname"] == "r0"), "{sampled:#?}");
 }

@@ -131,6 +131,20 @@ impl KernelBtf {
         ty
     }
 
+    /// The start of a `width`-byte window covering every `(offset, size)`, if one does.
+    fn window(fields: &[(u32, u32)], width: u32) -> u32 {
+        if fields.iter().any(|(o, _)| *o == ABSENT) {
+            return ABSENT;
+        }
+        let start = fields.iter().map(|(o, _)| *o).min().unwrap_or(0);
+        let end = fields.iter().map(|(o, s)| o + s).max().unwrap_or(0);
+        if end - start <= width {
+            start
+        } else {
+            ABSENT
+        }
+    }
+
     /// All offsets the eBPF programs use. Missing members stay [`ABSENT`]: the programs then
     /// report "unknown" for that fact instead of reading a wrong place.
     pub fn offsets(&self) -> Offsets {
@@ -169,6 +183,7 @@ impl KernelBtf {
             // Tracepoint layouts come from tracefs (kernel::tracefs), not BTF.
             ..Offsets::UNKNOWN
         }
+        .with_windows()
     }
 
     /// The drop-reason names of this kernel (`enum skb_drop_reason` and its subsystems).
@@ -216,6 +231,28 @@ fn enums(btf: &Btf) -> impl Iterator<Item = Vec<(String, u32)>> + '_ {
     })
 }
 
+
+trait Windows {
+    fn with_windows(self) -> Self;
+}
+
+impl Windows for Offsets {
+    /// Adds the read windows (see `agent_ebpf::Offsets::skb_window`).
+    fn with_windows(mut self) -> Self {
+        self.skb_window = KernelBtf::window(
+            &[
+                (self.skb_len, 4),
+                (self.skb_dev, 8),
+                (self.skb_protocol, 2),
+                (self.skb_head, 8),
+                (self.skb_network_header, 2),
+            ],
+            agent_ebpf::SKB_WINDOW,
+        );
+        self.dev_window = KernelBtf::window(&[(self.dev_ifindex, 4), (self.dev_nd_net, 8)], agent_ebpf::DEV_WINDOW);
+        self
+    }
+}
 
 /// Drop-reason numbers <-> names for the running kernel.
 #[derive(Debug, Clone, Default)]
@@ -325,6 +362,9 @@ mod tests {
         ] {
             assert_ne!(v, ABSENT, "{name} not found in BTF");
         }
+        // On 6.18 the hot fields fit one read each.
+        assert_ne!(o.skb_window, ABSENT);
+        assert_ne!(o.dev_window, ABSENT);
         // Stable since the devconf enum was introduced: FORWARDING=1, RP_FILTER=8.
         assert_eq!(o.devconf_idx_forwarding, 0);
         assert_eq!(o.devconf_idx_rp_filter, 7);
