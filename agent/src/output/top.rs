@@ -32,7 +32,7 @@ impl<W: Write> TopView<W> {
         let now = chrono::Local::now().format("%H:%M:%S");
         let mut o = Vec::new();
         if self.tty {
-            let _ = write!(o, "\\x1b[H\\x1b[2J{}\\n{now}  lost events: {lost}\\n\\n", self.header);
+            let _ = write!(o, "\x1b[H\x1b[2J{}\n{now}  lost events: {lost}\n\n", self.header);
             let _ = writeln!(o, "{:>10}  {:>10}  {:<22} {}", "drops/s", "total", "cause", "top reason @ location, interface");
         }
         for (id, t, rate) in &rows {
@@ -71,5 +71,25 @@ impl<W: Write> Sink for TopView<W> {
         // The final ranking, as the text stream prints it.
         let mut text = super::text::TextSink::new(&mut self.out, super::Clock::new(), false);
         text.summary(summary);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_frames_redraw_in_place_with_rates() {
+        let mut causes = HashMap::new();
+        causes.insert("rp_filter".to_string(), CauseTotals { count: 10, ..Default::default() });
+        let mut buf = Vec::new();
+        let mut view = TopView::new(&mut buf, true);
+        view.frame(&causes, 1.0, 0);
+        causes.get_mut("rp_filter").unwrap().count = 40;
+        view.frame(&causes, 2.0, 0);
+        let text = String::from_utf8(buf).unwrap();
+        assert_eq!(text.matches("\x1b[H\x1b[2J").count(), 2, "one clear per frame: {text:?}");
+        assert!(text.contains("      10.0          10  rp_filter"), "{text}");
+        assert!(text.contains("      15.0          40  rp_filter"), "rate over the last interval: {text}");
     }
 }
