@@ -17,6 +17,13 @@ pub fn binary() -> PathBuf {
     }
 }
 
+/// How long dropscope may take to attach: 20 s, or `DROPSCOPE_ATTACH_TIMEOUT` seconds (emulated
+/// VMs verify programs far more slowly).
+pub fn attach_timeout() -> Duration {
+    let secs = std::env::var("DROPSCOPE_ATTACH_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    Duration::from_secs(secs)
+}
+
 /// A running dropscope.
 pub struct Observer {
     child: Option<Child>,
@@ -47,14 +54,14 @@ impl Observer {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + attach_timeout();
         while !ready.exists() {
             if let Some(status) = child.try_wait().unwrap() {
                 let mut err = String::new();
                 child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
                 panic!("dropscope exited before attaching ({status}): {err}");
             }
-            assert!(Instant::now() < deadline, "dropscope did not attach within 20 s");
+            assert!(Instant::now() < deadline, "dropscope did not attach within {:?}", attach_timeout());
             std::thread::sleep(Duration::from_millis(10));
         }
         Observer { child: Some(child), ready }

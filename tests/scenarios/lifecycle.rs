@@ -199,7 +199,8 @@ fn top_view_ranks_causes_in_plain_lines_off_a_terminal() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start dropscope --top");
-    wait_for("dropscope to attach", 20.0, || ready.exists());
+    let timeout = dropscope_tests::observer::attach_timeout().as_secs_f64();
+    wait_for("dropscope to attach", timeout, || ready.exists());
     Udp::to(B4, 9405).count(3).send(&t.a);
     let out = child.wait_with_output().expect("dropscope --top");
     assert!(out.status.success());

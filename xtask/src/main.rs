@@ -1,8 +1,10 @@
-//! Project tasks: `cargo xtask <build|run|test|setup>`.
+//! Project tasks: `cargo xtask <build|run|test|vm-test|setup|docs>`.
 //!
 //! Every task first makes sure the machine has what it needs (nightly rust-src, bpf-linker,
 //! the Debian tools the tests drive), installing what is missing, idempotently.
+mod bench;
 mod prereqs;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -44,6 +46,26 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Measure what dropscope costs under a drop storm, against no observer, an empty program
+    /// and a bpftrace one-liner; writes BENCHMARKS.md and bench/results.json.
+    Bench {
+        /// Interleaved repetitions of every observer.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Length of each storm, in seconds.
+        #[arg(long, default_value_t = 4.0)]
+        seconds: f64,
+    },
+    /// Run the integration tests inside QEMU VMs booted with Debian kernels (TCG unless KVM works).
+    VmTest {
+        /// Kernel to boot: 6.1, 6.12, 7.2, a Debian kernel package name or a path to a .deb.
+        /// Repeatable; default: 6.1 and 6.12.
+        #[arg(long = "kernel", value_name = "KERNEL")]
+        kernels: Vec<String>,
+        /// Extra arguments for the test executable (e.g. a test name filter), after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,6 +101,21 @@ fn run(cli: Cli) -> Result<()> {
         Task::Test { args } => {
             prereqs::ensure_all()?;
             test(&root, &args)
+        }
+        Task::Bench { reps, seconds } => {
+            prereqs::ensure_all()?;
+            prereqs::ensure_bpftrace()?;
+            if !nix_is_root() {
+                bail!("the benchmark creates network namespaces and loads eBPF programs: run as root");
+            }
+            let bin = build(&root, true)?;
+            std::fs::create_dir_all(root.join("bench"))?;
+            let params = bench::Params { reps, seconds };
+            bench::run(&bin, &params, &root.join("BENCHMARKS.md"), &root.join("bench/results.json"))
+        }
+        Task::VmTest { kernels, args } => {
+            prereqs::ensure_all()?;
+            vm::vm_test(&root, &kernels, &args)
         }
     }
 }

@@ -74,6 +74,15 @@ fn ensure_test_tools() -> Result<()> {
         .context("apt-get install failed")
 }
 
+/// bpftrace, the expert's alternative the benchmark compares against.
+pub fn ensure_bpftrace() -> Result<()> {
+    if on_path("bpftrace") {
+        return Ok(());
+    }
+    eprintln!("xtask: installing bpftrace (the benchmark's comparison)");
+    run("apt-get", &["install", "-y", "-qq", "--no-install-recommends", "bpftrace"])
+}
+
 fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))

@@ -109,6 +109,11 @@ fn cases() -> Vec<Case> {
             d.flow.as_mut().unwrap().dst = "ff02::16".parse().unwrap();
             d
         }, "benign", "never forwarded"),
+        case("ipv6 control on 6.1", {
+            let mut d = v6(drop("NOT_SPECIFIED", "icmpv6_rcv"));
+            d.flow.as_mut().unwrap().dst = "ff02::2".parse().unwrap();
+            d
+        }, "benign", "does not act on"),
         case("socket purge", drop("QUEUE_PURGE", "inet_sock_destruct"), "benign", "QUEUE_PURGE"),
         case(
             "forwarding off everywhere",

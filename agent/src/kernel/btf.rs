@@ -21,7 +21,9 @@ impl KernelBtf {
                 path.display()
             );
         }
+        // mmap keeps memory low; kernels before 6.x refuse mmap of /sys/kernel/btf (ENODEV).
         let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
+            .or_else(|_| Btf::from_file(path))
             .map_err(|e| anyhow!("cannot parse kernel BTF at {}: {e}", path.display()))?;
         Ok(KernelBtf { btf })
     }
