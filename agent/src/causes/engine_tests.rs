@@ -109,11 +109,12 @@ fn cases() -> Vec<Case> {
             d.flow.as_mut().unwrap().dst = "ff02::16".parse().unwrap();
             d
         }, "benign", "never forwarded"),
-        case("ipv6 control on 6.1", {
+        case("ipv6 neighbour solicitation on 6.1", {
             let mut d = v6(drop("NOT_SPECIFIED", "icmpv6_rcv"));
-            d.flow.as_mut().unwrap().dst = "ff02::2".parse().unwrap();
+            let f = d.flow.as_mut().unwrap();
+            (f.proto, f.ports, f.icmp) = (58, None, Some((135, 0)));
             d
-        }, "benign", "does not act on"),
+        }, "benign", "ICMPv6 type 135"),
         case("socket purge", drop("QUEUE_PURGE", "inet_sock_destruct"), "benign", "QUEUE_PURGE"),
         case(
             "forwarding off everywhere",

@@ -34,6 +34,7 @@ pub const CONDITION_FACTS: &[&str] = &[
     "route_type",
     "over_mtu",
     "dst_multicast",
+    "pkt_icmp_type",
 ];
 
 /// Facts usable only as placeholders in evidence and fix texts.
@@ -198,6 +199,7 @@ impl<'a> Facts<'a> {
                 None => format!("{}nft -a list ruleset; {}iptables-save -c", self.nsexec, self.nsexec),
             }),
             "dst_multicast" => d.flow.map(|f| Value::Bool(f.dst.is_multicast())),
+            "pkt_icmp_type" => d.flow.and_then(|f| f.icmp).map(|(t, _)| Value::Int(t.into())),
             "over_mtu" => self.egress_mtu().map(|m| Value::Bool(d.len > m)),
             "ifname" => d.dev.map(|dev| Value::Str(Cow::Owned(dev.name().to_string()))),
             "out_ifname" => d.out.or(d.dev).map(|dev| Value::Str(Cow::Owned(dev.name().to_string()))),
