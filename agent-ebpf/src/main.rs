@@ -20,7 +20,10 @@ mod programs {
         programs::{BtfTracePointContext, TracePointContext},
     };
 
-    use crate::{maps::cfg, probes};
+    use crate::{
+        maps::{cfg, enabled},
+        probes,
+    };
 
     /// `skb:kfree_skb` as a BTF tracepoint: (skb, location, reason[, rx_sk]).
     #[btf_tracepoint(function = "kfree_skb")]
@@ -28,7 +31,7 @@ mod programs {
         let skb: u64 = ctx.arg(0);
         let location: u64 = ctx.arg(1);
         // Kernels before 5.17 pass no reason; the verifier prunes this read there.
-        let reason: u64 = if cfg().has_reason != 0 { ctx.arg(2) } else { 0 };
+        let reason: u64 = if enabled(cfg().has_reason) { ctx.arg(2) } else { 0 };
         probes::kfree_skb::on_drop(&ctx, skb, location, reason as u32);
         0
     }
@@ -82,7 +85,7 @@ mod programs {
     #[btf_tracepoint(function = "tcp_send_reset")]
     pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> i32 {
         // Older kernels pass only the socket; the verifier prunes this read there.
-        let skb: u64 = if cfg().rst_has_skb != 0 { ctx.arg(1) } else { 0 };
+        let skb: u64 = if enabled(cfg().rst_has_skb) { ctx.arg(1) } else { 0 };
         probes::tcp_send_reset::on_reset(skb);
         0
     }

@@ -28,6 +28,12 @@ pub fn cfg() -> &'static Config {
     unsafe { core::ptr::read_volatile(&&CONFIG) }
 }
 
+/// A `Config` flag (u32 in the ABI for alignment) as a bool.
+#[inline(always)]
+pub fn enabled(flag: u32) -> bool {
+    flag != 0
+}
+
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
