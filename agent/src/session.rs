@@ -138,24 +138,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("ring buffer poll")?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    if let Some(record) = decoder.decode(&item) {
-                        pipeline.push(record, sink.as_mut());
-                    }
-                }
+                drain(guard.get_inner_mut(), &mut decoder, &mut pipeline, sink.as_mut());
                 guard.clear_ready();
             }
             _ = tick.tick() => {
                 // Events already in the ring come first: they give their keys a cause before
                 // the kernel's counts for those keys are reconciled.
                 let now = clock_ns();
-                let rb = ring.get_mut();
-                while let Some(item) = rb.next() {
-                    if let Some(record) = decoder.decode(&item) {
-                        pipeline.push(record, sink.as_mut());
-                    }
-                }
+                drain(ring.get_mut(), &mut decoder, &mut pipeline, sink.as_mut());
                 pipeline.reconcile(&read_agg(), |k| decoder.synthetic(k, now), sink.as_mut(), false);
                 pipeline.flush(sink.as_mut());
                 if let Some(view) = top_view.as_mut() {
@@ -169,12 +159,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
 
     // Drain what the kernel delivered before the stop, then read the kernel's own counters.
-    let rb = ring.get_mut();
-    while let Some(item) = rb.next() {
-        if let Some(record) = decoder.decode(&item) {
-            pipeline.push(record, sink.as_mut());
-        }
-    }
+    drain(ring.get_mut(), &mut decoder, &mut pipeline, sink.as_mut());
     let now = clock_ns();
     pipeline.reconcile(&read_agg(), |k| decoder.synthetic(k, now), sink.as_mut(), true);
     pipeline.flush(sink.as_mut());
@@ -194,6 +179,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         None => sink.summary(&summary),
     }
     Ok(())
+}
+
+/// Feeds every record waiting in the ring buffer through the pipeline.
+fn drain(rb: &mut aya::maps::RingBuf<aya::maps::MapData>, decoder: &mut Decoder, pipeline: &mut Pipeline, sink: &mut dyn Sink) {
+    while let Some(item) = rb.next() {
+        if let Some(record) = decoder.decode(&item) {
+            pipeline.push(record, sink);
+        }
+    }
 }
 
 /// The kernel's monotonic clock (what bpf_ktime_get_ns reads), in ns.
