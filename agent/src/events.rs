@@ -213,7 +213,7 @@ impl Decoder {
             location: self.symbols.borrow_mut().resolve(ev.location),
             netns: ev.netns,
             dev: (ev.flags & FLAG_DEV != 0).then(|| Device::new(ev.ifindex, ev.ifname, ev.mtu)),
-            out: (ev.flags & FLAG_DST != 0).then(|| Device::new(ev.out_ifindex, ev.out_ifname, ev.out_mtu)),
+            out: route_device(ev),
             len: ev.len,
             mark: ev.mark,
             ttl: (ev.flags & (FLAG_IPV4 | FLAG_IPV6) != 0).then_some(ev.ttl),
@@ -244,6 +244,21 @@ impl Decoder {
         ev.l4_proto = key.l4_proto;
         self.drop(&ev)
     }
+}
+
+/// The device the route sends the packet to. Received packets that end in a local or error
+/// route (forwarding off, no route, delivered here) point at loopback (always ifindex 1):
+/// that is not an egress, so it is left out rather than reported as one.
+fn route_device(ev: &Event) -> Option<Device> {
+    const LOOPBACK_IFINDEX: u32 = 1;
+    if ev.flags & FLAG_DST == 0 {
+        return None;
+    }
+    let received = ev.flags & FLAG_DEV != 0 && ev.ifindex != LOOPBACK_IFINDEX;
+    if received && ev.out_ifindex == LOOPBACK_IFINDEX {
+        return None;
+    }
+    Some(Device::new(ev.out_ifindex, ev.out_ifname, ev.out_mtu))
 }
 
 /// Copies a record out of the ring buffer (which gives no alignment guarantee for our type).
@@ -326,6 +341,23 @@ mod tests {
         assert_eq!(d.sysctls.dev_rp_filter, None, "-1 from the kernel means unknown");
         assert_eq!(d.sysctls.effective_rp_filter(), Some(2));
         assert!(d.out.is_none());
+    }
+
+    #[test]
+    fn loopback_routes_of_received_packets_are_not_an_egress() {
+        let mut dec = decoder();
+        let with_route = |out_ifindex| {
+            raw(|e| {
+                e.kind = EventKind::Drop as u8;
+                e.flags = FLAG_DEV | FLAG_DST;
+                e.ifindex = 2;
+                e.out_ifindex = out_ifindex;
+            })
+        };
+        let Some(Record::Drop(d)) = dec.decode(&with_route(1)) else { panic!() };
+        assert!(d.out.is_none(), "error/local route via lo");
+        let Some(Record::Drop(d)) = dec.decode(&with_route(3)) else { panic!() };
+        assert_eq!(d.out.unwrap().ifindex, 3);
     }
 
     #[test]

@@ -43,9 +43,7 @@ pub fn drop_line(r: &DropRecord, clock: &Clock) -> String {
     let d = &r.drop;
     let time = clock.wall(d.ts_ns).with_timezone(&chrono::Local).format("%H:%M:%S");
     let flow = d.flow.map_or_else(|| format!("{} len {}", d.reason, d.len), |f| f.to_string());
-    // Error routes (forwarding off, no route) point at `lo`: not a real egress.
-    let out = d.out.filter(|o| o.name() != "lo");
-    let dev = match (d.dev, out) {
+    let dev = match (d.dev, d.out) {
         (Some(i), Some(o)) if i.ifindex != o.ifindex => format!("in {} out {}", i.name(), o.name()),
         (Some(i), _) => format!("in {}", i.name()),
         (None, Some(o)) => format!("out {}", o.name()),
