@@ -8,11 +8,14 @@ use crate::maps::cfg;
 pub fn passes(ev: &Event) -> bool {
     let f = &cfg().filters;
     (f.n_netns == 0 || any_u32(&f.netns, f.n_netns, ev.netns))
-        && (f.n_protos == 0 || (ev.flags & (FLAG_IPV4 | FLAG_IPV6) != 0 && any_u8(&f.protos, f.n_protos, ev.l4_proto)))
+        && (f.n_protos == 0
+            || (ev.flags & (FLAG_IPV4 | FLAG_IPV6) != 0
+                && any_u8(&f.protos, f.n_protos, ev.l4_proto)))
         && (f.n_ports == 0
             || (ev.flags & FLAG_L4 != 0
                 && !matches!(ev.l4_proto, 1 | 58)
-                && (any_u16(&f.ports, f.n_ports, ev.sport) || any_u16(&f.ports, f.n_ports, ev.dport))))
+                && (any_u16(&f.ports, f.n_ports, ev.sport)
+                    || any_u16(&f.ports, f.n_ports, ev.dport))))
         && (f.n_src == 0 || any_cidr(&f.src, f.n_src, &ev.saddr, ev.flags))
         && (f.n_dst == 0 || any_cidr(&f.dst, f.n_dst, &ev.daddr, ev.flags))
         && (f.n_ifnames == 0
@@ -42,7 +45,8 @@ fn any_name(list: &[[u8; 16]; FILTER_SLOTS], n: u8, name: &[u8; 16]) -> bool {
 
 #[inline(always)]
 fn any_cidr(list: &[Cidr; FILTER_SLOTS], n: u8, addr: &[u8; 16], flags: u8) -> bool {
-    (0..FILTER_SLOTS).any(|i| i < n as usize && flags & list[i].family != 0 && in_prefix(&list[i], addr))
+    (0..FILTER_SLOTS)
+        .any(|i| i < n as usize && flags & list[i].family != 0 && in_prefix(&list[i], addr))
 }
 
 /// Whether `addr` starts with the first `prefix_len` bits of `c.addr`.
@@ -53,7 +57,11 @@ fn in_prefix(c: &Cidr, addr: &[u8; 16]) -> bool {
         if bits == 0 {
             break;
         }
-        let mask: u8 = if bits >= 8 { 0xff } else { 0xffu8 << (8 - bits) };
+        let mask: u8 = if bits >= 8 {
+            0xff
+        } else {
+            0xffu8 << (8 - bits)
+        };
         if (addr[i] ^ c.addr[i]) & mask != 0 {
             return false;
         }

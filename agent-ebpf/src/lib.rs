@@ -165,7 +165,12 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    pub const NONE: Cidr = Cidr { addr: [0; 16], prefix_len: 0, family: 0, _pad: [0; 2] };
+    pub const NONE: Cidr = Cidr {
+        addr: [0; 16],
+        prefix_len: 0,
+        family: 0,
+        _pad: [0; 2],
+    };
 }
 
 /// Capacity of each kernel-side filter list; longer lists are filtered in userspace only.

@@ -31,7 +31,11 @@ mod programs {
         let skb: u64 = ctx.arg(0);
         let location: u64 = ctx.arg(1);
         // Kernels before 5.17 pass no reason; the verifier prunes this read there.
-        let reason: u64 = if enabled(cfg().has_reason) { ctx.arg(2) } else { 0 };
+        let reason: u64 = if enabled(cfg().has_reason) {
+            ctx.arg(2)
+        } else {
+            0
+        };
         probes::kfree_skb::on_drop(&ctx, skb, location, reason as u32);
         0
     }
@@ -85,7 +89,11 @@ mod programs {
     #[btf_tracepoint(function = "tcp_send_reset")]
     pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> i32 {
         // Older kernels pass only the socket; the verifier prunes this read there.
-        let skb: u64 = if enabled(cfg().rst_has_skb) { ctx.arg(1) } else { 0 };
+        let skb: u64 = if enabled(cfg().rst_has_skb) {
+            ctx.arg(1)
+        } else {
+            0
+        };
         probes::tcp_send_reset::on_reset(skb);
         0
     }

@@ -1,6 +1,7 @@
 //! Maps and the load-time configuration global.
 use agent_ebpf::{
-    counter, AggKey, AggVal, Config, Event, Filters, Offsets, ABSENT, AGG_ENTRIES, RING_BYTES, STACK_ENTRIES,
+    counter, AggKey, AggVal, Config, Event, Filters, Offsets, ABSENT, AGG_ENTRIES, RING_BYTES,
+    STACK_ENTRIES,
 };
 use aya_ebpf::{
     macros::map,

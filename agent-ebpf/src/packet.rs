@@ -2,7 +2,9 @@
 //!
 //! Every read goes through `bpf_probe_read_kernel`, so a wrong pointer yields "unknown", never a
 //! fault; an offset the running kernel does not have is skipped.
-use agent_ebpf::{Event, ABSENT, DEV_WINDOW, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4, SKB_WINDOW};
+use agent_ebpf::{
+    Event, ABSENT, DEV_WINDOW, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4, SKB_WINDOW,
+};
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::map,
@@ -33,7 +35,8 @@ impl Window {
         // SAFETY: per-CPU buffer of this CPU; probe-read reports failures instead of faulting.
         let buf = unsafe { &mut *buf };
         let n = (len as usize).min(buf.len());
-        unsafe { bpf_probe_read_kernel_buf((base + start as u64) as *const u8, &mut buf[..n]) }.ok()?;
+        unsafe { bpf_probe_read_kernel_buf((base + start as u64) as *const u8, &mut buf[..n]) }
+            .ok()?;
         Some(Window { buf, start })
     }
 
@@ -178,7 +181,11 @@ pub fn fill_rest(ev: &mut Event, skb: u64, devs: &Devices) {
         ev.ifname = read::<[u8; 16]>(devs.dev, o.dev_name).unwrap_or([0; 16]);
         fill_devconf(ev, devs.dev);
     }
-    let out = if devs.out != 0 { devs.out } else { route_device(skb) };
+    let out = if devs.out != 0 {
+        devs.out
+    } else {
+        route_device(skb)
+    };
     if out != 0 {
         ev.flags |= FLAG_DST;
         ev.out_ifindex = read::<u32>(out, o.dev_ifindex).unwrap_or(0);
@@ -221,7 +228,9 @@ const HEADERS: usize = 48;
 
 #[inline(always)]
 fn parse_ipv4(ev: &mut Event, l3: u64) {
-    let Some(h) = read::<[u8; HEADERS]>(l3, 0) else { return };
+    let Some(h) = read::<[u8; HEADERS]>(l3, 0) else {
+        return;
+    };
     if h[0] >> 4 != 4 {
         return;
     }
@@ -244,7 +253,9 @@ fn parse_ipv4(ev: &mut Event, l3: u64) {
 
 #[inline(always)]
 fn parse_ipv6(ev: &mut Event, l3: u64) {
-    let Some(h) = read::<[u8; HEADERS]>(l3, 0) else { return };
+    let Some(h) = read::<[u8; HEADERS]>(l3, 0) else {
+        return;
+    };
     if h[0] >> 4 != 6 {
         return;
     }

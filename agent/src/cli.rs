@@ -195,7 +195,11 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 impl RunArgs {
     /// The filters, with `--netns` names resolved to inodes.
     pub fn filter(&self) -> anyhow::Result<Filter> {
-        let netns = self.netns.iter().map(|n| crate::evidence::netns::resolve_arg(n)).collect::<anyhow::Result<_>>()?;
+        let netns = self
+            .netns
+            .iter()
+            .map(|n| crate::evidence::netns::resolve_arg(n))
+            .collect::<anyhow::Result<_>>()?;
         Ok(Filter {
             src: self.src.clone(),
             dst: self.dst.clone(),
@@ -229,7 +233,16 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
         }
-        let ok = Cli::try_parse_from(["dropscope", "--format", "json", "--dst", "10.231.2.2", "--proto", "udp"]).unwrap();
+        let ok = Cli::try_parse_from([
+            "dropscope",
+            "--format",
+            "json",
+            "--dst",
+            "10.231.2.2",
+            "--proto",
+            "udp",
+        ])
+        .unwrap();
         assert_eq!(ok.run.format, Format::Json);
         assert_eq!(ok.run.proto, vec![17]);
     }

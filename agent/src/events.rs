@@ -65,7 +65,9 @@ impl fmt::Display for Flow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.ports, self.family) {
             (Some((sp, dp)), Family::Ipv4) => write!(f, "{}:{sp} -> {}:{dp}", self.src, self.dst)?,
-            (Some((sp, dp)), Family::Ipv6) => write!(f, "[{}]:{sp} -> [{}]:{dp}", self.src, self.dst)?,
+            (Some((sp, dp)), Family::Ipv6) => {
+                write!(f, "[{}]:{sp} -> [{}]:{dp}", self.src, self.dst)?
+            }
             (None, _) => write!(f, "{} -> {}", self.src, self.dst)?,
         }
         write!(f, " {}", self.proto_name())?;
@@ -90,7 +92,11 @@ impl Device {
     }
 
     pub fn name(&self) -> &str {
-        let end = self.name.iter().position(|&b| b == 0).unwrap_or(self.name.len());
+        let end = self
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.name.len());
         std::str::from_utf8(&self.name[..end]).unwrap_or("?")
     }
 }
@@ -180,7 +186,11 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(reasons: DropReasons, symbols: std::rc::Rc<std::cell::RefCell<Kallsyms>>) -> Self {
-        Decoder { reasons, symbols, names: Default::default() }
+        Decoder {
+            reasons,
+            symbols,
+            names: Default::default(),
+        }
     }
 
     /// Decodes one ring-buffer record; `None` if it is not a record this version knows.
@@ -188,23 +198,29 @@ impl Decoder {
         let ev = parse(bytes)?;
         match ev.kind {
             k if k == EventKind::Drop as u8 => Some(Record::Drop(self.drop(&ev))),
-            k if k == EventKind::IcmpSent as u8 || k == EventKind::RstSent as u8 => Some(Record::Reply(Reply {
-                ts_ns: ev.ts_ns,
-                skb: ev.skb,
-                answer: if k == EventKind::RstSent as u8 {
-                    Answer::TcpReset
-                } else {
-                    Answer::Icmp(ev.icmp_type, ev.icmp_code)
-                },
-                flow: flow(&ev),
-            })),
+            k if k == EventKind::IcmpSent as u8 || k == EventKind::RstSent as u8 => {
+                Some(Record::Reply(Reply {
+                    ts_ns: ev.ts_ns,
+                    skb: ev.skb,
+                    answer: if k == EventKind::RstSent as u8 {
+                        Answer::TcpReset
+                    } else {
+                        Answer::Icmp(ev.icmp_type, ev.icmp_code)
+                    },
+                    flow: flow(&ev),
+                }))
+            }
             _ => None,
         }
     }
 
     fn drop(&mut self, ev: &Event) -> Drop {
         let reasons = &self.reasons;
-        let reason = self.names.entry(ev.reason).or_insert_with(|| Arc::from(reasons.name(ev.reason))).clone();
+        let reason = self
+            .names
+            .entry(ev.reason)
+            .or_insert_with(|| Arc::from(reasons.name(ev.reason)))
+            .clone();
         let opt = |v: i8| u8::try_from(v).ok();
         Drop {
             ts_ns: ev.ts_ns,
@@ -275,7 +291,11 @@ fn flow(ev: &Event) -> Option<Flow> {
         let v4 = |a: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
         (Family::Ipv4, v4(&ev.saddr), v4(&ev.daddr))
     } else if ev.flags & FLAG_IPV6 != 0 {
-        (Family::Ipv6, IpAddr::V6(Ipv6Addr::from(ev.saddr)), IpAddr::V6(Ipv6Addr::from(ev.daddr)))
+        (
+            Family::Ipv6,
+            IpAddr::V6(Ipv6Addr::from(ev.saddr)),
+            IpAddr::V6(Ipv6Addr::from(ev.daddr)),
+        )
     } else {
         return None;
     };
@@ -300,14 +320,20 @@ mod tests {
         f(&mut ev);
         // SAFETY: Event is POD; view it as bytes like the ring buffer delivers it.
         let bytes = unsafe {
-            std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), std::mem::size_of::<Event>())
+            std::slice::from_raw_parts(
+                (&ev as *const Event).cast::<u8>(),
+                std::mem::size_of::<Event>(),
+            )
         };
         bytes.to_vec()
     }
 
     fn decoder() -> Decoder {
         let reasons = DropReasons::new(
-            vec![("SKB_DROP_REASON_NO_SOCKET".into(), 3), ("SKB_DROP_REASON_IP_RPFILTER".into(), 16)],
+            vec![
+                ("SKB_DROP_REASON_NO_SOCKET".into(), 3),
+                ("SKB_DROP_REASON_IP_RPFILTER".into(), 16),
+            ],
             vec![],
         );
         let symbols = Kallsyms::parse("ffffffff81000000 T tcp_v4_rcv\n");
@@ -331,14 +357,19 @@ mod tests {
             e.dev_forwarding = 0;
             e.all_rp_filter = 2;
         });
-        let Some(Record::Drop(d)) = decoder().decode(&bytes) else { panic!("not a drop") };
+        let Some(Record::Drop(d)) = decoder().decode(&bytes) else {
+            panic!("not a drop")
+        };
         assert_eq!(&*d.reason, "NO_SOCKET");
         assert_eq!(&*d.location, "tcp_v4_rcv");
         let flow = d.flow.unwrap();
         assert_eq!(flow.to_string(), "10.231.1.2:40000 -> 10.231.2.2:8081 tcp");
         assert_eq!(d.dev.unwrap().name(), "b0");
         assert_eq!(d.sysctls.dev_forwarding, Some(0));
-        assert_eq!(d.sysctls.dev_rp_filter, None, "-1 from the kernel means unknown");
+        assert_eq!(
+            d.sysctls.dev_rp_filter, None,
+            "-1 from the kernel means unknown"
+        );
         assert_eq!(d.sysctls.effective_rp_filter(), Some(2));
         assert!(d.out.is_none());
     }
@@ -354,9 +385,13 @@ mod tests {
                 e.out_ifindex = out_ifindex;
             })
         };
-        let Some(Record::Drop(d)) = dec.decode(&with_route(1)) else { panic!() };
+        let Some(Record::Drop(d)) = dec.decode(&with_route(1)) else {
+            panic!()
+        };
         assert!(d.out.is_none(), "error/local route via lo");
-        let Some(Record::Drop(d)) = dec.decode(&with_route(3)) else { panic!() };
+        let Some(Record::Drop(d)) = dec.decode(&with_route(3)) else {
+            panic!()
+        };
         assert_eq!(d.out.unwrap().ifindex, 3);
     }
 
@@ -372,8 +407,13 @@ mod tests {
             e.icmp_type = 128;
             e.reason = 77;
         });
-        let Some(Record::Drop(d)) = dec.decode(&bytes) else { panic!() };
-        assert_eq!(d.flow.unwrap().to_string(), "fd00:231:1::2 -> fd00:231:2::2 icmpv6 128/0");
+        let Some(Record::Drop(d)) = dec.decode(&bytes) else {
+            panic!()
+        };
+        assert_eq!(
+            d.flow.unwrap().to_string(),
+            "fd00:231:1::2 -> fd00:231:2::2 icmpv6 128/0"
+        );
         assert_eq!(&*d.reason, "REASON_77", "unknown numbers stay visible");
         let bytes = raw(|e| {
             e.kind = EventKind::IcmpSent as u8;
@@ -381,10 +421,14 @@ mod tests {
             e.icmp_code = 3;
             e.skb = 0x1234;
         });
-        let Some(Record::Reply(i)) = dec.decode(&bytes) else { panic!() };
+        let Some(Record::Reply(i)) = dec.decode(&bytes) else {
+            panic!()
+        };
         assert_eq!((i.answer, i.skb), (Answer::Icmp(3, 3), 0x1234));
         let bytes = raw(|e| e.kind = EventKind::RstSent as u8);
-        let Some(Record::Reply(r)) = dec.decode(&bytes) else { panic!() };
+        let Some(Record::Reply(r)) = dec.decode(&bytes) else {
+            panic!()
+        };
         assert_eq!(r.answer, Answer::TcpReset);
     }
 

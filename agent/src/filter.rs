@@ -20,7 +20,12 @@ impl Filter {
     /// than the kernel's capacity is left empty there (userspace still applies it).
     pub fn to_kernel(&self) -> Filters {
         let mut k = Filters::NONE;
-        fn fill<T: Copy, U>(src: &[T], dst: &mut [U; FILTER_SLOTS], n: &mut u8, f: impl Fn(T) -> U) {
+        fn fill<T: Copy, U>(
+            src: &[T],
+            dst: &mut [U; FILTER_SLOTS],
+            n: &mut u8,
+            f: impl Fn(T) -> U,
+        ) {
             if src.len() <= FILTER_SLOTS {
                 for (slot, v) in dst.iter_mut().zip(src) {
                     *slot = f(*v);
@@ -43,18 +48,26 @@ impl Filter {
     pub fn matches(&self, d: &Drop) -> bool {
         let flow = d.flow.as_ref();
         let any = |set: bool, ok: bool| !set || ok;
-        any(!self.src.is_empty(), flow.is_some_and(|f| self.src.iter().any(|n| n.contains(&f.src))))
-            && any(!self.dst.is_empty(), flow.is_some_and(|f| self.dst.iter().any(|n| n.contains(&f.dst))))
-            && any(
-                !self.ports.is_empty(),
-                flow.and_then(|f| f.ports).is_some_and(|(s, p)| self.ports.contains(&s) || self.ports.contains(&p)),
-            )
-            && any(!self.protos.is_empty(), flow.is_some_and(|f| self.protos.contains(&f.proto)))
-            && any(
-                !self.ifaces.is_empty(),
-                [d.dev, d.out].iter().flatten().any(|dev| self.ifaces.iter().any(|i| i == dev.name())),
-            )
-            && any(!self.netns.is_empty(), self.netns.contains(&d.netns))
+        any(
+            !self.src.is_empty(),
+            flow.is_some_and(|f| self.src.iter().any(|n| n.contains(&f.src))),
+        ) && any(
+            !self.dst.is_empty(),
+            flow.is_some_and(|f| self.dst.iter().any(|n| n.contains(&f.dst))),
+        ) && any(
+            !self.ports.is_empty(),
+            flow.and_then(|f| f.ports)
+                .is_some_and(|(s, p)| self.ports.contains(&s) || self.ports.contains(&p)),
+        ) && any(
+            !self.protos.is_empty(),
+            flow.is_some_and(|f| self.protos.contains(&f.proto)),
+        ) && any(
+            !self.ifaces.is_empty(),
+            [d.dev, d.out]
+                .iter()
+                .flatten()
+                .any(|dev| self.ifaces.iter().any(|i| i == dev.name())),
+        ) && any(!self.netns.is_empty(), self.netns.contains(&d.netns))
     }
 }
 
@@ -102,7 +115,9 @@ pub fn parse_proto(s: &str) -> Result<u8, String> {
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map_err(|_| format!("'{s}' is not an address or CIDR (e.g. 10.0.0.0/8, fd00::/64, 10.1.2.3)"))
+        .map_err(|_| {
+            format!("'{s}' is not an address or CIDR (e.g. 10.0.0.0/8, fd00::/64, 10.1.2.3)")
+        })
 }
 
 #[cfg(test)]
@@ -143,22 +158,43 @@ mod tests {
     fn flags_combine_with_and_values_with_or() {
         let d = sample();
         assert!(Filter::default().matches(&d));
-        let f = Filter { src: vec![parse_net("10.0.0.0/8").unwrap()], ports: vec![80, 443], ..Default::default() };
+        let f = Filter {
+            src: vec![parse_net("10.0.0.0/8").unwrap()],
+            ports: vec![80, 443],
+            ..Default::default()
+        };
         assert!(f.matches(&d));
-        let f = Filter { ports: vec![22], ..Default::default() };
+        let f = Filter {
+            ports: vec![22],
+            ..Default::default()
+        };
         assert!(!f.matches(&d));
-        let f = Filter { protos: vec![parse_proto("udp").unwrap()], ..Default::default() };
+        let f = Filter {
+            protos: vec![parse_proto("udp").unwrap()],
+            ..Default::default()
+        };
         assert!(!f.matches(&d));
-        let f = Filter { ifaces: vec!["r0".into()], netns: vec![42], ..Default::default() };
+        let f = Filter {
+            ifaces: vec!["r0".into()],
+            netns: vec![42],
+            ..Default::default()
+        };
         assert!(f.matches(&d));
-        let f = Filter { dst: vec![parse_net("10.9.0.1").unwrap()], netns: vec![7], ..Default::default() };
+        let f = Filter {
+            dst: vec![parse_net("10.9.0.1").unwrap()],
+            netns: vec![7],
+            ..Default::default()
+        };
         assert!(!f.matches(&d));
     }
 
     #[test]
     fn kernel_filters_mirror_the_flags() {
         let f = Filter {
-            dst: vec![parse_net("10.231.2.0/24").unwrap(), parse_net("fd00::1").unwrap()],
+            dst: vec![
+                parse_net("10.231.2.0/24").unwrap(),
+                parse_net("fd00::1").unwrap(),
+            ],
             ports: vec![53],
             ifaces: vec!["r0".into()],
             netns: (0..20).collect(),
@@ -166,16 +202,24 @@ mod tests {
         };
         let k = f.to_kernel();
         assert_eq!((k.n_dst, k.n_ports, k.n_ifnames, k.n_src), (2, 1, 1, 0));
-        assert_eq!((k.dst[0].prefix_len, k.dst[0].family, &k.dst[0].addr[..4]), (24, FLAG_IPV4, &[10, 231, 2, 0][..]));
+        assert_eq!(
+            (k.dst[0].prefix_len, k.dst[0].family, &k.dst[0].addr[..4]),
+            (24, FLAG_IPV4, &[10, 231, 2, 0][..])
+        );
         assert_eq!((k.dst[1].prefix_len, k.dst[1].family), (128, FLAG_IPV6));
         assert_eq!(&k.ifnames[0][..3], b"r0\0");
-        assert_eq!(k.n_netns, 0, "too many namespaces for the kernel: filtered in userspace only");
+        assert_eq!(
+            k.n_netns, 0,
+            "too many namespaces for the kernel: filtered in userspace only"
+        );
     }
 
     #[test]
     fn bad_values_are_explained() {
         assert!(parse_proto("tcpp").unwrap_err().contains("not a protocol"));
-        assert!(parse_net("10.0.0.0/33").unwrap_err().contains("not an address or CIDR"));
+        assert!(parse_net("10.0.0.0/33")
+            .unwrap_err()
+            .contains("not an address or CIDR"));
         assert_eq!(parse_proto("47").unwrap(), 47);
     }
 }

@@ -16,7 +16,10 @@ fn main() {
     let cli = cli::Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     init_logging(cli.verbose);
     if cli.run.causes {
-        print!("{}", causes::catalogue::markdown(&causes::Engine::builtin()));
+        print!(
+            "{}",
+            causes::catalogue::markdown(&causes::Engine::builtin())
+        );
         return;
     }
     if let Some(cli::Command::Check(args)) = &cli.command {
@@ -28,8 +31,12 @@ fn main() {
             }
         }
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-    let result = runtime.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(session::run(cli.run)));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let result = runtime
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(session::run(cli.run)));
     if let Err(e) = result {
         // One line, whole cause chain: the operator needs the why, not a backtrace.
         eprintln!("dropscope: {e:#}");
@@ -46,20 +53,35 @@ fn init_logging(verbose: u8) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DROPSCOPE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(ansi).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
 }
 
 /// Prints a command-line error as one line (help and version print normally).
 fn usage_error(e: clap::Error) -> ! {
-    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
         e.exit();
     }
     let text = e.render().to_string();
     let line: Vec<&str> = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
         .collect();
-    eprintln!("dropscope: {} (see --help)", line.join(" ").trim_start_matches("error: "));
+    eprintln!(
+        "dropscope: {} (see --help)",
+        line.join(" ").trim_start_matches("error: ")
+    );
     std::process::exit(2);
 }

@@ -94,7 +94,13 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(engine: Engine, filter: Filter, show_benign: bool, rules: rules::Tracker, stacks: StackReader) -> Self {
+    pub fn new(
+        engine: Engine,
+        filter: Filter,
+        show_benign: bool,
+        rules: rules::Tracker,
+        stacks: StackReader,
+    ) -> Self {
         Pipeline {
             rules,
             stacks,
@@ -127,7 +133,8 @@ impl Pipeline {
     fn remember_reply(&mut self, r: Reply) {
         if self.replies.len() >= 4096 {
             let newest = r.ts_ns;
-            self.replies.retain(|_, v| newest.saturating_sub(v.ts_ns) < REPLY_PAIR_WINDOW_NS);
+            self.replies
+                .retain(|_, v| newest.saturating_sub(v.ts_ns) < REPLY_PAIR_WINDOW_NS);
         }
         self.replies.insert(r.skb, r);
     }
@@ -136,8 +143,11 @@ impl Pipeline {
     /// same skb, same addresses (an skb address is reused as soon as the packet is freed).
     fn answer_for(&mut self, d: &Drop) -> Option<Answer> {
         let r = self.replies.remove(&d.skb)?;
-        let same = |a: Option<Flow>, b: Option<Flow>| a.map(|f| (f.src, f.dst)) == b.map(|f| (f.src, f.dst));
-        (d.ts_ns.saturating_sub(r.ts_ns) < REPLY_PAIR_WINDOW_NS && same(r.flow, d.flow)).then_some(r.answer)
+        let same = |a: Option<Flow>, b: Option<Flow>| {
+            a.map(|f| (f.src, f.dst)) == b.map(|f| (f.src, f.dst))
+        };
+        (d.ts_ns.saturating_sub(r.ts_ns) < REPLY_PAIR_WINDOW_NS && same(r.flow, d.flow))
+            .then_some(r.answer)
     }
 
     fn on_drop(&mut self, d: Drop, sink: &mut dyn Sink) {
@@ -189,7 +199,15 @@ impl Pipeline {
         if self.show_benign || !verdict.benign {
             sink.drop(&self.record(&verdict, &d, answer, 1, true));
         }
-        self.folds.insert(key, Fold { verdict, sample: d, answer, pending: 0 });
+        self.folds.insert(
+            key,
+            Fold {
+                verdict,
+                sample: d,
+                answer,
+                pending: 0,
+            },
+        );
     }
 
     /// Remembers netfilter drops of ICMP "fragmentation needed"; for a too-big drop, says
@@ -217,15 +235,27 @@ impl Pipeline {
         };
         let netfilter = &*d.reason == "NETFILTER_DROP";
         let nf_engine = netfilter.then(|| self.nf_engine(d));
-        let (nf_rule, ct) = if netfilter { self.dropping_rule(d, icmp_sent) } else { (None, None) };
+        let (nf_rule, ct) = if netfilter {
+            self.dropping_rule(d, icmp_sent)
+        } else {
+            (None, None)
+        };
         let stack = d.stack_id.map(|id| (self.stacks)(id)).unwrap_or_default();
-        let nf_hook = if netfilter { netfilter::hook_from_stack(&stack) } else { None };
+        let nf_hook = if netfilter {
+            netfilter::hook_from_stack(&stack)
+        } else {
+            None
+        };
         let (route, ifaces) = match (needs_route(d), self.netns_path(d.netns)) {
             (true, Some(path)) => routes::lookup(path.as_deref(), d.flow.map(|f| f.dst)),
             _ => (None, None),
         };
         let neighbours = match (needs_neighbours(d), self.netns_path(d.netns), d.dev) {
-            (true, Some(path), Some(dev)) => routes::unresolved_neighbours(path.as_deref(), dev.name().to_string(), d.flow.map(|f| f.dst)),
+            (true, Some(path), Some(dev)) => routes::unresolved_neighbours(
+                path.as_deref(),
+                dev.name().to_string(),
+                d.flow.map(|f| f.dst),
+            ),
             _ => Vec::new(),
         };
         let nsexec = self.namespaces.exec_prefix(d.netns);
@@ -246,7 +276,11 @@ impl Pipeline {
         };
         let mut verdict = self.engine.classify(&facts);
         if netfilter {
-            for (key, fact) in [("hook", "nf_hook"), ("engine", "nf_engine"), ("rule", "nf_rule")] {
+            for (key, fact) in [
+                ("hook", "nf_hook"),
+                ("engine", "nf_engine"),
+                ("rule", "nf_rule"),
+            ] {
                 if let Some(v) = facts.get(fact) {
                     verdict.details.push((key, v.to_string()));
                 }
@@ -266,8 +300,14 @@ impl Pipeline {
     /// The DROP/REJECT rule whose counter moved with this drop, and conntrack's counters.
     /// Rules that cannot have matched the packet are excluded; an ICMP error sent with the
     /// drop prefers a REJECT rule, its absence a DROP rule; otherwise the rule that moved most.
-    fn dropping_rule(&mut self, d: &Drop, icmp_sent: Option<(u8, u8)>) -> (Option<rules::Moved>, Option<CtStats>) {
-        let Some(path) = self.netns_path(d.netns) else { return (None, None) };
+    fn dropping_rule(
+        &mut self,
+        d: &Drop,
+        icmp_sent: Option<(u8, u8)>,
+    ) -> (Option<rules::Moved>, Option<CtStats>) {
+        let Some(path) = self.netns_path(d.netns) else {
+            return (None, None);
+        };
         let fields = packet_fields(d);
         let mut found = rules::Attribution::default();
         for fresh in [false, true] {
@@ -318,10 +358,18 @@ impl Pipeline {
         *self.reasons.entry(d.reason.clone()).or_default() += n;
         // Hot path: no allocation once a cause, flow and device have been seen.
         if !self.causes.contains_key(v.cause.as_str()) {
-            let fresh = CauseTotals { title: v.title.clone(), evidence: v.evidence.clone(), hint: v.hint.clone(), ..Default::default() };
+            let fresh = CauseTotals {
+                title: v.title.clone(),
+                evidence: v.evidence.clone(),
+                hint: v.hint.clone(),
+                ..Default::default()
+            };
             self.causes.insert(v.cause.clone(), fresh);
         }
-        let t = self.causes.get_mut(v.cause.as_str()).expect("inserted above");
+        let t = self
+            .causes
+            .get_mut(v.cause.as_str())
+            .expect("inserted above");
         t.count += n;
         *t.reasons.entry(d.reason.clone()).or_default() += n;
         *t.locations.entry(d.location.clone()).or_default() += n;
@@ -335,7 +383,14 @@ impl Pipeline {
         }
     }
 
-    fn record(&mut self, v: &Arc<Verdict>, d: &Drop, answer: Option<Answer>, count: u64, first: bool) -> DropRecord {
+    fn record(
+        &mut self,
+        v: &Arc<Verdict>,
+        d: &Drop,
+        answer: Option<Answer>,
+        count: u64,
+        first: bool,
+    ) -> DropRecord {
         DropRecord {
             verdict: v.clone(),
             drop: d.clone(),
@@ -368,13 +423,26 @@ impl Pipeline {
                     continue;
                 }
                 let verdict = Arc::new(self.classify(&d, None, false));
-                let st = KeyState { verdict, sample: d, answer: None, events: 0, reported_suppressed: 0, reported_lost: 0 };
+                let st = KeyState {
+                    verdict,
+                    sample: d,
+                    answer: None,
+                    events: 0,
+                    reported_suppressed: 0,
+                    reported_lost: 0,
+                };
                 self.keys.insert(*key, st);
             }
             let st = self.keys.get_mut(key).expect("inserted above");
-            let sampled = val.suppressed.saturating_sub(std::mem::replace(&mut st.reported_suppressed, val.suppressed));
-            let lost = val.lost.saturating_sub(std::mem::replace(&mut st.reported_lost, val.lost));
-            let (verdict, sample, answer, events) = (st.verdict.clone(), st.sample.clone(), st.answer, st.events);
+            let sampled = val.suppressed.saturating_sub(std::mem::replace(
+                &mut st.reported_suppressed,
+                val.suppressed,
+            ));
+            let lost = val
+                .lost
+                .saturating_sub(std::mem::replace(&mut st.reported_lost, val.lost));
+            let (verdict, sample, answer, events) =
+                (st.verdict.clone(), st.sample.clone(), st.answer, st.events);
             if final_pass && events + val.suppressed + val.lost != val.packets {
                 self.counts_exact = false;
             }
@@ -403,7 +471,14 @@ impl Pipeline {
             .folds
             .values_mut()
             .filter(|f| f.pending > 0)
-            .map(|f| (f.verdict.clone(), f.sample.clone(), f.answer, std::mem::take(&mut f.pending)))
+            .map(|f| {
+                (
+                    f.verdict.clone(),
+                    f.sample.clone(),
+                    f.answer,
+                    std::mem::take(&mut f.pending),
+                )
+            })
             .collect();
         for (v, d, answer, count) in pending {
             let rec = self.record(&v, &d, answer, count, false);
@@ -413,11 +488,19 @@ impl Pipeline {
 
     /// Final totals, ranked by count. `seen`/`lost` come from the kernel's own counters.
     pub fn summary(&self, seen: u64, lost: u64, seconds: f64) -> Summary {
-        let mut causes: Vec<(String, CauseTotals)> = self.causes.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut causes: Vec<(String, CauseTotals)> = self
+            .causes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         causes.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(&b.0)));
         Summary {
             causes,
-            reasons: self.reasons.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            reasons: self
+                .reasons
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
             suppressed: self.suppressed,
             filtered: self.filtered,
             filtered_in_kernel: 0,
@@ -428,7 +511,6 @@ impl Pipeline {
             counts_exact: self.counts_exact,
         }
     }
-
 }
 
 /// The fields of a drop that firewall rules commonly match on.
@@ -447,9 +529,14 @@ fn packet_fields(d: &Drop) -> rules::PacketFields {
 
 /// Drops whose explanation depends on the routing table of their namespace.
 fn needs_route(d: &Drop) -> bool {
-    matches!(&*d.reason, "IP_INNOROUTES" | "IP_OUTNOROUTES" | "IP_INADDRERRORS")
-        || (&*d.reason == "NOT_SPECIFIED"
-            && matches!(&*d.location, "ip_error" | "dst_discard" | "ip6_pkt_discard" | "ip6_pkt_prohibit"))
+    matches!(
+        &*d.reason,
+        "IP_INNOROUTES" | "IP_OUTNOROUTES" | "IP_INADDRERRORS"
+    ) || (&*d.reason == "NOT_SPECIFIED"
+        && matches!(
+            &*d.location,
+            "ip_error" | "dst_discard" | "ip6_pkt_discard" | "ip6_pkt_prohibit"
+        ))
 }
 
 /// Drops whose explanation depends on the neighbour table of their device.

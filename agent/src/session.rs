@@ -4,8 +4,8 @@
 use std::{
     cell::RefCell,
     io::IsTerminal,
-    rc::Rc,
     path::Path,
+    rc::Rc,
     time::{Duration, Instant},
 };
 
@@ -22,7 +22,9 @@ use crate::{
     events::Decoder,
     evidence::{netns, rules},
     kernel::{attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
-    output::{json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, DropRecord, Sink, Summary},
+    output::{
+        json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, DropRecord, Sink, Summary,
+    },
     pipeline::{Pipeline, StackReader},
 };
 
@@ -35,7 +37,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let filter = args.filter()?;
     let kernel = KernelBtf::open(&args.btf)?;
-    let reasons = kernel.drop_reasons(args.btf.parent().unwrap_or(std::path::Path::new("/sys/kernel/btf")))?;
+    let reasons = kernel.drop_reasons(
+        args.btf
+            .parent()
+            .unwrap_or(std::path::Path::new("/sys/kernel/btf")),
+    )?;
     // Symbols and firewall rule counters load while the programs are verified and attached.
     let symbols = std::thread::spawn(Kallsyms::load);
     let watched = filter.netns.clone();
@@ -44,7 +50,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let stack_reason = |name| reasons.value(name).unwrap_or(ABSENT);
     let config = Config {
         offsets: kernel.offsets(),
-        stack_reasons: [stack_reason("NETFILTER_DROP"), stack_reason("NOT_SPECIFIED")],
+        stack_reasons: [
+            stack_reason("NETFILTER_DROP"),
+            stack_reason("NOT_SPECIFIED"),
+        ],
         has_reason: 1,
         rst_has_skb: 0,
         sample_per_sec: args.sample,
@@ -59,12 +68,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
 
-    let symbols = symbols.join().map_err(|_| anyhow::anyhow!("kallsyms loader panicked"))?.unwrap_or_else(|e| {
-        tracing::warn!("{e:#}");
-        Kallsyms::empty()
-    });
+    let symbols = symbols
+        .join()
+        .map_err(|_| anyhow::anyhow!("kallsyms loader panicked"))?
+        .unwrap_or_else(|e| {
+            tracing::warn!("{e:#}");
+            Kallsyms::empty()
+        });
     let clock = Clock::new();
-    let mut top_view = args.top.then(|| TopView::new(std::io::stdout(), std::io::stdout().is_terminal()));
+    let mut top_view = args
+        .top
+        .then(|| TopView::new(std::io::stdout(), std::io::stdout().is_terminal()));
     let mut sink: Box<dyn Sink> = match args.format {
         _ if args.top => Box::new(NullSink),
         Format::Json => Box::new(JsonSink::new(std::io::stdout(), clock)),
@@ -80,10 +94,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let info = AttachInfo {
         probes: probes.report.clone(),
         attach_ms,
-        kernel: nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
         reasons: reasons.len(),
     };
-    tracing::info!("attached in {attach_ms} ms (load+verify+attach {} ms)", probes.attach_ms);
+    tracing::info!(
+        "attached in {attach_ms} ms (load+verify+attach {} ms)",
+        probes.attach_ms
+    );
     sink.attach(&info);
     if let Some(view) = top_view.as_mut() {
         view.attach(&info);
@@ -91,9 +110,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let symbols = Rc::new(RefCell::new(symbols));
     let mut decoder = Decoder::new(reasons, symbols.clone());
-    let rules = rule_baseline.join().map_err(|_| anyhow::anyhow!("rule counter reader panicked"))?;
-    tracing::info!("firewall rule counters read ({} ms since start)", started.elapsed().as_millis());
-    let attach::Probes { events, counters, stacks, agg, ebpf, .. } = probes;
+    let rules = rule_baseline
+        .join()
+        .map_err(|_| anyhow::anyhow!("rule counter reader panicked"))?;
+    tracing::info!(
+        "firewall rule counters read ({} ms since start)",
+        started.elapsed().as_millis()
+    );
+    let attach::Probes {
+        events,
+        counters,
+        stacks,
+        agg,
+        ebpf,
+        ..
+    } = probes;
     let read_agg = || -> Vec<(AggKey, AggVal)> {
         agg.iter()
             .filter_map(Result::ok)
@@ -110,19 +141,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .collect()
     };
     let stack_reader: StackReader = Box::new(move |id| match stacks.get(&id, 0) {
-        Ok(trace) => symbols.borrow_mut().frames(trace.frames().iter().map(|f| f.ip)),
+        Ok(trace) => symbols
+            .borrow_mut()
+            .frames(trace.frames().iter().map(|f| f.ip)),
         Err(_) => Vec::new(),
     });
     let mut pipeline = Pipeline::new(Engine::builtin(), filter, args.all, rules, stack_reader);
     // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
-    let sum = |index| counters.get(&index, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+    let sum = |index| {
+        counters
+            .get(&index, 0)
+            .map(|v| v.iter().sum::<u64>())
+            .unwrap_or(0)
+    };
 
     // Handlers first: a signal that arrives right after the ready file appears must still
     // end in a summary and a clean detach.
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let _ready = args.ready_file.as_deref().map(ReadyFile::create).transpose()?;
+    let _ready = args
+        .ready_file
+        .as_deref()
+        .map(ReadyFile::create)
+        .transpose()?;
     let deadline = args.duration.map(Duration::from_secs_f64);
     let until = async {
         match deadline {
@@ -161,9 +203,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Drain what the kernel delivered before the stop, then read the kernel's own counters.
     drain(ring.get_mut(), &mut decoder, &mut pipeline, sink.as_mut());
     let now = clock_ns();
-    pipeline.reconcile(&read_agg(), |k| decoder.synthetic(k, now), sink.as_mut(), true);
+    pipeline.reconcile(
+        &read_agg(),
+        |k| decoder.synthetic(k, now),
+        sink.as_mut(),
+        true,
+    );
     pipeline.flush(sink.as_mut());
-    let (seen, lost, filtered_in_kernel) = (sum(counter::SEEN), sum(counter::LOST), sum(counter::FILTERED));
+    let (seen, lost, filtered_in_kernel) = (
+        sum(counter::SEEN),
+        sum(counter::LOST),
+        sum(counter::FILTERED),
+    );
     drop(ring);
     drop(ebpf);
     tracing::info!("detached");
@@ -182,7 +233,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
 }
 
 /// Feeds every record waiting in the ring buffer through the pipeline.
-fn drain(rb: &mut aya::maps::RingBuf<aya::maps::MapData>, decoder: &mut Decoder, pipeline: &mut Pipeline, sink: &mut dyn Sink) {
+fn drain(
+    rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    decoder: &mut Decoder,
+    pipeline: &mut Pipeline,
+    sink: &mut dyn Sink,
+) {
     while let Some(item) = rb.next() {
         if let Some(record) = decoder.decode(&item) {
             pipeline.push(record, sink);
@@ -243,7 +299,11 @@ async fn null_observer(args: &RunArgs) -> Result<()> {
     let ebpf = attach::attach_null(&args.btf)?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let _ready = args.ready_file.as_deref().map(ReadyFile::create).transpose()?;
+    let _ready = args
+        .ready_file
+        .as_deref()
+        .map(ReadyFile::create)
+        .transpose()?;
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}

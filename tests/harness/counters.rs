@@ -21,7 +21,10 @@ impl Nstat {
     }
 
     pub fn get(&self, name: &str) -> u64 {
-        *self.0.get(name).unwrap_or_else(|| panic!("nstat has no counter {name}"))
+        *self
+            .0
+            .get(name)
+            .unwrap_or_else(|| panic!("nstat has no counter {name}"))
     }
 
     /// How much `name` grew between `before` and now.
@@ -32,7 +35,8 @@ impl Nstat {
 
 /// Packets counted by the nftables rule carrying `comment "<tag>"`.
 pub fn nft_rule_packets(ns: &Netns, tag: &str) -> u64 {
-    let json: serde_json::Value = serde_json::from_str(&ns.sh("nft -j list ruleset")).expect("nft json");
+    let json: serde_json::Value =
+        serde_json::from_str(&ns.sh("nft -j list ruleset")).expect("nft json");
     for item in json["nftables"].as_array().expect("nftables array") {
         let rule = &item["rule"];
         if rule["comment"].as_str() == Some(tag) {
@@ -43,7 +47,10 @@ pub fn nft_rule_packets(ns: &Netns, tag: &str) -> u64 {
             }
         }
     }
-    panic!("no nft rule with comment {tag} and a counter in {}", ns.name)
+    panic!(
+        "no nft rule with comment {tag} and a counter in {}",
+        ns.name
+    )
 }
 
 /// Packets counted by the iptables rule whose `-save -c` line contains `needle`.

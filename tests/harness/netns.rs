@@ -18,7 +18,11 @@ pub struct Netns {
 impl Netns {
     /// A fresh namespace with a unique name (tests run in parallel) and `lo` up.
     pub fn new(role: &str) -> Self {
-        let name = format!("ds{}x{}{role}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "ds{}x{}{role}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         run(Command::new("ip").args(["netns", "add", &name]));
         let ns = Netns { name };
         ns.sh("ip link set lo up; sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0");
@@ -41,7 +45,10 @@ impl Netns {
     }
 
     pub fn try_sh(&self, cmd: &str) -> Output {
-        Command::new("ip").args(["netns", "exec", &self.name, "sh", "-c", cmd]).output().expect("ip netns exec")
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", cmd])
+            .output()
+            .expect("ip netns exec")
     }
 
     /// Runs `f` on a thread inside the namespace (sockets it opens live there).
@@ -69,20 +76,31 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().expect("spawn");
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Netns {
     /// The MAC address of an interface in this namespace.
     pub fn mac(&self, ifname: &str) -> [u8; 6] {
-        let text = self.sh(&format!("cat /sys/class/net/{ifname}/address 2>/dev/null || ip -o link show {ifname}"));
-        let hex = text.split_whitespace().find(|w| w.len() == 17 && w.matches(':').count() == 5).unwrap_or(text.trim());
+        let text = self.sh(&format!(
+            "cat /sys/class/net/{ifname}/address 2>/dev/null || ip -o link show {ifname}"
+        ));
+        let hex = text
+            .split_whitespace()
+            .find(|w| w.len() == 17 && w.matches(':').count() == 5)
+            .unwrap_or(text.trim());
         let mut mac = [0u8; 6];
         for (i, b) in hex.split(':').enumerate().take(6) {
             mac[i] = u8::from_str_radix(b, 16).expect("mac");

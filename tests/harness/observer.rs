@@ -13,14 +13,20 @@ use serde_json::Value;
 pub fn binary() -> PathBuf {
     match std::env::var_os("DROPSCOPE_BIN") {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/dropscope")),
+        None => PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/debug/dropscope"
+        )),
     }
 }
 
 /// How long dropscope may take to attach: 20 s, or `DROPSCOPE_ATTACH_TIMEOUT` seconds (emulated
 /// VMs verify programs far more slowly).
 pub fn attach_timeout() -> Duration {
-    let secs = std::env::var("DROPSCOPE_ATTACH_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let secs = std::env::var("DROPSCOPE_ATTACH_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     Duration::from_secs(secs)
 }
 
@@ -44,7 +50,10 @@ impl Observer {
         let ready = std::env::temp_dir().join(format!(
             "dropscope-ready-{}-{}",
             std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
         ));
         let mut child = Command::new(binary())
             .args(["--format", "json", "--color", "never", "--ready-file"])
@@ -58,13 +67,25 @@ impl Observer {
         while !ready.exists() {
             if let Some(status) = child.try_wait().unwrap() {
                 let mut err = String::new();
-                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
                 panic!("dropscope exited before attaching ({status}): {err}");
             }
-            assert!(Instant::now() < deadline, "dropscope did not attach within {:?}", attach_timeout());
+            assert!(
+                Instant::now() < deadline,
+                "dropscope did not attach within {:?}",
+                attach_timeout()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
-        Observer { child: Some(child), ready }
+        Observer {
+            child: Some(child),
+            ready,
+        }
     }
 
     /// The process id (for signal tests).
@@ -86,7 +107,11 @@ impl Observer {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
             .collect();
-        let report = Report { records, stderr: String::from_utf8_lossy(&out.stderr).into_owned(), status: out.status };
+        let report = Report {
+            records,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            status: out.status,
+        };
         assert!(!self.ready.exists(), "ready file left behind");
         report
     }
@@ -104,23 +129,35 @@ impl Drop for Observer {
 impl Report {
     /// Drop records.
     pub fn drops(&self) -> Vec<&Value> {
-        self.records.iter().filter(|r| r["type"] == "drop").collect()
+        self.records
+            .iter()
+            .filter(|r| r["type"] == "drop")
+            .collect()
     }
 
     /// Drop records of one cause.
     pub fn of(&self, cause: &str) -> Vec<&Value> {
-        self.drops().into_iter().filter(|r| r["cause"] == cause).collect()
+        self.drops()
+            .into_iter()
+            .filter(|r| r["cause"] == cause)
+            .collect()
     }
 
     /// Packets a cause stands for (sum of `count`).
     pub fn count(&self, cause: &str) -> u64 {
-        self.of(cause).iter().map(|r| r["count"].as_u64().unwrap()).sum()
+        self.of(cause)
+            .iter()
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum()
     }
 
     /// The summary record (exactly one, last).
     pub fn summary(&self) -> &Value {
         let last = self.records.last().expect("some output");
-        assert_eq!(last["type"], "summary", "last record is the summary: {last}");
+        assert_eq!(
+            last["type"], "summary",
+            "last record is the summary: {last}"
+        );
         last
     }
 
@@ -145,10 +182,19 @@ impl Report {
 
     /// Asserts the run was clean and the records add up to the summary.
     pub fn assert_consistent(&self) {
-        assert!(self.status.success(), "dropscope failed ({}): {}", self.status, self.stderr);
+        assert!(
+            self.status.success(),
+            "dropscope failed ({}): {}",
+            self.status,
+            self.stderr
+        );
         let summary = self.summary();
         for (cause, total) in self.causes() {
-            assert_eq!(self.count(&cause), total, "records of {cause} do not add up to the summary");
+            assert_eq!(
+                self.count(&cause),
+                total,
+                "records of {cause} do not add up to the summary"
+            );
         }
         assert_eq!(summary["lost"], 0, "events lost");
     }

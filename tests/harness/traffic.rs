@@ -25,25 +25,45 @@ pub struct Udp {
 impl Udp {
     pub fn to(dst: &str, port: u16) -> Self {
         let ip: IpAddr = dst.parse().expect("address");
-        Udp { dst: SocketAddr::new(ip, port), src: None, count: 1, payload: 32, ttl: None, data: None, dont_fragment: false }
+        Udp {
+            dst: SocketAddr::new(ip, port),
+            src: None,
+            count: 1,
+            payload: 32,
+            ttl: None,
+            data: None,
+            dont_fragment: false,
+        }
     }
     pub fn count(self, count: usize) -> Self {
         Udp { count, ..self }
     }
     pub fn from(self, src: &str) -> Self {
-        Udp { src: Some(src.parse().unwrap()), ..self }
+        Udp {
+            src: Some(src.parse().unwrap()),
+            ..self
+        }
     }
     pub fn payload(self, payload: usize) -> Self {
         Udp { payload, ..self }
     }
     pub fn ttl(self, ttl: u32) -> Self {
-        Udp { ttl: Some(ttl), ..self }
+        Udp {
+            ttl: Some(ttl),
+            ..self
+        }
     }
     pub fn data(self, data: &'static [u8]) -> Self {
-        Udp { data: Some(data), ..self }
+        Udp {
+            data: Some(data),
+            ..self
+        }
     }
     pub fn dont_fragment(self) -> Self {
-        Udp { dont_fragment: true, ..self }
+        Udp {
+            dont_fragment: true,
+            ..self
+        }
     }
 
     /// Sends the burst from inside `ns`; returns the source port used.
@@ -59,18 +79,35 @@ impl Udp {
                 if self.dst.is_ipv4() {
                     sock.set_ttl(ttl).unwrap();
                 } else {
-                    setsockopt(&sock, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, ttl as i32);
+                    setsockopt(
+                        &sock,
+                        libc::IPPROTO_IPV6,
+                        libc::IPV6_UNICAST_HOPS,
+                        ttl as i32,
+                    );
                 }
             }
             if self.dont_fragment {
                 if self.dst.is_ipv4() {
-                    setsockopt(&sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE);
+                    setsockopt(
+                        &sock,
+                        libc::IPPROTO_IP,
+                        libc::IP_MTU_DISCOVER,
+                        libc::IP_PMTUDISC_PROBE,
+                    );
                 } else {
-                    setsockopt(&sock, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_PROBE);
+                    setsockopt(
+                        &sock,
+                        libc::IPPROTO_IPV6,
+                        libc::IPV6_MTU_DISCOVER,
+                        libc::IPV6_PMTUDISC_PROBE,
+                    );
                     setsockopt(&sock, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1);
                 }
             }
-            let buf = self.data.map_or_else(|| vec![0x5a; self.payload], <[u8]>::to_vec);
+            let buf = self
+                .data
+                .map_or_else(|| vec![0x5a; self.payload], <[u8]>::to_vec);
             for _ in 0..self.count {
                 // Errors (ICMP feedback such as ECONNREFUSED) are expected in drop scenarios.
                 let _ = sock.send_to(&buf, self.dst);
@@ -83,9 +120,20 @@ impl Udp {
 fn setsockopt<S: AsRawFd>(s: &S, level: i32, name: i32, value: i32) {
     // SAFETY: valid fd and a pointer to an int of the given size.
     let rc = unsafe {
-        libc::setsockopt(s.as_raw_fd(), level, name, (&value as *const i32).cast(), std::mem::size_of::<i32>() as u32)
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
     };
-    assert_eq!(rc, 0, "setsockopt({level}, {name}): {}", io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt({level}, {name}): {}",
+        io::Error::last_os_error()
+    );
 }
 
 /// One TCP connection attempt from inside `ns`.
@@ -115,7 +163,8 @@ fn checksum(data: &[u8], mut sum: u32) -> u16 {
 /// Sends a bare TCP ACK (no connection behind it) from inside `ns` through a raw socket:
 /// conntrack without loose pickup marks it INVALID.
 pub fn tcp_bare_ack(ns: &Netns, src: &str, dst: &str, sport: u16, dport: u16) {
-    let (src, dst): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let (src, dst): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+        (src.parse().unwrap(), dst.parse().unwrap());
     ns.run(move || {
         let mut tcp = [0u8; 20];
         tcp[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -139,10 +188,19 @@ pub fn tcp_bare_ack(ns: &Netns, src: &str, dst: &str, sport: u16, dport: u16) {
             let addr = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: 0,
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(dst.octets()),
+                },
                 sin_zero: [0; 8],
             };
-            let n = libc::sendto(fd, tcp.as_ptr().cast(), tcp.len(), 0, (&addr as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
+            let n = libc::sendto(
+                fd,
+                tcp.as_ptr().cast(),
+                tcp.len(),
+                0,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
             assert_eq!(n, 20, "sendto: {}", io::Error::last_os_error());
             libc::close(fd);
         }
@@ -151,8 +209,16 @@ pub fn tcp_bare_ack(ns: &Netns, src: &str, dst: &str, sport: u16, dport: u16) {
 
 /// Sends `count` IPv4/UDP frames with a corrupted IP header checksum out of `ifname` in `ns`
 /// (an AF_PACKET socket, below the IP stack), addressed to the peer's MAC `dst_mac`.
-pub fn corrupt_ipv4_frames(ns: &Netns, ifname: &str, dst_mac: [u8; 6], src: &str, dst: &str, count: usize) {
-    let (src, dst): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (src.parse().unwrap(), dst.parse().unwrap());
+pub fn corrupt_ipv4_frames(
+    ns: &Netns,
+    ifname: &str,
+    dst_mac: [u8; 6],
+    src: &str,
+    dst: &str,
+    count: usize,
+) {
+    let (src, dst): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+        (src.parse().unwrap(), dst.parse().unwrap());
     let ifname = std::ffi::CString::new(ifname).unwrap();
     ns.run(move || {
         let mut frame = Vec::new();
@@ -174,7 +240,11 @@ pub fn corrupt_ipv4_frames(ns: &Netns, ifname: &str, dst_mac: [u8; 6], src: &str
         unsafe {
             let ifindex = libc::if_nametoindex(ifname.as_ptr());
             assert!(ifindex > 0, "no such interface");
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32);
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            );
             assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
             let mut addr: libc::sockaddr_ll = std::mem::zeroed();
             addr.sll_family = libc::AF_PACKET as u16;
@@ -182,8 +252,20 @@ pub fn corrupt_ipv4_frames(ns: &Netns, ifname: &str, dst_mac: [u8; 6], src: &str
             addr.sll_halen = 6;
             addr.sll_addr[..6].copy_from_slice(&dst_mac);
             for _ in 0..count {
-                let n = libc::sendto(fd, frame.as_ptr().cast(), frame.len(), 0, (&addr as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32);
-                assert_eq!(n as usize, frame.len(), "sendto: {}", io::Error::last_os_error());
+                let n = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(
+                    n as usize,
+                    frame.len(),
+                    "sendto: {}",
+                    io::Error::last_os_error()
+                );
             }
             libc::close(fd);
         }

@@ -30,7 +30,8 @@ fn conntrack_table_full_is_conntrack_full() {
     // Conntrack runs in R only (a rule needs it); the table limit is global but the count is
     // per namespace, so other namespaces are unaffected while it is low.
     t.r.sh("iptables-nft -A FORWARD -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT");
-    let _restore = CtMax(std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").unwrap());
+    let _restore =
+        CtMax(std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").unwrap());
     let obs = Observer::start(&["--netns", &t.r.name]);
     std::fs::write("/proc/sys/net/netfilter/nf_conntrack_max", "3").unwrap();
     for port in 9700..9706 {
@@ -44,9 +45,16 @@ fn conntrack_table_full_is_conntrack_full() {
     assert_eq!(counted, ct_stat(&t.r, "drop"), "{:#?}", report.drops());
     assert_eq!(counted, 3);
     for r in &recs {
-        assert_eq!((&r["ifname"], &r["src"], &r["hook"]), (&"r0".into(), &A4.into(), &"prerouting".into()));
+        assert_eq!(
+            (&r["ifname"], &r["src"], &r["hook"]),
+            (&"r0".into(), &A4.into(), &"prerouting".into())
+        );
     }
-    assert!(evidence(&report, "conntrack_full").contains("nf_conntrack_max=3"), "{}", evidence(&report, "conntrack_full"));
+    assert!(
+        evidence(&report, "conntrack_full").contains("nf_conntrack_max=3"),
+        "{}",
+        evidence(&report, "conntrack_full")
+    );
 }
 
 #[test]
@@ -62,9 +70,15 @@ fn invalid_state_rule_is_conntrack_invalid() {
         tcp_bare_ack(&t.a, A4, B4, sport, 80);
     }
     let report = obs.stop();
-    let e = Expect { proto: "tcp", ..Expect::routed(&t, "conntrack_invalid", 80) };
+    let e = Expect {
+        proto: "tcp",
+        ..Expect::routed(&t, "conntrack_invalid", 80)
+    };
     let counted = e.check(&report);
-    assert_eq!(counted, dropscope_tests::nft_rule_packets(&t.r, "ct-invalid"));
+    assert_eq!(
+        counted,
+        dropscope_tests::nft_rule_packets(&t.r, "ct-invalid")
+    );
     assert_eq!(counted, 2);
     assert!(evidence(&report, "conntrack_invalid").contains("comment \"ct-invalid\""));
 }

@@ -16,7 +16,9 @@ use crate::Expect;
 fn a_healthy_network_reports_no_drops() {
     let t = Topology::new();
     let listener = udp_listener(&t.b, "10.231.2.2:9400");
-    let obs = Observer::start(&["--netns", &t.a.name, "--netns", &t.r.name, "--netns", &t.b.name]);
+    let obs = Observer::start(&[
+        "--netns", &t.a.name, "--netns", &t.r.name, "--netns", &t.b.name,
+    ]);
     Udp::to(B4, 9400).count(5).send(&t.a);
     let mut buf = [0u8; 64];
     for _ in 0..5 {
@@ -39,9 +41,17 @@ fn benign_ping_noise_is_suppressed_and_counted() {
     report.assert_consistent();
     let replies = Nstat::delta(&t.a, &before, "IcmpInEchoReps");
     assert_eq!(replies, 3);
-    assert!(report.drops().is_empty(), "benign drops shown without --all: {:#?}", report.drops());
+    assert!(
+        report.drops().is_empty(),
+        "benign drops shown without --all: {:#?}",
+        report.drops()
+    );
     // Other IPv6 multicast housekeeping may be suppressed too, so at least the replies.
-    assert!(report.summary()["suppressed"].as_u64().unwrap() >= replies, "{}", report.summary());
+    assert!(
+        report.summary()["suppressed"].as_u64().unwrap() >= replies,
+        "{}",
+        report.summary()
+    );
 
     // With --all the same noise is shown, as "benign", one per echo reply.
     let before = Nstat::read(&t.a);
@@ -68,7 +78,10 @@ fn classic_tracepoint_fallback_gives_the_same_answer() {
     Udp::to(B4, 9401).count(2).send(&t.a);
     let report = obs.stop();
     let probes = report.attach()["probes"].as_array().unwrap().clone();
-    assert!(probes.iter().all(|p| p["mode"] == "tracepoint"), "{probes:?}");
+    assert!(
+        probes.iter().all(|p| p["mode"] == "tracepoint"),
+        "{probes:?}"
+    );
     let e = Expect {
         cause: "forwarding_disabled",
         ifname: "r0",
@@ -79,7 +92,10 @@ fn classic_tracepoint_fallback_gives_the_same_answer() {
         dport: Some(9401),
         netns: t.r.inode(),
     };
-    assert_eq!(e.check(&report), Nstat::delta(&t.r, &before, "IpInAddrErrors"));
+    assert_eq!(
+        e.check(&report),
+        Nstat::delta(&t.r, &before, "IpInAddrErrors")
+    );
 }
 
 /// IDs of the BPF programs a process holds, from its fds (/proc/PID/fdinfo: "prog_id").
@@ -89,7 +105,10 @@ fn programs_of(pid: u32) -> Vec<u64> {
         .flatten()
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
         .filter_map(|info| {
-            info.lines().find_map(|l| l.strip_prefix("prog_id:").and_then(|v| v.trim().parse().ok()))
+            info.lines().find_map(|l| {
+                l.strip_prefix("prog_id:")
+                    .and_then(|v| v.trim().parse().ok())
+            })
         })
         .collect();
     ids.sort();
@@ -99,21 +118,37 @@ fn programs_of(pid: u32) -> Vec<u64> {
 
 /// Which of `ids` are still loaded in the kernel, according to bpftool.
 fn loaded(ids: &[u64]) -> Vec<u64> {
-    let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().expect("bpftool");
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool");
     let progs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    progs.as_array().unwrap().iter().filter_map(|p| p["id"].as_u64()).filter(|id| ids.contains(id)).collect()
+    progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .filter(|id| ids.contains(id))
+        .collect()
 }
 
 fn detaches_on(sig: Signal) {
     let obs = Observer::start(&["--netns", "1"]);
     let ids = programs_of(obs.pid());
-    assert!(ids.len() >= 3, "expected kfree_skb, icmp_send and tcp_send_reset programs, got {ids:?}");
+    assert!(
+        ids.len() >= 3,
+        "expected kfree_skb, icmp_send and tcp_send_reset programs, got {ids:?}"
+    );
     assert_eq!(loaded(&ids), ids, "bpftool sees them while dropscope runs");
     let report = obs.stop_with(sig);
     assert!(report.status.success(), "{sig}: {}", report.stderr);
     report.summary();
     // The kernel frees programs after an RCU grace period: wait for that, briefly.
-    wait_for(&format!("programs {ids:?} to be unloaded after {sig}"), 5.0, || loaded(&ids).is_empty());
+    wait_for(
+        &format!("programs {ids:?} to be unloaded after {sig}"),
+        5.0,
+        || loaded(&ids).is_empty(),
+    );
 }
 
 #[test]
@@ -137,7 +172,10 @@ fn run_fail(args: &[&str], wrap: Option<&[&str]>) -> (i32, String) {
         None => Command::new(binary()),
     };
     let out = cmd.args(args).output().expect("run dropscope");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).trim_end().to_string())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
+    )
 }
 
 #[test]
@@ -150,13 +188,24 @@ fn bad_input_is_one_clear_line() {
     let (code, err) = run_fail(&["--format", "yaml"], None);
     assert_eq!(code, 2);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("'yaml'") && err.contains("text, json"), "{err}");
+    assert!(
+        err.contains("'yaml'") && err.contains("text, json"),
+        "{err}"
+    );
 
     let (code, err) = run_fail(&["--netns", "no-such-namespace", "--duration", "1"], None);
     assert_eq!(code, 1);
     assert!(err.contains("no such namespace"), "{err}");
 
-    let (code, err) = run_fail(&["--duration", "1"], Some(&["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]));
+    let (code, err) = run_fail(
+        &["--duration", "1"],
+        Some(&[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]),
+    );
     assert_eq!(code, 1);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("needs root"), "{err}");
@@ -194,7 +243,16 @@ fn top_view_ranks_causes_in_plain_lines_off_a_terminal() {
     t.r.sh("sysctl -qw net.ipv4.ip_forward=0");
     let ready = std::env::temp_dir().join(format!("dropscope-top-{}", std::process::id()));
     let child = Command::new(binary())
-        .args(["--top", "--interval", "0.2", "--duration", "2", "--netns", &t.r.name, "--ready-file"])
+        .args([
+            "--top",
+            "--interval",
+            "0.2",
+            "--duration",
+            "2",
+            "--netns",
+            &t.r.name,
+            "--ready-file",
+        ])
         .arg(&ready)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -205,7 +263,17 @@ fn top_view_ranks_causes_in_plain_lines_off_a_terminal() {
     let out = child.wait_with_output().expect("dropscope --top");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().filter(|l| l.contains(" forwarding_disabled rate=")).last().unwrap_or_else(|| panic!("{text}"));
-    assert!(line.contains("total=3") && line.contains("IP_INADDRERRORS @ ip_error, r0"), "{line}");
-    assert!(text.contains("── dropscope summary"), "the summary follows: {text}");
+    let line = text
+        .lines()
+        .filter(|l| l.contains(" forwarding_disabled rate="))
+        .last()
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("total=3") && line.contains("IP_INADDRERRORS @ ip_error, r0"),
+        "{line}"
+    );
+    assert!(
+        text.contains("── dropscope summary"),
+        "the summary follows: {text}"
+    );
 }

@@ -21,7 +21,12 @@ use serde_json::Value;
 /// Watches `watch` with dropscope (plus `extra` flags) while `traffic` runs. Returns the report
 /// and how much the kernel counter `counter` grew in its namespace meanwhile: the oracle that
 /// dropscope's counts are checked against.
-pub fn observe(watch: &Netns, extra: &[&str], counter: (&Netns, &str), traffic: impl FnOnce()) -> (Report, u64) {
+pub fn observe(
+    watch: &Netns,
+    extra: &[&str],
+    counter: (&Netns, &str),
+    traffic: impl FnOnce(),
+) -> (Report, u64) {
     let before = Nstat::read(counter.0);
     let mut args = vec!["--netns", watch.name.as_str()];
     args.extend_from_slice(extra);
@@ -46,7 +51,16 @@ pub struct Expect<'a> {
 impl<'a> Expect<'a> {
     /// UDP from A to B that the router R drops on its ingress r0.
     pub fn routed(t: &Topology, cause: &'a str, dport: u16) -> Self {
-        Expect { cause, ifname: "r0", family: "ipv4", proto: "udp", src: A4, dst: B4, dport: Some(dport), netns: t.r.inode() }
+        Expect {
+            cause,
+            ifname: "r0",
+            family: "ipv4",
+            proto: "udp",
+            src: A4,
+            dst: B4,
+            dport: Some(dport),
+            netns: t.r.inode(),
+        }
     }
 
     /// Checks every record of the cause and returns the packets they stand for. Also checks
@@ -54,11 +68,21 @@ impl<'a> Expect<'a> {
     pub fn check(&self, report: &Report) -> u64 {
         report.assert_consistent();
         let recs = report.of(self.cause);
-        assert!(!recs.is_empty(), "no {} record; got {:#?}\nstderr: {}", self.cause, report.records, report.stderr);
+        assert!(
+            !recs.is_empty(),
+            "no {} record; got {:#?}\nstderr: {}",
+            self.cause,
+            report.records,
+            report.stderr
+        );
         for r in &recs {
             self.check_record(r);
         }
-        let others: Vec<_> = report.drops().into_iter().filter(|r| r["cause"] != self.cause).collect();
+        let others: Vec<_> = report
+            .drops()
+            .into_iter()
+            .filter(|r| r["cause"] != self.cause)
+            .collect();
         assert!(others.is_empty(), "unexpected other drops: {others:#?}");
         report.count(self.cause)
     }
@@ -74,7 +98,9 @@ impl<'a> Expect<'a> {
         if let Some(p) = self.dport {
             assert_eq!(r["dport"].as_u64(), Some(p.into()), "{}", ctx());
         }
-        for field in ["time", "reason", "location", "evidence", "hint", "len", "ifindex", "count"] {
+        for field in [
+            "time", "reason", "location", "evidence", "hint", "len", "ifindex", "count",
+        ] {
             assert!(!r[field].is_null(), "{field} missing: {}", ctx());
         }
     }

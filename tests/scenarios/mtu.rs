@@ -13,13 +13,30 @@ fn mtu4_is_mtu_exceeded() {
     t.r.sh("ip link set r1 mtu 1280");
     t.a.sh("ip route flush cache");
     let (report, kernel) = observe(&t.r, &[], (&t.r, "IpFragFails"), || {
-        Udp::to(B4, 9200).payload(1400).dont_fragment().count(3).send(&t.a);
+        Udp::to(B4, 9200)
+            .payload(1400)
+            .dont_fragment()
+            .count(3)
+            .send(&t.a);
     });
-    assert_eq!((Expect::routed(&t, "mtu_exceeded", 9200).check(&report), kernel), (3, 3));
+    assert_eq!(
+        (
+            Expect::routed(&t, "mtu_exceeded", 9200).check(&report),
+            kernel
+        ),
+        (3, 3)
+    );
     let r = report.of("mtu_exceeded")[0];
-    assert_eq!((&r["out_ifname"], &r["out_mtu"], &r["len"]), (&"r1".into(), &1280.into(), &1428.into()));
+    assert_eq!(
+        (&r["out_ifname"], &r["out_mtu"], &r["len"]),
+        (&"r1".into(), &1280.into(), &1428.into())
+    );
     let ev = evidence(&report, "mtu_exceeded");
-    assert!(ev.contains("1428-byte packet does not fit MTU 1280 of r1") && ev.contains("fragmentation needed"), "{ev}");
+    assert!(
+        ev.contains("1428-byte packet does not fit MTU 1280 of r1")
+            && ev.contains("fragmentation needed"),
+        "{ev}"
+    );
 }
 
 #[test]
@@ -28,10 +45,20 @@ fn mtu6_is_mtu_exceeded() {
     t.r.sh("ip link set r1 mtu 1280");
     t.a.sh("ip -6 route flush cache");
     let (report, kernel) = observe(&t.r, &[], (&t.r, "Ip6InTooBigErrors"), || {
-        Udp::to(B6, 9201).payload(1400).dont_fragment().count(2).send(&t.a);
+        Udp::to(B6, 9201)
+            .payload(1400)
+            .dont_fragment()
+            .count(2)
+            .send(&t.a);
     });
     // IPv6: skb->dev is already the egress device when ip6_forward drops it.
-    let e = Expect { ifname: "r1", family: "ipv6", src: A6, dst: B6, ..Expect::routed(&t, "mtu_exceeded", 9201) };
+    let e = Expect {
+        ifname: "r1",
+        family: "ipv6",
+        src: A6,
+        dst: B6,
+        ..Expect::routed(&t, "mtu_exceeded", 9201)
+    };
     assert_eq!((e.check(&report), kernel), (2, 2));
     assert!(evidence(&report, "mtu_exceeded").contains("MTU 1280 of r1"));
 }
@@ -40,17 +67,33 @@ fn mtu6_is_mtu_exceeded() {
 fn smaller_veth_peer_is_veth_mtu_mismatch() {
     let t = Topology::new();
     t.r.sh("ip link set r0 mtu 1280");
-    let before = t.r.sh("cat /sys/class/net/r0/statistics/rx_dropped").trim().parse::<u64>().unwrap();
+    let before =
+        t.r.sh("cat /sys/class/net/r0/statistics/rx_dropped")
+            .trim()
+            .parse::<u64>()
+            .unwrap();
     let (report, _) = observe(&t.a, &[], (&t.a, "IpOutRequests"), || {
         Udp::to(B4, 9202).payload(1400).count(3).send(&t.a);
     });
-    let dropped = t.r.sh("cat /sys/class/net/r0/statistics/rx_dropped").trim().parse::<u64>().unwrap() - before;
+    let dropped =
+        t.r.sh("cat /sys/class/net/r0/statistics/rx_dropped")
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+            - before;
     // The sender's veth end frees the packet: ifname a0, namespace A.
-    let e = Expect { ifname: "a0", netns: t.a.inode(), ..Expect::routed(&t, "veth_mtu_mismatch", 9202) };
+    let e = Expect {
+        ifname: "a0",
+        netns: t.a.inode(),
+        ..Expect::routed(&t, "veth_mtu_mismatch", 9202)
+    };
     assert_eq!((e.check(&report), dropped), (3, 3));
     // On the transmit path skb->len includes the 14-byte Ethernet header: 1400 + 28 + 14.
     let ev = evidence(&report, "veth_mtu_mismatch");
-    assert!(ev.contains("1442-byte packet sent on a0 (MTU 1500)"), "{ev}");
+    assert!(
+        ev.contains("1442-byte packet sent on a0 (MTU 1500)"),
+        "{ev}"
+    );
 }
 
 #[test]
@@ -59,19 +102,47 @@ fn dropped_frag_needed_is_pmtu_blackhole() {
     t.r.sh("ip link set r1 mtu 1280; iptables-nft -A OUTPUT -p icmp --icmp-type fragmentation-needed -j DROP");
     t.a.sh("ip route flush cache");
     let (report, too_big) = observe(&t.r, &[], (&t.r, "IpFragFails"), || {
-        Udp::to(B4, 9203).payload(1400).dont_fragment().count(3).send(&t.a);
+        Udp::to(B4, 9203)
+            .payload(1400)
+            .dont_fragment()
+            .count(3)
+            .send(&t.a);
     });
     report.assert_consistent();
-    let icmp_dropped = dropscope_tests::iptables_rule_packets(&t.r, "iptables-nft", "--icmp-type 3/4 -j DROP");
+    let icmp_dropped =
+        dropscope_tests::iptables_rule_packets(&t.r, "iptables-nft", "--icmp-type 3/4 -j DROP");
     assert_eq!((too_big, icmp_dropped), (3, 3));
     // Each big packet is two drops: the packet itself and the ICMP that should have reported it.
     assert_eq!(report.causes(), vec![("pmtu_blackhole".to_string(), 6)]);
     let recs = report.of("pmtu_blackhole");
-    let originals: u64 = recs.iter().filter(|r| r["reason"] == "PKT_TOO_BIG").map(|r| r["count"].as_u64().unwrap()).sum();
-    let icmps: Vec<_> = recs.iter().filter(|r| r["reason"] == "NETFILTER_DROP").collect();
+    let originals: u64 = recs
+        .iter()
+        .filter(|r| r["reason"] == "PKT_TOO_BIG")
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum();
+    let icmps: Vec<_> = recs
+        .iter()
+        .filter(|r| r["reason"] == "NETFILTER_DROP")
+        .collect();
     assert_eq!(originals, too_big);
-    assert_eq!(icmps.iter().map(|r| r["count"].as_u64().unwrap()).sum::<u64>(), icmp_dropped);
+    assert_eq!(
+        icmps
+            .iter()
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum::<u64>(),
+        icmp_dropped
+    );
     assert_eq!(icmps[0]["hook"], "output");
-    assert_eq!((&icmps[0]["icmp_type"], &icmps[0]["icmp_code"], &icmps[0]["dst"]), (&3.into(), &4.into(), &"10.231.1.2".into()));
-    assert!(icmps[0]["rule"].as_str().unwrap().contains("--icmp-type 3/4 -j DROP"));
+    assert_eq!(
+        (
+            &icmps[0]["icmp_type"],
+            &icmps[0]["icmp_code"],
+            &icmps[0]["dst"]
+        ),
+        (&3.into(), &4.into(), &"10.231.1.2".into())
+    );
+    assert!(icmps[0]["rule"]
+        .as_str()
+        .unwrap()
+        .contains("--icmp-type 3/4 -j DROP"));
 }

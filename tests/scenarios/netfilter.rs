@@ -23,10 +23,16 @@ fn nft_drop_is_netfilter_drop_in_nftables() {
     assert_eq!(counted, 5);
     assert_eq!(report.of("netfilter_drop")[0]["location"], "nft_do_chain");
     let ev = evidence(&report, "netfilter_drop");
-    assert!(ev.contains("rule: [nftables table inet drt chain fw: handle"), "the rule is named: {ev}");
+    assert!(
+        ev.contains("rule: [nftables table inet drt chain fw: handle"),
+        "the rule is named: {ev}"
+    );
     assert!(ev.contains("comment \"ds-9100\""), "{ev}");
     let hint = report.of("netfilter_drop")[0]["hint"].as_str().unwrap();
-    assert!(hint.contains("nft delete rule inet drt fw handle"), "{hint}");
+    assert!(
+        hint.contains("nft delete rule inet drt fw handle"),
+        "{hint}"
+    );
 }
 
 #[test]
@@ -37,7 +43,10 @@ fn ipt_nft_drop_is_netfilter_drop_in_nftables() {
     Udp::to(B4, 9101).count(3).send(&t.a);
     let report = obs.stop();
     let counted = Expect::routed(&t, "netfilter_drop", 9101).check(&report);
-    assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-nft", "--dport 9101 -j DROP"));
+    assert_eq!(
+        counted,
+        iptables_rule_packets(&t.r, "iptables-nft", "--dport 9101 -j DROP")
+    );
     assert_eq!(counted, 3);
     assert!(evidence(&report, "netfilter_drop").contains("nftables / iptables-nft"));
 }
@@ -50,7 +59,10 @@ fn ipt_legacy_drop_is_netfilter_drop_in_iptables_legacy() {
     Udp::to(B4, 9102).count(4).send(&t.a);
     let report = obs.stop();
     let counted = Expect::routed(&t, "netfilter_drop", 9102).check(&report);
-    assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-legacy", "--dport 9102 -j DROP"));
+    assert_eq!(
+        counted,
+        iptables_rule_packets(&t.r, "iptables-legacy", "--dport 9102 -j DROP")
+    );
     assert_eq!(counted, 4);
     assert_eq!(report.of("netfilter_drop")[0]["location"], "nf_hook_slow");
     let ev = evidence(&report, "netfilter_drop");
@@ -67,7 +79,10 @@ fn reject_udp_is_netfilter_reject() {
     Udp::to(B4, 5353).count(3).send(&t.a);
     let report = obs.stop();
     let counted = Expect::routed(&t, "netfilter_reject", 5353).check(&report);
-    assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-nft", "--dport 5353 -j REJECT"));
+    assert_eq!(
+        counted,
+        iptables_rule_packets(&t.r, "iptables-nft", "--dport 5353 -j REJECT")
+    );
     assert_eq!(counted, 3);
     // The sender really got the ICMP errors dropscope paired with the drops.
     assert_eq!(Nstat::delta(&t.a, &before_a, "IcmpInDestUnreachs"), 3);
@@ -87,11 +102,21 @@ fn reject_tcp_reset_is_netfilter_reject() {
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     }
     let report = obs.stop();
-    let e = Expect { proto: "tcp", ..Expect::routed(&t, "netfilter_reject", 8080) };
+    let e = Expect {
+        proto: "tcp",
+        ..Expect::routed(&t, "netfilter_reject", 8080)
+    };
     let counted = e.check(&report);
-    assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-nft", "--dport 8080 -j REJECT"));
+    assert_eq!(
+        counted,
+        iptables_rule_packets(&t.r, "iptables-nft", "--dport 8080 -j REJECT")
+    );
     assert_eq!(counted, 2);
-    assert!(evidence(&report, "netfilter_reject").contains("tcp-reset"), "{}", evidence(&report, "netfilter_reject"));
+    assert!(
+        evidence(&report, "netfilter_reject").contains("tcp-reset"),
+        "{}",
+        evidence(&report, "netfilter_reject")
+    );
 }
 
 #[test]
@@ -103,9 +128,21 @@ fn drop_and_reject_are_told_apart_in_one_run() {
     Udp::to(B4, 9104).count(3).send(&t.a);
     let report = obs.stop();
     report.assert_consistent();
-    assert_eq!(report.causes(), vec![("netfilter_drop".to_string(), 2), ("netfilter_reject".to_string(), 3)]);
-    assert!(report.of("netfilter_drop").iter().all(|r| r["dport"] == 9103));
-    assert!(report.of("netfilter_reject").iter().all(|r| r["dport"] == 9104));
+    assert_eq!(
+        report.causes(),
+        vec![
+            ("netfilter_drop".to_string(), 2),
+            ("netfilter_reject".to_string(), 3)
+        ]
+    );
+    assert!(report
+        .of("netfilter_drop")
+        .iter()
+        .all(|r| r["dport"] == 9103));
+    assert!(report
+        .of("netfilter_reject")
+        .iter()
+        .all(|r| r["dport"] == 9104));
 }
 
 /// Where a rule at each hook sits in the topology, and what dropscope should report for it.
@@ -118,11 +155,36 @@ struct HookCase {
 }
 
 const HOOKS: &[HookCase] = &[
-    HookCase { hook: "prerouting", ns: "r", legacy: "-t raw -A PREROUTING", nft_hook: "prerouting" },
-    HookCase { hook: "input", ns: "b", legacy: "-A INPUT", nft_hook: "input" },
-    HookCase { hook: "forward", ns: "r", legacy: "-A FORWARD", nft_hook: "forward" },
-    HookCase { hook: "output", ns: "a", legacy: "-A OUTPUT", nft_hook: "output" },
-    HookCase { hook: "postrouting", ns: "r", legacy: "-t mangle -A POSTROUTING", nft_hook: "postrouting" },
+    HookCase {
+        hook: "prerouting",
+        ns: "r",
+        legacy: "-t raw -A PREROUTING",
+        nft_hook: "prerouting",
+    },
+    HookCase {
+        hook: "input",
+        ns: "b",
+        legacy: "-A INPUT",
+        nft_hook: "input",
+    },
+    HookCase {
+        hook: "forward",
+        ns: "r",
+        legacy: "-A FORWARD",
+        nft_hook: "forward",
+    },
+    HookCase {
+        hook: "output",
+        ns: "a",
+        legacy: "-A OUTPUT",
+        nft_hook: "output",
+    },
+    HookCase {
+        hook: "postrouting",
+        ns: "r",
+        legacy: "-t mangle -A POSTROUTING",
+        nft_hook: "postrouting",
+    },
 ];
 
 /// Drops UDP to one port at every hook with one engine; checks hook, engine, rule and count.
@@ -137,7 +199,10 @@ fn hooks_are_named(engine: &str) {
         let port = 9500 + i as u16;
         let rule_text = format!("--dport {port} -j DROP");
         if engine == "iptables-legacy" {
-            ns.sh(&format!("iptables-legacy {} -p udp --dport {port} -j DROP", case.legacy));
+            ns.sh(&format!(
+                "iptables-legacy {} -p udp --dport {port} -j DROP",
+                case.legacy
+            ));
         } else {
             ns.sh(&format!(
                 "nft add table inet h; nft add chain inet h c '{{ type filter hook {} priority 0; }}'; \
@@ -150,7 +215,12 @@ fn hooks_are_named(engine: &str) {
         let report = obs.stop();
         report.assert_consistent();
         let recs = report.of("netfilter_drop");
-        assert!(!recs.is_empty(), "{engine} {}: no netfilter_drop: {:#?}", case.hook, report.records);
+        assert!(
+            !recs.is_empty(),
+            "{engine} {}: no netfilter_drop: {:#?}",
+            case.hook,
+            report.records
+        );
         for r in &recs {
             assert_eq!(r["hook"], case.hook, "{engine} at {}: {r:#}", case.hook);
             assert_eq!(r["dport"], port);
@@ -158,13 +228,21 @@ fn hooks_are_named(engine: &str) {
         }
         let rule = recs[0]["rule"].as_str().unwrap();
         let kernel = if engine == "iptables-legacy" {
-            assert!(rule.contains(&rule_text) && rule.starts_with("[iptables-legacy"), "{rule}");
+            assert!(
+                rule.contains(&rule_text) && rule.starts_with("[iptables-legacy"),
+                "{rule}"
+            );
             iptables_rule_packets(ns, "iptables-legacy", &rule_text)
         } else {
             assert!(rule.contains(&format!("comment \"hook-{port}\"")), "{rule}");
             nft_rule_packets(ns, &format!("hook-{port}"))
         };
-        assert_eq!(report.count("netfilter_drop"), kernel, "{engine} at {}", case.hook);
+        assert_eq!(
+            report.count("netfilter_drop"),
+            kernel,
+            "{engine} at {}",
+            case.hook
+        );
         assert_eq!(kernel, 2);
     }
 }
@@ -210,7 +288,10 @@ fn l3_rule_on_bridged_traffic_is_bridge_netfilter() {
         netns: s.inode(),
     };
     let counted = e.check(&report);
-    assert_eq!(counted, iptables_rule_packets(&s, "iptables-nft", "--dport 9110 -j DROP"));
+    assert_eq!(
+        counted,
+        iptables_rule_packets(&s, "iptables-nft", "--dport 9110 -j DROP")
+    );
     assert_eq!(counted, 3);
     assert_eq!(report.of("bridge_netfilter")[0]["hook"], "bridge");
 }

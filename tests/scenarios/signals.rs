@@ -1,16 +1,19 @@
 //! Causes with one clear kernel reason: queues, sockets, tunnels, IPsec, martians, malformed packets.
-use dropscope_tests::{
-    topology::B4,
-    traffic::Udp,
-    wait_for, Observer, Topology,
-};
+use dropscope_tests::{topology::B4, traffic::Udp, wait_for, Observer, Topology};
 
 use crate::{evidence, observe, Expect};
 
 /// A number from `tc -s` output following `key` (e.g. "dropped").
 fn tc_stat(text: &str, key: &str) -> u64 {
-    let at = text.find(key).unwrap_or_else(|| panic!("no {key} in {text}"));
-    text[at + key.len()..].split(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty()).unwrap().parse().unwrap()
+    let at = text
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in {text}"));
+    text[at + key.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|s| !s.is_empty())
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -23,7 +26,10 @@ fn qdisc_overflow_is_qdisc_drop() {
     let kernel = tc_stat(&t.r.sh("tc -s qdisc show dev r1"), "dropped ");
     assert!(kernel > 0, "the shaper dropped nothing");
     // Dropped on the egress device r1 after routing.
-    let e = Expect { ifname: "r1", ..Expect::routed(&t, "qdisc_drop", 9600) };
+    let e = Expect {
+        ifname: "r1",
+        ..Expect::routed(&t, "qdisc_drop", 9600)
+    };
     assert_eq!(e.check(&report), kernel);
     assert!(evidence(&report, "qdisc_drop").contains("on r1"));
 }
@@ -37,14 +43,26 @@ fn full_receive_buffer_is_socket_buffer_full() {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
     let small: libc::c_int = 1;
     // SAFETY: valid socket fd and int option.
-    unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&small as *const libc::c_int).cast(), 4) };
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            4,
+        )
+    };
     let (report, kernel) = observe(&t.b, &[], (&t.b, "UdpRcvbufErrors"), || {
         Udp::to(B4, 9602).payload(1000).count(40).send(&t.a);
         wait_for("receive-buffer errors", 5.0, || {
             dropscope_tests::Nstat::read(&t.b).get("UdpRcvbufErrors") > 0
         });
     });
-    let e = Expect { ifname: "b0", netns: t.b.inode(), ..Expect::routed(&t, "socket_buffer_full", 9602) };
+    let e = Expect {
+        ifname: "b0",
+        netns: t.b.inode(),
+        ..Expect::routed(&t, "socket_buffer_full", 9602)
+    };
     let counted = e.check(&report);
     assert!(counted > 0);
     assert_eq!(counted, kernel);
@@ -70,7 +88,11 @@ fn unknown_vni_is_overlay_mismatch() {
     let obs = Observer::start(&["--netns", &t.b.name]);
     Udp::to(B4, 4789).data(&FRAME).count(3).send(&t.a);
     let report = obs.stop();
-    let e = Expect { ifname: "b0", netns: t.b.inode(), ..Expect::routed(&t, "overlay_mismatch", 4789) };
+    let e = Expect {
+        ifname: "b0",
+        netns: t.b.inode(),
+        ..Expect::routed(&t, "overlay_mismatch", 4789)
+    };
     assert_eq!(e.check(&report), 3);
     assert!(evidence(&report, "overlay_mismatch").contains("VXLAN_VNI_NOT_FOUND"));
 }
@@ -82,14 +104,20 @@ fn blocking_ipsec_policy_is_xfrm_policy() {
     // A forward policy with action block counts as XfrmInPolBlock.
     let stat = |ns: &dropscope_tests::Netns| -> u64 {
         let text = ns.sh("cat /proc/net/xfrm_stat");
-        let line = text.lines().find(|l| l.starts_with("XfrmInPolBlock")).expect("XfrmInPolBlock");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("XfrmInPolBlock"))
+            .expect("XfrmInPolBlock");
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     };
     let before = stat(&t.r);
     let obs = Observer::start(&["--netns", &t.r.name]);
     Udp::to(B4, 9603).count(3).send(&t.a);
     let report = obs.stop();
-    assert_eq!(Expect::routed(&t, "xfrm_policy", 9603).check(&report), stat(&t.r) - before);
+    assert_eq!(
+        Expect::routed(&t, "xfrm_policy", 9603).check(&report),
+        stat(&t.r) - before
+    );
     assert_eq!(report.count("xfrm_policy"), 3);
 }
 
@@ -101,7 +129,10 @@ fn own_address_as_source_is_martian_source() {
     let obs = Observer::start(&["--netns", &t.r.name]);
     Udp::to(B4, 9604).from("10.231.2.1").count(2).send(&t.a);
     let report = obs.stop();
-    let e = Expect { src: "10.231.2.1", ..Expect::routed(&t, "martian_source", 9604) };
+    let e = Expect {
+        src: "10.231.2.1",
+        ..Expect::routed(&t, "martian_source", 9604)
+    };
     assert_eq!(e.check(&report), 2);
     assert_eq!(report.of("martian_source")[0]["reason"], "IP_LOCAL_SOURCE");
 }
@@ -113,7 +144,10 @@ fn corrupted_header_is_malformed_packet() {
     let (report, kernel) = observe(&t.r, &[], (&t.r, "IpExtInCsumErrors"), || {
         dropscope_tests::traffic::corrupt_ipv4_frames(&t.a, "a0", mac, "10.231.1.2", B4, 3);
     });
-    let e = Expect { dport: None, ..Expect::routed(&t, "malformed_packet", 0) };
+    let e = Expect {
+        dport: None,
+        ..Expect::routed(&t, "malformed_packet", 0)
+    };
     assert_eq!((e.check(&report), kernel), (3, 3));
     assert_eq!(report.of("malformed_packet")[0]["reason"], "IP_CSUM");
 }

@@ -16,7 +16,12 @@ fn nolisten_tcp_is_no_listener() {
             assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
         }
     });
-    let e = Expect { ifname: "b0", proto: "tcp", netns: t.b.inode(), ..Expect::routed(&t, "no_listener", 8081) };
+    let e = Expect {
+        ifname: "b0",
+        proto: "tcp",
+        netns: t.b.inode(),
+        ..Expect::routed(&t, "no_listener", 8081)
+    };
     assert_eq!((e.check(&report), resets), (3, 3));
     assert_eq!(report.of("no_listener")[0]["location"], "tcp_v4_rcv");
     assert!(evidence(&report, "no_listener").contains("tcp port 8081"));
@@ -31,7 +36,11 @@ fn nolisten_udp_is_no_listener() {
     let (report, noports) = observe(&t.b, &[], (&t.b, "UdpNoPorts"), || {
         Udp::to(B4, 5354).count(3).send(&t.a);
     });
-    let e = Expect { ifname: "b0", netns: t.b.inode(), ..Expect::routed(&t, "no_listener", 5354) };
+    let e = Expect {
+        ifname: "b0",
+        netns: t.b.inode(),
+        ..Expect::routed(&t, "no_listener", 5354)
+    };
     assert_eq!((e.check(&report), noports), (3, 3));
     assert!(evidence(&report, "no_listener").contains("udp port 5354"));
     assert!(evidence(&report, "no_listener").contains("ICMP sent: port unreachable"));

@@ -106,12 +106,19 @@ fn run(cli: Cli) -> Result<()> {
             prereqs::ensure_all()?;
             prereqs::ensure_bpftrace()?;
             if !nix_is_root() {
-                bail!("the benchmark creates network namespaces and loads eBPF programs: run as root");
+                bail!(
+                    "the benchmark creates network namespaces and loads eBPF programs: run as root"
+                );
             }
             let bin = build(&root, true)?;
             std::fs::create_dir_all(root.join("bench"))?;
             let params = bench::Params { reps, seconds };
-            bench::run(&bin, &params, &root.join("BENCHMARKS.md"), &root.join("bench/results.json"))
+            bench::run(
+                &bin,
+                &params,
+                &root.join("BENCHMARKS.md"),
+                &root.join("bench/results.json"),
+            )
         }
         Task::VmTest { kernels, args } => {
             prereqs::ensure_all()?;
@@ -121,7 +128,10 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -131,12 +141,16 @@ fn cargo() -> Command {
 /// Builds the agent (its build script builds the eBPF object) and returns the binary's path.
 fn build(root: &Path, release: bool) -> Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.current_dir(root).args(["build", "--package", "dropscope"]);
+    cmd.current_dir(root)
+        .args(["build", "--package", "dropscope"]);
     if release {
         cmd.arg("--release");
     }
     status(&mut cmd)?;
-    Ok(root.join("target").join(if release { "release" } else { "debug" }).join("dropscope"))
+    Ok(root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("dropscope"))
 }
 
 fn run_as_root(bin: &Path, args: &[String]) -> Result<()> {
@@ -150,7 +164,9 @@ fn run_as_root(bin: &Path, args: &[String]) -> Result<()> {
     };
     cmd.args(args);
     // Ctrl-C reaches dropscope too (same process group); let it print its summary.
-    let st = cmd.status().with_context(|| format!("starting {}", bin.display()))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("starting {}", bin.display()))?;
     if !st.success() {
         std::process::exit(st.code().unwrap_or(1));
     }
@@ -159,17 +175,25 @@ fn run_as_root(bin: &Path, args: &[String]) -> Result<()> {
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     if !nix_is_root() {
-        bail!("the integration tests create network namespaces and load eBPF programs: run as root");
+        bail!(
+            "the integration tests create network namespaces and load eBPF programs: run as root"
+        );
     }
     let bin = build(root, false)?;
     let mut cmd = cargo();
-    cmd.current_dir(root).args(["test", "--workspace"]).env("DROPSCOPE_BIN", &bin).args(extra);
+    cmd.current_dir(root)
+        .args(["test", "--workspace"])
+        .env("DROPSCOPE_BIN", &bin)
+        .args(extra);
     status(&mut cmd)
 }
 
 /// Replaces the README section between the CAUSES markers with `dropscope --causes`.
 fn docs(root: &Path, bin: &Path) -> Result<()> {
-    let out = Command::new(bin).arg("--causes").output().context("running dropscope --causes")?;
+    let out = Command::new(bin)
+        .arg("--causes")
+        .output()
+        .context("running dropscope --causes")?;
     let table = String::from_utf8(out.stdout)?;
     let path = root.join("README.md");
     let readme = std::fs::read_to_string(&path)?;

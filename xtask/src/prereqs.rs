@@ -31,12 +31,27 @@ pub fn ensure_all() -> Result<()> {
 }
 
 fn ensure_rust_src() -> Result<()> {
-    let installed = output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"]).unwrap_or_default();
+    let installed = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )
+    .unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
     eprintln!("xtask: installing the nightly toolchain's rust-src (the eBPF crate builds core from source)");
-    run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"])
+    run(
+        "rustup",
+        &[
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ],
+    )
 }
 
 fn ensure_bpf_linker() -> Result<()> {
@@ -46,11 +61,23 @@ fn ensure_bpf_linker() -> Result<()> {
     eprintln!(
         "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF object with nightly's LLVM; takes about a minute)"
     );
-    run("cargo", &["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
+    run(
+        "cargo",
+        &[
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+        ],
+    )
 }
 
 fn ensure_test_tools() -> Result<()> {
-    let mut missing: Vec<&str> = TEST_TOOLS.iter().filter(|(cmd, _)| !on_path(cmd)).map(|(_, pkg)| *pkg).collect();
+    let mut missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     missing.sort();
     missing.dedup();
     if missing.is_empty() {
@@ -58,9 +85,15 @@ fn ensure_test_tools() -> Result<()> {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("missing test tools; install them with: sudo apt-get install -y {}", missing.join(" "));
+        bail!(
+            "missing test tools; install them with: sudo apt-get install -y {}",
+            missing.join(" ")
+        );
     }
-    eprintln!("xtask: installing Debian packages the tests need: {}", missing.join(" "));
+    eprintln!(
+        "xtask: installing Debian packages the tests need: {}",
+        missing.join(" ")
+    );
     run("apt-get", &["update", "-qq"])?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend(&missing);
@@ -80,23 +113,39 @@ pub fn ensure_bpftrace() -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing bpftrace (the benchmark's comparison)");
-    run("apt-get", &["install", "-y", "-qq", "--no-install-recommends", "bpftrace"])
+    run(
+        "apt-get",
+        &[
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "bpftrace",
+        ],
+    )
 }
 
 fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
         .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"].iter().any(|d| std::path::Path::new(d).join(cmd).is_file())
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| std::path::Path::new(d).join(cmd).is_file())
 }
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<()> {
-    let st = Command::new(cmd).args(args).status().with_context(|| format!("running {cmd}"))?;
+    let st = Command::new(cmd)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {cmd}"))?;
     if !st.success() {
         bail!("{cmd} {} failed ({st})", args.join(" "));
     }

@@ -92,9 +92,15 @@ const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// Runs the integration tests once per kernel in `kernels` (aliases, package names or .deb
 /// paths; the default set when empty) and fails if any kernel failed or could not boot.
 pub fn vm_test(root: &Path, kernels: &[String], extra: &[String]) -> Result<()> {
-    let names: Vec<String> =
-        if kernels.is_empty() { DEFAULT_KERNELS.iter().map(|s| s.to_string()).collect() } else { kernels.to_vec() };
-    let specs = names.iter().map(|n| KernelSpec::parse(n)).collect::<Result<Vec<_>>>()?;
+    let names: Vec<String> = if kernels.is_empty() {
+        DEFAULT_KERNELS.iter().map(|s| s.to_string()).collect()
+    } else {
+        kernels.to_vec()
+    };
+    let specs = names
+        .iter()
+        .map(|n| KernelSpec::parse(n))
+        .collect::<Result<Vec<_>>>()?;
     let accel = Accel::detect()?;
     let timeout = timeout_from_env()?;
     ensure_host_packages()?;
@@ -103,7 +109,8 @@ pub fn vm_test(root: &Path, kernels: &[String], extra: &[String]) -> Result<()> 
 
     let mut results = Vec::new();
     for (name, spec) in names.iter().zip(&specs) {
-        let result = run_one(&cache, spec, &guest, accel, timeout).with_context(|| format!("kernel {name}"));
+        let result =
+            run_one(&cache, spec, &guest, accel, timeout).with_context(|| format!("kernel {name}"));
         if let Err(e) = &result {
             eprintln!("=== vm-test: {e:#}");
         }
@@ -131,7 +138,10 @@ fn ensure_host_packages() -> Result<()> {
             missing.join(" ")
         );
     }
-    eprintln!("xtask: installing Debian packages vm-test needs: {}", missing.join(" "));
+    eprintln!(
+        "xtask: installing Debian packages vm-test needs: {}",
+        missing.join(" ")
+    );
     let apt = |args: &[&str]| {
         let mut cmd = Command::new("apt-get");
         cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
@@ -148,15 +158,17 @@ fn dpkg_installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).ends_with(" installed"))
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).ends_with(" installed")
+        })
 }
 
 /// Seconds from `VM_TIMEOUT`, or the default.
 fn timeout_from_env() -> Result<Duration> {
     match std::env::var("VM_TIMEOUT") {
-        Ok(s) => Ok(Duration::from_secs(
-            s.trim().parse().with_context(|| format!("VM_TIMEOUT={s:?} is not a number of seconds"))?,
-        )),
+        Ok(s) => Ok(Duration::from_secs(s.trim().parse().with_context(
+            || format!("VM_TIMEOUT={s:?} is not a number of seconds"),
+        )?)),
         Err(_) => Ok(DEFAULT_TIMEOUT),
     }
 }
@@ -178,9 +190,19 @@ impl Accel {
             Ok("auto") | Err(_) => {}
             Ok(other) => bail!("VM_ACCEL={other:?}: expected auto, kvm or tcg"),
         }
-        let hw_kvm = ["/sys/module/kvm_intel", "/sys/module/kvm_amd"].iter().any(|m| Path::new(m).is_dir());
-        let usable = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-        Ok(if hw_kvm && usable { Accel::Kvm } else { Accel::Tcg })
+        let hw_kvm = ["/sys/module/kvm_intel", "/sys/module/kvm_amd"]
+            .iter()
+            .any(|m| Path::new(m).is_dir());
+        let usable = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        Ok(if hw_kvm && usable {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        })
     }
 
     fn qemu_args(self) -> [&'static str; 4] {
@@ -218,38 +240,64 @@ impl GuestCommand {
         let binaries = TempDir::new("bin")?;
         let bin = snapshot(&bin, &binaries.0)?;
         let exe = snapshot(&exe, &binaries.0)?;
-        let root = root.canonicalize().with_context(|| format!("locating {}", root.display()))?;
+        let root = root
+            .canonicalize()
+            .with_context(|| format!("locating {}", root.display()))?;
 
         let mut script = String::new();
         for name in FORWARDED_ENV {
             if let Some(value) = std::env::var_os(name) {
-                writeln!(script, "export {name}={}", sh_quote(&value.to_string_lossy()))?;
+                writeln!(
+                    script,
+                    "export {name}={}",
+                    sh_quote(&value.to_string_lossy())
+                )?;
             }
         }
-        writeln!(script, "export DROPSCOPE_BIN={}", sh_quote(&bin.to_string_lossy()))?;
+        writeln!(
+            script,
+            "export DROPSCOPE_BIN={}",
+            sh_quote(&bin.to_string_lossy())
+        )?;
         // Verifying and attaching eBPF programs is slow under emulation.
         writeln!(script, "export DROPSCOPE_ATTACH_TIMEOUT=180")?;
-        writeln!(script, "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root")?;
+        writeln!(
+            script,
+            "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root"
+        )?;
         writeln!(script, "cd {} || exit 1", sh_quote(&root.to_string_lossy()))?;
         let mut argv = vec![exe.to_string_lossy().into_owned()];
         // One test at a time, and no colours (the console is a tty, the output a log). libtest
         // rejects an option given twice, so a default is only added when the caller has not.
-        for (option, default) in [("--test-threads", "--test-threads=1"), ("--color", "--color=never")] {
-            if !extra.iter().any(|a| a == option || a.starts_with(&format!("{option}="))) {
+        for (option, default) in [
+            ("--test-threads", "--test-threads=1"),
+            ("--color", "--color=never"),
+        ] {
+            if !extra
+                .iter()
+                .any(|a| a == option || a.starts_with(&format!("{option}=")))
+            {
                 argv.push(default.into());
             }
         }
         argv.extend(extra.iter().cloned());
         let quoted: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
         writeln!(script, "exec {}", quoted.join(" "))?;
-        Ok(GuestCommand { script, _binaries: binaries })
+        Ok(GuestCommand {
+            script,
+            _binaries: binaries,
+        })
     }
 }
 
 /// Copies the executable `file` into `dir` and returns the copy's absolute path.
 fn snapshot(file: &Path, dir: &Path) -> Result<PathBuf> {
-    let copy = dir.join(file.file_name().context("executable path has a file name")?);
-    fs::copy(file, &copy).with_context(|| format!("copying {} to {}", file.display(), copy.display()))?;
+    let copy = dir.join(
+        file.file_name()
+            .context("executable path has a file name")?,
+    );
+    fs::copy(file, &copy)
+        .with_context(|| format!("copying {} to {}", file.display(), copy.display()))?;
     Ok(copy)
 }
 
@@ -257,16 +305,30 @@ fn snapshot(file: &Path, dir: &Path) -> Result<PathBuf> {
 fn integration_test_executable(root: &Path) -> Result<PathBuf> {
     let out = crate::cargo()
         .current_dir(root)
-        .args(["test", "--package", "dropscope-tests", "--no-run", "--message-format=json"])
+        .args([
+            "test",
+            "--package",
+            "dropscope-tests",
+            "--no-run",
+            "--message-format=json",
+        ])
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo test --no-run")?;
-    ensure!(out.status.success(), "cargo test --no-run failed ({})", out.status);
+    ensure!(
+        out.status.success(),
+        "cargo test --no-run failed ({})",
+        out.status
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
         .filter(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "causes")
-        .filter(|msg| msg["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test")))
+        .filter(|msg| {
+            msg["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"))
+        })
         .filter_map(|msg| msg["executable"].as_str().map(PathBuf::from))
         .next_back()
         .context("cargo test --no-run reported no executable for test target `causes`")
@@ -274,7 +336,10 @@ fn integration_test_executable(root: &Path) -> Result<PathBuf> {
 
 /// Quotes `s` for a POSIX shell.
 fn sh_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
         return s.to_string();
     }
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -287,7 +352,10 @@ fn sh_quote(s: &str) -> String {
 #[derive(Debug)]
 enum KernelSpec {
     /// Debian packages (all unpacked into one tree), from the host's suites or an extra `suite`.
-    Packages { packages: Vec<String>, suite: Option<String> },
+    Packages {
+        packages: Vec<String>,
+        suite: Option<String>,
+    },
     /// A local .deb.
     Deb(PathBuf),
 }
@@ -318,7 +386,10 @@ impl KernelSpec {
     /// Since about 6.19 Debian splits a kernel into binary, modules and base (config) packages.
     fn split_packages(version: &str, suite: Option<&str>) -> Self {
         KernelSpec::Packages {
-            packages: ["binary", "modules", "base"].iter().map(|p| format!("linux-{p}-{version}")).collect(),
+            packages: ["binary", "modules", "base"]
+                .iter()
+                .map(|p| format!("linux-{p}-{version}"))
+                .collect(),
             suite: suite.map(str::to_string),
         }
     }
@@ -327,9 +398,9 @@ impl KernelSpec {
     fn cache_name(&self) -> String {
         match self {
             KernelSpec::Packages { packages, .. } => packages[0].clone(),
-            KernelSpec::Deb(path) => {
-                path.file_stem().map_or_else(|| "kernel".into(), |s| s.to_string_lossy().into_owned())
-            }
+            KernelSpec::Deb(path) => path
+                .file_stem()
+                .map_or_else(|| "kernel".into(), |s| s.to_string_lossy().into_owned()),
         }
     }
 }
@@ -355,7 +426,8 @@ impl Cache {
         };
         let dir = base.join("dropscope-vm");
         for sub in ["debs", "kernels"] {
-            fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
         Ok(Cache { dir })
     }
@@ -371,7 +443,9 @@ impl Cache {
         if !done.exists() {
             let debs = match spec {
                 KernelSpec::Deb(path) => vec![path.clone()],
-                KernelSpec::Packages { packages, suite } => self.download(packages, suite.as_deref())?,
+                KernelSpec::Packages { packages, suite } => {
+                    self.download(packages, suite.as_deref())?
+                }
             };
             extract(&debs, &root)?;
             fs::write(&done, "").with_context(|| format!("writing {}", done.display()))?;
@@ -381,10 +455,20 @@ impl Cache {
 
     /// The cached .deb of each package, downloading the ones missing.
     fn download(&self, packages: &[String], suite: Option<&str>) -> Result<Vec<PathBuf>> {
-        let missing: Vec<&String> = packages.iter().filter(|p| self.cached_deb(p).is_none()).collect();
+        let missing: Vec<&String> = packages
+            .iter()
+            .filter(|p| self.cached_deb(p).is_none())
+            .collect();
         if !missing.is_empty() {
             let apt = AptConfig::new(self, suite)?;
-            eprintln!("=== vm-test: downloading {}", missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "));
+            eprintln!(
+                "=== vm-test: downloading {}",
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
             if apt.download(&self.debs(), &missing, true).is_err() {
                 eprintln!("=== vm-test: not found in the package lists; running apt-get update");
                 apt.update()?;
@@ -393,7 +477,10 @@ impl Cache {
         }
         packages
             .iter()
-            .map(|p| self.cached_deb(p).with_context(|| format!("apt-get download left no .deb for {p}")))
+            .map(|p| {
+                self.cached_deb(p)
+                    .with_context(|| format!("apt-get download left no .deb for {p}"))
+            })
             .collect()
     }
 
@@ -422,15 +509,22 @@ struct AptConfig {
 impl AptConfig {
     fn new(cache: &Cache, suite: Option<&str>) -> Result<Self> {
         let Some(suite) = suite else {
-            return Ok(AptConfig { options: Vec::new(), state: None });
+            return Ok(AptConfig {
+                options: Vec::new(),
+                state: None,
+            });
         };
         let state = cache.dir.join(format!("apt-{suite}"));
         for sub in ["lists/partial", "cache/archives/partial"] {
-            fs::create_dir_all(state.join(sub)).with_context(|| format!("creating {}", state.join(sub).display()))?;
+            fs::create_dir_all(state.join(sub))
+                .with_context(|| format!("creating {}", state.join(sub).display()))?;
         }
         let sources = match std::env::var("VM_APT_SOURCES") {
             Ok(s) if !s.trim().is_empty() => s,
-            _ => format!("deb [signed-by={DEBIAN_KEYRING}] {} {suite} main\n", host_debian_mirror()?),
+            _ => format!(
+                "deb [signed-by={DEBIAN_KEYRING}] {} {suite} main\n",
+                host_debian_mirror()?
+            ),
         };
         let list = state.join("sources.list");
         fs::write(&list, sources).with_context(|| format!("writing {}", list.display()))?;
@@ -443,7 +537,10 @@ impl AptConfig {
         .into_iter()
         .flat_map(|o| ["-o".to_string(), o])
         .collect();
-        let apt = AptConfig { options, state: Some(state.clone()) };
+        let apt = AptConfig {
+            options,
+            state: Some(state.clone()),
+        };
         if !state.join(".updated").exists() {
             apt.update()?;
         }
@@ -488,7 +585,10 @@ fn host_debian_mirror() -> Result<String> {
     if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
         for entry in dir.filter_map(|e| e.ok()) {
             let path = entry.path();
-            if path.extension().is_some_and(|e| e == "list" || e == "sources") {
+            if path
+                .extension()
+                .is_some_and(|e| e == "list" || e == "sources")
+            {
                 texts.push(fs::read_to_string(&path).unwrap_or_default());
             }
         }
@@ -534,12 +634,24 @@ fn locate_kernel(root: &Path) -> Result<Kernel> {
         .map(|e| e.path())
         .find(|p| p.is_dir())
         .with_context(|| format!("no lib/modules/<release> in {}", root.display()))?;
-    let release = moddir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let release = moddir
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     let vmlinuz = walk(root)?
         .into_iter()
-        .find(|p| p.is_file() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz")))
+        .find(|p| {
+            p.is_file()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz"))
+        })
         .with_context(|| format!("no vmlinuz in {}", root.display()))?;
-    Ok(Kernel { release, vmlinuz, moddir })
+    Ok(Kernel {
+        release,
+        vmlinuz,
+        moddir,
+    })
 }
 
 /// Every path under `dir` (not following symlinks), parents before children.
@@ -589,7 +701,9 @@ impl Drop for TempDir {
 fn build_initramfs(kernel: &Kernel, guest: &GuestCommand, nonce: &str, out: &Path) -> Result<()> {
     let stage = TempDir::new(&format!("{nonce}-stage"))?;
     let st = &stage.0;
-    for d in ["bin", "proc", "sys", "dev", "run", "tmp", "etc", "lower", "rw", "host"] {
+    for d in [
+        "bin", "proc", "sys", "dev", "run", "tmp", "etc", "lower", "rw", "host",
+    ] {
         fs::create_dir_all(st.join(d))?;
     }
     install_busybox(st)?;
@@ -598,7 +712,12 @@ fn build_initramfs(kernel: &Kernel, guest: &GuestCommand, nonce: &str, out: &Pat
         .iter()
         .map(|s| s.to_string())
         .chain(NET_MODULES.iter().map(|s| s.to_string()))
-        .chain(std::env::var("VM_MODULES").unwrap_or_default().split_whitespace().map(str::to_string))
+        .chain(
+            std::env::var("VM_MODULES")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string),
+        )
         .collect();
     let mut shipper = ModuleShipper::new(kernel, st)?;
     for m in &modules {
@@ -614,9 +733,16 @@ fn build_initramfs(kernel: &Kernel, guest: &GuestCommand, nonce: &str, out: &Pat
 /// Copies the host's static busybox and links every applet to it, in /bin and, through a
 /// /sbin symlink, where the kernel looks for `modprobe` when it loads a module on demand.
 fn install_busybox(st: &Path) -> Result<()> {
-    fs::copy("/bin/busybox", st.join("bin/busybox")).context("copying /bin/busybox (package busybox-static)")?;
-    let list = Command::new("/bin/busybox").arg("--list").output().context("running busybox --list")?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| !a.is_empty() && *a != "busybox") {
+    fs::copy("/bin/busybox", st.join("bin/busybox"))
+        .context("copying /bin/busybox (package busybox-static)")?;
+    let list = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .context("running busybox --list")?;
+    for applet in String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
         std::os::unix::fs::symlink("busybox", st.join("bin").join(applet))?;
     }
     std::os::unix::fs::symlink("bin", st.join("sbin"))?;
@@ -685,10 +811,18 @@ fn pack_cpio(st: &Path, out: &Path) -> Result<()> {
         .spawn()
         .context("starting cpio")?;
     let cpio_out = cpio.stdout.take().context("cpio stdout")?;
-    let mut gzip = Command::new("gzip").arg("-1").stdin(cpio_out).stdout(file).spawn().context("starting gzip")?;
+    let mut gzip = Command::new("gzip")
+        .arg("-1")
+        .stdin(cpio_out)
+        .stdout(file)
+        .spawn()
+        .context("starting gzip")?;
     cpio.stdin.take().context("cpio stdin")?.write_all(&list)?;
     let (c, g) = (cpio.wait()?, gzip.wait()?);
-    ensure!(c.success() && g.success(), "packing the initramfs failed (cpio {c}, gzip {g})");
+    ensure!(
+        c.success() && g.success(),
+        "packing the initramfs failed (cpio {c}, gzip {g})"
+    );
     Ok(())
 }
 
@@ -716,7 +850,15 @@ impl<'a> ModuleShipper<'a> {
                 index.entry(name).or_insert(path);
             }
         }
-        Ok(ModuleShipper { kernel, target, stage, index, aliases: None, seen: HashSet::new(), preload: Vec::new() })
+        Ok(ModuleShipper {
+            kernel,
+            target,
+            stage,
+            index,
+            aliases: None,
+            seen: HashSet::new(),
+            preload: Vec::new(),
+        })
     }
 
     /// Ships `name` and, recursively, what it depends on. Unknown names (built in, or not in
@@ -732,7 +874,8 @@ impl<'a> ModuleShipper<'a> {
         let rel = strip_compression(src.strip_prefix(&self.kernel.moddir)?);
         let dest = self.target.join(rel);
         fs::create_dir_all(dest.parent().context("module path has a parent")?)?;
-        fs::write(&dest, decompress(&src)?).with_context(|| format!("writing {}", dest.display()))?;
+        fs::write(&dest, decompress(&src)?)
+            .with_context(|| format!("writing {}", dest.display()))?;
 
         let info = modinfo(&dest, self.stage)?;
         for dep in info.depends {
@@ -759,7 +902,9 @@ impl<'a> ModuleShipper<'a> {
                     continue;
                 }
                 for path in walk(&dir)? {
-                    let Some(name) = module_name(&path) else { continue };
+                    let Some(name) = module_name(&path) else {
+                        continue;
+                    };
                     for a in declared_aliases(&decompress(&path)?) {
                         map.entry(a).or_default().push(name.clone());
                     }
@@ -767,7 +912,12 @@ impl<'a> ModuleShipper<'a> {
             }
             self.aliases = Some(map);
         }
-        Ok(self.aliases.as_ref().and_then(|m| m.get(alias)).cloned().unwrap_or_default())
+        Ok(self
+            .aliases
+            .as_ref()
+            .and_then(|m| m.get(alias))
+            .cloned()
+            .unwrap_or_default())
     }
 
     /// Copies the kernel's built-in module lists, records the preload list and runs depmod.
@@ -779,23 +929,37 @@ impl<'a> ModuleShipper<'a> {
             }
         }
         if !self.preload.is_empty() {
-            fs::write(self.stage.join("etc/preload-modules"), self.preload.join("\n") + "\n")?;
+            fs::write(
+                self.stage.join("etc/preload-modules"),
+                self.preload.join("\n") + "\n",
+            )?;
         }
-        crate::status(Command::new("/bin/busybox").arg("depmod").arg("-b").arg(self.stage).arg(&self.kernel.release))
+        crate::status(
+            Command::new("/bin/busybox")
+                .arg("depmod")
+                .arg("-b")
+                .arg(self.stage)
+                .arg(&self.kernel.release),
+        )
     }
 }
 
 /// Module name of a `*.ko[.xz|.zst|.gz]` file, dashes as underscores.
 fn module_name(path: &Path) -> Option<String> {
     let file = path.file_name()?.to_str()?;
-    let stem = ["", ".xz", ".zst", ".gz"].iter().find_map(|ext| file.strip_suffix(&format!(".ko{ext}")))?;
+    let stem = ["", ".xz", ".zst", ".gz"]
+        .iter()
+        .find_map(|ext| file.strip_suffix(&format!(".ko{ext}")))?;
     Some(stem.replace('-', "_"))
 }
 
 /// `rel` without a compression suffix (the guest gets plain .ko files).
 fn strip_compression(rel: &Path) -> PathBuf {
     let s = rel.to_string_lossy();
-    let plain = [".xz", ".zst", ".gz"].iter().find_map(|ext| s.strip_suffix(ext)).unwrap_or(&s);
+    let plain = [".xz", ".zst", ".gz"]
+        .iter()
+        .find_map(|ext| s.strip_suffix(ext))
+        .unwrap_or(&s);
     PathBuf::from(plain)
 }
 
@@ -807,9 +971,18 @@ fn decompress(path: &Path) -> Result<Vec<u8>> {
         Some("gz") => &["gzip", "-dc"],
         _ => return fs::read(path).with_context(|| format!("reading {}", path.display())),
     };
-    let out =
-        Command::new(tool[0]).args(&tool[1..]).arg(path).output().with_context(|| format!("running {}", tool[0]))?;
-    ensure!(out.status.success(), "{} {} failed ({})", tool.join(" "), path.display(), out.status);
+    let out = Command::new(tool[0])
+        .args(&tool[1..])
+        .arg(path)
+        .output()
+        .with_context(|| format!("running {}", tool[0]))?;
+    ensure!(
+        out.status.success(),
+        "{} {} failed ({})",
+        tool.join(" "),
+        path.display(),
+        out.status
+    );
     Ok(out.stdout)
 }
 
@@ -828,13 +1001,24 @@ fn modinfo(ko: &Path, scratch: &Path) -> Result<ModInfo> {
         .arg(&tmp)
         .status()
         .context("running objcopy")?;
-    ensure!(st.success(), "objcopy --only-section=.modinfo {} failed ({st})", ko.display());
+    ensure!(
+        st.success(),
+        "objcopy --only-section=.modinfo {} failed ({st})",
+        ko.display()
+    );
     let raw = fs::read(&tmp)?;
     fs::remove_file(&tmp)?;
-    let mut info = ModInfo { depends: Vec::new(), softdeps_pre: Vec::new() };
+    let mut info = ModInfo {
+        depends: Vec::new(),
+        softdeps_pre: Vec::new(),
+    };
     for field in raw.split(|&b| b == 0).map(String::from_utf8_lossy) {
         if let Some(deps) = field.strip_prefix("depends=") {
-            info.depends.extend(deps.split(',').filter(|d| !d.is_empty()).map(str::to_string));
+            info.depends.extend(
+                deps.split(',')
+                    .filter(|d| !d.is_empty())
+                    .map(str::to_string),
+            );
         } else if let Some(soft) = field.strip_prefix("softdep=") {
             info.softdeps_pre.extend(pre_softdeps(soft));
         }
@@ -902,7 +1086,11 @@ fn run_one(
     println!(
         "=== vm-test: kernel {} ({}) accel={} mem={VM_MEMORY} cpus={VM_CPUS} timeout={}s",
         kernel.release,
-        kernel.vmlinuz.file_name().unwrap_or_default().to_string_lossy(),
+        kernel
+            .vmlinuz
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy(),
         accel.name(),
         timeout.as_secs()
     );
@@ -917,14 +1105,20 @@ fn run_one(
         },
         |c| c.to_string(),
     );
-    let boot = outcome.boot.map_or_else(|| "never".to_string(), |b| format!("{:.1}s", b.as_secs_f64()));
+    let boot = outcome.boot.map_or_else(
+        || "never".to_string(),
+        |b| format!("{:.1}s", b.as_secs_f64()),
+    );
     println!(
         "=== vm-test: kernel {} accel={} exit={exit} booted={boot} wall={:.1}s",
         kernel.release,
         accel.name(),
         outcome.wall.as_secs_f64()
     );
-    Ok(KernelRun { release: kernel.release, outcome })
+    Ok(KernelRun {
+        release: kernel.release,
+        outcome,
+    })
 }
 
 /// Eight hex digits from /dev/urandom, so the guest's exit marker cannot be forged by its output.
@@ -935,20 +1129,38 @@ fn nonce() -> Result<String> {
 }
 
 /// Boots QEMU, streams the console to stdout and waits for it to power off (or kills it at the timeout).
-fn boot(kernel: &Kernel, initrd: &Path, accel: Accel, timeout: Duration, nonce: &str) -> Result<Outcome> {
+fn boot(
+    kernel: &Kernel,
+    initrd: &Path,
+    accel: Accel,
+    timeout: Duration,
+    nonce: &str,
+) -> Result<Outcome> {
     let (reader, writer) = std::io::pipe().context("creating the console pipe")?;
     let start = Instant::now();
     let mut child = {
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(accel.qemu_args())
-            .args(["-m", VM_MEMORY, "-smp", VM_CPUS, "-M", "pc", "-nodefaults", "-no-user-config"])
+            .args([
+                "-m",
+                VM_MEMORY,
+                "-smp",
+                VM_CPUS,
+                "-M",
+                "pc",
+                "-nodefaults",
+                "-no-user-config",
+            ])
             .args(["-nographic", "-no-reboot", "-serial", "stdio"])
             .arg("-kernel")
             .arg(&kernel.vmlinuz)
             .arg("-initrd")
             .arg(initrd)
             .args(["-append", "console=ttyS0 quiet panic=-1 oops=panic"])
-            .args(["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"])
+            .args([
+                "-virtfs",
+                "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+            ])
             .stdin(Stdio::null())
             .stdout(writer.try_clone()?)
             .stderr(writer);
@@ -958,13 +1170,24 @@ fn boot(kernel: &Kernel, initrd: &Path, accel: Accel, timeout: Duration, nonce: 
     let marker = format!("VM_EXIT_{nonce}=");
     let console = thread::spawn(move || stream_console(reader, &marker, start));
     let timed_out = wait_or_kill(&mut child, timeout)?;
-    let (exit, boot) = console.join().map_err(|_| anyhow!("console reader panicked"))??;
-    Ok(Outcome { exit, timed_out, wall: start.elapsed(), boot })
+    let (exit, boot) = console
+        .join()
+        .map_err(|_| anyhow!("console reader panicked"))??;
+    Ok(Outcome {
+        exit,
+        timed_out,
+        wall: start.elapsed(),
+        boot,
+    })
 }
 
 /// Copies the console to stdout (without carriage returns) and returns the exit status found
 /// after `marker`, and when the guest said it had booted.
-fn stream_console(reader: impl Read, marker: &str, start: Instant) -> Result<(Option<i32>, Option<Duration>)> {
+fn stream_console(
+    reader: impl Read,
+    marker: &str,
+    start: Instant,
+) -> Result<(Option<i32>, Option<Duration>)> {
     let mut reader = BufReader::new(reader);
     let stdout = std::io::stdout();
     let (mut exit, mut booted) = (None, None);
@@ -981,7 +1204,10 @@ fn stream_console(reader: impl Read, marker: &str, start: Instant) -> Result<(Op
             booted = Some(start.elapsed());
         }
         if let Some(pos) = line.find(marker) {
-            let digits: String = line[pos + marker.len()..].chars().take_while(char::is_ascii_digit).collect();
+            let digits: String = line[pos + marker.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
             exit = digits.parse().ok().or(exit);
         }
         let mut out = stdout.lock();
@@ -996,7 +1222,10 @@ fn wait_or_kill(child: &mut Child, timeout: Duration) -> Result<bool> {
     let deadline = Instant::now() + timeout;
     while child.try_wait()?.is_none() {
         if Instant::now() >= deadline {
-            eprintln!("=== vm-test: timed out after {}s; killing QEMU", timeout.as_secs());
+            eprintln!(
+                "=== vm-test: timed out after {}s; killing QEMU",
+                timeout.as_secs()
+            );
             child.kill().context("killing qemu")?;
             child.wait()?;
             return Ok(true);
@@ -1026,7 +1255,11 @@ fn summarize(results: &[(String, Result<KernelRun>)]) -> Result<()> {
             }
         }
     }
-    ensure!(failed == 0, "{failed} of {} kernel(s) failed", results.len());
+    ensure!(
+        failed == 0,
+        "{failed} of {} kernel(s) failed",
+        results.len()
+    );
     Ok(())
 }
 
@@ -1063,20 +1296,32 @@ mod tests {
 
     #[test]
     fn module_names() {
-        assert_eq!(module_name(Path::new("x/nf-tables.ko.xz")).as_deref(), Some("nf_tables"));
+        assert_eq!(
+            module_name(Path::new("x/nf-tables.ko.xz")).as_deref(),
+            Some("nf_tables")
+        );
         assert_eq!(module_name(Path::new("x/veth.ko")).as_deref(), Some("veth"));
         assert_eq!(module_name(Path::new("x/modules.dep")), None);
-        assert_eq!(strip_compression(Path::new("kernel/a.ko.zst")), PathBuf::from("kernel/a.ko"));
+        assert_eq!(
+            strip_compression(Path::new("kernel/a.ko.zst")),
+            PathBuf::from("kernel/a.ko")
+        );
     }
 
     #[test]
     fn aliases() {
-        assert_eq!(declared_aliases(b"license=GPL\0alias=crc32c\0alias=crypto-crc32c\0"), ["crc32c", "crypto-crc32c"]);
+        assert_eq!(
+            declared_aliases(b"license=GPL\0alias=crc32c\0alias=crypto-crc32c\0"),
+            ["crc32c", "crypto-crc32c"]
+        );
     }
 
     #[test]
     fn kernel_specs() {
-        assert!(matches!(KernelSpec::parse("6.1").unwrap(), KernelSpec::Packages { suite: None, .. }));
+        assert!(matches!(
+            KernelSpec::parse("6.1").unwrap(),
+            KernelSpec::Packages { suite: None, .. }
+        ));
         match KernelSpec::parse("7.2").unwrap() {
             KernelSpec::Packages { packages, suite } => {
                 assert_eq!(packages.len(), 3);

@@ -1,6 +1,8 @@
 //! `skb:kfree_skb`: every packet the kernel frees with a drop reason.
 use agent_ebpf::{counter, EventKind};
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::StackTrace, programs::tracing::StackIdContext, EbpfContext};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns, maps::StackTrace, programs::tracing::StackIdContext, EbpfContext,
+};
 
 use crate::{
     maps::{admit, bump, cfg, deliver, scratch, wanted, STACKS},

@@ -6,7 +6,8 @@ use super::{table::OneOrMany, Engine};
 
 /// One row per cause: what it means, the kernel signals that lead to it, and its fixes.
 pub fn markdown(engine: &Engine) -> String {
-    let mut out = String::from("| cause | what it means | kernel signals | fix |\n|---|---|---|---|\n");
+    let mut out =
+        String::from("| cause | what it means | kernel signals | fix |\n|---|---|---|---|\n");
     for (id, cause) in engine.causes() {
         let rules: Vec<_> = engine.rules().iter().filter(|r| &r.cause == id).collect();
         let mut signals: Vec<String> = Vec::new();
@@ -16,7 +17,11 @@ pub fn markdown(engine: &Engine) -> String {
                 other => other.values().join(", "),
             };
             let at = r.at.values();
-            let mut s = if at.is_empty() { format!("`{reasons}`") } else { format!("`{reasons}` at `{}`", at.join("`, `")) };
+            let mut s = if at.is_empty() {
+                format!("`{reasons}`")
+            } else {
+                format!("`{reasons}` at `{}`", at.join("`, `"))
+            };
             if !r.when.is_empty() {
                 let conds: Vec<String> = r.when.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let _ = write!(s, " when {}", conds.join(", "));
@@ -27,7 +32,12 @@ pub fn markdown(engine: &Engine) -> String {
         }
         let fix = rules
             .first()
-            .map(|r| r.fix.replace("{nsexec}", "").replace('{', "<").replace('}', ">"))
+            .map(|r| {
+                r.fix
+                    .replace("{nsexec}", "")
+                    .replace('{', "<")
+                    .replace('}', ">")
+            })
             .unwrap_or_default();
         let _ = writeln!(
             out,

@@ -52,7 +52,9 @@ impl Engine {
             .find(|(_, r)| {
                 r.reason.allows(&d.reason)
                     && r.at.allows(&d.location)
-                    && r.when.iter().all(|(fact, want)| facts.get(fact).is_some_and(|v| v.matches(want)))
+                    && r.when
+                        .iter()
+                        .all(|(fact, want)| facts.get(fact).is_some_and(|v| v.matches(want)))
             })
             .expect("the last rule matches everything");
         let cause = &self.table.cause[&rule.cause];

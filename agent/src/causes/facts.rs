@@ -39,8 +39,28 @@ pub const CONDITION_FACTS: &[&str] = &[
 
 /// Facts usable only as placeholders in evidence and fix texts.
 pub const PLACEHOLDERS: &[&str] = &[
-    "ifname", "out_ifname", "mtu", "len", "src", "dst", "sport", "dport", "flow", "ttl", "netns", "reason", "location",
-    "nsexec", "nf_rule", "nf_reject_with", "nf_delete", "ct_count", "ct_max", "ct_drops", "route", "neighbours",
+    "ifname",
+    "out_ifname",
+    "mtu",
+    "len",
+    "src",
+    "dst",
+    "sport",
+    "dport",
+    "flow",
+    "ttl",
+    "netns",
+    "reason",
+    "location",
+    "nsexec",
+    "nf_rule",
+    "nf_reject_with",
+    "nf_delete",
+    "ct_count",
+    "ct_max",
+    "ct_drops",
+    "route",
+    "neighbours",
 ];
 
 /// A fact's value.
@@ -124,7 +144,8 @@ impl Facts<'_> {
 
 /// Whether a packet is itself an ICMP "fragmentation needed" / ICMPv6 "packet too big".
 pub fn is_frag_needed(d: &Drop) -> bool {
-    d.flow.is_some_and(|f| matches!((f.proto, f.icmp), (1, Some((3, 4))) | (58, Some((2, _)))))
+    d.flow
+        .is_some_and(|f| matches!((f.proto, f.icmp), (1, Some((3, 4))) | (58, Some((2, _)))))
 }
 
 impl<'a> Facts<'a> {
@@ -221,7 +242,11 @@ impl<'a> Facts<'a> {
 
     /// MTU of the device the packet leaves through (the route's device, else `skb->dev`).
     fn egress_mtu(&self) -> Option<u32> {
-        self.drop.out.or(self.drop.dev).map(|d| d.mtu).filter(|&m| m > 0)
+        self.drop
+            .out
+            .or(self.drop.dev)
+            .map(|d| d.mtu)
+            .filter(|&m| m > 0)
     }
 }
 
@@ -255,7 +280,10 @@ pub fn delete_command(m: &Moved) -> String {
         return format!("nft delete rule {} {} handle {handle}", r.table, r.chain);
     }
     if r.text.starts_with("policy ") {
-        return format!("{tool} -t {} -P {} ACCEPT   # only if nothing else should drop here", r.table, r.chain);
+        return format!(
+            "{tool} -t {} -P {} ACCEPT   # only if nothing else should drop here",
+            r.table, r.chain
+        );
     }
     match r.text.strip_prefix("-A ") {
         Some(rest) => format!("{tool} -t {} -D {rest}", r.table),

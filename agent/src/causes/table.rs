@@ -101,14 +101,20 @@ impl Table {
                     v => is_scalar(v),
                 };
                 if !ok {
-                    bail!("{}: when.{fact} must be a string, number, boolean or a list of them", at());
+                    bail!(
+                        "{}: when.{fact} must be a string, number, boolean or a list of them",
+                        at()
+                    );
                 }
             }
             rule.evidence_tpl = split(&rule.evidence).with_context(at)?;
             rule.fix_tpl = split(&rule.fix).with_context(at)?;
         }
         match table.rule.last() {
-            Some(r) if matches!(r.reason, OneOrMany::Any) && r.when.is_empty() && matches!(r.at, OneOrMany::Any) => {}
+            Some(r)
+                if matches!(r.reason, OneOrMany::Any)
+                    && r.when.is_empty()
+                    && matches!(r.at, OneOrMany::Any) => {}
             _ => bail!("the last rule must match everything (the unclassified fallback)"),
         }
         Ok(table)
@@ -121,7 +127,10 @@ impl Table {
 }
 
 fn is_scalar(v: &toml::Value) -> bool {
-    matches!(v, toml::Value::String(_) | toml::Value::Integer(_) | toml::Value::Boolean(_))
+    matches!(
+        v,
+        toml::Value::String(_) | toml::Value::Integer(_) | toml::Value::Boolean(_)
+    )
 }
 
 /// Splits "a {x} b" into text and placeholder pieces, rejecting unknown placeholders.
@@ -129,7 +138,10 @@ pub fn split(template: &str) -> Result<Vec<Piece>> {
     let mut pieces = Vec::new();
     let mut rest = template;
     while let Some(open) = rest.find('{') {
-        let close = rest[open..].find('}').map(|c| open + c).context("unclosed '{' in template")?;
+        let close = rest[open..]
+            .find('}')
+            .map(|c| open + c)
+            .context("unclosed '{' in template")?;
         if open > 0 {
             pieces.push(Piece::Text(rest[..open].to_string()));
         }
@@ -154,29 +166,52 @@ mod tests {
     fn builtin_table_is_valid_and_every_cause_has_a_rule() {
         let t = Table::parse(BUILTIN).unwrap();
         for id in t.cause.keys() {
-            assert!(t.rule.iter().any(|r| &r.cause == id), "cause {id} has no rule");
-            assert!(id.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{id} is not snake_case");
+            assert!(
+                t.rule.iter().any(|r| &r.cause == id),
+                "cause {id} has no rule"
+            );
+            assert!(
+                id.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{id} is not snake_case"
+            );
         }
     }
 
     #[test]
     fn typos_are_caught() {
         let base = "[cause.x]\ntitle='t'\nmeaning='m'\n";
-        let bad_fact = format!("{base}[[rule]]\ncause='x'\nwhen={{ dev_fowarding = 0 }}\nevidence='e'\nfix='f'\n");
-        assert!(Table::parse(&bad_fact).unwrap_err().to_string().contains("dev_fowarding"));
+        let bad_fact = format!(
+            "{base}[[rule]]\ncause='x'\nwhen={{ dev_fowarding = 0 }}\nevidence='e'\nfix='f'\n"
+        );
+        assert!(Table::parse(&bad_fact)
+            .unwrap_err()
+            .to_string()
+            .contains("dev_fowarding"));
         let bad_cause = format!("{base}[[rule]]\ncause='y'\nevidence='e'\nfix='f'\n");
-        assert!(Table::parse(&bad_cause).unwrap_err().to_string().contains("unknown cause"));
-        let bad_placeholder = format!("{base}[[rule]]\ncause='x'\nevidence='{{ifnmae}}'\nfix='f'\n");
+        assert!(Table::parse(&bad_cause)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown cause"));
+        let bad_placeholder =
+            format!("{base}[[rule]]\ncause='x'\nevidence='{{ifnmae}}'\nfix='f'\n");
         assert!(format!("{:#}", Table::parse(&bad_placeholder).unwrap_err()).contains("ifnmae"));
-        let no_fallback = format!("{base}[[rule]]\ncause='x'\nreason='NO_SOCKET'\nevidence='e'\nfix='f'\n");
-        assert!(Table::parse(&no_fallback).unwrap_err().to_string().contains("last rule"));
+        let no_fallback =
+            format!("{base}[[rule]]\ncause='x'\nreason='NO_SOCKET'\nevidence='e'\nfix='f'\n");
+        assert!(Table::parse(&no_fallback)
+            .unwrap_err()
+            .to_string()
+            .contains("last rule"));
     }
 
     #[test]
     fn templates_split_into_pieces() {
         assert_eq!(
             split("a {ifname} b").unwrap(),
-            vec![Piece::Text("a ".into()), Piece::Fact("ifname".into()), Piece::Text(" b".into())]
+            vec![
+                Piece::Text("a ".into()),
+                Piece::Fact("ifname".into()),
+                Piece::Text(" b".into())
+            ]
         );
     }
 }

@@ -52,7 +52,11 @@ pub const EXIT_PROBLEMS: i32 = 3;
 /// Runs the check and prints the findings; returns the process exit status.
 pub fn run(args: &CheckArgs) -> Result<i32> {
     crate::kernel::preflight::check_privileges_for("check", "enter network namespaces")?;
-    let wanted: Vec<u32> = args.netns.iter().map(|n| netns::resolve_arg(n)).collect::<Result<_>>()?;
+    let wanted: Vec<u32> = args
+        .netns
+        .iter()
+        .map(|n| netns::resolve_arg(n))
+        .collect::<Result<_>>()?;
     let mut registry = netns::Registry::new();
     let own = registry.own();
     let mut scanned = Vec::new();
@@ -60,12 +64,25 @@ pub fn run(args: &CheckArgs) -> Result<i32> {
         if !wanted.is_empty() && !wanted.contains(&ns.inode) {
             continue;
         }
-        let state = if ns.inode == own { NsState::read() } else { netns::run_in(&ns.path, NsState::read)? };
-        scanned.push(Scanned { own: ns.inode == own, ns, state });
+        let state = if ns.inode == own {
+            NsState::read()
+        } else {
+            netns::run_in(&ns.path, NsState::read)?
+        };
+        scanned.push(Scanned {
+            own: ns.inode == own,
+            ns,
+            state,
+        });
     }
     scanned.sort_by_key(|s| (!s.own, s.ns.name.clone(), s.ns.inode));
     let mut findings = analyze(&scanned);
-    findings.sort_by(|a, b| a.severity.cmp(&b.severity).then(a.netns.cmp(&b.netns)).then(a.subject.cmp(&b.subject)));
+    findings.sort_by(|a, b| {
+        a.severity
+            .cmp(&b.severity)
+            .then(a.netns.cmp(&b.netns))
+            .then(a.subject.cmp(&b.subject))
+    });
     let out = &mut std::io::stdout().lock();
     match args.format {
         Format::Json => {
@@ -74,12 +91,20 @@ pub fn run(args: &CheckArgs) -> Result<i32> {
                 v["type"] = json!("finding");
                 writeln!(out, "{v}")?;
             }
-            writeln!(out, "{}", json!({"type": "check_summary", "namespaces": scanned.len(),
-                "problems": count(&findings, Severity::Problem), "warnings": count(&findings, Severity::Warning)}))?;
+            writeln!(
+                out,
+                "{}",
+                json!({"type": "check_summary", "namespaces": scanned.len(),
+                "problems": count(&findings, Severity::Problem), "warnings": count(&findings, Severity::Warning)})
+            )?;
         }
         Format::Text => print_text(out, &scanned, &findings)?,
     }
-    Ok(if count(&findings, Severity::Problem) > 0 { EXIT_PROBLEMS } else { 0 })
+    Ok(if count(&findings, Severity::Problem) > 0 {
+        EXIT_PROBLEMS
+    } else {
+        0
+    })
 }
 
 fn count(findings: &[Finding], s: Severity) -> usize {
@@ -94,7 +119,11 @@ fn print_text(out: &mut impl Write, scanned: &[Scanned], findings: &[Finding]) -
             Severity::Warning => "warning",
             Severity::Info => "info",
         };
-        writeln!(out, "{sev:<8} {:<18} netns {ns}  {}: {}", f.check, f.subject, f.message)?;
+        writeln!(
+            out,
+            "{sev:<8} {:<18} netns {ns}  {}: {}",
+            f.check, f.subject, f.message
+        )?;
         writeln!(out, "         fix: {}", f.fix)?;
     }
     writeln!(
@@ -112,9 +141,21 @@ pub fn analyze(scanned: &[Scanned]) -> Vec<Finding> {
     let mut findings = Vec::new();
     for s in scanned {
         let st = &s.state;
-        let prefix = if s.own { String::new() } else { s.ns.exec_prefix() };
+        let prefix = if s.own {
+            String::new()
+        } else {
+            s.ns.exec_prefix()
+        };
         let mut add = |severity, check, subject: String, message: String, fix: String| {
-            findings.push(Finding { severity, check, netns: s.ns.inode, netns_name: s.ns.name.clone(), subject, message, fix });
+            findings.push(Finding {
+                severity,
+                check,
+                netns: s.ns.inode,
+                netns_name: s.ns.name.clone(),
+                subject,
+                message,
+                fix,
+            });
         };
         let links: Vec<_> = st.real_links().collect();
         let routes_between = links.len() >= 2;
@@ -156,7 +197,13 @@ pub fn analyze(scanned: &[Scanned]) -> Vec<Finding> {
         if let Some(ct) = st.ct {
             if let (Some(c), Some(m)) = (ct.count, ct.max) {
                 let fill = c as f64 / m.max(1) as f64;
-                let sev = if fill >= 0.9 { Some(Severity::Problem) } else if fill >= 0.75 { Some(Severity::Warning) } else { None };
+                let sev = if fill >= 0.9 {
+                    Some(Severity::Problem)
+                } else if fill >= 0.75 {
+                    Some(Severity::Warning)
+                } else {
+                    None
+                };
                 if let Some(sev) = sev {
                     add(sev, "conntrack", "nf_conntrack_count".into(),
                         format!("conntrack table {:.0}% full ({c} of {m}): new connections are dropped when it fills", fill * 100.0),
@@ -164,15 +211,23 @@ pub fn analyze(scanned: &[Scanned]) -> Vec<Finding> {
                 }
             }
         }
-        if st.bridge_nf_call_iptables == Some(1) && st.links.iter().any(|l| l.kind() == Some("bridge")) {
+        if st.bridge_nf_call_iptables == Some(1)
+            && st.links.iter().any(|l| l.kind() == Some("bridge"))
+        {
             add(Severity::Info, "bridge_netfilter", "net.bridge.bridge-nf-call-iptables".into(),
                 "bridged traffic goes through iptables/nftables rules (needed by kube-proxy; surprising elsewhere)".into(),
                 format!("{prefix}sysctl -w net.bridge.bridge-nf-call-iptables=0   # only if no one relies on it"));
         }
         // Overlay vs underlay: VXLAN adds 50 bytes.
         for l in st.links.iter().filter(|l| l.kind() == Some("vxlan")) {
-            let lower = l.link_index.and_then(|i| st.links.iter().find(|u| u.ifindex == i))
-                .or_else(|| st.default_dev.as_ref().and_then(|d| st.links.iter().find(|u| &u.ifname == d)));
+            let lower = l
+                .link_index
+                .and_then(|i| st.links.iter().find(|u| u.ifindex == i))
+                .or_else(|| {
+                    st.default_dev
+                        .as_ref()
+                        .and_then(|d| st.links.iter().find(|u| &u.ifname == d))
+                });
             if let Some(u) = lower {
                 if l.mtu + 50 > u.mtu {
                     add(Severity::Problem, "overlay_mtu", l.ifname.clone(),
@@ -193,28 +248,70 @@ fn show(v: Option<u8>) -> String {
 /// veth pairs whose ends have different MTUs. A peer is found through the namespace's nsid
 /// table when the peer namespace is named, else as the unique interface pointing back.
 fn veth_mismatches(scanned: &[Scanned]) -> Vec<Finding> {
-    let by_name: HashMap<&str, usize> = scanned.iter().enumerate().filter_map(|(i, s)| Some((s.ns.name.as_deref()?, i))).collect();
+    let by_name: HashMap<&str, usize> = scanned
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| Some((s.ns.name.as_deref()?, i)))
+        .collect();
     let mut findings = Vec::new();
     let mut reported = std::collections::HashSet::new();
     for (i, s) in scanned.iter().enumerate() {
         for l in s.state.links.iter().filter(|l| l.kind() == Some("veth")) {
-            let Some(peer_index) = l.link_index else { continue };
-            let candidates: Vec<(usize, &state::Link)> = match l.link_netnsid.and_then(|id| s.state.nsid_names.get(&id)).and_then(|n| by_name.get(n.as_str())) {
-                Some(&j) => scanned[j].state.links.iter().filter(|p| p.ifindex == peer_index).map(|p| (j, p)).collect(),
+            let Some(peer_index) = l.link_index else {
+                continue;
+            };
+            let candidates: Vec<(usize, &state::Link)> = match l
+                .link_netnsid
+                .and_then(|id| s.state.nsid_names.get(&id))
+                .and_then(|n| by_name.get(n.as_str()))
+            {
+                Some(&j) => scanned[j]
+                    .state
+                    .links
+                    .iter()
+                    .filter(|p| p.ifindex == peer_index)
+                    .map(|p| (j, p))
+                    .collect(),
                 None => scanned
                     .iter()
                     .enumerate()
                     .filter(|(j, _)| l.link_netnsid.is_some() != (*j == i))
-                    .flat_map(|(j, o)| o.state.links.iter().filter(|p| p.ifindex == peer_index && p.link_index == Some(l.ifindex) && p.kind() == Some("veth")).map(move |p| (j, p)))
+                    .flat_map(|(j, o)| {
+                        o.state
+                            .links
+                            .iter()
+                            .filter(|p| {
+                                p.ifindex == peer_index
+                                    && p.link_index == Some(l.ifindex)
+                                    && p.kind() == Some("veth")
+                            })
+                            .map(move |p| (j, p))
+                    })
                     .collect(),
             };
-            let [(j, peer)] = candidates[..] else { continue };
-            if peer.mtu == l.mtu || !reported.insert((s.ns.inode.min(scanned[j].ns.inode), l.ifindex.min(peer.ifindex), l.mtu.max(peer.mtu))) {
+            let [(j, peer)] = candidates[..] else {
+                continue;
+            };
+            if peer.mtu == l.mtu
+                || !reported.insert((
+                    s.ns.inode.min(scanned[j].ns.inode),
+                    l.ifindex.min(peer.ifindex),
+                    l.mtu.max(peer.mtu),
+                ))
+            {
                 continue;
             }
-            let (small, big) = if l.mtu < peer.mtu { ((s, l), (&scanned[j], peer)) } else { ((&scanned[j], peer), (s, l)) };
+            let (small, big) = if l.mtu < peer.mtu {
+                ((s, l), (&scanned[j], peer))
+            } else {
+                ((&scanned[j], peer), (s, l))
+            };
             let name = |x: &Scanned| x.ns.name.clone().unwrap_or_else(|| x.ns.inode.to_string());
-            let prefix = if big.0.own { String::new() } else { big.0.ns.exec_prefix() };
+            let prefix = if big.0.own {
+                String::new()
+            } else {
+                big.0.ns.exec_prefix()
+            };
             findings.push(Finding {
                 severity: Severity::Problem,
                 check: "veth_mtu_mismatch",

@@ -82,7 +82,13 @@ impl NsState {
         }
         for link in &s.links {
             let conf = |key: &str| num(&format!("/proc/sys/net/ipv4/conf/{}/{key}", link.ifname));
-            s.devs.insert(link.ifname.clone(), DevConf { forwarding: conf("forwarding"), rp_filter: conf("rp_filter") });
+            s.devs.insert(
+                link.ifname.clone(),
+                DevConf {
+                    forwarding: conf("forwarding"),
+                    rp_filter: conf("rp_filter"),
+                },
+            );
         }
         if let Some(ids) = json("ip", &["-j", "netns", "list-id"]) {
             for id in ids.as_array().into_iter().flatten() {
@@ -93,12 +99,21 @@ impl NsState {
         }
         s.default_dev = json("ip", &["-4", "-j", "route", "show", "default"])
             .and_then(|v| v[0]["dev"].as_str().map(str::to_string));
-        if fs::read_to_string("/proc/thread-self/net/ip_tables_names").is_ok_and(|t| !t.trim().is_empty()) {
+        if fs::read_to_string("/proc/thread-self/net/ip_tables_names")
+            .is_ok_and(|t| !t.trim().is_empty())
+        {
             let out = Command::new("iptables-legacy-save").output().ok();
-            s.legacy_rules = out.map_or(0, |o| String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("-A ")).count());
+            s.legacy_rules = out.map_or(0, |o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("-A "))
+                    .count()
+            });
         }
         if let Some(v) = json("nft", &["-j", "list", "ruleset"]) {
-            s.nft_rules = v["nftables"].as_array().map_or(0, |a| a.iter().filter(|i| i.get("rule").is_some()).count());
+            s.nft_rules = v["nftables"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|i| i.get("rule").is_some()).count());
         }
         s
     }

@@ -17,7 +17,11 @@ impl CtStats {
     pub fn read() -> Option<Self> {
         let text = fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack").ok()?;
         let mut stats = parse(&text)?;
-        let num = |p: &str| fs::read_to_string(p).ok().and_then(|v| v.trim().parse().ok());
+        let num = |p: &str| {
+            fs::read_to_string(p)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+        };
         stats.count = num("/proc/sys/net/netfilter/nf_conntrack_count");
         stats.max = num("/proc/sys/net/netfilter/nf_conntrack_max");
         Some(stats)
@@ -42,7 +46,10 @@ pub fn parse(text: &str) -> Option<CtStats> {
     let (drop, failed, invalid) = (col("drop")?, col("insert_failed")?, col("invalid")?);
     let mut s = CtStats::default();
     for row in lines {
-        let v: Vec<u64> = row.split_whitespace().filter_map(|x| u64::from_str_radix(x, 16).ok()).collect();
+        let v: Vec<u64> = row
+            .split_whitespace()
+            .filter_map(|x| u64::from_str_radix(x, 16).ok())
+            .collect();
         let at = |i: usize| v.get(i).copied().unwrap_or(0);
         s.drop += at(drop);
         s.insert_failed += at(failed);

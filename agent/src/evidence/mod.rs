@@ -1,6 +1,6 @@
 //! Live state of the network namespace a drop happened in: what proves a cause.
 pub mod conntrack;
 pub mod netfilter;
-pub mod routes;
 pub mod netns;
+pub mod routes;
 pub mod rules;

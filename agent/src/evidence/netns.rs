@@ -46,7 +46,11 @@ pub struct Registry {
 impl Registry {
     pub fn new() -> Self {
         let own = inode_of(Path::new("/proc/self/ns/net")).unwrap_or(0);
-        Registry { own, known: HashMap::new(), last_scan: None }
+        Registry {
+            own,
+            known: HashMap::new(),
+            last_scan: None,
+        }
     }
 
     /// The inode of dropscope's own (normally the host's) namespace.
@@ -56,7 +60,11 @@ impl Registry {
 
     /// A handle to namespace `inode`, if one can be found.
     pub fn get(&mut self, inode: u32) -> Option<&NetnsRef> {
-        if !self.known.contains_key(&inode) && self.last_scan.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+        if !self.known.contains_key(&inode)
+            && self
+                .last_scan
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+        {
             self.scan();
         }
         self.known.get(&inode)
@@ -73,7 +81,9 @@ impl Registry {
         if inode == self.own || inode == 0 {
             return String::new();
         }
-        self.get(inode).map(NetnsRef::exec_prefix).unwrap_or_default()
+        self.get(inode)
+            .map(NetnsRef::exec_prefix)
+            .unwrap_or_default()
     }
 
     /// The `ip netns` name of `inode`, if any.
@@ -89,13 +99,27 @@ impl Registry {
                 let path = entry.path();
                 if let Ok(inode) = inode_of(&path) {
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    found.insert(inode, NetnsRef { inode, name: Some(name), pid: None, path });
+                    found.insert(
+                        inode,
+                        NetnsRef {
+                            inode,
+                            name: Some(name),
+                            pid: None,
+                            path,
+                        },
+                    );
                 }
             }
         }
         if let Ok(proc) = fs::read_dir("/proc") {
             for entry in proc.flatten() {
-                let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
+                else {
+                    continue;
+                };
                 let path = entry.path().join("ns/net");
                 let Ok(inode) = inode_of(&path) else { continue };
                 found
@@ -103,7 +127,12 @@ impl Registry {
                     .and_modify(|r| {
                         r.pid.get_or_insert(pid);
                     })
-                    .or_insert(NetnsRef { inode, name: None, pid: Some(pid), path });
+                    .or_insert(NetnsRef {
+                        inode,
+                        name: None,
+                        pid: Some(pid),
+                        path,
+                    });
             }
         }
         self.known = found;
@@ -121,9 +150,16 @@ pub fn resolve_arg(value: &str) -> Result<u32> {
     if let Ok(inode) = value.parse::<u32>() {
         return Ok(inode);
     }
-    let path = if value.contains('/') { PathBuf::from(value) } else { Path::new(NAMED_DIR).join(value) };
+    let path = if value.contains('/') {
+        PathBuf::from(value)
+    } else {
+        Path::new(NAMED_DIR).join(value)
+    };
     if !path.exists() {
-        bail!("--netns {value}: not an inode number and no such namespace ({} does not exist)", path.display());
+        bail!(
+            "--netns {value}: not an inode number and no such namespace ({} does not exist)",
+            path.display()
+        );
     }
     inode_of(&path)
 }
@@ -136,7 +172,9 @@ pub fn run_in<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'st
         setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
         Ok(f())
     });
-    handle.join().map_err(|_| anyhow::anyhow!("namespace reader panicked"))?
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("namespace reader panicked"))?
 }
 
 /// Reads a file as seen from inside namespace `ns` (e.g. `/proc/sys/net/...`,
@@ -157,13 +195,21 @@ mod tests {
         assert_eq!(r.exec_prefix(own), "");
         // Our own process is found by the scan and reads back its own inode.
         let me = r.get(own).cloned().expect("own netns visible in /proc");
-        let inode = run_in(&me.path, || inode_of(Path::new("/proc/thread-self/ns/net")).unwrap()).unwrap();
+        let inode = run_in(&me.path, || {
+            inode_of(Path::new("/proc/thread-self/ns/net")).unwrap()
+        })
+        .unwrap();
         assert_eq!(inode, own);
     }
 
     #[test]
     fn named_prefix_wins_over_pid() {
-        let r = NetnsRef { inode: 1, name: Some("dr-r".into()), pid: Some(5), path: "/x".into() };
+        let r = NetnsRef {
+            inode: 1,
+            name: Some("dr-r".into()),
+            pid: Some(5),
+            path: "/x".into(),
+        };
         assert_eq!(r.exec_prefix(), "ip netns exec dr-r ");
         let r = NetnsRef { name: None, ..r };
         assert_eq!(r.exec_prefix(), "nsenter -t 5 -n ");

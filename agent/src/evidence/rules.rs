@@ -38,7 +38,11 @@ pub struct RuleId {
 
 impl fmt::Display for RuleId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} table {} chain {}: {}", self.engine, self.table, self.chain, self.text)
+        write!(
+            f,
+            "{} table {} chain {}: {}",
+            self.engine, self.table, self.chain, self.text
+        )
     }
 }
 
@@ -123,7 +127,10 @@ impl Snapshot {
     /// Reads all engines inside the namespace at `ns` (`None`: dropscope's own).
     pub fn take(ns: Option<&Path>) -> Self {
         let read = move || {
-            let mut snap = Snapshot { ct: CtStats::read(), ..Default::default() };
+            let mut snap = Snapshot {
+                ct: CtStats::read(),
+                ..Default::default()
+            };
             let mut seen_tables = HashSet::new();
             for (tool, engine, family) in [
                 ("iptables-nft-save", "iptables-nft", "ip"),
@@ -139,8 +146,16 @@ impl Snapshot {
                 parse_nft_json(&text, &seen_tables, &mut snap);
             }
             for (names, tool, engine) in [
-                ("/proc/thread-self/net/ip_tables_names", "iptables-legacy-save", "iptables-legacy"),
-                ("/proc/thread-self/net/ip6_tables_names", "ip6tables-legacy-save", "ip6tables-legacy"),
+                (
+                    "/proc/thread-self/net/ip_tables_names",
+                    "iptables-legacy-save",
+                    "iptables-legacy",
+                ),
+                (
+                    "/proc/thread-self/net/ip6_tables_names",
+                    "ip6tables-legacy-save",
+                    "ip6tables-legacy",
+                ),
             ] {
                 // Only ask x_tables when it has tables here (asking could load modules).
                 if std::fs::read_to_string(names).is_ok_and(|t| !t.trim().is_empty()) {
@@ -184,7 +199,9 @@ impl Snapshot {
 
 fn output(tool: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(tool).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Parses `iptables-save -c` into `snap`; returns the tables it listed.
@@ -198,20 +215,61 @@ pub fn parse_iptables_save(text: &str, engine: &'static str, snap: &mut Snapshot
         } else if let Some(policy) = line.strip_prefix(':') {
             // ":FORWARD DROP [5:300]"
             let mut it = policy.split_whitespace();
-            let (Some(chain), Some(target), Some(counts)) = (it.next(), it.next(), it.next()) else { continue };
-            if let (Some(verdict), Some(packets)) = (verdict_of_target(target, ""), packets_of(counts)) {
-                let id = RuleId { engine, table: table.clone(), chain: chain.into(), text: format!("policy {target}") };
-                snap.rules.insert(id, Counted { verdict, matcher: Matcher::default(), packets });
+            let (Some(chain), Some(target), Some(counts)) = (it.next(), it.next(), it.next())
+            else {
+                continue;
+            };
+            if let (Some(verdict), Some(packets)) =
+                (verdict_of_target(target, ""), packets_of(counts))
+            {
+                let id = RuleId {
+                    engine,
+                    table: table.clone(),
+                    chain: chain.into(),
+                    text: format!("policy {target}"),
+                };
+                snap.rules.insert(
+                    id,
+                    Counted {
+                        verdict,
+                        matcher: Matcher::default(),
+                        packets,
+                    },
+                );
             }
         } else if line.starts_with('[') {
             // "[2:120] -A FORWARD -p tcp ... -j REJECT --reject-with tcp-reset"
-            let Some((counts, rule)) = line.split_once(' ') else { continue };
+            let Some((counts, rule)) = line.split_once(' ') else {
+                continue;
+            };
             let chain = rule.split_whitespace().nth(1).unwrap_or("").to_string();
-            let target = rule.split(" -j ").nth(1).and_then(|t| t.split_whitespace().next()).unwrap_or("");
-            let with = rule.split("--reject-with ").nth(1).and_then(|t| t.split_whitespace().next()).unwrap_or("");
-            if let (Some(verdict), Some(packets)) = (verdict_of_target(target, with), packets_of(counts)) {
-                let id = RuleId { engine, table: table.clone(), chain, text: rule.to_string() };
-                snap.rules.insert(id, Counted { verdict, matcher: iptables_matcher(rule), packets });
+            let target = rule
+                .split(" -j ")
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+                .unwrap_or("");
+            let with = rule
+                .split("--reject-with ")
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+                .unwrap_or("");
+            if let (Some(verdict), Some(packets)) =
+                (verdict_of_target(target, with), packets_of(counts))
+            {
+                let id = RuleId {
+                    engine,
+                    table: table.clone(),
+                    chain,
+                    text: rule.to_string(),
+                };
+                snap.rules.insert(
+                    id,
+                    Counted {
+                        verdict,
+                        matcher: iptables_matcher(rule),
+                        packets,
+                    },
+                );
             }
         }
     }
@@ -221,29 +279,45 @@ pub fn parse_iptables_save(text: &str, engine: &'static str, snap: &mut Snapshot
 fn verdict_of_target(target: &str, with: &str) -> Option<Verdict> {
     match target {
         "DROP" => Some(Verdict::Drop),
-        "REJECT" => Some(Verdict::Reject(if with.is_empty() { "icmp-port-unreachable".into() } else { with.into() })),
+        "REJECT" => Some(Verdict::Reject(if with.is_empty() {
+            "icmp-port-unreachable".into()
+        } else {
+            with.into()
+        })),
         _ => None,
     }
 }
 
 fn packets_of(counts: &str) -> Option<u64> {
-    counts.trim_start_matches('[').split(':').next()?.parse().ok()
+    counts
+        .trim_start_matches('[')
+        .split(':')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Parses `nft -j list ruleset` into `snap`, skipping tables already read through iptables-nft.
 pub fn parse_nft_json(text: &str, skip: &HashSet<(String, String)>, snap: &mut Snapshot) {
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else { return };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else {
+        return;
+    };
     for item in json["nftables"].as_array().into_iter().flatten() {
         let rule = &item["rule"];
-        let (Some(family), Some(table), Some(chain)) =
-            (rule["family"].as_str(), rule["table"].as_str(), rule["chain"].as_str())
-        else {
+        let (Some(family), Some(table), Some(chain)) = (
+            rule["family"].as_str(),
+            rule["table"].as_str(),
+            rule["chain"].as_str(),
+        ) else {
             continue;
         };
         if skip.contains(&(family.to_string(), table.to_string())) {
             continue;
         }
-        let exprs = rule["expr"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let exprs = rule["expr"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let packets = exprs.iter().find_map(|e| e["counter"]["packets"].as_u64());
         let verdict = exprs.iter().find_map(|e| {
             if e.get("drop").is_some() {
@@ -261,14 +335,24 @@ pub fn parse_nft_json(text: &str, skip: &HashSet<(String, String)>, snap: &mut S
         });
         if let (Some(verdict), Some(packets)) = (verdict, packets) {
             let handle = rule["handle"].as_u64().unwrap_or(0);
-            let comment = rule["comment"].as_str().map(|c| format!(" comment \"{c}\"")).unwrap_or_default();
+            let comment = rule["comment"]
+                .as_str()
+                .map(|c| format!(" comment \"{c}\""))
+                .unwrap_or_default();
             let id = RuleId {
                 engine: "nftables",
                 table: format!("{family} {table}"),
                 chain: chain.to_string(),
                 text: format!("handle {handle}{comment}"),
             };
-            snap.rules.insert(id, Counted { verdict, matcher: nft_matcher(exprs), packets });
+            snap.rules.insert(
+                id,
+                Counted {
+                    verdict,
+                    matcher: nft_matcher(exprs),
+                    packets,
+                },
+            );
         }
     }
 }
@@ -290,7 +374,9 @@ pub fn iptables_matcher(rule: &str) -> Matcher {
             "-d" | "--destination" => m.dst = net(value),
             "-i" | "--in-interface" if !value.ends_with('+') => m.iif = Some(value.to_string()),
             "-o" | "--out-interface" if !value.ends_with('+') => m.oif = Some(value.to_string()),
-            "--ctstate" | "--state" if value.split(',').any(|v| v == "INVALID") => m.ct_invalid = true,
+            "--ctstate" | "--state" if value.split(',').any(|v| v == "INVALID") => {
+                m.ct_invalid = true
+            }
             _ => {}
         }
     }
@@ -308,14 +394,23 @@ pub fn nft_matcher(exprs: &[serde_json::Value]) -> Matcher {
         let right = &mt["right"];
         if mt["left"]["ct"]["key"] == "state" {
             let states = right.as_str().map(|s| vec![s]).unwrap_or_else(|| {
-                right["set"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect()
+                right["set"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str())
+                    .collect()
             });
             m.ct_invalid |= states.contains(&"invalid");
             continue;
         }
         let payload = &mt["left"]["payload"];
         let meta = mt["left"]["meta"]["key"].as_str();
-        match (payload["protocol"].as_str(), payload["field"].as_str(), meta) {
+        match (
+            payload["protocol"].as_str(),
+            payload["field"].as_str(),
+            meta,
+        ) {
             (Some(proto), Some("dport"), _) => {
                 m.proto = proto_number(proto);
                 m.dport = right.as_u64().map(|p| (p as u16, p as u16));
@@ -371,7 +466,10 @@ const MIN_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Tracker {
     pub fn new() -> Self {
-        Tracker { baselines: HashMap::new(), recent: HashMap::new() }
+        Tracker {
+            baselines: HashMap::new(),
+            recent: HashMap::new(),
+        }
     }
 
     /// Records the starting counters of each namespace (`None` path: dropscope's own).
@@ -437,7 +535,10 @@ COMMIT
     #[test]
     fn iptables_save_rules_and_policies() {
         let mut snap = Snapshot::default();
-        assert_eq!(parse_iptables_save(SAVE, "iptables-nft", &mut snap), vec!["filter"]);
+        assert_eq!(
+            parse_iptables_save(SAVE, "iptables-nft", &mut snap),
+            vec!["filter"]
+        );
         assert_eq!(snap.rules.len(), 4, "ACCEPT rules are not tracked");
         let moved = snap.moved_since(&Snapshot::default());
         assert_eq!(moved[0].packets, 9);
@@ -445,7 +546,10 @@ COMMIT
         let reset = moved.iter().find(|m| m.rule.text.contains("8080")).unwrap();
         assert_eq!(reset.verdict, Verdict::Reject("tcp-reset".into()));
         let icmp = moved.iter().find(|m| m.rule.text.contains("5353")).unwrap();
-        assert_eq!(icmp.verdict, Verdict::Reject("icmp-port-unreachable".into()));
+        assert_eq!(
+            icmp.verdict,
+            Verdict::Reject("icmp-port-unreachable".into())
+        );
         let policy = moved.iter().find(|m| m.rule.text == "policy DROP").unwrap();
         assert_eq!((policy.rule.chain.as_str(), policy.packets), ("FORWARD", 7));
     }
@@ -455,16 +559,24 @@ COMMIT
         let mut before = Snapshot::default();
         parse_iptables_save(SAVE, "iptables-nft", &mut before);
         let mut after = Snapshot::default();
-        parse_iptables_save(&SAVE.replace("[2:120]", "[4:240]"), "iptables-nft", &mut after);
+        parse_iptables_save(
+            &SAVE.replace("[2:120]", "[4:240]"),
+            "iptables-nft",
+            &mut after,
+        );
         let moved = after.moved_since(&before);
         assert_eq!(moved.len(), 1);
         assert_eq!(moved[0].packets, 2);
-        assert!(moved[0].rule.to_string().starts_with("iptables-nft table filter chain FORWARD: -A FORWARD -p tcp"));
+        assert!(moved[0]
+            .rule
+            .to_string()
+            .starts_with("iptables-nft table filter chain FORWARD: -A FORWARD -p tcp"));
     }
 
     #[test]
     fn rules_that_cannot_match_the_packet_are_excluded() {
-        let m = iptables_matcher("-A FORWARD -d 10.0.0.0/8 -i r0 -p udp -m udp --dport 9104 -j REJECT");
+        let m =
+            iptables_matcher("-A FORWARD -d 10.0.0.0/8 -i r0 -p udp -m udp --dport 9104 -j REJECT");
         let pkt = |dport| PacketFields {
             proto: Some(17),
             dport: Some(dport),
@@ -474,10 +586,16 @@ COMMIT
         };
         assert!(m.could_match(&pkt(9104)));
         assert!(!m.could_match(&pkt(9103)));
-        assert!(!m.could_match(&PacketFields { proto: Some(6), ..pkt(9104) }));
+        assert!(!m.could_match(&PacketFields {
+            proto: Some(6),
+            ..pkt(9104)
+        }));
         let negated = iptables_matcher("-A FORWARD ! -p udp -j DROP");
         assert_eq!(negated.proto, None, "negations are not reasoned about");
-        assert_eq!(iptables_matcher("-A X -p tcp --dport 1000:2000 -j DROP").dport, Some((1000, 2000)));
+        assert_eq!(
+            iptables_matcher("-A X -p tcp --dport 1000:2000 -j DROP").dport,
+            Some((1000, 2000))
+        );
         let exprs: Vec<serde_json::Value> = serde_json::from_str(
             r#"[{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "10.231.2.2"}},
                 {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 9100}},
@@ -485,13 +603,18 @@ COMMIT
         )
         .unwrap();
         let m = nft_matcher(&exprs);
-        assert_eq!((m.proto, m.dport, m.iif.as_deref()), (Some(17), Some((9100, 9100)), Some("r0")));
+        assert_eq!(
+            (m.proto, m.dport, m.iif.as_deref()),
+            (Some(17), Some((9100, 9100)), Some("r0"))
+        );
         let ct: Vec<serde_json::Value> = serde_json::from_str(
             r#"[{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}}]"#,
         )
         .unwrap();
         assert!(nft_matcher(&ct).ct_invalid);
-        assert!(iptables_matcher("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP").ct_invalid);
+        assert!(
+            iptables_matcher("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP").ct_invalid
+        );
         assert_eq!(m.dst, Some("10.231.2.2/32".parse().unwrap()));
     }
 
@@ -510,8 +633,15 @@ COMMIT
         let skip = HashSet::from([("ip".to_string(), "filter".to_string())]);
         parse_nft_json(json, &skip, &mut snap);
         let moved = snap.moved_since(&Snapshot::default());
-        assert_eq!(moved.len(), 2, "rules without counters and iptables-nft tables are skipped: {moved:?}");
-        assert_eq!(moved[0].rule.to_string(), "nftables table inet drt chain fw: handle 3 comment \"ds\"");
+        assert_eq!(
+            moved.len(),
+            2,
+            "rules without counters and iptables-nft tables are skipped: {moved:?}"
+        );
+        assert_eq!(
+            moved[0].rule.to_string(),
+            "nftables table inet drt chain fw: handle 3 comment \"ds\""
+        );
         assert_eq!(moved[1].verdict, Verdict::Reject("tcp-reset".into()));
     }
 }

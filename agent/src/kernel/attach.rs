@@ -16,7 +16,8 @@ use serde::Serialize;
 use super::{btf::KernelBtf, tracefs};
 
 /// The eBPF object, built by agent/build.rs and embedded so the binary is self-contained.
-static PROBES_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dropscope-probes"));
+static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dropscope-probes"));
 
 /// How a probe may attach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -75,8 +76,22 @@ struct Hook {
 }
 
 const HOOKS: [Hook; 3] = [
-    Hook { probe: "kfree_skb", required: true, btf_program: "kfree_skb_btf", tp_program: "kfree_skb_tp", category: "skb", name: "kfree_skb" },
-    Hook { probe: "icmp_send", required: false, btf_program: "icmp_send_btf", tp_program: "icmp_send_tp", category: "icmp", name: "icmp_send" },
+    Hook {
+        probe: "kfree_skb",
+        required: true,
+        btf_program: "kfree_skb_btf",
+        tp_program: "kfree_skb_tp",
+        category: "skb",
+        name: "kfree_skb",
+    },
+    Hook {
+        probe: "icmp_send",
+        required: false,
+        btf_program: "icmp_send_btf",
+        tp_program: "icmp_send_tp",
+        category: "icmp",
+        name: "icmp_send",
+    },
     Hook {
         probe: "tcp_send_reset",
         required: false,
@@ -88,7 +103,12 @@ const HOOKS: [Hook; 3] = [
 ];
 
 /// Loads the object with `config` filled from this kernel and attaches every hook.
-pub fn attach(kernel: &KernelBtf, btf_path: &Path, mode: Mode, mut config: Config) -> Result<Probes> {
+pub fn attach(
+    kernel: &KernelBtf,
+    btf_path: &Path,
+    mode: Mode,
+    mut config: Config,
+) -> Result<Probes> {
     let start = Instant::now();
     let tracefs_root = match mode {
         Mode::Tracepoint => Some(tracefs::find_or_mount()?),
@@ -98,7 +118,11 @@ pub fn attach(kernel: &KernelBtf, btf_path: &Path, mode: Mode, mut config: Confi
         fill_tracepoint_layouts(root, &mut config);
     }
     config.has_reason = u32::from(kernel.tracepoint_args("kfree_skb").is_none_or(|n| n >= 3));
-    config.rst_has_skb = u32::from(kernel.tracepoint_args("tcp_send_reset").is_some_and(|n| n >= 2));
+    config.rst_has_skb = u32::from(
+        kernel
+            .tracepoint_args("tcp_send_reset")
+            .is_some_and(|n| n >= 2),
+    );
 
     let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())
         .map_err(|e| anyhow!("cannot parse BTF at {}: {e}", btf_path.display()))?;
@@ -117,28 +141,52 @@ pub fn attach(kernel: &KernelBtf, btf_path: &Path, mode: Mode, mut config: Confi
     }
 
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
-    let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
+    let counters =
+        PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
     let stacks = StackTraceMap::try_from(ebpf.take_map("STACKS").context("STACKS map missing")?)?;
     let agg = PerCpuHashMap::try_from(ebpf.take_map("AGG").context("AGG map missing")?)?;
-    Ok(Probes { events, counters, stacks, agg, report, attach_ms: start.elapsed().as_millis(), ebpf })
+    Ok(Probes {
+        events,
+        counters,
+        stacks,
+        agg,
+        report,
+        attach_ms: start.elapsed().as_millis(),
+        ebpf,
+    })
 }
 
 /// Attaches only the empty `kfree_skb` program (`--null-observer`, for the benchmark).
 pub fn attach_null(btf_path: &Path) -> Result<Ebpf> {
     let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())
         .map_err(|e| anyhow!("cannot parse BTF at {}: {e}", btf_path.display()))?;
-    let mut ebpf = EbpfLoader::new().btf(Some(&aya_btf)).load(PROBES_OBJECT).context("loading dropscope's eBPF object")?;
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&aya_btf))
+        .load(PROBES_OBJECT)
+        .context("loading dropscope's eBPF object")?;
     let prog: &mut BtfTracePoint = program(&mut ebpf, "kfree_skb_null")?.try_into()?;
     prog.load("kfree_skb", &aya_btf).map_err(verbose)?;
     prog.attach().map_err(verbose)?;
     Ok(ebpf)
 }
 
-fn attach_hook(ebpf: &mut Ebpf, btf: &Btf, hook: &Hook, mode: Mode, tp_ready: bool) -> Result<Attached> {
+fn attach_hook(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    hook: &Hook,
+    mode: Mode,
+    tp_ready: bool,
+) -> Result<Attached> {
     let mut refused = Vec::new();
     if mode != Mode::Tracepoint {
         match attach_btf(ebpf, btf, hook) {
-            Ok(()) => return Ok(Attached { probe: hook.probe, mode: "tp_btf", note: None }),
+            Ok(()) => {
+                return Ok(Attached {
+                    probe: hook.probe,
+                    mode: "tp_btf",
+                    note: None,
+                })
+            }
             Err(e) => refused.push(format!("tp_btf: {e}")),
         }
     }
@@ -147,7 +195,11 @@ fn attach_hook(ebpf: &mut Ebpf, btf: &Btf, hook: &Hook, mode: Mode, tp_ready: bo
             match attach_tracepoint(ebpf, hook) {
                 Ok(()) => {
                     let note = (!refused.is_empty()).then(|| refused.join("; "));
-                    return Ok(Attached { probe: hook.probe, mode: "tracepoint", note });
+                    return Ok(Attached {
+                        probe: hook.probe,
+                        mode: "tracepoint",
+                        note,
+                    });
                 }
                 Err(e) => refused.push(format!("tracepoint: {e}")),
             }
@@ -162,7 +214,11 @@ fn attach_hook(ebpf: &mut Ebpf, btf: &Btf, hook: &Hook, mode: Mode, tp_ready: bo
     if hook.required {
         bail!("cannot attach to {}: {note}", hook.probe);
     }
-    Ok(Attached { probe: hook.probe, mode: "unavailable", note: Some(note) })
+    Ok(Attached {
+        probe: hook.probe,
+        mode: "unavailable",
+        note: Some(note),
+    })
 }
 
 fn attach_btf(ebpf: &mut Ebpf, btf: &Btf, hook: &Hook) -> Result<()> {
@@ -180,7 +236,8 @@ fn attach_tracepoint(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
-    ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
 /// aya errors nest their cause (e.g. the errno); show the whole chain on one line.
@@ -193,8 +250,13 @@ fn verbose(e: aya::programs::ProgramError) -> anyhow::Error {
         src = s.source();
     }
     // The verifier log is long; keep its last line, which names the problem.
-    anyhow!(msg.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").to_string())
-        .context(msg.lines().next().unwrap_or("").to_string())
+    anyhow!(msg
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .last()
+        .unwrap_or("")
+        .to_string())
+    .context(msg.lines().next().unwrap_or("").to_string())
 }
 
 /// Reads the classic tracepoints' field offsets from tracefs into `config`.
@@ -237,15 +299,31 @@ mod tests {
         let elf = object::File::parse(PROBES_OBJECT).expect("embedded eBPF object is ELF");
         let sections: Vec<&str> = elf.sections().filter_map(|s| s.name().ok()).collect();
         for hook in &HOOKS {
-            assert!(sections.contains(&format!("tp_btf/{}", hook.name).as_str()), "{sections:?}");
-            assert!(sections.contains(&format!("tracepoint/{}/{}", hook.category, hook.name).as_str()), "{sections:?}");
+            assert!(
+                sections.contains(&format!("tp_btf/{}", hook.name).as_str()),
+                "{sections:?}"
+            );
+            assert!(
+                sections.contains(&format!("tracepoint/{}/{}", hook.category, hook.name).as_str()),
+                "{sections:?}"
+            );
             for program in [hook.btf_program, hook.tp_program] {
-                assert!(elf.symbols().any(|s| object::ObjectSymbol::name(&s) == Ok(program)), "{program} missing");
+                assert!(
+                    elf.symbols()
+                        .any(|s| object::ObjectSymbol::name(&s) == Ok(program)),
+                    "{program} missing"
+                );
             }
         }
-        assert!(elf.symbols().any(|s| object::ObjectSymbol::name(&s) == Ok("kfree_skb_null")));
+        assert!(elf
+            .symbols()
+            .any(|s| object::ObjectSymbol::name(&s) == Ok("kfree_skb_null")));
         for map in ["EVENTS", "STACKS", "COUNTERS", "CONFIG", "AGG", "SCRATCH"] {
-            assert!(elf.symbols().any(|s| object::ObjectSymbol::name(&s) == Ok(map)), "{map} missing");
+            assert!(
+                elf.symbols()
+                    .any(|s| object::ObjectSymbol::name(&s) == Ok(map)),
+                "{map} missing"
+            );
         }
     }
 }

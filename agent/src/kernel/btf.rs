@@ -81,7 +81,11 @@ impl KernelBtf {
 
     /// Number of arguments of the raw tracepoint `btf_trace_<name>` minus its leading context.
     pub fn tracepoint_args(&self, name: &str) -> Option<usize> {
-        let ty = self.btf.resolve_types_by_name(&format!("btf_trace_{name}")).ok()?.pop()?;
+        let ty = self
+            .btf
+            .resolve_types_by_name(&format!("btf_trace_{name}"))
+            .ok()?
+            .pop()?;
         let mut t = ty;
         for _ in 0..4 {
             match t {
@@ -93,16 +97,22 @@ impl KernelBtf {
     }
 
     fn named_composite(&self, name: &str) -> Option<Type> {
-        self.btf.resolve_types_by_name(name).ok()?.into_iter().find(|t| match t {
-            Type::Struct(s) | Type::Union(s) => !s.members.is_empty(),
-            _ => false,
-        })
+        self.btf
+            .resolve_types_by_name(name)
+            .ok()?
+            .into_iter()
+            .find(|t| match t {
+                Type::Struct(s) | Type::Union(s) => !s.members.is_empty(),
+                _ => false,
+            })
     }
 
     /// Finds `name` among the members of a struct/union, descending into anonymous members.
     /// Returns the member's bit offset and its type with typedefs/qualifiers stripped.
     fn find_member(&self, ty: &Type, name: &str) -> Option<(u32, Type)> {
-        let (Type::Struct(s) | Type::Union(s)) = ty else { return None };
+        let (Type::Struct(s) | Type::Union(s)) = ty else {
+            return None;
+        };
         for m in &s.members {
             let member_name = self.btf.resolve_name(m).unwrap_or_default();
             let member_ty = self.strip(self.btf.resolve_chained_type(m).ok()?);
@@ -121,8 +131,15 @@ impl KernelBtf {
     fn strip(&self, mut ty: Type) -> Type {
         for _ in 0..8 {
             match &ty {
-                Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_) | Type::TypeTag(_) => {
-                    match ty.as_btf_type().and_then(|t| self.btf.resolve_chained_type(t).ok()) {
+                Type::Typedef(_)
+                | Type::Const(_)
+                | Type::Volatile(_)
+                | Type::Restrict(_)
+                | Type::TypeTag(_) => {
+                    match ty
+                        .as_btf_type()
+                        .and_then(|t| self.btf.resolve_chained_type(t).ok())
+                    {
                         Some(next) => ty = next,
                         None => return ty,
                     }
@@ -153,11 +170,14 @@ impl KernelBtf {
         let skb = |p| self.offset_or_absent("sk_buff", p);
         let dev = |p| self.offset_or_absent("net_device", p);
         let net = |p| self.offset_or_absent("net", p);
-        let consts = self.anonymous_enum_values(&["IPV4_DEVCONF_FORWARDING", "IPV4_DEVCONF_RP_FILTER"]);
+        let consts =
+            self.anonymous_enum_values(&["IPV4_DEVCONF_FORWARDING", "IPV4_DEVCONF_RP_FILTER"]);
         // The kernel indexes data[] with IPV4_DEVCONF_X - 1.
         let devconf = |c: &str| consts.get(c).map(|v| v - 1).unwrap_or(ABSENT);
         let possible_net = self.offset_of("possible_net_t", "net").unwrap_or(0);
-        let nd_net = self.offset_of("net_device", "nd_net").map(|o| o + possible_net);
+        let nd_net = self
+            .offset_of("net_device", "nd_net")
+            .map(|o| o + possible_net);
         Offsets {
             skb_len: skb("len"),
             skb_dev: skb("dev"),
@@ -195,7 +215,9 @@ impl KernelBtf {
         let values = self.enum_values("skb_drop_reason").context(
             "this kernel reports no drop reasons (enum skb_drop_reason is missing; kernels before 5.17)",
         )?;
-        let subsystems = self.enum_values("skb_drop_reason_subsys").unwrap_or_default();
+        let subsystems = self
+            .enum_values("skb_drop_reason_subsys")
+            .unwrap_or_default();
         let mut reasons = DropReasons::new(values, subsystems);
         let ids: Vec<u32> = reasons.subsystems.keys().copied().collect();
         if !ids.is_empty() {
@@ -225,14 +247,18 @@ fn enums(btf: &Btf) -> impl Iterator<Item = Vec<(String, u32)>> + '_ {
     std::iter::from_fn(move || loop {
         match iter.next() {
             Ok(Some(Type::Enum(e))) => {
-                return Some(e.members.iter().filter_map(|m| Some((btf.resolve_name(m).ok()?, m.val()))).collect())
+                return Some(
+                    e.members
+                        .iter()
+                        .filter_map(|m| Some((btf.resolve_name(m).ok()?, m.val())))
+                        .collect(),
+                )
             }
             Ok(Some(_)) => continue,
             _ => return None,
         }
     })
 }
-
 
 trait Windows {
     fn with_windows(self) -> Self;
@@ -251,7 +277,10 @@ impl Windows for Offsets {
             ],
             agent_ebpf::SKB_WINDOW,
         );
-        self.dev_window = KernelBtf::window(&[(self.dev_ifindex, 4), (self.dev_nd_net, 8)], agent_ebpf::DEV_WINDOW);
+        self.dev_window = KernelBtf::window(
+            &[(self.dev_ifindex, 4), (self.dev_nd_net, 8)],
+            agent_ebpf::DEV_WINDOW,
+        );
         self
     }
 }
@@ -272,7 +301,10 @@ impl DropReasons {
     pub fn new(values: Vec<(String, u32)>, subsystems: Vec<(String, u32)>) -> Self {
         let mut r = DropReasons::default();
         for (name, value) in values {
-            let short = name.strip_prefix("SKB_DROP_REASON_").unwrap_or(&name).to_string();
+            let short = name
+                .strip_prefix("SKB_DROP_REASON_")
+                .unwrap_or(&name)
+                .to_string();
             if short == "MAX" || short.starts_with("SUBSYS_") {
                 continue;
             }
@@ -302,7 +334,11 @@ impl DropReasons {
             return name.clone();
         }
         if subsys != 0 {
-            let sub = self.subsystems.get(&subsys).map(String::as_str).unwrap_or("SUBSYS");
+            let sub = self
+                .subsystems
+                .get(&subsys)
+                .map(String::as_str)
+                .unwrap_or("SUBSYS");
             return format!("{sub}:{}", value & 0xffff);
         }
         format!("REASON_{value}")
@@ -314,9 +350,15 @@ impl DropReasons {
 
     /// Names subsystem reasons from module enums. A subsystem's enum starts with a marker
     /// member (`__OVS_DROP_REASON = SUBSYS << 16`); its other members are the full values.
-    pub fn add_subsystem_names(&mut self, enums: impl Iterator<Item = Vec<(String, u32)>>, ids: &[u32]) {
+    pub fn add_subsystem_names(
+        &mut self,
+        enums: impl Iterator<Item = Vec<(String, u32)>>,
+        ids: &[u32],
+    ) {
         for members in enums {
-            let marker = members.iter().find(|(n, v)| n.starts_with("__") && v & 0xffff == 0 && ids.contains(&(v >> SUBSYS_SHIFT)));
+            let marker = members.iter().find(|(n, v)| {
+                n.starts_with("__") && v & 0xffff == 0 && ids.contains(&(v >> SUBSYS_SHIFT))
+            });
             let Some((_, base)) = marker else { continue };
             let id = base >> SUBSYS_SHIFT;
             for (name, value) in &members {
@@ -376,16 +418,36 @@ mod tests {
     fn offsets_agree_with_independent_pahole_style_reading() {
         // Cross-check against bpftool's own BTF dump (installed by `cargo xtask`).
         let out = std::process::Command::new("bpftool")
-            .args(["btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw"])
+            .args([
+                "btf",
+                "dump",
+                "file",
+                "/sys/kernel/btf/vmlinux",
+                "format",
+                "raw",
+            ])
             .output()
             .expect("bpftool is needed for this cross-check (cargo xtask setup installs it)");
         let text = String::from_utf8_lossy(&out.stdout);
         // "[N] STRUCT 'net_device' size=..." followed by "'mtu' type_id=.. bits_offset=X".
-        let start = text.find("STRUCT 'net_device' size=").expect("net_device in dump");
+        let start = text
+            .find("STRUCT 'net_device' size=")
+            .expect("net_device in dump");
         let body = &text[start..];
         let end = body[1..].find("\n[").map(|i| i + 1).unwrap_or(body.len());
-        let line = body[..end].lines().find(|l| l.trim_start().starts_with("'mtu' ")).unwrap();
-        let bits: u32 = line.split("bits_offset=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+        let line = body[..end]
+            .lines()
+            .find(|l| l.trim_start().starts_with("'mtu' "))
+            .unwrap();
+        let bits: u32 = line
+            .split("bits_offset=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(kernel().offset_of("net_device", "mtu"), Some(bits / 8));
     }
 
@@ -393,14 +455,26 @@ mod tests {
     fn reason_names_come_from_the_running_kernel() {
         let reasons = kernel().drop_reasons(Path::new("/sys/kernel/btf")).unwrap();
         assert!(reasons.len() > 50);
-        for name in ["NOT_SPECIFIED", "NO_SOCKET", "NETFILTER_DROP", "IP_RPFILTER", "PKT_TOO_BIG"] {
-            let v = reasons.value(name).unwrap_or_else(|| panic!("{name} missing"));
+        for name in [
+            "NOT_SPECIFIED",
+            "NO_SOCKET",
+            "NETFILTER_DROP",
+            "IP_RPFILTER",
+            "PKT_TOO_BIG",
+        ] {
+            let v = reasons
+                .value(name)
+                .unwrap_or_else(|| panic!("{name} missing"));
             assert_eq!(reasons.name(v), name);
         }
         // Tracefs prints the same table; compare one entry when it is mounted.
-        if let Ok(fmt) = std::fs::read_to_string("/sys/kernel/tracing/events/skb/kfree_skb/format") {
+        if let Ok(fmt) = std::fs::read_to_string("/sys/kernel/tracing/events/skb/kfree_skb/format")
+        {
             let v = reasons.value("NETFILTER_DROP").unwrap();
-            assert!(fmt.contains(&format!("{{ {v}, \"NETFILTER_DROP\" }}")), "tracefs disagrees");
+            assert!(
+                fmt.contains(&format!("{{ {v}, \"NETFILTER_DROP\" }}")),
+                "tracefs disagrees"
+            );
         }
     }
 
@@ -418,7 +492,10 @@ mod tests {
 
     #[test]
     fn subsystem_reasons_are_named_from_module_enums() {
-        let mut r = DropReasons::new(vec![], vec![("SKB_DROP_REASON_SUBSYS_OPENVSWITCH".into(), 2)]);
+        let mut r = DropReasons::new(
+            vec![],
+            vec![("SKB_DROP_REASON_SUBSYS_OPENVSWITCH".into(), 2)],
+        );
         let ovs = vec![
             ("__OVS_DROP_REASON".to_string(), 2 << 16),
             ("OVS_DROP_LAST_ACTION".to_string(), (2 << 16) | 1),
@@ -440,7 +517,10 @@ mod tests {
 
     #[test]
     fn missing_btf_is_a_clear_error() {
-        let err = KernelBtf::open(Path::new("/nonexistent/vmlinux")).err().unwrap().to_string();
+        let err = KernelBtf::open(Path::new("/nonexistent/vmlinux"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
     }
 }

@@ -32,24 +32,40 @@ impl Kallsyms {
         let mut names = String::new();
         for line in text.lines() {
             let mut it = line.split_whitespace();
-            let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else { continue };
-            let Ok(addr) = u64::from_str_radix(addr, 16) else { continue };
+            let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
+                continue;
+            };
+            let Ok(addr) = u64::from_str_radix(addr, 16) else {
+                continue;
+            };
             if addr == 0 || !matches!(kind, "t" | "T" | "w" | "W") {
                 continue;
             }
             let name = clean(name);
-            syms.push((addr, names.len() as u32, name.len().min(u16::MAX as usize) as u16));
+            syms.push((
+                addr,
+                names.len() as u32,
+                name.len().min(u16::MAX as usize) as u16,
+            ));
             names.push_str(name);
         }
         syms.sort_by_key(|(a, _, _)| *a);
         syms.shrink_to_fit();
         names.shrink_to_fit();
-        Kallsyms { syms, names, cache: HashMap::new() }
+        Kallsyms {
+            syms,
+            names,
+            cache: HashMap::new(),
+        }
     }
 
     /// An empty table: every address stays raw.
     pub fn empty() -> Self {
-        Kallsyms { syms: Vec::new(), names: String::new(), cache: HashMap::new() }
+        Kallsyms {
+            syms: Vec::new(),
+            names: String::new(),
+            cache: HashMap::new(),
+        }
     }
 
     /// The function containing `addr` (suffixes like `.constprop.0` removed), or the raw address.
@@ -100,14 +116,20 @@ ffffffff81a00900 t nft_do_chain\t[nf_tables]
         assert_eq!(&*k.resolve(0xffffffff81a00850), "ip_error");
         assert_eq!(&*k.resolve(0xffffffff81a00901), "nft_do_chain");
         assert_eq!(&*k.resolve(0x10), "0x10");
-        assert_eq!(k.frames([0xffffffff81a00410, 0xffffffff81a00010]), vec![Arc::from("ip_error"), Arc::from("ip_rcv_finish_core")]);
+        assert_eq!(
+            k.frames([0xffffffff81a00410, 0xffffffff81a00010]),
+            vec![Arc::from("ip_error"), Arc::from("ip_rcv_finish_core")]
+        );
     }
 
     #[test]
     fn reads_this_machines_kallsyms() {
         let mut k = Kallsyms::load().expect("kallsyms readable as root");
         let text = fs::read_to_string("/proc/kallsyms").unwrap();
-        let line = text.lines().find(|l| l.ends_with(" T ip_rcv")).expect("ip_rcv symbol");
+        let line = text
+            .lines()
+            .find(|l| l.ends_with(" T ip_rcv"))
+            .expect("ip_rcv symbol");
         let addr = u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap();
         assert_eq!(&*k.resolve(addr + 1), "ip_rcv");
     }

@@ -5,7 +5,8 @@ use caps::{CapSet, Capability};
 /// Fails with one clear line unless the process has CAP_SYS_ADMIN, or CAP_BPF + CAP_PERFMON.
 pub fn check_privileges() -> Result<()> {
     let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
-    if has(Capability::CAP_SYS_ADMIN) || (has(Capability::CAP_BPF) && has(Capability::CAP_PERFMON)) {
+    if has(Capability::CAP_SYS_ADMIN) || (has(Capability::CAP_BPF) && has(Capability::CAP_PERFMON))
+    {
         return Ok(());
     }
     let euid = nix::unistd::geteuid();
@@ -26,7 +27,10 @@ pub fn check_privileges_for(command: &str, why: &str) -> Result<()> {
 /// Lifts RLIMIT_MEMLOCK for kernels that still charge BPF maps to it (before 5.11).
 /// Failing is fine on newer kernels, which account BPF memory to the cgroup instead.
 pub fn raise_memlock() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");

@@ -11,7 +11,10 @@ const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing
 
 /// The mounted tracefs, if any.
 pub fn find() -> Option<PathBuf> {
-    CANDIDATES.iter().map(PathBuf::from).find(|p| p.join("events").is_dir())
+    CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("events").is_dir())
 }
 
 /// The mounted tracefs, mounting it at /sys/kernel/tracing when it is not.
@@ -20,13 +23,25 @@ pub fn find_or_mount() -> Result<PathBuf> {
         return Ok(p);
     }
     let target = Path::new(CANDIDATES[0]);
-    nix::mount::mount(Some("tracefs"), target, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
-        .with_context(|| {
-            format!("tracefs is not mounted and mounting it failed; run: mount -t tracefs tracefs {}", target.display())
-        })?;
+    nix::mount::mount(
+        Some("tracefs"),
+        target,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| {
+        format!(
+            "tracefs is not mounted and mounting it failed; run: mount -t tracefs tracefs {}",
+            target.display()
+        )
+    })?;
     match find() {
         Some(p) => Ok(p),
-        None => bail!("tracefs mounted at {} but has no events/ directory", target.display()),
+        None => bail!(
+            "tracefs mounted at {} but has no events/ directory",
+            target.display()
+        ),
     }
 }
 
@@ -62,7 +77,11 @@ pub fn parse_format(text: &str) -> HashMap<String, Field> {
         if let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) {
             // "unsigned char saddr[4]" -> "saddr"
             let name = decl.rsplit(' ').next().unwrap_or(decl);
-            let name = name.split('[').next().unwrap_or(name).trim_start_matches('*');
+            let name = name
+                .split('[')
+                .next()
+                .unwrap_or(name)
+                .trim_start_matches('*');
             out.insert(name.to_string(), Field { offset, size });
         }
     }
@@ -85,8 +104,20 @@ mod tests {
 \tfield:__u8 saddr[4];\toffset:40;\tsize:4;\tsigned:0;\n";
         let f = parse_format(fmt);
         assert_eq!(f["skbaddr"], Field { offset: 8, size: 8 });
-        assert_eq!(f["reason"], Field { offset: 36, size: 4 });
-        assert_eq!(f["saddr"], Field { offset: 40, size: 4 });
+        assert_eq!(
+            f["reason"],
+            Field {
+                offset: 36,
+                size: 4
+            }
+        );
+        assert_eq!(
+            f["saddr"],
+            Field {
+                offset: 40,
+                size: 4
+            }
+        );
     }
 
     #[test]

@@ -29,7 +29,12 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
     let d = &r.drop;
     let mut m = Map::new();
     m.insert("type".into(), json!("drop"));
-    m.insert("time".into(), json!(clock.wall(d.ts_ns).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)));
+    m.insert(
+        "time".into(),
+        json!(clock
+            .wall(d.ts_ns)
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+    );
     m.insert("cause".into(), json!(r.verdict.cause));
     m.insert("title".into(), json!(r.verdict.title));
     m.insert("reason".into(), json!(&*d.reason));
@@ -64,7 +69,10 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
     }
     match r.answer {
         Some(Answer::Icmp(t, c)) => {
-            m.insert("icmp_sent".into(), json!({"type": t, "code": c, "name": icmp_name(t, c)}));
+            m.insert(
+                "icmp_sent".into(),
+                json!({"type": t, "code": c, "name": icmp_name(t, c)}),
+            );
         }
         Some(Answer::TcpReset) => {
             m.insert("tcp_reset_sent".into(), json!(true));
@@ -92,7 +100,11 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
 
 /// The JSON object for the summary.
 pub fn summary_json(s: &Summary) -> Value {
-    let causes: Map<String, Value> = s.causes.iter().map(|(id, t)| (id.clone(), json!(t.count))).collect();
+    let causes: Map<String, Value> = s
+        .causes
+        .iter()
+        .map(|(id, t)| (id.clone(), json!(t.count)))
+        .collect();
     let details: Vec<Value> = s
         .causes
         .iter()

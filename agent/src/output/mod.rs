@@ -78,11 +78,12 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map(|t| {
-            t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128
-        });
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128);
         let wall = Utc::now().timestamp_nanos_opt().unwrap_or(0) as i128;
-        Clock { offset_ns: wall - mono.unwrap_or(0) }
+        Clock {
+            offset_ns: wall - mono.unwrap_or(0),
+        }
     }
 
     pub fn wall(&self, ktime_ns: u64) -> DateTime<Utc> {

@@ -41,8 +41,13 @@ fn green(s: &str) -> String {
 /// The single line describing a drop (without evidence), shared by stream and tests.
 pub fn drop_line(r: &DropRecord, clock: &Clock) -> String {
     let d = &r.drop;
-    let time = clock.wall(d.ts_ns).with_timezone(&chrono::Local).format("%H:%M:%S");
-    let flow = d.flow.map_or_else(|| format!("{} len {}", d.reason, d.len), |f| f.to_string());
+    let time = clock
+        .wall(d.ts_ns)
+        .with_timezone(&chrono::Local)
+        .format("%H:%M:%S");
+    let flow = d
+        .flow
+        .map_or_else(|| format!("{} len {}", d.reason, d.len), |f| f.to_string());
     let dev = match (d.dev, d.out) {
         (Some(i), Some(o)) if i.ifindex != o.ifindex => format!("in {} out {}", i.name(), o.name()),
         (Some(i), _) => format!("in {}", i.name()),
@@ -55,8 +60,13 @@ pub fn drop_line(r: &DropRecord, clock: &Clock) -> String {
     };
     let count = match (r.first, r.unsent) {
         (true, _) => format!("x{}", r.count),
-        (false, Some("sampled")) => format!("... and {} more like this (sampled in the kernel)", r.count),
-        (false, Some(_)) => format!("... and {} more like this (events lost, counted in the kernel)", r.count),
+        (false, Some("sampled")) => {
+            format!("... and {} more like this (sampled in the kernel)", r.count)
+        }
+        (false, Some(_)) => format!(
+            "... and {} more like this (events lost, counted in the kernel)",
+            r.count
+        ),
         (false, None) => format!("+{} more", r.count),
     };
     format!("{time}  {}  {flow}  {dev} ({ns})  {count}", r.verdict.cause)
@@ -84,25 +94,60 @@ impl<W: Write> Sink for TextSink<W> {
         let _ = writeln!(self.out, "{line}");
         // Evidence and fix once per distinct drop; repeats are one line.
         if r.first {
-            let _ = writeln!(self.out, "          {} {}", self.paint("evidence:", dim), r.verdict.evidence);
-            let _ = writeln!(self.out, "          {} {}", self.paint("fix:", dim), self.paint(&r.verdict.hint, green));
+            let _ = writeln!(
+                self.out,
+                "          {} {}",
+                self.paint("evidence:", dim),
+                r.verdict.evidence
+            );
+            let _ = writeln!(
+                self.out,
+                "          {} {}",
+                self.paint("fix:", dim),
+                self.paint(&r.verdict.hint, green)
+            );
         }
         let _ = self.out.flush();
     }
 
     fn summary(&mut self, s: &Summary) {
         let o = &mut Vec::new();
-        let _ = writeln!(o, "\n{}", self.paint(&format!("── dropscope summary: {:.1} s ──", s.seconds), bold));
+        let _ = writeln!(
+            o,
+            "\n{}",
+            self.paint(
+                &format!("── dropscope summary: {:.1} s ──", s.seconds),
+                bold
+            )
+        );
         if s.causes.is_empty() {
             let _ = writeln!(o, "no drops matched");
         }
         for (rank, (id, t)) in s.causes.iter().enumerate() {
-            let _ = writeln!(o, "{:>2}. {}  {}  x{}", rank + 1, self.paint(id, red), t.title, t.count);
+            let _ = writeln!(
+                o,
+                "{:>2}. {}  {}  x{}",
+                rank + 1,
+                self.paint(id, red),
+                t.title,
+                t.count
+            );
             let reasons = top(t.reasons.iter().map(|(k, v)| (k, *v)), 3);
             let locs = top(t.locations.iter().map(|(k, v)| (k, *v)), 3);
             let ifaces = top(t.ifaces.iter().map(|(k, v)| (k, *v)), 3);
-            let list = |v: &[(String, u64)]| v.iter().map(|(k, c)| format!("{k} ({c})")).collect::<Vec<_>>().join(", ");
-            let _ = writeln!(o, "    kernel: {} at {}; iface {}", list(&reasons), list(&locs), list(&ifaces));
+            let list = |v: &[(String, u64)]| {
+                v.iter()
+                    .map(|(k, c)| format!("{k} ({c})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = writeln!(
+                o,
+                "    kernel: {} at {}; iface {}",
+                list(&reasons),
+                list(&locs),
+                list(&ifaces)
+            );
             let flows = top(t.flows.iter().map(|(k, v)| (k, *v)), 3);
             if !flows.is_empty() {
                 let _ = writeln!(o, "    top flows: {}", list(&flows));
@@ -120,7 +165,14 @@ impl<W: Write> Sink for TextSink<W> {
             s.lost
         );
         if s.lost > 0 {
-            let _ = writeln!(o, "{}", self.paint("events were lost: counts above are lower bounds (narrow the filters)", red));
+            let _ = writeln!(
+                o,
+                "{}",
+                self.paint(
+                    "events were lost: counts above are lower bounds (narrow the filters)",
+                    red
+                )
+            );
         }
         let _ = self.out.write_all(o);
         let _ = self.out.flush();

@@ -16,7 +16,12 @@ pub struct TopView<W: Write> {
 
 impl<W: Write> TopView<W> {
     pub fn new(out: W, tty: bool) -> Self {
-        TopView { out, tty, last: HashMap::new(), header: String::new() }
+        TopView {
+            out,
+            tty,
+            last: HashMap::new(),
+            header: String::new(),
+        }
     }
 
     /// Draws one frame from the pipeline's totals; `seconds` is the time since the last frame.
@@ -32,8 +37,16 @@ impl<W: Write> TopView<W> {
         let now = chrono::Local::now().format("%H:%M:%S");
         let mut o = Vec::new();
         if self.tty {
-            let _ = write!(o, "\x1b[H\x1b[2J{}\n{now}  lost events: {lost}\n\n", self.header);
-            let _ = writeln!(o, "{:>10}  {:>10}  {:<22} {}", "drops/s", "total", "cause", "top reason @ location, interface");
+            let _ = write!(
+                o,
+                "\x1b[H\x1b[2J{}\n{now}  lost events: {lost}\n\n",
+                self.header
+            );
+            let _ = writeln!(
+                o,
+                "{:>10}  {:>10}  {:<22} {}",
+                "drops/s", "total", "cause", "top reason @ location, interface"
+            );
         }
         for (id, t, rate) in &rows {
             let reason = top(t.reasons.iter().map(|(k, v)| (k, *v)), 1);
@@ -59,7 +72,11 @@ impl<W: Write> TopView<W> {
 impl<W: Write> Sink for TopView<W> {
     fn attach(&mut self, info: &AttachInfo) {
         let probes: Vec<String> = info.probes.iter().map(ToString::to_string).collect();
-        self.header = format!("dropscope top on {} ({}) - Ctrl-C for the summary", info.kernel, probes.join(", "));
+        self.header = format!(
+            "dropscope top on {} ({}) - Ctrl-C for the summary",
+            info.kernel,
+            probes.join(", ")
+        );
         if !self.tty {
             let _ = writeln!(self.out, "{}", self.header);
         }
@@ -81,15 +98,28 @@ mod tests {
     #[test]
     fn terminal_frames_redraw_in_place_with_rates() {
         let mut causes = HashMap::new();
-        causes.insert("rp_filter".to_string(), CauseTotals { count: 10, ..Default::default() });
+        causes.insert(
+            "rp_filter".to_string(),
+            CauseTotals {
+                count: 10,
+                ..Default::default()
+            },
+        );
         let mut buf = Vec::new();
         let mut view = TopView::new(&mut buf, true);
         view.frame(&causes, 1.0, 0);
         causes.get_mut("rp_filter").unwrap().count = 40;
         view.frame(&causes, 2.0, 0);
         let text = String::from_utf8(buf).unwrap();
-        assert_eq!(text.matches("\x1b[H\x1b[2J").count(), 2, "one clear per frame: {text:?}");
+        assert_eq!(
+            text.matches("\x1b[H\x1b[2J").count(),
+            2,
+            "one clear per frame: {text:?}"
+        );
         assert!(text.contains("      10.0          10  rp_filter"), "{text}");
-        assert!(text.contains("      15.0          40  rp_filter"), "rate over the last interval: {text}");
+        assert!(
+            text.contains("      15.0          40  rp_filter"),
+            "rate over the last interval: {text}"
+        );
     }
 }

@@ -132,17 +132,32 @@ pub fn run(bin: &Path, params: &Params, out: &Path, raw: &Path) -> Result<()> {
     report::write(params, &runs, out, raw)
 }
 
-fn one(t: &Topology, scenario: Scenario, kind: Kind, rep: usize, bin: &Path, dur: Duration, scratch: &Path) -> Result<Run> {
+fn one(
+    t: &Topology,
+    scenario: Scenario,
+    kind: Kind,
+    rep: usize,
+    bin: &Path,
+    dur: Duration,
+    scratch: &Path,
+) -> Result<Run> {
     let before = scenario.kernel_drops(t);
     let obs = observer::Running::start(kind, bin, &scenario.watched(t).name, scratch)?;
     let start = scenario.kernel_drops(t);
-    let sent = sender::storm(&t.a, Ipv4Addr::new(10, 231, 2, 2), scenario.base_port(), dur);
+    let sent = sender::storm(
+        &t.a,
+        Ipv4Addr::new(10, 231, 2, 2),
+        scenario.base_port(),
+        dur,
+    );
     let end = scenario.kernel_drops(t);
     let (cpu_percent, peak_rss_mb) = obs.usage(dur.as_secs_f64());
     let attach_ms = obs.attach_ms;
     let (detach_ms, summary) = obs.stop()?;
     let total = scenario.kernel_drops(t) - before;
-    let reported = summary.as_ref().and_then(|s| s["causes"][scenario.cause()].as_u64());
+    let reported = summary
+        .as_ref()
+        .and_then(|s| s["causes"][scenario.cause()].as_u64());
     Ok(Run {
         rep,
         scenario,
@@ -155,7 +170,9 @@ fn one(t: &Topology, scenario: Scenario, kind: Kind, rep: usize, bin: &Path, dur
         attach_ms: if kind == Kind::None { 0.0 } else { attach_ms },
         detach_ms,
         reported,
-        exact: summary.as_ref().map(|s| reported == Some(total) && s["counts_exact"] == true),
+        exact: summary
+            .as_ref()
+            .map(|s| reported == Some(total) && s["counts_exact"] == true),
         events_delivered: summary.as_ref().and_then(|s| s["decoded"].as_u64()),
         events_suppressed: summary.as_ref().and_then(|s| s["sampled_total"].as_u64()),
         lost: summary.as_ref().and_then(|s| s["lost"].as_u64()),

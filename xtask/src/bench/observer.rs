@@ -27,7 +27,13 @@ pub enum Kind {
     Bpftrace,
 }
 
-pub const ALL: [Kind; 5] = [Kind::None, Kind::DropscopeText, Kind::DropscopeJson, Kind::NullObserver, Kind::Bpftrace];
+pub const ALL: [Kind; 5] = [
+    Kind::None,
+    Kind::DropscopeText,
+    Kind::DropscopeJson,
+    Kind::NullObserver,
+    Kind::Bpftrace,
+];
 
 impl Kind {
     pub fn label(self) -> &'static str {
@@ -60,7 +66,9 @@ impl Running {
             Kind::None => None,
             Kind::DropscopeText | Kind::DropscopeJson | Kind::NullObserver => {
                 let mut cmd = Command::new(bin);
-                cmd.arg("--ready-file").arg(&ready).args(["--netns", netns, "--color", "never"]);
+                cmd.arg("--ready-file")
+                    .arg(&ready)
+                    .args(["--netns", netns, "--color", "never"]);
                 match kind {
                     Kind::NullObserver => {
                         cmd.arg("--null-observer");
@@ -74,13 +82,20 @@ impl Running {
                     Some(p) => Stdio::from(fs::File::create(p)?),
                     None => Stdio::null(),
                 };
-                let mut child = cmd.stdout(out).stderr(Stdio::null()).spawn().context("starting dropscope")?;
+                let mut child = cmd
+                    .stdout(out)
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting dropscope")?;
                 wait_until(&mut child, || ready.exists())?;
                 Some(child)
             }
             Kind::Bpftrace => {
                 let mut child = Command::new("bpftrace")
-                    .args(["-e", "tracepoint:skb:kfree_skb { @[args->reason] = count(); }"])
+                    .args([
+                        "-e",
+                        "tracepoint:skb:kfree_skb { @[args->reason] = count(); }",
+                    ])
                     .stdout(Stdio::piped())
                     .stderr(Stdio::null())
                     .spawn()
@@ -97,12 +112,19 @@ impl Running {
         };
         let attach_ms = started.elapsed().as_secs_f64() * 1000.0;
         let cpu_start = child.as_ref().map_or(0, |c| cpu_ticks(c.id()));
-        Ok(Running { child, attach_ms, json_out, cpu_start })
+        Ok(Running {
+            child,
+            attach_ms,
+            json_out,
+            cpu_start,
+        })
     }
 
     /// CPU used since start (% of one core over `seconds`) and peak RSS (MB).
     pub fn usage(&self, seconds: f64) -> (f64, f64) {
-        let Some(c) = &self.child else { return (0.0, 0.0) };
+        let Some(c) = &self.child else {
+            return (0.0, 0.0);
+        };
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let cpu = (cpu_ticks(c.id()) - self.cpu_start) as f64 / hz / seconds * 100.0;
@@ -111,7 +133,9 @@ impl Running {
 
     /// Stops with SIGINT; returns the detach time (signal to exit) and dropscope's JSON summary.
     pub fn stop(mut self) -> Result<(f64, Option<serde_json::Value>)> {
-        let Some(mut child) = self.child.take() else { return Ok((0.0, None)) };
+        let Some(mut child) = self.child.take() else {
+            return Ok((0.0, None));
+        };
         let started = Instant::now();
         // SAFETY: plain kill(2) on our child.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -121,14 +145,22 @@ impl Running {
             Some(p) => Some(fs::read_to_string(p)?),
             None => None,
         };
-        let summary = records.and_then(|text| text.lines().last().and_then(|l| serde_json::from_str(l).ok()));
-        let sampled = self.json_out.as_ref().and_then(|p| fs::read_to_string(p).ok()).map(|text| {
+        let summary = records.and_then(|text| {
             text.lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|r| r["sampled"] == true)
-                .filter_map(|r| r["count"].as_u64())
-                .sum::<u64>()
+                .last()
+                .and_then(|l| serde_json::from_str(l).ok())
         });
+        let sampled = self
+            .json_out
+            .as_ref()
+            .and_then(|p| fs::read_to_string(p).ok())
+            .map(|text| {
+                text.lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter(|r| r["sampled"] == true)
+                    .filter_map(|r| r["count"].as_u64())
+                    .sum::<u64>()
+            });
         let summary = summary.map(|mut s: serde_json::Value| {
             s["sampled_total"] = serde_json::json!(sampled.unwrap_or(0));
             s
@@ -166,6 +198,9 @@ fn peak_rss_kb(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("VmHWM:")
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
         .unwrap_or(0)
 }

@@ -21,11 +21,16 @@ pub fn storm(ns: &Netns, dst: Ipv4Addr, base_port: u16, duration: Duration) -> u
             .map(|i| libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: (base_port + (i as u16 % FLOWS)).to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(dst.octets()),
+                },
                 sin_zero: [0; 8],
             })
             .collect();
-        let mut iov = libc::iovec { iov_base: payload.as_ptr() as *mut _, iov_len: payload.len() };
+        let mut iov = libc::iovec {
+            iov_base: payload.as_ptr() as *mut _,
+            iov_len: payload.len(),
+        };
         let mut msgs: Vec<libc::mmsghdr> = addrs
             .iter_mut()
             .map(|a| {
