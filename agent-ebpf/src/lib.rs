@@ -60,6 +60,20 @@ pub struct Offsets {
     pub skb_window: u32,
     /// Start of a [`DEV_WINDOW`]-byte span of `net_device` holding ifindex and nd_net.
     pub dev_window: u32,
+    // struct nf_hook_state (nf_hook_slow's context probe)
+    pub nf_state_hook: u32,
+    pub nf_state_pf: u32,
+    pub nf_state_in: u32,
+    pub nf_state_out: u32,
+    // struct nft_pktinfo, nft_chain, nft_table (nft_do_chain's verdict probe)
+    pub nft_pktinfo_skb: u32,
+    pub nft_chain_table: u32,
+    pub nft_chain_name: u32,
+    pub nft_table_name: u32,
+    // struct xt_table (ipt_do_table's verdict probe): the name is inline
+    pub xt_table_name: u32,
+    // struct dst_entry: the route's error (ip_error's context probe)
+    pub dst_error: u32,
 }
 
 /// Bytes of `sk_buff` read at once for the fields every drop needs.
@@ -102,6 +116,16 @@ impl Offsets {
         tp_rst_skbaddr: ABSENT,
         skb_window: ABSENT,
         dev_window: ABSENT,
+        nf_state_hook: ABSENT,
+        nf_state_pf: ABSENT,
+        nf_state_in: ABSENT,
+        nf_state_out: ABSENT,
+        nft_pktinfo_skb: ABSENT,
+        nft_chain_table: ABSENT,
+        nft_chain_name: ABSENT,
+        nft_table_name: ABSENT,
+        xt_table_name: ABSENT,
+        dst_error: ABSENT,
     };
 }
 
@@ -117,7 +141,10 @@ pub struct AggKey {
     /// [`FLAG_IPV4`] / [`FLAG_IPV6`] or 0.
     pub family: u8,
     pub l4_proto: u8,
-    pub _pad: [u8; 2],
+    /// The netfilter hook the drop happened in plus one, when a context probe saw it (0 otherwise):
+    /// drops at different hooks share a location (`nf_hook_slow`) but not a cause.
+    pub nf_hook: u8,
+    pub _pad: u8,
 }
 
 impl AggKey {
@@ -130,7 +157,12 @@ impl AggKey {
             ifindex: ev.ifindex,
             family: ev.flags & (FLAG_IPV4 | FLAG_IPV6),
             l4_proto: ev.l4_proto,
-            _pad: [0; 2],
+            nf_hook: if ev.context & CTX_NETFILTER != 0 {
+                ev.nf_hook.wrapping_add(1)
+            } else {
+                0
+            },
+            _pad: 0,
         }
     }
 }
@@ -229,7 +261,13 @@ pub struct Config {
     pub rst_has_skb: u32,
     /// Drop events sent per aggregation key per second per CPU; 0 = all of them.
     pub sample_per_sec: u32,
-    pub _pad: u32,
+    /// Whether context probes (nf_hook_slow, ip_forward, ...) may be attached: drops then look
+    /// up what those probes recorded about the packet. 0 skips the lookups entirely.
+    pub context: u32,
+    /// Parameter positions of `skb` and of the table in `ipt_do_table`/`ip6t_do_table`
+    /// (their order changed in 5.16), from BTF.
+    pub xt_skb_arg: u32,
+    pub xt_table_arg: u32,
     pub filters: Filters,
 }
 
@@ -286,7 +324,40 @@ pub struct Event {
     pub daddr: [u8; 16],
     pub ifname: [u8; 16],
     pub out_ifname: [u8; 16],
+    // What the context probes recorded about this packet; `context` says which parts are valid.
+    /// Ingress device of a forwarded packet (at `ip_forward`/`ip6_forward`).
+    pub in_ifindex: u32,
+    /// The route's error (`dst->error`, e.g. -EHOSTUNREACH) when `ip_error` handled the packet.
+    pub route_error: i32,
+    /// Devices of the netfilter hook (`nf_hook_state` in/out), 0 when none.
+    pub nf_in_ifindex: u32,
+    pub nf_out_ifindex: u32,
+    /// Netfilter hook number and protocol family (`nf_hook_state` hook/pf), named from BTF.
+    pub nf_hook: u8,
+    pub nf_pf: u8,
+    /// [`CTX_FORWARD`] | [`CTX_NETFILTER`] | [`CTX_RULESET`] | [`CTX_ROUTE_ERROR`].
+    pub context: u8,
+    /// [`ENGINE_NFT`] or [`ENGINE_XT`] for a ruleset verdict.
+    pub rs_engine: u8,
+    pub _pad2: u32,
+    pub in_ifname: [u8; 16],
+    /// Table and chain (nftables; x_tables has no chain names in the kernel) that returned DROP.
+    pub rs_table: [u8; 32],
+    pub rs_chain: [u8; 32],
 }
+
+/// [`Event::context`]: the packet was being forwarded (`in_*` fields valid).
+pub const CTX_FORWARD: u8 = 1 << 0;
+/// [`Event::context`]: the packet was inside a netfilter hook (`nf_*` fields valid).
+pub const CTX_NETFILTER: u8 = 1 << 1;
+/// [`Event::context`]: a ruleset returned DROP for the packet (`rs_*` fields valid).
+pub const CTX_RULESET: u8 = 1 << 2;
+/// [`Event::context`]: `ip_error` handled the packet (`route_error` valid).
+pub const CTX_ROUTE_ERROR: u8 = 1 << 3;
+/// [`Event::rs_engine`]: nftables (`nft_do_chain`).
+pub const ENGINE_NFT: u8 = 1;
+/// [`Event::rs_engine`]: x_tables, i.e. iptables-legacy (`ipt_do_table`/`ip6t_do_table`).
+pub const ENGINE_XT: u8 = 2;
 
 /// [`Event::flags`]: an IPv4 header was parsed (`saddr`/`daddr` hold it in the first 4 bytes).
 pub const FLAG_IPV4: u8 = 1 << 0;
@@ -300,7 +371,7 @@ pub const FLAG_DEV: u8 = 1 << 3;
 pub const FLAG_DST: u8 = 1 << 4;
 
 // The ring buffer record has no implicit padding: both sides see the same bytes.
-const _: () = assert!(core::mem::size_of::<Event>() == 144);
+const _: () = assert!(core::mem::size_of::<Event>() == 248);
 
 /// Index of counters in the `COUNTERS` per-CPU array.
 pub mod counter {
@@ -356,6 +427,18 @@ impl Event {
             daddr: [0; 16],
             ifname: [0; 16],
             out_ifname: [0; 16],
+            in_ifindex: 0,
+            route_error: 0,
+            nf_in_ifindex: 0,
+            nf_out_ifindex: 0,
+            nf_hook: 0,
+            nf_pf: 0,
+            context: 0,
+            rs_engine: 0,
+            _pad2: 0,
+            in_ifname: [0; 16],
+            rs_table: [0; 32],
+            rs_chain: [0; 32],
         }
     }
 }

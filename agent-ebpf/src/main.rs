@@ -2,8 +2,12 @@
 //!
 //! Each kernel hook exists in two forms: `tp_btf` (typed arguments, no tracefs needed) and the
 //! classic tracepoint (fields at offsets read from tracefs), chosen by userspace at attach time.
+//! Context probes (netfilter hooks, forwarding, ruleset verdicts) exist as fentry/fexit and as
+//! kprobe/kretprobe pairs; userspace attaches the best pair the kernel allows, or none.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod context;
 #[cfg(target_arch = "bpf")]
 mod filter;
 #[cfg(target_arch = "bpf")]
@@ -106,6 +110,165 @@ mod programs {
             // SAFETY: offset from this kernel's tracefs format for this tracepoint.
             let skb: u64 = unsafe { ctx.read_at(o.tp_rst_skbaddr as usize) }.unwrap_or(0);
             probes::tcp_send_reset::on_reset(skb);
+        }
+        0
+    }
+}
+
+/// Context probes: what the packet was going through when it was dropped.
+#[cfg(target_arch = "bpf")]
+mod context_programs {
+    use aya_ebpf::{
+        macros::{fentry, fexit, kprobe, kretprobe},
+        programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
+    };
+
+    use crate::{maps::cfg, probes};
+
+    #[fentry(function = "nf_hook_slow")]
+    pub fn nf_hook_slow_fentry(ctx: FEntryContext) -> i32 {
+        probes::netfilter::enter(ctx.arg(0), ctx.arg(1));
+        0
+    }
+
+    #[fexit(function = "nf_hook_slow")]
+    pub fn nf_hook_slow_fexit(_ctx: FExitContext) -> i32 {
+        probes::netfilter::exit();
+        0
+    }
+
+    #[kprobe]
+    pub fn nf_hook_slow_kprobe(ctx: ProbeContext) -> u32 {
+        probes::netfilter::enter(ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0));
+        0
+    }
+
+    #[kretprobe]
+    pub fn nf_hook_slow_kretprobe(_ctx: RetProbeContext) -> u32 {
+        probes::netfilter::exit();
+        0
+    }
+
+    #[fentry(function = "ip_forward")]
+    pub fn ip_forward_fentry(ctx: FEntryContext) -> i32 {
+        probes::forward::enter(ctx.arg(0));
+        0
+    }
+
+    #[fexit(function = "ip_forward")]
+    pub fn ip_forward_fexit(_ctx: FExitContext) -> i32 {
+        probes::forward::exit();
+        0
+    }
+
+    #[fentry(function = "ip6_forward")]
+    pub fn ip6_forward_fentry(ctx: FEntryContext) -> i32 {
+        probes::forward::enter(ctx.arg(0));
+        0
+    }
+
+    #[fexit(function = "ip6_forward")]
+    pub fn ip6_forward_fexit(_ctx: FExitContext) -> i32 {
+        probes::forward::exit();
+        0
+    }
+
+    /// kprobe mode serves ip_forward and ip6_forward alike (one program, two attachments).
+    #[kprobe]
+    pub fn forward_kprobe(ctx: ProbeContext) -> u32 {
+        probes::forward::enter(ctx.arg(0).unwrap_or(0));
+        0
+    }
+
+    #[kretprobe]
+    pub fn forward_kretprobe(_ctx: RetProbeContext) -> u32 {
+        probes::forward::exit();
+        0
+    }
+
+    #[fentry(function = "ip_error")]
+    pub fn ip_error_fentry(ctx: FEntryContext) -> i32 {
+        probes::forward::route_error(ctx.arg(0));
+        0
+    }
+
+    #[kprobe]
+    pub fn ip_error_kprobe(ctx: ProbeContext) -> u32 {
+        probes::forward::route_error(ctx.arg(0).unwrap_or(0));
+        0
+    }
+
+    #[fentry(function = "nft_do_chain")]
+    pub fn nft_do_chain_fentry(ctx: FEntryContext) -> i32 {
+        probes::ruleset::nft_enter(ctx.arg(0), ctx.arg(1));
+        0
+    }
+
+    #[fexit(function = "nft_do_chain")]
+    pub fn nft_do_chain_fexit(_ctx: FExitContext) -> i32 {
+        let _ = probes::ruleset::exit();
+        0
+    }
+
+    #[kprobe]
+    pub fn nft_do_chain_kprobe(ctx: ProbeContext) -> u32 {
+        probes::ruleset::nft_enter(ctx.arg(0).unwrap_or(0), ctx.arg(1).unwrap_or(0));
+        0
+    }
+
+    #[kretprobe]
+    pub fn nft_do_chain_kretprobe(_ctx: RetProbeContext) -> u32 {
+        let _ = probes::ruleset::exit();
+        0
+    }
+
+    /// The position of `skb` and of the table moved in 5.16; both come from BTF. All three
+    /// arguments are read at constant offsets first: the verifier rejects a context read at
+    /// a computed offset.
+    #[inline(always)]
+    fn xt_args(args: [u64; 3]) -> (u64, u64) {
+        let c = cfg();
+        let pick = |n: u32| {
+            if n == 0 {
+                args[0]
+            } else if n == 1 {
+                args[1]
+            } else {
+                args[2]
+            }
+        };
+        (pick(c.xt_skb_arg), pick(c.xt_table_arg))
+    }
+
+    #[fexit(function = "ipt_do_table")]
+    pub fn ipt_do_table_fexit(ctx: FExitContext) -> i32 {
+        let verdict: u32 = ctx.ret().unwrap_or(1);
+        let (skb, table) = xt_args([ctx.arg(0), ctx.arg(1), ctx.arg(2)]);
+        probes::ruleset::xt_verdict(skb, table, verdict);
+        0
+    }
+
+    #[fexit(function = "ip6t_do_table")]
+    pub fn ip6t_do_table_fexit(ctx: FExitContext) -> i32 {
+        let verdict: u32 = ctx.ret().unwrap_or(1);
+        let (skb, table) = xt_args([ctx.arg(0), ctx.arg(1), ctx.arg(2)]);
+        probes::ruleset::xt_verdict(skb, table, verdict);
+        0
+    }
+
+    /// Shared by ipt_do_table and ip6t_do_table in kprobe mode.
+    #[kprobe]
+    pub fn xt_do_table_kprobe(ctx: ProbeContext) -> u32 {
+        let arg = |n| ctx.arg(n).unwrap_or(0);
+        let (skb, table) = xt_args([arg(0), arg(1), arg(2)]);
+        probes::ruleset::xt_enter(skb, table);
+        0
+    }
+
+    #[kretprobe]
+    pub fn xt_do_table_kretprobe(ctx: RetProbeContext) -> u32 {
+        if let Some(f) = probes::ruleset::exit() {
+            probes::ruleset::xt_verdict(f.skb, f.aux, ctx.ret());
         }
         0
     }

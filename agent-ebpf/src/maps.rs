@@ -17,7 +17,9 @@ static CONFIG: Config = Config {
     has_reason: 1,
     rst_has_skb: 0,
     sample_per_sec: 0,
-    _pad: 0,
+    context: 0,
+    xt_skb_arg: 0,
+    xt_table_arg: 0,
     filters: Filters::NONE,
 };
 

@@ -6,7 +6,7 @@ use ipnet::IpNet;
 
 use crate::{
     filter::{parse_net, parse_proto, Filter},
-    kernel::attach::Mode,
+    kernel::{attach::Mode, context_probes::ContextMode},
 };
 
 const ABOUT: &str = "Tells you, live, why the kernel is dropping your packets.";
@@ -159,9 +159,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub sample: u32,
 
-    /// How to attach: auto tries BTF tracepoints, then classic tracepoints.
+    /// How to attach the drop probes: auto tries BTF tracepoints, then classic tracepoints.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub attach: Mode,
+
+    /// Context probes on nf_hook_slow, ip_forward/ip6_forward, ip_error, nft_do_chain and
+    /// ipt_do_table add the netfilter hook, table and chain, and the ingress device of
+    /// forwarded packets, straight from the kernel. auto tries fentry/fexit, then
+    /// kprobe/kretprobe; the first line of output says what each probe got and why.
+    #[arg(long, value_enum, default_value_t = ContextMode::Auto)]
+    pub context: ContextMode,
 
     /// Kernel BTF to read struct layouts and drop-reason names from.
     #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]

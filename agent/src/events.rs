@@ -6,9 +6,15 @@ use std::{
     sync::Arc,
 };
 
-use agent_ebpf::{AggKey, Event, EventKind, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4};
+use agent_ebpf::{
+    AggKey, Event, EventKind, CTX_FORWARD, CTX_NETFILTER, CTX_ROUTE_ERROR, CTX_RULESET, ENGINE_NFT,
+    FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4,
+};
 
-use crate::kernel::{btf::DropReasons, kallsyms::Kallsyms};
+use crate::kernel::{
+    btf::{DropReasons, NetfilterNames},
+    kallsyms::Kallsyms,
+};
 
 /// IP version of a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -148,6 +154,51 @@ pub struct Drop {
     pub stack_id: Option<u32>,
     /// The key the kernel counted this drop under.
     pub agg: AggKey,
+    /// What the context probes saw (empty without them).
+    pub context: Context,
+}
+
+impl Drop {
+    /// The device the packet came in on: for a forwarded packet the one it arrived on, even
+    /// when it died on the way out (where `skb->dev` is already the egress device).
+    pub fn ingress(&self) -> Option<Device> {
+        self.context.forwarded_from.or(self.dev)
+    }
+}
+
+/// What the context probes (nf_hook_slow, ip_forward, ip_error, ruleset verdicts) recorded
+/// about a dropped packet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Context {
+    /// The packet was being forwarded; the device it arrived on.
+    pub forwarded_from: Option<Device>,
+    /// The packet died inside a netfilter hook.
+    pub netfilter: Option<NfHook>,
+    /// The ruleset that returned DROP.
+    pub ruleset: Option<Ruleset>,
+    /// The route's error when `ip_error` handled the packet (e.g. -113 = EHOSTUNREACH).
+    pub route_error: Option<i32>,
+}
+
+/// A netfilter hook as `nf_hook_slow` saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NfHook {
+    /// prerouting, input, forward, output, postrouting, ingress, bridge, arp.
+    pub hook: Option<&'static str>,
+    /// ipv4, ipv6, bridge, arp, netdev, inet.
+    pub family: Option<&'static str>,
+    pub in_ifindex: u32,
+    pub out_ifindex: u32,
+}
+
+/// The rule set whose verdict dropped the packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    /// "nftables" (also iptables-nft) or "iptables-legacy".
+    pub engine: &'static str,
+    pub table: String,
+    /// Base chain (nftables only: x_tables keeps no chain names in the kernel).
+    pub chain: Option<String>,
 }
 
 /// How the kernel answered a packet it is about to drop.
@@ -182,6 +233,7 @@ pub struct Decoder {
     /// Shared with the stack reader (single-threaded session).
     pub symbols: std::rc::Rc<std::cell::RefCell<Kallsyms>>,
     names: std::collections::HashMap<u32, Arc<str>>,
+    netfilter: NetfilterNames,
 }
 
 impl Decoder {
@@ -190,7 +242,14 @@ impl Decoder {
             reasons,
             symbols,
             names: Default::default(),
+            netfilter: NetfilterNames::default(),
         }
+    }
+
+    /// Names netfilter hooks and families reported by the nf_hook_slow probe.
+    pub fn with_netfilter_names(mut self, names: NetfilterNames) -> Self {
+        self.netfilter = names;
+        self
     }
 
     /// Decodes one ring-buffer record; `None` if it is not a record this version knows.
@@ -222,14 +281,23 @@ impl Decoder {
             .or_insert_with(|| Arc::from(reasons.name(ev.reason)))
             .clone();
         let opt = |v: i8| u8::try_from(v).ok();
+        let context = self.context(ev);
+        let dev = (ev.flags & FLAG_DEV != 0).then(|| Device::new(ev.ifindex, ev.ifname, ev.mtu));
+        // A forwarded packet that died on its way out (queue, shaper) is on its egress device
+        // already, and may have lost its route: that device is where it was going.
+        let egress = dev.filter(|d| {
+            context
+                .forwarded_from
+                .is_some_and(|from| from.ifindex != d.ifindex)
+        });
         Drop {
             ts_ns: ev.ts_ns,
             skb: ev.skb,
             reason,
             location: self.symbols.borrow_mut().resolve(ev.location),
             netns: ev.netns,
-            dev: (ev.flags & FLAG_DEV != 0).then(|| Device::new(ev.ifindex, ev.ifname, ev.mtu)),
-            out: route_device(ev),
+            dev,
+            out: route_device(ev).or(egress),
             len: ev.len,
             mark: ev.mark,
             ttl: (ev.flags & (FLAG_IPV4 | FLAG_IPV6) != 0).then_some(ev.ttl),
@@ -244,6 +312,30 @@ impl Decoder {
             },
             stack_id: u32::try_from(ev.stack_id).ok(),
             agg: AggKey::of(ev),
+            context,
+        }
+    }
+
+    fn context(&self, ev: &Event) -> Context {
+        let has = |flag| ev.context & flag != 0;
+        Context {
+            forwarded_from: has(CTX_FORWARD).then(|| Device::new(ev.in_ifindex, ev.in_ifname, 0)),
+            netfilter: has(CTX_NETFILTER).then(|| NfHook {
+                hook: self.netfilter.hook(ev.nf_pf, ev.nf_hook),
+                family: self.netfilter.family(ev.nf_pf),
+                in_ifindex: ev.nf_in_ifindex,
+                out_ifindex: ev.nf_out_ifindex,
+            }),
+            ruleset: has(CTX_RULESET).then(|| Ruleset {
+                engine: if ev.rs_engine == ENGINE_NFT {
+                    "nftables"
+                } else {
+                    "iptables-legacy"
+                },
+                table: c_string(&ev.rs_table),
+                chain: Some(c_string(&ev.rs_chain)).filter(|c| !c.is_empty()),
+            }),
+            route_error: has(CTX_ROUTE_ERROR).then_some(ev.route_error),
         }
     }
 
@@ -275,6 +367,11 @@ fn route_device(ev: &Event) -> Option<Device> {
         return None;
     }
     Some(Device::new(ev.out_ifindex, ev.out_ifname, ev.out_mtu))
+}
+
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 /// Copies a record out of the ring buffer (which gives no alignment guarantee for our type).
@@ -430,6 +527,50 @@ mod tests {
             panic!()
         };
         assert_eq!(r.answer, Answer::TcpReset);
+    }
+
+    #[test]
+    fn context_probe_facts_are_decoded_and_named_from_btf() {
+        let btf =
+            crate::kernel::btf::KernelBtf::open(std::path::Path::new("/sys/kernel/btf/vmlinux"))
+                .unwrap();
+        let mut dec = decoder().with_netfilter_names(btf.netfilter_names());
+        let bytes = raw(|e| {
+            e.kind = EventKind::Drop as u8;
+            e.flags = FLAG_DEV;
+            e.ifindex = 5;
+            e.ifname[..2].copy_from_slice(b"r1");
+            e.context = CTX_FORWARD | CTX_NETFILTER | CTX_RULESET;
+            e.in_ifindex = 4;
+            e.in_ifname[..2].copy_from_slice(b"r0");
+            e.nf_pf = 2; // NFPROTO_IPV4
+            e.nf_hook = 2; // NF_INET_FORWARD
+            e.rs_engine = ENGINE_NFT;
+            e.rs_table[..3].copy_from_slice(b"ctx");
+            e.rs_chain[..3].copy_from_slice(b"fwd");
+        });
+        let Some(Record::Drop(d)) = dec.decode(&bytes) else {
+            panic!()
+        };
+        let nf = d.context.netfilter.unwrap();
+        assert_eq!((nf.hook, nf.family), (Some("forward"), Some("ipv4")));
+        let rs = d.context.ruleset.as_ref().unwrap();
+        assert_eq!(
+            (rs.engine, rs.table.as_str(), rs.chain.as_deref()),
+            ("nftables", "ctx", Some("fwd"))
+        );
+        assert_eq!(
+            d.ingress().unwrap().name(),
+            "r0",
+            "a forwarded packet came in on r0, not skb->dev"
+        );
+        assert_eq!(d.dev.unwrap().name(), "r1");
+        assert!(d.context.route_error.is_none());
+        // Without context flags nothing is made up.
+        let Some(Record::Drop(d)) = dec.decode(&raw(|e| e.kind = EventKind::Drop as u8)) else {
+            panic!()
+        };
+        assert_eq!(d.context, Context::default());
     }
 
     #[test]

@@ -151,6 +151,7 @@ mod tests {
             sysctls: Sysctls::default(),
             stack_id: None,
             agg: Default::default(),
+            context: Default::default(),
         }
     }
 

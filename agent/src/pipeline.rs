@@ -234,15 +234,19 @@ impl Pipeline {
             _ => None,
         };
         let netfilter = &*d.reason == "NETFILTER_DROP";
-        let nf_engine = netfilter.then(|| self.nf_engine(d));
+        // The probes name hook and engine directly; the stack and the namespace's tables
+        // are the fallback when they are not attached.
+        let probed_engine = d.context.ruleset.as_ref().map(|r| r.engine);
+        let nf_engine = netfilter.then(|| probed_engine.unwrap_or_else(|| self.nf_engine(d)));
         let (nf_rule, ct) = if netfilter {
             self.dropping_rule(d, icmp_sent)
         } else {
             (None, None)
         };
         let stack = d.stack_id.map(|id| (self.stacks)(id)).unwrap_or_default();
+        let probed_hook = d.context.netfilter.and_then(|n| n.hook);
         let nf_hook = if netfilter {
-            netfilter::hook_from_stack(&stack)
+            probed_hook.or_else(|| netfilter::hook_from_stack(&stack))
         } else {
             None
         };
@@ -285,6 +289,7 @@ impl Pipeline {
                     verdict.details.push((key, v.to_string()));
                 }
             }
+            verdict.details.extend(probe_details(&d.context));
         }
         if let Some(route) = &facts.route {
             verdict.details.push(("route", route.clone()));
@@ -514,6 +519,24 @@ impl Pipeline {
 }
 
 /// The fields of a drop that firewall rules commonly match on.
+/// Netfilter facts straight from the probes: family, table and chain of the dropping ruleset.
+fn probe_details(c: &crate::events::Context) -> Vec<(&'static str, String)> {
+    let mut details = Vec::new();
+    if let Some(family) = c.netfilter.and_then(|n| n.family) {
+        details.push(("nf_family", family.to_string()));
+    }
+    if let Some(r) = &c.ruleset {
+        details.push(("nf_table", r.table.clone()));
+        if let Some(chain) = &r.chain {
+            details.push(("nf_chain", chain.clone()));
+        }
+    }
+    if c.netfilter.is_some() {
+        details.push(("hook_from", "probe".to_string()));
+    }
+    details
+}
+
 fn packet_fields(d: &Drop) -> rules::PacketFields {
     let flow = d.flow.as_ref();
     rules::PacketFields {

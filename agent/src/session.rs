@@ -57,12 +57,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         has_reason: 1,
         rst_has_skb: 0,
         sample_per_sec: args.sample,
-        _pad: 0,
+        context: 0,
+        xt_skb_arg: ABSENT,
+        xt_table_arg: ABSENT,
         filters: filter.to_kernel(),
     };
     preflight::raise_memlock();
-    let probes = attach::attach(&kernel, &args.btf, args.attach, config)?;
+    let probes = attach::attach(&kernel, &args.btf, args.attach, args.context, config)?;
     let attach_ms = started.elapsed().as_millis();
+    let netfilter_names = kernel.netfilter_names();
     drop(kernel);
     // Parsing BTF allocates a lot briefly; hand that memory back to the system.
     // SAFETY: malloc_trim has no preconditions.
@@ -109,7 +112,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
 
     let symbols = Rc::new(RefCell::new(symbols));
-    let mut decoder = Decoder::new(reasons, symbols.clone());
+    let mut decoder = Decoder::new(reasons, symbols.clone()).with_netfilter_names(netfilter_names);
     let rules = rule_baseline
         .join()
         .map_err(|_| anyhow::anyhow!("rule counter reader panicked"))?;

@@ -1,4 +1,7 @@
 //! One module per kernel hook.
+pub mod forward;
 pub mod icmp_send;
 pub mod kfree_skb;
+pub mod netfilter;
+pub mod ruleset;
 pub mod tcp_send_reset;

@@ -13,10 +13,14 @@ use aya::{
 };
 use serde::Serialize;
 
-use super::{btf::KernelBtf, tracefs};
+use super::{
+    btf::KernelBtf,
+    context_probes::{self, ContextMode},
+    tracefs,
+};
 
 /// The eBPF object, built by agent/build.rs and embedded so the binary is self-contained.
-static PROBES_OBJECT: &[u8] =
+pub(super) static PROBES_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dropscope-probes"));
 
 /// How a probe may attach.
@@ -35,7 +39,7 @@ pub enum Mode {
 #[derive(Debug, Clone, Serialize)]
 pub struct Attached {
     pub probe: &'static str,
-    /// "tp_btf", "tracepoint" or "unavailable".
+    /// "tp_btf", "tracepoint", "fentry", "kprobe" or "unavailable".
     pub mode: &'static str,
     /// Why a better mode was refused, or why the probe is unavailable.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,11 +106,13 @@ const HOOKS: [Hook; 3] = [
     },
 ];
 
-/// Loads the object with `config` filled from this kernel and attaches every hook.
+/// Loads the object with `config` filled from this kernel and attaches every hook, then the
+/// context probes `context` allows.
 pub fn attach(
     kernel: &KernelBtf,
     btf_path: &Path,
     mode: Mode,
+    context: ContextMode,
     mut config: Config,
 ) -> Result<Probes> {
     let start = Instant::now();
@@ -123,6 +129,17 @@ pub fn attach(
             .tracepoint_args("tcp_send_reset")
             .is_some_and(|n| n >= 2),
     );
+    config.context = u32::from(context != ContextMode::Off);
+    // ipt_do_table(skb, state, table) before 5.16, (priv, skb, state) since.
+    let xt_params = kernel.params("ipt_do_table").unwrap_or_default();
+    let position = |names: &[&str]| {
+        xt_params
+            .iter()
+            .position(|p| names.contains(&p.as_str()))
+            .map(|i| i as u32)
+    };
+    config.xt_skb_arg = position(&["skb"]).unwrap_or(ABSENT);
+    config.xt_table_arg = position(&["priv", "table"]).unwrap_or(ABSENT);
 
     let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())
         .map_err(|e| anyhow!("cannot parse BTF at {}: {e}", btf_path.display()))?;
@@ -139,6 +156,11 @@ pub fn attach(
         tracing::debug!("{got}");
         report.push(got);
     }
+    let context_report = context_probes::attach_all(&mut ebpf, &aya_btf, kernel, context);
+    for got in &context_report {
+        tracing::debug!("{got}");
+    }
+    report.extend(context_report);
 
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
     let counters =
@@ -235,13 +257,16 @@ fn attach_tracepoint(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
     Ok(())
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+pub(super) fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut aya::programs::Program> {
     ebpf.program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
 /// aya errors nest their cause (e.g. the errno); show the whole chain on one line.
-fn verbose(e: aya::programs::ProgramError) -> anyhow::Error {
+pub(super) fn verbose(e: aya::programs::ProgramError) -> anyhow::Error {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {
@@ -249,6 +274,8 @@ fn verbose(e: aya::programs::ProgramError) -> anyhow::Error {
         msg.push_str(&s.to_string());
         src = s.source();
     }
+    // The whole verifier log, for -vv.
+    tracing::debug!("{msg}");
     // The verifier log is long; keep its last line, which names the problem.
     anyhow!(msg
         .lines()

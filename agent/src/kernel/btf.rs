@@ -10,6 +10,20 @@ use fallible_iterator::FallibleIterator;
 /// The kernel's BTF, with the lookups dropscope needs.
 pub struct KernelBtf {
     btf: Btf,
+    /// BTF of the loaded modules that define what the context probes read (nf_tables,
+    /// x_tables, ...), split on top of `btf`.
+    modules: Vec<(String, Btf)>,
+}
+
+/// Modules whose types or functions the context probes use, when they are modules.
+const PROBE_MODULES: [&str; 4] = ["nf_tables", "x_tables", "ip_tables", "ip6_tables"];
+
+/// Where a kernel function is defined, from BTF.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FunctionHome {
+    Vmlinux,
+    Module(String),
+    Missing,
 }
 
 impl KernelBtf {
@@ -25,20 +39,59 @@ impl KernelBtf {
         let btf = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
             .or_else(|_| Btf::from_file(path))
             .map_err(|e| anyhow!("cannot parse kernel BTF at {}: {e}", path.display()))?;
-        Ok(KernelBtf { btf })
+        let dir = path.parent().unwrap_or(Path::new("/sys/kernel/btf"));
+        let modules = PROBE_MODULES
+            .iter()
+            .filter_map(|m| Some((m.to_string(), Btf::from_split_file(dir.join(m), &btf).ok()?)))
+            .collect();
+        Ok(KernelBtf { btf, modules })
     }
 
     /// Byte offset of `path` ("a.b.c", members of nested structs, anonymous ones looked
-    /// through) inside `struct name`, or `None` if this kernel has no such member.
+    /// through) inside `struct name`, or `None` if this kernel has no such member. Structs
+    /// of the probe modules are looked up in their BTF when vmlinux does not define them.
     pub fn offset_of(&self, name: &str, path: &str) -> Option<u32> {
-        let mut ty = self.named_composite(name)?;
-        let mut total = 0;
-        for part in path.split('.') {
-            let (bits, member_ty) = self.find_member(&ty, part)?;
-            total += bits / 8;
-            ty = member_ty;
+        std::iter::once(&self.btf)
+            .chain(self.modules.iter().map(|(_, b)| b))
+            .find_map(|btf| {
+                let mut ty = named_composite(btf, name)?;
+                let mut total = 0;
+                for part in path.split('.') {
+                    let (bits, member_ty) = find_member(btf, &ty, part)?;
+                    total += bits / 8;
+                    ty = member_ty;
+                }
+                Some(total)
+            })
+    }
+
+    /// Where `function` is defined: vmlinux, a loaded probe module, or nowhere BTF knows.
+    pub fn function_home(&self, function: &str) -> FunctionHome {
+        if func_proto(&self.btf, function).is_some() {
+            return FunctionHome::Vmlinux;
         }
-        Some(total)
+        match self
+            .modules
+            .iter()
+            .find(|(_, b)| func_proto(b, function).is_some())
+        {
+            Some((m, _)) => FunctionHome::Module(m.clone()),
+            None => FunctionHome::Missing,
+        }
+    }
+
+    /// Parameter names of `function`, from vmlinux or a probe module.
+    pub fn params(&self, function: &str) -> Option<Vec<String>> {
+        std::iter::once(&self.btf)
+            .chain(self.modules.iter().map(|(_, b)| b))
+            .find_map(|btf| {
+                let proto = func_proto(btf, function)?;
+                proto
+                    .parameters
+                    .iter()
+                    .map(|p| btf.resolve_name(p).ok())
+                    .collect()
+            })
     }
 
     /// Like [`Self::offset_of`], but [`ABSENT`] when missing (the form the eBPF side takes).
@@ -96,61 +149,6 @@ impl KernelBtf {
         None
     }
 
-    fn named_composite(&self, name: &str) -> Option<Type> {
-        self.btf
-            .resolve_types_by_name(name)
-            .ok()?
-            .into_iter()
-            .find(|t| match t {
-                Type::Struct(s) | Type::Union(s) => !s.members.is_empty(),
-                _ => false,
-            })
-    }
-
-    /// Finds `name` among the members of a struct/union, descending into anonymous members.
-    /// Returns the member's bit offset and its type with typedefs/qualifiers stripped.
-    fn find_member(&self, ty: &Type, name: &str) -> Option<(u32, Type)> {
-        let (Type::Struct(s) | Type::Union(s)) = ty else {
-            return None;
-        };
-        for m in &s.members {
-            let member_name = self.btf.resolve_name(m).unwrap_or_default();
-            let member_ty = self.strip(self.btf.resolve_chained_type(m).ok()?);
-            if member_name == name {
-                return Some((m.bit_offset(), member_ty));
-            }
-            if member_name.is_empty() {
-                if let Some((bits, t)) = self.find_member(&member_ty, name) {
-                    return Some((m.bit_offset() + bits, t));
-                }
-            }
-        }
-        None
-    }
-
-    fn strip(&self, mut ty: Type) -> Type {
-        for _ in 0..8 {
-            match &ty {
-                Type::Typedef(_)
-                | Type::Const(_)
-                | Type::Volatile(_)
-                | Type::Restrict(_)
-                | Type::TypeTag(_) => {
-                    match ty
-                        .as_btf_type()
-                        .and_then(|t| self.btf.resolve_chained_type(t).ok())
-                    {
-                        Some(next) => ty = next,
-                        None => return ty,
-                    }
-                }
-                _ => return ty,
-            }
-        }
-        ty
-    }
-
-    /// The start of a `width`-byte window covering every `(offset, size)`, if one does.
     fn window(fields: &[(u32, u32)], width: u32) -> u32 {
         if fields.iter().any(|(o, _)| *o == ABSENT) {
             return ABSENT;
@@ -202,10 +200,52 @@ impl KernelBtf {
             in6_dev_cnf_forwarding: self.offset_or_absent("inet6_dev", "cnf.forwarding"),
             ipv6_devconf_forwarding: self.offset_or_absent("ipv6_devconf", "forwarding"),
             dst_dev: self.offset_or_absent("dst_entry", "dev"),
+            nf_state_hook: self.offset_or_absent("nf_hook_state", "hook"),
+            nf_state_pf: self.offset_or_absent("nf_hook_state", "pf"),
+            nf_state_in: self.offset_or_absent("nf_hook_state", "in"),
+            nf_state_out: self.offset_or_absent("nf_hook_state", "out"),
+            nft_pktinfo_skb: self.offset_or_absent("nft_pktinfo", "skb"),
+            nft_chain_table: self.offset_or_absent("nft_chain", "table"),
+            nft_chain_name: self.offset_or_absent("nft_chain", "name"),
+            nft_table_name: self.offset_or_absent("nft_table", "name"),
+            xt_table_name: self.offset_or_absent("xt_table", "name"),
+            dst_error: self.offset_or_absent("dst_entry", "error"),
             // Tracepoint layouts come from tracefs (kernel::tracefs), not BTF.
             ..Offsets::UNKNOWN
         }
         .with_windows()
+    }
+
+    /// Netfilter hook numbers and protocol families of this kernel, named.
+    pub fn netfilter_names(&self) -> NetfilterNames {
+        let mut names = NetfilterNames::default();
+        for (name, value) in self.enum_values("nf_inet_hooks").unwrap_or_default() {
+            let hook = match name.as_str() {
+                "NF_INET_PRE_ROUTING" => "prerouting",
+                "NF_INET_LOCAL_IN" => "input",
+                "NF_INET_FORWARD" => "forward",
+                "NF_INET_LOCAL_OUT" => "output",
+                "NF_INET_POST_ROUTING" => "postrouting",
+                "NF_INET_INGRESS" => "ingress",
+                _ => continue,
+            };
+            names.hooks.insert(value, hook);
+        }
+        let families = [
+            ("NFPROTO_INET", "inet"),
+            ("NFPROTO_IPV4", "ipv4"),
+            ("NFPROTO_ARP", "arp"),
+            ("NFPROTO_NETDEV", "netdev"),
+            ("NFPROTO_BRIDGE", "bridge"),
+            ("NFPROTO_IPV6", "ipv6"),
+        ];
+        let values = self.anonymous_enum_values(&families.map(|(c, _)| c));
+        for (constant, family) in families {
+            if let Some(&v) = values.get(constant) {
+                names.families.insert(v, family);
+            }
+        }
+        names
     }
 
     /// The drop-reason names of this kernel (`enum skb_drop_reason` and its subsystems).
@@ -238,6 +278,73 @@ impl KernelBtf {
         }
         Ok(reasons)
     }
+}
+
+fn named_composite(btf: &Btf, name: &str) -> Option<Type> {
+    btf.resolve_types_by_name(name)
+        .ok()?
+        .into_iter()
+        .find(|t| match t {
+            Type::Struct(s) | Type::Union(s) => !s.members.is_empty(),
+            _ => false,
+        })
+}
+
+/// Finds `name` among the members of a struct/union, descending into anonymous members.
+/// Returns the member's bit offset and its type with typedefs/qualifiers stripped.
+fn find_member(btf: &Btf, ty: &Type, name: &str) -> Option<(u32, Type)> {
+    let (Type::Struct(s) | Type::Union(s)) = ty else {
+        return None;
+    };
+    for m in &s.members {
+        let member_name = btf.resolve_name(m).unwrap_or_default();
+        let member_ty = strip(btf, btf.resolve_chained_type(m).ok()?);
+        if member_name == name {
+            return Some((m.bit_offset(), member_ty));
+        }
+        if member_name.is_empty() {
+            if let Some((bits, t)) = find_member(btf, &member_ty, name) {
+                return Some((m.bit_offset() + bits, t));
+            }
+        }
+    }
+    None
+}
+
+fn strip(btf: &Btf, mut ty: Type) -> Type {
+    for _ in 0..8 {
+        match &ty {
+            Type::Typedef(_)
+            | Type::Const(_)
+            | Type::Volatile(_)
+            | Type::Restrict(_)
+            | Type::TypeTag(_) => {
+                match ty
+                    .as_btf_type()
+                    .and_then(|t| btf.resolve_chained_type(t).ok())
+                {
+                    Some(next) => ty = next,
+                    None => return ty,
+                }
+            }
+            _ => return ty,
+        }
+    }
+    ty
+}
+
+/// The prototype of a function defined in `btf` itself (for split BTF: not its base).
+fn func_proto(btf: &Btf, name: &str) -> Option<btf_rs::FuncProto> {
+    btf.resolve_types_by_name(name)
+        .ok()?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Func(f) => match btf.resolve_chained_type(&f).ok()? {
+                Type::FuncProto(p) => Some(p),
+                _ => None,
+            },
+            _ => None,
+        })
 }
 
 /// Every enum of a BTF object (for split BTF the module's, then the base's), as (name, value)
@@ -282,6 +389,31 @@ impl Windows for Offsets {
             agent_ebpf::DEV_WINDOW,
         );
         self
+    }
+}
+
+/// Netfilter hook and family numbers -> names, for what the nf_hook_slow probe reports.
+#[derive(Debug, Clone, Default)]
+pub struct NetfilterNames {
+    hooks: HashMap<u32, &'static str>,
+    families: HashMap<u32, &'static str>,
+}
+
+impl NetfilterNames {
+    /// The protocol family ("ipv4", "ipv6", "bridge", "arp", ...).
+    pub fn family(&self, pf: u8) -> Option<&'static str> {
+        self.families.get(&u32::from(pf)).copied()
+    }
+
+    /// The hook, named like the chains that run in it; bridge and ARP hooks by family (their
+    /// numbers mean other hooks there).
+    pub fn hook(&self, pf: u8, hook: u8) -> Option<&'static str> {
+        match self.family(pf)? {
+            "bridge" => Some("bridge"),
+            "arp" => Some("arp"),
+            "netdev" => Some("ingress"),
+            _ => self.hooks.get(&u32::from(hook)).copied(),
+        }
     }
 }
 
@@ -513,6 +645,50 @@ mod tests {
     fn kfree_skb_tracepoint_arguments_are_detected() {
         // 6.11+: (skb, location, reason, rx_sk)
         assert!(kernel().tracepoint_args("kfree_skb").unwrap() >= 3);
+    }
+
+    #[test]
+    fn netfilter_hooks_and_families_are_named_from_btf() {
+        let names = kernel().netfilter_names();
+        // uapi values: NFPROTO_IPV4=2, NFPROTO_IPV6=10, NFPROTO_BRIDGE=7; NF_INET_* 0..4.
+        assert_eq!(names.family(2), Some("ipv4"));
+        assert_eq!(names.family(10), Some("ipv6"));
+        let hooks: Vec<_> = (0..5).map(|h| names.hook(10, h)).collect();
+        assert_eq!(
+            hooks,
+            ["prerouting", "input", "forward", "output", "postrouting"].map(Some)
+        );
+        assert_eq!(names.hook(7, 2), Some("bridge"));
+        assert_eq!(
+            names.hook(99, 2),
+            None,
+            "unknown family: unnamed, not guessed"
+        );
+    }
+
+    #[test]
+    fn probe_struct_offsets_and_function_homes_resolve() {
+        let k = kernel();
+        let o = k.offsets();
+        for (name, v) in [
+            ("nf_state_hook", o.nf_state_hook),
+            ("nf_state_pf", o.nf_state_pf),
+            ("nf_state_in", o.nf_state_in),
+            ("nf_state_out", o.nf_state_out),
+            ("nft_pktinfo_skb", o.nft_pktinfo_skb),
+            ("nft_chain_table", o.nft_chain_table),
+            ("nft_chain_name", o.nft_chain_name),
+            ("nft_table_name", o.nft_table_name),
+            ("xt_table_name", o.xt_table_name),
+            ("dst_error", o.dst_error),
+        ] {
+            assert_ne!(v, ABSENT, "{name} not found in BTF");
+        }
+        assert_eq!(k.function_home("nf_hook_slow"), FunctionHome::Vmlinux);
+        assert_eq!(
+            k.function_home("no_such_function_here"),
+            FunctionHome::Missing
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Everything that depends on the running kernel: BTF, symbols, tracefs, privileges, attaching.
 pub mod attach;
 pub mod btf;
+pub mod context_probes;
 pub mod kallsyms;
 pub mod preflight;
 pub mod tracefs;

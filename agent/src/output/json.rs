@@ -63,6 +63,17 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
         m.insert("out_ifindex".into(), json!(out.ifindex));
         m.insert("out_mtu".into(), json!(out.mtu));
     }
+    if let Some(from) = d.context.forwarded_from {
+        m.insert("forwarded".into(), json!(true));
+        m.insert("in_ifname".into(), json!(from.name()));
+        m.insert("in_ifindex".into(), json!(from.ifindex));
+    }
+    if let Some(err) = d.context.route_error {
+        m.insert(
+            "route_error".into(),
+            json!(format!("{:?}", nix::errno::Errno::from_raw(-err))),
+        );
+    }
     m.insert("netns".into(), json!(d.netns));
     if let Some(name) = &r.netns_name {
         m.insert("netns_name".into(), json!(name));

@@ -48,7 +48,7 @@ pub fn drop_line(r: &DropRecord, clock: &Clock) -> String {
     let flow = d
         .flow
         .map_or_else(|| format!("{} len {}", d.reason, d.len), |f| f.to_string());
-    let dev = match (d.dev, d.out) {
+    let dev = match (d.ingress(), d.out) {
         (Some(i), Some(o)) if i.ifindex != o.ifindex => format!("in {} out {}", i.name(), o.name()),
         (Some(i), _) => format!("in {}", i.name()),
         (None, Some(o)) => format!("out {}", o.name()),
@@ -94,9 +94,21 @@ impl<W: Write> Sink for TextSink<W> {
         let _ = writeln!(self.out, "{line}");
         // Evidence and fix once per distinct drop; repeats are one line.
         if r.first {
+            let detail = |k: &str| {
+                r.verdict
+                    .details
+                    .iter()
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| v.as_str())
+            };
+            let ruleset = match (detail("nf_table"), detail("nf_chain")) {
+                (Some(t), Some(c)) => format!(" [table {t}, chain {c}]"),
+                (Some(t), None) => format!(" [table {t}]"),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 self.out,
-                "          {} {}",
+                "          {} {}{ruleset}",
                 self.paint("evidence:", dim),
                 r.verdict.evidence
             );

@@ -1,0 +1,178 @@
+//! Context probes (nf_hook_slow, ip_forward, nft_do_chain, ipt_do_table): what they add where
+//! the kernel allows them, and the same cause from the drop tracepoint alone where it does
+//! not, or when a fallback is forced with `--context`.
+//!
+//! `cargo xtask vm-test` sets DROPSCOPE_EXPECT_CONTEXT=1 on kernels that allow fentry and
+//! kprobes, so a probe that silently fails to attach there fails these tests. On a kernel that
+//! allows neither (like the development host: lockdown, no kprobes) they check the degraded
+//! answer instead.
+use dropscope_tests::{
+    iptables_rule_packets, nft_rule_packets, topology::B4, traffic::Udp, Observer, Report, Topology,
+};
+use serde_json::Value;
+
+use crate::Expect;
+
+fn expect_context() -> bool {
+    std::env::var("DROPSCOPE_EXPECT_CONTEXT").is_ok_and(|v| v == "1")
+}
+
+/// The mode a probe got, from the attach record.
+fn mode<'a>(report: &'a Report, probe: &str) -> &'a str {
+    let probes = report.attach()["probes"]
+        .as_array()
+        .expect("attach record lists probes");
+    let p = probes
+        .iter()
+        .find(|p| p["probe"] == probe)
+        .unwrap_or_else(|| panic!("{probe} not in {probes:#?}"));
+    p["mode"].as_str().unwrap()
+}
+
+/// Checks the modes `--context FLAG` should give, and says whether the probe `probe` is attached.
+fn check_modes(report: &Report, flag: &str, probe: &str) -> bool {
+    let got = mode(report, probe);
+    match flag {
+        "off" => assert_eq!(got, "unavailable", "--context off attaches nothing"),
+        "kprobe" => assert_ne!(got, "fentry", "--context kprobe must not use fentry"),
+        _ => {}
+    }
+    if expect_context() && flag != "off" {
+        assert_ne!(
+            got,
+            "unavailable",
+            "{probe} should attach on this kernel: {:#}",
+            report.attach()
+        );
+        if flag == "auto" && matches!(probe, "nf_hook_slow" | "ip_forward") {
+            assert_eq!(
+                got,
+                "fentry",
+                "{probe} is in vmlinux: fentry expected: {:#}",
+                report.attach()
+            );
+        }
+        if flag == "kprobe" {
+            assert_eq!(got, "kprobe");
+        }
+    }
+    got != "unavailable"
+}
+
+fn first<'a>(report: &'a Report, cause: &str) -> &'a Value {
+    report.of(cause)[0]
+}
+
+#[test]
+fn nft_drop_carries_hook_table_and_chain_in_every_mode() {
+    let t = Topology::new();
+    t.r.sh(
+        "nft add table inet ctx; nft add chain inet ctx fwdchain '{ type filter hook forward priority 0; }'; \
+         nft add rule inet ctx fwdchain udp dport 9700 counter drop comment '\"ctx-9700\"'",
+    );
+    for flag in ["auto", "kprobe", "off"] {
+        let before = nft_rule_packets(&t.r, "ctx-9700");
+        let obs = Observer::start(&["--netns", &t.r.name, "--context", flag]);
+        Udp::to(B4, 9700).count(3).send(&t.a);
+        let report = obs.stop();
+        let counted = Expect::routed(&t, "netfilter_drop", 9700).check(&report);
+        assert_eq!(
+            counted,
+            nft_rule_packets(&t.r, "ctx-9700") - before,
+            "--context {flag}"
+        );
+        assert_eq!(counted, 3);
+        let r = first(&report, "netfilter_drop");
+        // From the probe or from the stack, the hook is the same.
+        assert_eq!(r["hook"], "forward", "--context {flag}: {r:#}");
+        if check_modes(&report, flag, "nf_hook_slow") {
+            assert_eq!(r["hook_from"], "probe", "{r:#}");
+            assert_eq!(r["nf_family"], "ipv4", "{r:#}");
+        } else {
+            assert!(r["hook_from"].is_null(), "{r:#}");
+        }
+        if check_modes(&report, flag, "nft_do_chain") {
+            assert_eq!(
+                (&r["nf_table"], &r["nf_chain"]),
+                (&"ctx".into(), &"fwdchain".into()),
+                "{r:#}"
+            );
+            assert_eq!(r["engine"], "nftables");
+        } else {
+            assert!(r["nf_table"].is_null(), "{r:#}");
+        }
+        if check_modes(&report, flag, "ip_forward") {
+            assert_eq!(
+                (&r["forwarded"], &r["in_ifname"]),
+                (&true.into(), &"r0".into()),
+                "{r:#}"
+            );
+        } else {
+            assert!(r["forwarded"].is_null(), "{r:#}");
+        }
+    }
+}
+
+#[test]
+fn legacy_drop_names_its_table_in_every_mode() {
+    let t = Topology::new();
+    t.r.sh("iptables-legacy -A FORWARD -p udp --dport 9701 -j DROP");
+    for flag in ["auto", "kprobe", "off"] {
+        let rule = "--dport 9701 -j DROP";
+        let before = iptables_rule_packets(&t.r, "iptables-legacy", rule);
+        let obs = Observer::start(&["--netns", &t.r.name, "--context", flag]);
+        Udp::to(B4, 9701).count(2).send(&t.a);
+        let report = obs.stop();
+        let counted = Expect::routed(&t, "netfilter_drop", 9701).check(&report);
+        assert_eq!(
+            counted,
+            iptables_rule_packets(&t.r, "iptables-legacy", rule) - before
+        );
+        assert_eq!(counted, 2);
+        let r = first(&report, "netfilter_drop");
+        assert_eq!(
+            (&r["hook"], &r["engine"]),
+            (&"forward".into(), &"iptables-legacy".into()),
+            "--context {flag}: {r:#}"
+        );
+        if check_modes(&report, flag, "ipt_do_table") {
+            assert_eq!(r["nf_table"], "filter", "{r:#}");
+        } else {
+            assert!(r["nf_table"].is_null(), "{r:#}");
+        }
+        let _ = check_modes(&report, flag, "nf_hook_slow");
+    }
+}
+
+#[test]
+fn egress_drop_of_a_forwarded_packet_has_both_devices() {
+    let t = Topology::new();
+    t.r.sh("tc qdisc add dev r1 root tbf rate 1mbit burst 1600 limit 3000");
+    let obs = Observer::start(&["--netns", &t.r.name]);
+    Udp::to(B4, 9702).payload(1000).count(30).send(&t.a);
+    let report = obs.stop();
+    let stats = t.r.sh("tc -s qdisc show dev r1");
+    let kernel: u64 = stats
+        .split("dropped ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .expect("tc reports drops");
+    assert!(kernel > 0, "the shaper dropped nothing");
+    // skb->dev is already the egress device here; the probe knows where it came in.
+    let e = Expect {
+        ifname: "r1",
+        ..Expect::routed(&t, "qdisc_drop", 9702)
+    };
+    assert_eq!(e.check(&report), kernel);
+    let r = first(&report, "qdisc_drop");
+    if check_modes(&report, "auto", "ip_forward") {
+        assert_eq!(
+            (&r["forwarded"], &r["in_ifname"], &r["out_ifname"]),
+            (&true.into(), &"r0".into(), &"r1".into()),
+            "{r:#}"
+        );
+    } else {
+        assert!(r["forwarded"].is_null());
+    }
+}
