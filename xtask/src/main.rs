@@ -59,9 +59,13 @@ enum Task {
     /// Run the integration tests inside QEMU VMs booted with Debian kernels (TCG unless KVM works).
     VmTest {
         /// Kernel to boot: 6.1, 6.12, 7.2, a Debian kernel package name or a path to a .deb.
-        /// Repeatable; default: 6.1 and 6.12.
+        /// Repeatable; default: 6.1, 6.12 and 7.2.
         #[arg(long = "kernel", value_name = "KERNEL")]
         kernels: Vec<String>,
+        /// Run the core scenarios only (one per cause recipe, the context probes, attach and
+        /// detach) instead of the whole suite, so a kernel matrix fits a CI run under TCG.
+        #[arg(long)]
+        core: bool,
         /// Extra arguments for the test executable (e.g. a test name filter), after `--`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -120,8 +124,16 @@ fn run(cli: Cli) -> Result<()> {
                 &root.join("bench/results.json"),
             )
         }
-        Task::VmTest { kernels, args } => {
+        Task::VmTest {
+            kernels,
+            core,
+            args,
+        } => {
             prereqs::ensure_all()?;
+            let mut args = args;
+            if core {
+                args.extend(vm::CORE_TESTS.iter().map(|t| t.to_string()));
+            }
             vm::vm_test(&root, &kernels, &args)
         }
     }

@@ -26,7 +26,29 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 
 /// Kernels tested when no `--kernel` is given.
-const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12"];
+const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12", "7.2"];
+
+/// Test name filters of `vm-test --core`: the recipes of the core causes, the context probes
+/// (with their forced fallbacks) and a clean detach.
+pub const CORE_TESTS: &[&str] = &[
+    "fwd4_off_is",
+    "fwd6_off_is",
+    "rpf_strict",
+    "nft_drop_is",
+    "ipt_nft_drop",
+    "ipt_legacy_drop",
+    "reject_udp",
+    "reject_tcp",
+    "mtu4_is",
+    "mtu6_is",
+    "noroute4",
+    "ttl4",
+    "neigh_failed",
+    "nolisten_tcp",
+    "nolisten_udp",
+    "context::",
+    "nothing_stays_attached_after_sigterm",
+];
 
 /// Host packages a VM run needs, each with a file it installs (to check without dpkg's help too).
 const HOST_PACKAGES: &[(&str, &str)] = &[
@@ -261,6 +283,8 @@ impl GuestCommand {
         )?;
         // Verifying and attaching eBPF programs is slow under emulation.
         writeln!(script, "export DROPSCOPE_ATTACH_TIMEOUT=180")?;
+        // Debian kernels allow fentry and kprobes: the context probes must attach there.
+        writeln!(script, "export DROPSCOPE_EXPECT_CONTEXT=1")?;
         writeln!(
             script,
             "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root"
