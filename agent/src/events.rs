@@ -8,7 +8,10 @@ use std::{
 
 use agent_ebpf::{AggKey, Event, EventKind, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4};
 
-use crate::kernel::{btf::DropReasons, kallsyms::Kallsyms};
+use crate::{
+    kernel::{btf::DropReasons, kallsyms::Kallsyms},
+    pods::PodRef,
+};
 
 /// IP version of a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -148,6 +151,8 @@ pub struct Drop {
     pub stack_id: Option<u32>,
     /// The key the kernel counted this drop under.
     pub agg: AggKey,
+    /// The pod the drop is attributed to (set by the pipeline; `None`: no pod, or unknown).
+    pub pod: Option<Arc<PodRef>>,
 }
 
 /// How the kernel answered a packet it is about to drop.
@@ -244,6 +249,7 @@ impl Decoder {
             },
             stack_id: u32::try_from(ev.stack_id).ok(),
             agg: AggKey::of(ev),
+            pod: None,
         }
     }
 

@@ -55,6 +55,7 @@ fn drop(reason: &str, location: &str) -> Drop {
         sysctls: Sysctls::default(),
         stack_id: None,
         agg: Default::default(),
+        pod: None,
     }
 }
 
