@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use crate::{
     filter::{parse_net, parse_proto, Filter},
     kernel::{attach::Mode, context_probes::ContextMode},
+    pods::PodName,
 };
 
 const ABOUT: &str = "Tells you, live, why the kernel is dropping your packets.";
@@ -24,6 +25,11 @@ Identical drops are folded: the first is shown at once, repeats are counted and 
 --interval. Ctrl-C (or SIGTERM, or --duration) prints a summary ranked by count. Benign kernel
 housekeeping (ping socket copies, socket close purges) is counted but hidden unless --all.
 
+On a Kubernetes node every drop is attributed to its pod and container, node-locally (no API
+server): the packet's network namespace -> the processes in it -> their kubelet cgroup ->
+the pod named by kubelet's /var/log/pods. Drops in the node's own namespace are attributed by
+address, when the packet comes from or goes to an address of a pod's namespace.
+
 Under a drop storm the kernel counts every drop exactly (per reason, location, device, netns
 and protocol) and sends only --sample events per kind per second; the rest are reported as
 '... and N more like this'. Filters run in the kernel, before any event is produced. Memory
@@ -39,14 +45,16 @@ Examples:
   dropscope                                   stream every drop on this node, summary on Ctrl-C
   dropscope --dst 10.96.0.0/12 --port 53      only DNS to the service range
   dropscope --netns dr-r --duration 30        one `ip netns` namespace, for 30 seconds
+  dropscope --pod kube-system/coredns-7xk2p   one pod's drops, wherever they happen on the node
   dropscope --format json | jq 'select(.cause==\"netfilter_drop\")'
 
 Node health check without traffic: dropscope check (see dropscope check --help).
 
 JSON records (one per line): {\"type\":\"attach\",...} first, then {\"type\":\"drop\",\"cause\",\"reason\",
 \"location\",\"family\",\"proto\",\"src\",\"dst\",\"sport\",\"dport\",\"len\",\"ifname\",\"ifindex\",\"netns\",
-\"count\",\"evidence\",\"hint\",...}, and {\"type\":\"summary\",\"causes\":{..},\"reasons\":{..},\"suppressed\",
-\"lost\",...} at exit. `count` is how many identical drops a record stands for.";
+\"pod_namespace\",\"pod\",\"pod_uid\",\"container\",\"count\",\"evidence\",\"hint\",...}, and
+{\"type\":\"summary\",\"causes\":{..},\"reasons\":{..},\"suppressed\",\"lost\",...} at exit. `count` is
+how many identical drops a record stands for; the pod fields are absent for drops of no known pod.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -149,6 +157,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "NETNS")]
     pub netns: Vec<String>,
 
+    /// Only drops attributed to this pod: in its network namespace, or in the node's own
+    /// namespace from or to one of its addresses. Repeatable. A pod not running on the node at
+    /// start is warned about, and its drops are shown once it runs.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub pod: Vec<PodName>,
+
+    /// Where kubelet's directories are: pods are named from DIR/var/log/pods/<namespace>_<name>_<uid>/
+    /// and containers from DIR/var/log/containers/ (e.g. /host when the node's / is mounted
+    /// there). Processes and their cgroups are read from /proc: in a container, share the
+    /// host's PID namespace.
+    #[arg(long, value_name = "DIR", default_value = "/", value_parser = parse_dir)]
+    pub pods_root: PathBuf,
+
     /// How repeated identical drops are reported: once per this many seconds.
     #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_seconds)]
     pub interval: f64,
@@ -192,6 +213,15 @@ pub struct RunArgs {
     pub causes: bool,
 }
 
+fn parse_dir(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    if path.is_dir() {
+        Ok(path)
+    } else {
+        Err(format!("'{s}' is not a directory"))
+    }
+}
+
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
@@ -214,6 +244,7 @@ impl RunArgs {
             protos: self.proto.clone(),
             ifaces: self.iface.clone(),
             netns,
+            pods: self.pod.clone(),
         })
     }
 }
@@ -237,6 +268,8 @@ mod tests {
             &["dropscope", "--port", "70000"],
             &["dropscope", "--proto", "nope"],
             &["dropscope", "--attach", "kprobe"],
+            &["dropscope", "--pod", "coredns"],
+            &["dropscope", "--pods-root", "/nonexistent/root"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
         }
@@ -252,5 +285,23 @@ mod tests {
         .unwrap();
         assert_eq!(ok.run.format, Format::Json);
         assert_eq!(ok.run.proto, vec![17]);
+        let ok = Cli::try_parse_from([
+            "dropscope",
+            "--pod",
+            "shop/db",
+            "--pod",
+            "kube-system/coredns",
+            "--pods-root",
+            "/",
+        ])
+        .unwrap();
+        assert_eq!(
+            ok.run
+                .pod
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["shop/db", "kube-system/coredns"]
+        );
     }
 }

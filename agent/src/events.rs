@@ -11,9 +11,12 @@ use agent_ebpf::{
     FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4,
 };
 
-use crate::kernel::{
-    btf::{DropReasons, NetfilterNames},
-    kallsyms::Kallsyms,
+use crate::{
+    kernel::{
+        btf::{DropReasons, NetfilterNames},
+        kallsyms::Kallsyms,
+    },
+    pods::PodRef,
 };
 
 /// IP version of a packet.
@@ -156,6 +159,8 @@ pub struct Drop {
     pub agg: AggKey,
     /// What the context probes saw (empty without them).
     pub context: Context,
+    /// The pod the drop is attributed to (set by the pipeline; `None`: no pod, or unknown).
+    pub pod: Option<Arc<PodRef>>,
 }
 
 impl Drop {
@@ -313,6 +318,7 @@ impl Decoder {
             stack_id: u32::try_from(ev.stack_id).ok(),
             agg: AggKey::of(ev),
             context,
+            pod: None,
         }
     }
 

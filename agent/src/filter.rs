@@ -1,9 +1,9 @@
 //! Which drops the operator asked to see (`--src`, `--dst`, `--port`, `--proto`, `--iface`,
-//! `--netns`). Within one flag values are alternatives; different flags must all match.
+//! `--netns`, `--pod`). Within one flag values are alternatives; different flags must all match.
 use agent_ebpf::{Cidr, Filters, FILTER_SLOTS, FLAG_IPV4, FLAG_IPV6};
 use ipnet::IpNet;
 
-use crate::events::Drop;
+use crate::{events::Drop, pods::PodName};
 
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -13,6 +13,9 @@ pub struct Filter {
     pub protos: Vec<u8>,
     pub ifaces: Vec<String>,
     pub netns: Vec<u32>,
+    /// Pods, matched against the drop's attribution (userspace only: the kernel knows no names,
+    /// and a pod's namespace changes when it restarts).
+    pub pods: Vec<PodName>,
 }
 
 impl Filter {
@@ -68,6 +71,12 @@ impl Filter {
                 .flatten()
                 .any(|dev| self.ifaces.iter().any(|i| i == dev.name())),
         ) && any(!self.netns.is_empty(), self.netns.contains(&d.netns))
+            && any(
+                !self.pods.is_empty(),
+                d.pod
+                    .as_ref()
+                    .is_some_and(|p| self.pods.iter().any(|w| p.is(w))),
+            )
     }
 }
 
@@ -123,7 +132,10 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Device, Family, Flow, Sysctls};
+    use crate::{
+        events::{Device, Family, Flow, Sysctls},
+        pods::PodRef,
+    };
     use std::sync::Arc;
 
     fn sample() -> Drop {
@@ -152,6 +164,7 @@ mod tests {
             stack_id: None,
             agg: Default::default(),
             context: Default::default(),
+            pod: None,
         }
     }
 
@@ -187,6 +200,33 @@ mod tests {
             ..Default::default()
         };
         assert!(!f.matches(&d));
+    }
+
+    #[test]
+    fn pod_filter_needs_an_attributed_drop() {
+        let f = Filter {
+            pods: vec!["shop/db".parse().unwrap(), "shop/cart".parse().unwrap()],
+            ..Default::default()
+        };
+        let mut d = sample();
+        assert!(!f.matches(&d), "no pod known: not that pod");
+        let pod = |ns: &str, name: &str| {
+            Some(Arc::new(PodRef {
+                namespace: ns.into(),
+                name: name.into(),
+                uid: "u".into(),
+                container: None,
+            }))
+        };
+        d.pod = pod("shop", "cart");
+        assert!(f.matches(&d));
+        d.pod = pod("other", "cart");
+        assert!(!f.matches(&d));
+        assert_eq!(
+            f.to_kernel(),
+            Filters::NONE,
+            "names are not filtered in the kernel"
+        );
     }
 
     #[test]

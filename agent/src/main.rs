@@ -8,6 +8,7 @@ mod filter;
 mod kernel;
 mod output;
 mod pipeline;
+mod pods;
 mod session;
 
 use clap::{error::ErrorKind, Parser};

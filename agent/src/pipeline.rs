@@ -12,6 +12,7 @@ use crate::{
     evidence::{conntrack::CtStats, netfilter, netns, routes, rules},
     filter::Filter,
     output::{DropRecord, Sink, Summary},
+    pods::{self, PodRef},
 };
 
 /// How long a dropped "fragmentation needed" explains later too-big drops of its flow (ns).
@@ -20,7 +21,7 @@ const FRAG_NEEDED_WINDOW_NS: u64 = 2_000_000_000;
 const REPLY_PAIR_WINDOW_NS: u64 = 100_000_000;
 /// Distinct drops remembered for folding before the table is flushed and restarted.
 const MAX_FOLDS: usize = 65_536;
-/// Distinct flows remembered per cause for the summary.
+/// Distinct flows (and pods) remembered per cause for the summary.
 const MAX_FLOWS_PER_CAUSE: usize = 1024;
 
 /// Reads a captured kernel stack by id, symbolized, innermost frame first.
@@ -69,6 +70,20 @@ pub struct CauseTotals {
     pub locations: HashMap<Arc<str>, u64>,
     pub ifaces: HashMap<Device, u64>,
     pub flows: HashMap<Flow, u64>,
+    pub pods: HashMap<Arc<PodRef>, u64>,
+}
+
+impl CauseTotals {
+    /// Drops per pod, as `namespace/name`.
+    pub fn pod_counts(&self) -> HashMap<String, u64> {
+        let mut by_name = HashMap::new();
+        for (pod, n) in &self.pods {
+            *by_name
+                .entry(format!("{}/{}", pod.namespace, pod.name))
+                .or_default() += n;
+        }
+        by_name
+    }
 }
 
 pub struct Pipeline {
@@ -76,6 +91,7 @@ pub struct Pipeline {
     filter: Filter,
     show_benign: bool,
     namespaces: netns::Registry,
+    pods: pods::Resolver,
     replies: HashMap<u64, Reply>,
     folds: HashMap<FoldKey, Fold>,
     nf_engines: HashMap<(u32, Arc<str>), &'static str>,
@@ -100,8 +116,10 @@ impl Pipeline {
         show_benign: bool,
         rules: rules::Tracker,
         stacks: StackReader,
+        pods: pods::Resolver,
     ) -> Self {
         Pipeline {
+            pods,
             rules,
             stacks,
             keys: HashMap::new(),
@@ -150,9 +168,10 @@ impl Pipeline {
             .then_some(r.answer)
     }
 
-    fn on_drop(&mut self, d: Drop, sink: &mut dyn Sink) {
+    fn on_drop(&mut self, mut d: Drop, sink: &mut dyn Sink) {
         self.drops += 1;
         let answer = self.answer_for(&d);
+        d.pod = self.pods.for_drop(d.netns, d.flow.as_ref());
         if !self.filter.matches(&d) {
             self.filtered += 1;
             return;
@@ -386,6 +405,11 @@ impl Pipeline {
                 *t.flows.entry(flow).or_default() += n;
             }
         }
+        if let Some(pod) = &d.pod {
+            if t.pods.len() < MAX_FLOWS_PER_CAUSE || t.pods.contains_key(pod) {
+                *t.pods.entry(pod.clone()).or_default() += n;
+            }
+        }
     }
 
     fn record(
@@ -423,7 +447,8 @@ impl Pipeline {
                 if val.suppressed + val.lost == 0 {
                     continue;
                 }
-                let d = synthetic(key);
+                let mut d = synthetic(key);
+                d.pod = self.pods.for_drop(d.netns, d.flow.as_ref());
                 if !self.filter.matches(&d) {
                     continue;
                 }

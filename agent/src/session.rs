@@ -26,6 +26,7 @@ use crate::{
         json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, DropRecord, Sink, Summary,
     },
     pipeline::{Pipeline, StackReader},
+    pods::{self, PodName},
 };
 
 /// Runs until the duration ends or a signal arrives.
@@ -46,6 +47,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let symbols = std::thread::spawn(Kallsyms::load);
     let watched = filter.netns.clone();
     let rule_baseline = std::thread::spawn(move || baseline_rules(&watched));
+    let (pods_root, wanted_pods) = (args.pods_root.clone(), filter.pods.clone());
+    let pod_scan = std::thread::spawn(move || {
+        let mut resolver = pods::Resolver::new(&pods_root, wanted_pods);
+        resolver.scan();
+        resolver
+    });
 
     let stack_reason = |name| reasons.value(name).unwrap_or(ABSENT);
     let config = Config {
@@ -149,7 +156,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .frames(trace.frames().iter().map(|f| f.ip)),
         Err(_) => Vec::new(),
     });
-    let mut pipeline = Pipeline::new(Engine::builtin(), filter, args.all, rules, stack_reader);
+    let pods = pod_scan
+        .join()
+        .map_err(|_| anyhow::anyhow!("pod scanner panicked"))?;
+    warn_missing_pods(&filter.pods, &pods, &args.pods_root);
+    let mut pipeline = Pipeline::new(
+        Engine::builtin(),
+        filter,
+        args.all,
+        rules,
+        stack_reader,
+        pods,
+    );
     // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
     let sum = |index| {
@@ -268,6 +286,24 @@ fn baseline_rules(watched: &[u32]) -> rules::Tracker {
         .map(|r| (r.inode, (r.inode != own).then_some(r.path)))
         .collect();
     rules::Tracker::with_baselines(&targets)
+}
+
+/// Says which `--pod` pods are not running on the node (yet): pods come and go, so this is
+/// no error, and their drops show once they run.
+fn warn_missing_pods(wanted: &[PodName], pods: &pods::Resolver, root: &Path) {
+    let logs = root.join("var/log/pods");
+    for w in wanted.iter().filter(|w| !pods.pods().any(|p| p.is(w))) {
+        if logs.is_dir() {
+            tracing::warn!(
+                "--pod {w}: no such pod running on this node yet; its drops will show once it runs"
+            );
+        } else {
+            tracing::warn!(
+                "--pod {w}: {} does not exist, so no pod can be named (see --pods-root)",
+                logs.display()
+            );
+        }
+    }
 }
 
 /// `--ready-file`: exists exactly while the probes are attached.

@@ -9,6 +9,8 @@ use std::{
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::Value;
 
+use crate::netns::Netns;
+
 /// Path of the binary under test (set by `cargo xtask test`).
 pub fn binary() -> PathBuf {
     match std::env::var_os("DROPSCOPE_BIN") {
@@ -47,6 +49,18 @@ pub struct Report {
 impl Observer {
     /// Starts `dropscope --format json --ready-file ... ARGS` and waits until it is attached.
     pub fn start(args: &[&str]) -> Self {
+        Self::spawn(Command::new(binary()), args)
+    }
+
+    /// The same, with dropscope running inside `ns` (nsenter: only the network namespace
+    /// changes), so that `ns` is the node's namespace as dropscope sees it.
+    pub fn start_in(ns: &Netns, args: &[&str]) -> Self {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.path())).arg(binary());
+        Self::spawn(cmd, args)
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str]) -> Self {
         let ready = std::env::temp_dir().join(format!(
             "dropscope-ready-{}-{}",
             std::process::id(),
@@ -55,7 +69,7 @@ impl Observer {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut child = Command::new(binary())
+        let mut child = cmd
             .args(["--format", "json", "--color", "never", "--ready-file"])
             .arg(&ready)
             .args(args)

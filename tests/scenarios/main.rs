@@ -9,6 +9,7 @@ mod lifecycle;
 mod mtu;
 mod neighbor;
 mod netfilter;
+mod pods;
 mod signals;
 mod sockets;
 mod storm;

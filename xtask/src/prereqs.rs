@@ -16,6 +16,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("conntrack", "conntrack"),
     ("bpftool", "bpftool"),
     ("setpriv", "util-linux"),
+    ("nsenter", "util-linux"),
+    ("sleep", "coreutils"),
 ];
 
 /// What building the eBPF programs needs.

@@ -56,6 +56,7 @@ fn drop(reason: &str, location: &str) -> Drop {
         stack_id: None,
         agg: Default::default(),
         context: Default::default(),
+        pod: None,
     }
 }
 

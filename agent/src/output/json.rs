@@ -78,6 +78,14 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
     if let Some(name) = &r.netns_name {
         m.insert("netns_name".into(), json!(name));
     }
+    if let Some(pod) = &d.pod {
+        m.insert("pod_namespace".into(), json!(pod.namespace));
+        m.insert("pod".into(), json!(pod.name));
+        m.insert("pod_uid".into(), json!(pod.uid));
+        if let Some(c) = &pod.container {
+            m.insert("container".into(), json!(c));
+        }
+    }
     match r.answer {
         Some(Answer::Icmp(t, c)) => {
             m.insert(
@@ -128,6 +136,7 @@ pub fn summary_json(s: &Summary) -> Value {
                 "locations": top(t.locations.iter().map(|(k, v)| (k, *v)), 8),
                 "ifaces": top(t.ifaces.iter().map(|(k, v)| (k, *v)), 8),
                 "top_flows": top(t.flows.iter().map(|(k, v)| (k, *v)), 5),
+                "pods": top(t.pod_counts(), 5),
                 "evidence": t.evidence,
                 "hint": t.hint,
             })

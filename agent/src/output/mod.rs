@@ -99,3 +99,88 @@ pub fn top<K: ToString, M: IntoIterator<Item = (K, u64)>>(map: M, n: usize) -> V
     v.truncate(n);
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{events::Sysctls, pods::PodRef};
+
+    fn record(pod: Option<PodRef>) -> DropRecord {
+        let verdict = Verdict {
+            cause: "no_listener".into(),
+            title: String::new(),
+            evidence: String::new(),
+            hint: String::new(),
+            benign: false,
+            rule: 0,
+            details: Vec::new(),
+        };
+        let drop = Drop {
+            ts_ns: 0,
+            skb: 0,
+            reason: Arc::from("NO_SOCKET"),
+            location: Arc::from("__udp4_lib_rcv"),
+            netns: 4026532315,
+            dev: None,
+            out: None,
+            len: 60,
+            mark: 0,
+            ttl: None,
+            flow: None,
+            sysctls: Sysctls::default(),
+            stack_id: None,
+            agg: Default::default(),
+            context: Default::default(),
+            pod: pod.map(Arc::new),
+        };
+        DropRecord {
+            verdict: Arc::new(verdict),
+            drop,
+            answer: None,
+            count: 1,
+            first: true,
+            unsent: None,
+            netns_name: None,
+        }
+    }
+
+    #[test]
+    fn pods_are_shown_when_known_and_absent_otherwise() {
+        let clock = Clock::new();
+        let pod = PodRef {
+            namespace: "shop".into(),
+            name: "db".into(),
+            uid: "u-1".into(),
+            container: Some("postgres".into()),
+        };
+        let r = record(Some(pod));
+        assert!(text::drop_line(&r, &clock)
+            .ends_with("no device (netns 4026532315)  pod shop/db (postgres)  x1"));
+        let v = json::drop_json(&r, &clock);
+        assert_eq!(
+            (
+                &v["pod_namespace"],
+                &v["pod"],
+                &v["pod_uid"],
+                &v["container"]
+            ),
+            (
+                &"shop".into(),
+                &"db".into(),
+                &"u-1".into(),
+                &"postgres".into()
+            )
+        );
+
+        let r = record(None);
+        assert!(text::drop_line(&r, &clock).ends_with("no device (netns 4026532315)  x1"));
+        let v = json::drop_json(&r, &clock);
+        for key in ["pod_namespace", "pod", "pod_uid", "container"] {
+            assert!(v.get(key).is_none(), "{key} present: {v}");
+        }
+        assert_eq!(
+            v["netns"], 4026532315u32,
+            "an unknown namespace keeps its inode"
+        );
+    }
+}

@@ -69,7 +69,15 @@ pub fn drop_line(r: &DropRecord, clock: &Clock) -> String {
         ),
         (false, None) => format!("+{} more", r.count),
     };
-    format!("{time}  {}  {flow}  {dev} ({ns})  {count}", r.verdict.cause)
+    let pod = d
+        .pod
+        .as_ref()
+        .map(|p| format!("pod {p}  "))
+        .unwrap_or_default();
+    format!(
+        "{time}  {}  {flow}  {dev} ({ns})  {pod}{count}",
+        r.verdict.cause
+    )
 }
 
 impl<W: Write> Sink for TextSink<W> {
@@ -163,6 +171,10 @@ impl<W: Write> Sink for TextSink<W> {
             let flows = top(t.flows.iter().map(|(k, v)| (k, *v)), 3);
             if !flows.is_empty() {
                 let _ = writeln!(o, "    top flows: {}", list(&flows));
+            }
+            let pods = top(t.pod_counts(), 3);
+            if !pods.is_empty() {
+                let _ = writeln!(o, "    pods: {}", list(&pods));
             }
             let _ = writeln!(o, "    evidence: {}", t.evidence);
             let _ = writeln!(o, "    fix: {}", self.paint(&t.hint, green));
