@@ -105,12 +105,37 @@ pub enum Color {
     Never,
 }
 
+/// Flags of the default mode: the live stream (text, JSON or `--top`).
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
+    #[command(flatten)]
+    pub observe: ObserveArgs,
+
+    /// Colour text output.
+    #[arg(long, value_enum, default_value_t = Color::Auto)]
+    pub color: Color,
+
+    /// Live view instead of a stream: causes ranked by drop rate, redrawn every --interval
+    /// (plain lines when stdout is not a terminal). Ctrl-C prints the summary.
+    #[arg(long, conflicts_with = "format")]
+    pub top: bool,
+
+    /// Benchmark floor: attach only an empty program to kfree_skb, then wait for a signal.
+    #[arg(long, hide = true)]
+    pub null_observer: bool,
+
+    /// Print the catalogue of causes dropscope knows (Markdown) and exit.
+    #[arg(long)]
+    pub causes: bool,
+}
+
+/// What to watch and how: the flags the live stream and `serve` share.
+#[derive(Debug, Args)]
+pub struct ObserveArgs {
     /// Stop after this many seconds (default: run until Ctrl-C / SIGTERM).
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     pub duration: Option<f64>,
@@ -166,23 +191,6 @@ pub struct RunArgs {
     /// Kernel BTF to read struct layouts and drop-reason names from.
     #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]
     pub btf: PathBuf,
-
-    /// Colour text output.
-    #[arg(long, value_enum, default_value_t = Color::Auto)]
-    pub color: Color,
-
-    /// Live view instead of a stream: causes ranked by drop rate, redrawn every --interval
-    /// (plain lines when stdout is not a terminal). Ctrl-C prints the summary.
-    #[arg(long, conflicts_with = "format")]
-    pub top: bool,
-
-    /// Benchmark floor: attach only an empty program to kfree_skb, then wait for a signal.
-    #[arg(long, hide = true)]
-    pub null_observer: bool,
-
-    /// Print the catalogue of causes dropscope knows (Markdown) and exit.
-    #[arg(long)]
-    pub causes: bool,
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -192,7 +200,7 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-impl RunArgs {
+impl ObserveArgs {
     /// The filters, with `--netns` names resolved to inodes.
     pub fn filter(&self) -> anyhow::Result<Filter> {
         let netns = self.netns.iter().map(|n| crate::evidence::netns::resolve_arg(n)).collect::<anyhow::Result<_>>()?;
@@ -231,6 +239,6 @@ mod tests {
         }
         let ok = Cli::try_parse_from(["dropscope", "--format", "json", "--dst", "10.231.2.2", "--proto", "udp"]).unwrap();
         assert_eq!(ok.run.format, Format::Json);
-        assert_eq!(ok.run.proto, vec![17]);
+        assert_eq!(ok.run.observe.proto, vec![17]);
     }
 }

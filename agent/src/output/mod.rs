@@ -3,7 +3,7 @@ pub mod json;
 pub mod text;
 pub mod top;
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
 
@@ -63,10 +63,26 @@ pub struct Summary {
     pub counts_exact: bool,
 }
 
+/// Running totals, handed to the sinks once per `--interval` after the repeats are flushed.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    /// Per-cause totals so far.
+    pub causes: &'a HashMap<String, CauseTotals>,
+    /// Seconds since the previous tick.
+    pub seconds: f64,
+    /// Events the ring buffer had no room for, so far (the kernel's counter).
+    pub lost: u64,
+}
+
 /// A destination for reports.
 pub trait Sink {
+    /// The probes are attached and the first drop can be reported.
     fn attach(&mut self, info: &AttachInfo);
+    /// One record, standing for `record.count` drops.
     fn drop(&mut self, record: &DropRecord);
+    /// Once per interval, after that interval's records.
+    fn tick(&mut self, _progress: &Progress) {}
+    /// The probes are detached; nothing follows.
     fn summary(&mut self, summary: &Summary);
 }
 
