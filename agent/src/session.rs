@@ -222,7 +222,8 @@ impl Session {
     fn tick(&mut self, sink: &mut dyn Sink, seconds: f64) {
         self.catch_up(sink, false);
         let lost = self.counter(counter::LOST);
-        sink.tick(&Progress { causes: &self.pipeline.causes, seconds, lost });
+        let suppressed = self.pipeline.suppressed;
+        sink.tick(&Progress { causes: &self.pipeline.causes, seconds, lost, suppressed });
     }
 
     /// Reports what the kernel delivered before the stop, detaches, and hands over the summary.

@@ -1,4 +1,5 @@
 //! Where reports go: human text or one JSON object per line.
+pub mod digest;
 pub mod json;
 pub mod text;
 pub mod top;
@@ -22,6 +23,9 @@ pub struct DropRecord {
     /// How the kernel answered the packet (ICMP error or TCP reset), when it did.
     pub answer: Option<Answer>,
     pub count: u64,
+    /// Bytes of those drops: exact for drops the kernel sent; for "sampled" and "lost" records
+    /// `count` times the length of the latest sent drop of the same kind.
+    pub bytes: u64,
     /// False for the periodic records that report repeats of an already shown drop.
     pub first: bool,
     /// For drops the kernel counted but did not send: "sampled" (over the per-key budget) or
@@ -72,6 +76,8 @@ pub struct Progress<'a> {
     pub seconds: f64,
     /// Events the ring buffer had no room for, so far (the kernel's counter).
     pub lost: u64,
+    /// Benign drops counted but not reported, so far.
+    pub suppressed: u64,
 }
 
 /// A destination for reports.
@@ -84,6 +90,24 @@ pub trait Sink {
     fn tick(&mut self, _progress: &Progress) {}
     /// The probes are detached; nothing follows.
     fn summary(&mut self, summary: &Summary);
+}
+
+/// Hands every report to each of several sinks, in order.
+pub struct Fanout(pub Vec<Box<dyn Sink>>);
+
+impl Sink for Fanout {
+    fn attach(&mut self, info: &AttachInfo) {
+        self.0.iter_mut().for_each(|s| s.attach(info));
+    }
+    fn drop(&mut self, record: &DropRecord) {
+        self.0.iter_mut().for_each(|s| Sink::drop(s.as_mut(), record));
+    }
+    fn tick(&mut self, progress: &Progress) {
+        self.0.iter_mut().for_each(|s| s.tick(progress));
+    }
+    fn summary(&mut self, summary: &Summary) {
+        self.0.iter_mut().for_each(|s| s.summary(summary));
+    }
 }
 
 /// Converts the kernel's monotonic timestamps (bpf_ktime_get_ns) to wall-clock time.
