@@ -137,3 +137,39 @@ impl<W: Write> Sink for DigestLog<W> {
         emit(&mut self.out, &summary_json(summary));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(out: &[u8]) -> Vec<Value> {
+        String::from_utf8_lossy(out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn each_kind_is_explained_once_per_interval_and_digests_add_up() {
+        let mut out = Vec::new();
+        let mut log = DigestLog::new(&mut out, Clock::new(), Duration::ZERO, "http://127.0.0.1:9655/metrics".into());
+        let info = AttachInfo { probes: Vec::new(), attach_ms: 1, kernel: "6.18".into(), reasons: 1 };
+        let causes = std::collections::HashMap::new();
+        let progress = Progress { causes: &causes, seconds: 1.0, lost: 0, suppressed: 7 };
+        log.attach(&info);
+        log.drop(&DropRecord::example("netfilter_drop", 1, None));
+        log.drop(&DropRecord::example("netfilter_drop", 4, None));
+        log.drop(&DropRecord::example("netfilter_drop", 10, Some("sampled")));
+        log.tick(&progress);
+        log.tick(&progress); // nothing dropped since: no line
+        log.drop(&DropRecord::example("netfilter_drop", 2, None));
+        log.summary(&Summary { suppressed: 9, ..Default::default() });
+        drop(log);
+        let v = lines(&out);
+        let types: Vec<&str> = v.iter().map(|l| l["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["attach", "drop", "digest", "drop", "digest", "summary"], "{v:#?}");
+        assert_eq!(v[0]["metrics"], "http://127.0.0.1:9655/metrics");
+        assert_eq!((v[1]["cause"].as_str(), v[1]["evidence"].as_str()), (Some("netfilter_drop"), Some("evidence")));
+        assert_eq!(v[2]["drops"], 15);
+        assert_eq!(v[2]["causes"]["netfilter_drop"], 15);
+        assert_eq!((v[2]["unsent"]["sampled"].as_u64(), v[2]["suppressed"].as_u64(), v[2]["kinds"].as_u64()), (Some(10), Some(7), Some(1)));
+        assert_eq!((v[4]["drops"].as_u64(), v[4]["suppressed"].as_u64()), (Some(2), Some(2)));
+    }
+}

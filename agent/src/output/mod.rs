@@ -45,7 +45,7 @@ pub struct AttachInfo {
 }
 
 /// Totals at exit.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Summary {
     /// Causes ranked by count.
     pub causes: Vec<(String, CauseTotals)>,
@@ -107,6 +107,25 @@ impl Sink for Fanout {
     }
     fn summary(&mut self, summary: &Summary) {
         self.0.iter_mut().for_each(|s| s.summary(summary));
+    }
+}
+
+#[cfg(test)]
+impl DropRecord {
+    /// A record of `count` drops like `Drop::example`, of cause `cause`.
+    pub fn example(cause: &str, count: u64, unsent: Option<&'static str>) -> DropRecord {
+        let verdict = Verdict {
+            cause: cause.into(),
+            title: "title".into(),
+            evidence: "evidence".into(),
+            hint: "fix".into(),
+            benign: false,
+            rule: 0,
+            details: Vec::new(),
+        };
+        let drop = Drop::example("NETFILTER_DROP", "nft_do_chain");
+        let bytes = count * u64::from(drop.len);
+        DropRecord { verdict: Arc::new(verdict), drop, answer: None, count, bytes, first: unsent.is_none(), unsent, netns_name: None }
     }
 }
 

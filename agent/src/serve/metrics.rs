@@ -183,3 +183,50 @@ impl Sink for Metrics {
         self.health.set_ready(false);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+    use crate::kernel::attach::Attached;
+
+    fn value(registry: &Registry, series: &str) -> Option<u64> {
+        let mut text = String::new();
+        encode(&mut text, registry).unwrap();
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn counters_add_up_every_record_and_follow_the_kernel_totals() {
+        let health = Arc::new(Health::default());
+        let (mut m, registry) = Metrics::new(10, "6.18".into(), health.clone());
+        assert!(!health.is_ready());
+        m.attach(&AttachInfo {
+            probes: vec![Attached { probe: "kfree_skb", mode: "tp_btf", note: None }],
+            attach_ms: 1,
+            kernel: "6.18".into(),
+            reasons: 1,
+        });
+        assert!(health.is_ready());
+        m.drop(&DropRecord::example("netfilter_drop", 1, None));
+        m.drop(&DropRecord::example("netfilter_drop", 10, Some("sampled")));
+        let causes = std::collections::HashMap::new();
+        m.tick(&Progress { causes: &causes, seconds: 1.0, lost: 3, suppressed: 2 });
+        m.tick(&Progress { causes: &causes, seconds: 1.0, lost: 3, suppressed: 5 });
+        let drops = r#"dropscope_drops_total{cause="netfilter_drop",reason="NETFILTER_DROP",iface="r0",pod_namespace="",pod=""}"#;
+        assert_eq!(value(&registry, drops), Some(11));
+        let bytes = r#"dropscope_drop_bytes_total{cause="netfilter_drop",iface="r0",pod_namespace="",pod=""}"#;
+        assert_eq!(value(&registry, bytes), Some(660));
+        assert_eq!(value(&registry, r#"dropscope_drops_unsent_total{kind="sampled"}"#), Some(10));
+        assert_eq!(value(&registry, r#"dropscope_drops_unsent_total{kind="lost"}"#), Some(0));
+        assert_eq!(value(&registry, "dropscope_events_lost_total"), Some(3));
+        assert_eq!(value(&registry, "dropscope_drops_suppressed_total"), Some(5));
+        assert_eq!(value(&registry, r#"dropscope_probe_info{probe="kfree_skb",mode="tp_btf"}"#), Some(1));
+        let build = format!(r#"dropscope_build_info{{version="{}",kernel="6.18"}}"#, env!("CARGO_PKG_VERSION"));
+        assert_eq!(value(&registry, &build), Some(1));
+        m.summary(&Summary { lost: 4, suppressed: 5, ..Default::default() });
+        assert_eq!(value(&registry, "dropscope_events_lost_total"), Some(4));
+        assert!(!health.is_ready(), "not ready once detached");
+    }
+}
