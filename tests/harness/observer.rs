@@ -30,6 +30,15 @@ pub fn attach_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// A path in the temporary directory no other test uses.
+pub fn temp_path(prefix: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()))
+}
+
 /// A running dropscope.
 pub struct Observer {
     child: Option<Child>,
@@ -47,16 +56,20 @@ pub struct Report {
 impl Observer {
     /// Starts `dropscope --format json --ready-file ... ARGS` and waits until it is attached.
     pub fn start(args: &[&str]) -> Self {
-        let ready = std::env::temp_dir().join(format!(
-            "dropscope-ready-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
+        Self::start_with(&["--format", "json", "--color", "never"], args)
+    }
+
+    /// Starts `dropscope serve --ready-file ... ARGS` (JSON log lines) and waits until it is
+    /// attached.
+    pub fn serve(args: &[&str]) -> Self {
+        Self::start_with(&["serve"], args)
+    }
+
+    fn start_with(leading: &[&str], args: &[&str]) -> Self {
+        let ready = temp_path("dropscope-ready");
         let mut child = Command::new(binary())
-            .args(["--format", "json", "--color", "never", "--ready-file"])
+            .args(leading)
+            .arg("--ready-file")
             .arg(&ready)
             .args(args)
             .stdout(Stdio::piped())

@@ -5,6 +5,7 @@ mod check;
 mod conntrack;
 mod forwarding;
 mod lifecycle;
+mod metrics;
 mod mtu;
 mod neighbor;
 mod netfilter;
