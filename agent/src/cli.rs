@@ -1,5 +1,5 @@
 //! Command-line interface. Bad input dies here with one clear line (clap's exit code 2).
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
@@ -49,6 +49,7 @@ Examples:
   dropscope --format json | jq 'select(.cause==\"netfilter_drop\")'
 
 Node health check without traffic: dropscope check (see dropscope check --help).
+DaemonSet mode with Prometheus metrics: dropscope serve (see dropscope serve --help).
 
 JSON records (one per line): {\"type\":\"attach\",...} first, then {\"type\":\"drop\",\"cause\",\"reason\",
 \"location\",\"family\",\"proto\",\"src\",\"dst\",\"sport\",\"dport\",\"len\",\"ifname\",\"ifindex\",\"netns\",
@@ -83,6 +84,80 @@ pub enum Command {
     /// iptables-legacy and nftables, conntrack fill, veth and overlay MTU mismatches, in every
     /// network namespace. Exit status 3 when problems are found, 0 when none.
     Check(CheckArgs),
+    /// Long-running mode for a DaemonSet: JSON log lines and a Prometheus endpoint, no live stream.
+    #[command(long_about = SERVE_ABOUT, after_help = SERVE_AFTER_HELP)]
+    Serve(Box<ServeArgs>),
+}
+
+const SERVE_ABOUT: &str = "\
+Long-running mode for a DaemonSet: watches drops like the default mode, but instead of a live
+stream it writes a few JSON log lines and serves Prometheus metrics.
+
+Endpoints on --metrics: /metrics (OpenMetrics for Prometheus, the classic text format for other
+clients), /healthz (200 while the process runs), /readyz (200 only while the probes are attached).
+The endpoint listens on loopback unless --metrics-allow-remote is given.
+
+Counts are exact: every drop the kernel counted under the filters is in
+dropscope_drops_total{cause,reason,iface,pod_namespace,pod}. Each metric keeps at most
+--max-series label sets; drops of any newer label set are counted in a series whose labels are
+all \"other\" except the cause, and dropscope_label_sets_folded_total says how many were folded.
+
+SIGTERM or SIGINT: the probes are detached, the summary is logged, the exit status is 0.";
+
+const SERVE_AFTER_HELP: &str = "\
+Examples:
+  dropscope serve                                  metrics on 127.0.0.1:9655
+  dropscope serve --metrics 0.0.0.0:9655 --metrics-allow-remote   scraped over the pod network
+  curl -s localhost:9655/metrics | grep dropscope_drops_total
+
+Log lines (stdout, one JSON object each): {\"type\":\"attach\",...,\"metrics\"} once; a
+{\"type\":\"drop\",...} record with evidence and fix for each kind of drop (cause, reason,
+location, interface, namespace) the first time it is seen in a --log-interval; a
+{\"type\":\"digest\",\"drops\",\"causes\":{..},...} line per --log-interval in which something
+dropped; the {\"type\":\"summary\",...} at exit.
+
+Metrics: dropscope_drops_total, dropscope_drop_bytes_total, dropscope_drops_unsent_total{kind},
+dropscope_events_lost_total, dropscope_drops_suppressed_total, dropscope_probe_info{probe,mode},
+dropscope_build_info{version,kernel}, dropscope_label_sets_folded_total.";
+
+/// Flags of `dropscope serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub observe: ObserveArgs,
+
+    /// Address of the metrics endpoint (/metrics, /healthz, /readyz).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9655")]
+    pub metrics: SocketAddr,
+
+    /// Allow a --metrics address other than loopback, reachable from the network (for
+    /// example 0.0.0.0:9655 when Prometheus scrapes the pod).
+    #[arg(long)]
+    pub metrics_allow_remote: bool,
+
+    /// At most this many label sets per metric; drops of newer label sets are counted under
+    /// labels "other" (the cause is kept), so a node with many pods or interfaces stays cheap
+    /// to scrape and store.
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_series: u64,
+
+    /// Seconds between digest log lines (written only when something dropped).
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_seconds)]
+    pub log_interval: f64,
+}
+
+impl ServeArgs {
+    /// Refuses a metrics address reachable from the network unless it was asked for.
+    pub fn check(&self) -> Result<(), String> {
+        if self.metrics.ip().is_loopback() || self.metrics_allow_remote {
+            return Ok(());
+        }
+        Err(format!(
+            "--metrics {} is not a loopback address and would expose the endpoint to the network; \
+             add --metrics-allow-remote to allow it",
+            self.metrics
+        ))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -113,12 +188,37 @@ pub enum Color {
     Never,
 }
 
+/// Flags of the default mode: the live stream (text, JSON or `--top`).
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
+    #[command(flatten)]
+    pub observe: ObserveArgs,
+
+    /// Colour text output.
+    #[arg(long, value_enum, default_value_t = Color::Auto)]
+    pub color: Color,
+
+    /// Live view instead of a stream: causes ranked by drop rate, redrawn every --interval
+    /// (plain lines when stdout is not a terminal). Ctrl-C prints the summary.
+    #[arg(long, conflicts_with = "format")]
+    pub top: bool,
+
+    /// Benchmark floor: attach only an empty program to kfree_skb, then wait for a signal.
+    #[arg(long, hide = true)]
+    pub null_observer: bool,
+
+    /// Print the catalogue of causes dropscope knows (Markdown) and exit.
+    #[arg(long)]
+    pub causes: bool,
+}
+
+/// What to watch and how: the flags the live stream and `serve` share.
+#[derive(Debug, Args)]
+pub struct ObserveArgs {
     /// Stop after this many seconds (default: run until Ctrl-C / SIGTERM).
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     pub duration: Option<f64>,
@@ -194,23 +294,6 @@ pub struct RunArgs {
     /// Kernel BTF to read struct layouts and drop-reason names from.
     #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]
     pub btf: PathBuf,
-
-    /// Colour text output.
-    #[arg(long, value_enum, default_value_t = Color::Auto)]
-    pub color: Color,
-
-    /// Live view instead of a stream: causes ranked by drop rate, redrawn every --interval
-    /// (plain lines when stdout is not a terminal). Ctrl-C prints the summary.
-    #[arg(long, conflicts_with = "format")]
-    pub top: bool,
-
-    /// Benchmark floor: attach only an empty program to kfree_skb, then wait for a signal.
-    #[arg(long, hide = true)]
-    pub null_observer: bool,
-
-    /// Print the catalogue of causes dropscope knows (Markdown) and exit.
-    #[arg(long)]
-    pub causes: bool,
 }
 
 fn parse_dir(s: &str) -> Result<PathBuf, String> {
@@ -229,7 +312,7 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-impl RunArgs {
+impl ObserveArgs {
     /// The filters, with `--netns` names resolved to inodes.
     pub fn filter(&self) -> anyhow::Result<Filter> {
         let netns = self
@@ -284,7 +367,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(ok.run.format, Format::Json);
-        assert_eq!(ok.run.proto, vec![17]);
+        assert_eq!(ok.run.observe.proto, vec![17]);
         let ok = Cli::try_parse_from([
             "dropscope",
             "--pod",
@@ -297,11 +380,58 @@ mod tests {
         .unwrap();
         assert_eq!(
             ok.run
+                .observe
                 .pod
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>(),
             ["shop/db", "kube-system/coredns"]
         );
+    }
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        match Cli::try_parse_from(args).unwrap().command {
+            Some(Command::Serve(s)) => *s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn serve_shares_the_run_flags_and_stays_on_loopback() {
+        let s = serve(&["dropscope", "serve", "--netns", "dr-r", "--sample", "5"]);
+        assert_eq!(
+            (s.observe.netns.as_slice(), s.observe.sample),
+            (&["dr-r".to_string()][..], 5)
+        );
+        assert_eq!(s.metrics.to_string(), "127.0.0.1:9655");
+        assert_eq!(s.check(), Ok(()));
+        assert_eq!(
+            serve(&["dropscope", "serve", "--metrics", "[::1]:9700"]).check(),
+            Ok(())
+        );
+        for remote in ["0.0.0.0:9655", "[::]:9655", "10.1.2.3:9655"] {
+            let err = serve(&["dropscope", "serve", "--metrics", remote])
+                .check()
+                .unwrap_err();
+            assert!(err.contains("--metrics-allow-remote"), "{err}");
+            assert_eq!(
+                serve(&[
+                    "dropscope",
+                    "serve",
+                    "--metrics",
+                    remote,
+                    "--metrics-allow-remote"
+                ])
+                .check(),
+                Ok(())
+            );
+        }
+        for bad in [
+            &["dropscope", "serve", "--metrics", "localhost"][..],
+            &["dropscope", "serve", "--max-series", "0"],
+            &["dropscope", "serve", "--top"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

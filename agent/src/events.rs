@@ -206,6 +206,40 @@ pub struct Ruleset {
     pub chain: Option<String>,
 }
 
+#[cfg(test)]
+impl Drop {
+    /// A UDP packet 10.0.0.1:40000 -> 10.9.0.1:80 dropped on `r0` (ifindex 3, netns 42).
+    pub fn example(reason: &str, location: &str) -> Drop {
+        let mut name = [0u8; 16];
+        name[..2].copy_from_slice(b"r0");
+        Drop {
+            ts_ns: 0,
+            skb: 0,
+            reason: Arc::from(reason),
+            location: Arc::from(location),
+            netns: 42,
+            dev: Some(Device::new(3, name, 1500)),
+            out: None,
+            len: 60,
+            mark: 0,
+            ttl: Some(64),
+            flow: Some(Flow {
+                family: Family::Ipv4,
+                proto: 17,
+                src: "10.0.0.1".parse().unwrap(),
+                dst: "10.9.0.1".parse().unwrap(),
+                ports: Some((40000, 80)),
+                icmp: None,
+            }),
+            sysctls: Sysctls::default(),
+            stack_id: None,
+            agg: Default::default(),
+            context: Default::default(),
+            pod: None,
+        }
+    }
+}
+
 /// How the kernel answered a packet it is about to drop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Answer {

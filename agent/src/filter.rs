@@ -132,40 +132,13 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        events::{Device, Family, Flow, Sysctls},
-        pods::PodRef,
-    };
+    use crate::pods::PodRef;
     use std::sync::Arc;
 
     fn sample() -> Drop {
-        let mut name = [0u8; 16];
-        name[..2].copy_from_slice(b"r0");
-        Drop {
-            ts_ns: 0,
-            skb: 0,
-            reason: Arc::from("NO_SOCKET"),
-            location: Arc::from("tcp_v4_rcv"),
-            netns: 42,
-            dev: Some(Device::new(3, name, 1500)),
-            out: None,
-            len: 60,
-            mark: 0,
-            ttl: Some(64),
-            flow: Some(Flow {
-                family: Family::Ipv4,
-                proto: 6,
-                src: "10.0.0.1".parse().unwrap(),
-                dst: "10.9.0.1".parse().unwrap(),
-                ports: Some((40000, 80)),
-                icmp: None,
-            }),
-            sysctls: Sysctls::default(),
-            stack_id: None,
-            agg: Default::default(),
-            context: Default::default(),
-            pod: None,
-        }
+        let mut d = Drop::example("NO_SOCKET", "tcp_v4_rcv");
+        d.flow.as_mut().unwrap().proto = 6;
+        d
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod kernel;
 mod output;
 mod pipeline;
 mod pods;
+mod serve;
 mod session;
 
 use clap::{error::ErrorKind, Parser};
@@ -23,26 +24,30 @@ fn main() {
         );
         return;
     }
-    if let Some(cli::Command::Check(args)) = &cli.command {
-        match check::run(args) {
-            Ok(code) => std::process::exit(code),
-            Err(e) => {
-                eprintln!("dropscope: {e:#}");
-                std::process::exit(1);
+    let result = match cli.command {
+        Some(cli::Command::Check(args)) => check::run(&args).map(|code| std::process::exit(code)),
+        Some(cli::Command::Serve(args)) => {
+            if let Err(msg) = args.check() {
+                eprintln!("dropscope: {msg} (see dropscope serve --help)");
+                std::process::exit(2);
             }
+            block_on(serve::run(*args))
         }
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let result = runtime
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(session::run(cli.run)));
+        None => block_on(session::run(cli.run)),
+    };
     if let Err(e) = result {
         // One line, whole cause chain: the operator needs the why, not a backtrace.
         eprintln!("dropscope: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Runs a mode on a single-threaded runtime: the work is one event loop.
+fn block_on(mode: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(mode)
 }
 
 fn init_logging(verbose: u8) {

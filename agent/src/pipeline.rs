@@ -46,6 +46,8 @@ struct Fold {
     sample: Drop,
     answer: Option<Answer>,
     pending: u64,
+    /// Bytes of the pending repeats.
+    pending_bytes: u64,
 }
 
 /// What userspace knows about one kernel aggregation key: the cause of its latest sampled
@@ -191,7 +193,10 @@ impl Pipeline {
         if let Some(fold) = self.folds.get_mut(&key) {
             let benign = fold.verdict.benign;
             let verdict = fold.verdict.clone();
-            fold.pending += u64::from(self.show_benign || !benign);
+            if self.show_benign || !benign {
+                fold.pending += 1;
+                fold.pending_bytes += u64::from(d.len);
+            }
             fold.sample.ts_ns = d.ts_ns;
             self.count(&verdict, &d);
             if let Some(k) = self.keys.get_mut(&d.agg) {
@@ -225,6 +230,7 @@ impl Pipeline {
                 sample: d,
                 answer,
                 pending: 0,
+                pending_bytes: 0,
             },
         );
     }
@@ -425,6 +431,8 @@ impl Pipeline {
             drop: d.clone(),
             answer,
             count,
+            // Exact for one drop; the caller corrects it when it knows better.
+            bytes: count * u64::from(d.len),
             first,
             unsent: None,
             netns_name: self.namespaces.name(d.netns),
@@ -497,21 +505,21 @@ impl Pipeline {
 
     /// Reports the repeats counted since the last flush.
     pub fn flush(&mut self, sink: &mut dyn Sink) {
-        let pending: Vec<(Arc<Verdict>, Drop, Option<Answer>, u64)> = self
+        let pending: Vec<(Arc<Verdict>, Drop, Option<Answer>, u64, u64)> = self
             .folds
             .values_mut()
             .filter(|f| f.pending > 0)
             .map(|f| {
-                (
-                    f.verdict.clone(),
-                    f.sample.clone(),
-                    f.answer,
+                let (count, bytes) = (
                     std::mem::take(&mut f.pending),
-                )
+                    std::mem::take(&mut f.pending_bytes),
+                );
+                (f.verdict.clone(), f.sample.clone(), f.answer, count, bytes)
             })
             .collect();
-        for (v, d, answer, count) in pending {
-            let rec = self.record(&v, &d, answer, count, false);
+        for (v, d, answer, count, bytes) in pending {
+            let mut rec = self.record(&v, &d, answer, count, false);
+            rec.bytes = bytes;
             sink.drop(&rec);
         }
     }

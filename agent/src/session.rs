@@ -11,132 +11,257 @@ use std::{
 
 use agent_ebpf::{counter, AggKey, AggVal, Config, ABSENT};
 use anyhow::{Context, Result};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
 };
 
 use crate::{
     causes::Engine,
-    cli::{Color, Format, RunArgs},
+    cli::{Color, Format, ObserveArgs, RunArgs},
     events::Decoder,
     evidence::{netns, rules},
     kernel::{attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
-    output::{
-        json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, DropRecord, Sink, Summary,
-    },
+    output::{json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, Progress, Sink},
     pipeline::{Pipeline, StackReader},
     pods::{self, PodName},
 };
 
-/// Runs until the duration ends or a signal arrives.
+/// The default mode: the live stream (text, JSON or `--top`) until the duration ends or a
+/// signal arrives.
 pub async fn run(args: RunArgs) -> Result<()> {
-    let started = Instant::now();
-    preflight::check_privileges()?;
     if args.null_observer {
-        return null_observer(&args).await;
+        preflight::check_privileges()?;
+        return null_observer(&args.observe).await;
     }
-    let filter = args.filter()?;
-    let kernel = KernelBtf::open(&args.btf)?;
-    let reasons = kernel.drop_reasons(
-        args.btf
-            .parent()
-            .unwrap_or(std::path::Path::new("/sys/kernel/btf")),
-    )?;
-    // Symbols and firewall rule counters load while the programs are verified and attached.
-    let symbols = std::thread::spawn(Kallsyms::load);
-    let watched = filter.netns.clone();
-    let rule_baseline = std::thread::spawn(move || baseline_rules(&watched));
-    let (pods_root, wanted_pods) = (args.pods_root.clone(), filter.pods.clone());
-    let pod_scan = std::thread::spawn(move || {
-        let mut resolver = pods::Resolver::new(&pods_root, wanted_pods);
-        resolver.scan();
-        resolver
-    });
+    let mut sink = stream_sink(&args);
+    observe(&args.observe, sink.as_mut()).await
+}
 
-    let stack_reason = |name| reasons.value(name).unwrap_or(ABSENT);
-    let config = Config {
-        offsets: kernel.offsets(),
-        stack_reasons: [
-            stack_reason("NETFILTER_DROP"),
-            stack_reason("NOT_SPECIFIED"),
-        ],
-        has_reason: 1,
-        rst_has_skb: 0,
-        sample_per_sec: args.sample,
-        context: 0,
-        xt_skb_arg: ABSENT,
-        xt_table_arg: ABSENT,
-        filters: filter.to_kernel(),
-    };
-    preflight::raise_memlock();
-    let probes = attach::attach(&kernel, &args.btf, args.attach, args.context, config)?;
-    let attach_ms = started.elapsed().as_millis();
-    let netfilter_names = kernel.netfilter_names();
-    drop(kernel);
-    // Parsing BTF allocates a lot briefly; hand that memory back to the system.
-    // SAFETY: malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
-
-    let symbols = symbols
-        .join()
-        .map_err(|_| anyhow::anyhow!("kallsyms loader panicked"))?
-        .unwrap_or_else(|e| {
-            tracing::warn!("{e:#}");
-            Kallsyms::empty()
-        });
+/// Where the live stream goes: text, JSON lines or the `--top` view, on stdout.
+fn stream_sink(args: &RunArgs) -> Box<dyn Sink> {
     let clock = Clock::new();
-    let mut top_view = args
-        .top
-        .then(|| TopView::new(std::io::stdout(), std::io::stdout().is_terminal()));
-    let mut sink: Box<dyn Sink> = match args.format {
-        _ if args.top => Box::new(NullSink),
+    let tty = std::io::stdout().is_terminal();
+    match args.format {
+        _ if args.top => Box::new(TopView::new(std::io::stdout(), tty)),
         Format::Json => Box::new(JsonSink::new(std::io::stdout(), clock)),
         Format::Text => {
             let color = match args.color {
                 Color::Always => true,
                 Color::Never => false,
-                Color::Auto => std::io::stdout().is_terminal(),
+                Color::Auto => tty,
             };
             Box::new(TextSink::new(std::io::stdout(), clock, color))
         }
-    };
-    let info = AttachInfo {
-        probes: probes.report.clone(),
-        attach_ms,
-        kernel: nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        reasons: reasons.len(),
-    };
-    tracing::info!(
-        "attached in {attach_ms} ms (load+verify+attach {} ms)",
-        probes.attach_ms
-    );
-    sink.attach(&info);
-    if let Some(view) = top_view.as_mut() {
-        view.attach(&info);
+    }
+}
+
+/// Attaches, feeds every drop into `sink` until the duration ends or SIGINT/SIGTERM arrives,
+/// then detaches and hands `sink` the summary. Every mode that watches drops runs this loop.
+pub async fn observe(args: &ObserveArgs, sink: &mut dyn Sink) -> Result<()> {
+    let started = Instant::now();
+    preflight::check_privileges()?;
+    // Handlers first: a signal that arrives while attaching, or right after the ready file
+    // appears, must still end in a summary and a clean detach.
+    let mut stop = Stop::install()?;
+    let mut session = Session::start(args, started)?;
+    let _ready = args
+        .ready_file
+        .as_deref()
+        .map(ReadyFile::create)
+        .transpose()?;
+    sink.attach(&session.info);
+    stop.run_for(args.duration);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
+    loop {
+        tokio::select! {
+            guard = session.ring.readable_mut() => {
+                let mut guard = guard.context("ring buffer poll")?;
+                drain(guard.get_inner_mut(), &mut session.decoder, &mut session.pipeline, sink);
+                guard.clear_ready();
+            }
+            _ = tick.tick() => session.tick(sink, args.interval),
+            _ = stop.wait() => break,
+        }
+    }
+    session.finish(sink);
+    Ok(())
+}
+
+/// What ends a session: SIGINT, SIGTERM or the end of `--duration`.
+struct Stop {
+    sigint: Signal,
+    sigterm: Signal,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Stop {
+    fn install() -> Result<Self> {
+        let sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        Ok(Stop {
+            sigint,
+            sigterm,
+            deadline: None,
+        })
     }
 
-    let symbols = Rc::new(RefCell::new(symbols));
-    let mut decoder = Decoder::new(reasons, symbols.clone()).with_netfilter_names(netfilter_names);
-    let rules = rule_baseline
-        .join()
-        .map_err(|_| anyhow::anyhow!("rule counter reader panicked"))?;
-    tracing::info!(
-        "firewall rule counters read ({} ms since start)",
-        started.elapsed().as_millis()
-    );
-    let attach::Probes {
-        events,
-        counters,
-        stacks,
-        agg,
-        ebpf,
-        ..
-    } = probes;
-    let read_agg = || -> Vec<(AggKey, AggVal)> {
-        agg.iter()
+    /// Starts the `--duration` clock (none: until a signal).
+    fn run_for(&mut self, duration: Option<f64>) {
+        self.deadline = duration.map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
+    }
+
+    /// Resolves when the session should end (cancel-safe: used in a select loop).
+    async fn wait(&mut self) {
+        let deadline = self.deadline;
+        let until = async {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.sigint.recv() => {}
+            _ = self.sigterm.recv() => {}
+            _ = until => {}
+        }
+    }
+}
+
+/// Attached probes and the pipeline their drops go through.
+struct Session {
+    ring: AsyncFd<RingBuf<MapData>>,
+    decoder: Decoder,
+    pipeline: Pipeline,
+    counters: PerCpuArray<MapData, u64>,
+    agg: PerCpuHashMap<MapData, AggKey, AggVal>,
+    /// Owns the programs: dropping it detaches them.
+    ebpf: aya::Ebpf,
+    info: AttachInfo,
+    streaming: Instant,
+}
+
+impl Session {
+    /// Resolves the kernel's layout, attaches the probes and builds the pipeline.
+    fn start(args: &ObserveArgs, started: Instant) -> Result<Self> {
+        let filter = args.filter()?;
+        let kernel = KernelBtf::open(&args.btf)?;
+        let reasons =
+            kernel.drop_reasons(args.btf.parent().unwrap_or(Path::new("/sys/kernel/btf")))?;
+        // Symbols and firewall rule counters load while the programs are verified and attached.
+        let symbols = std::thread::spawn(Kallsyms::load);
+        let watched = filter.netns.clone();
+        let rule_baseline = std::thread::spawn(move || baseline_rules(&watched));
+        let (pods_root, wanted_pods) = (args.pods_root.clone(), filter.pods.clone());
+        let pod_scan = std::thread::spawn(move || {
+            let mut resolver = pods::Resolver::new(&pods_root, wanted_pods);
+            resolver.scan();
+            resolver
+        });
+
+        let stack_reason = |name| reasons.value(name).unwrap_or(ABSENT);
+        let config = Config {
+            offsets: kernel.offsets(),
+            stack_reasons: [
+                stack_reason("NETFILTER_DROP"),
+                stack_reason("NOT_SPECIFIED"),
+            ],
+            has_reason: 1,
+            rst_has_skb: 0,
+            sample_per_sec: args.sample,
+            context: 0,
+            xt_skb_arg: ABSENT,
+            xt_table_arg: ABSENT,
+            filters: filter.to_kernel(),
+        };
+        preflight::raise_memlock();
+        let probes = attach::attach(&kernel, &args.btf, args.attach, args.context, config)?;
+        let attach_ms = started.elapsed().as_millis();
+        let netfilter_names = kernel.netfilter_names();
+        drop(kernel);
+        // Parsing BTF allocates a lot briefly; hand that memory back to the system.
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+        tracing::info!(
+            "attached in {attach_ms} ms (load+verify+attach {} ms)",
+            probes.attach_ms
+        );
+        let info = AttachInfo {
+            probes: probes.report.clone(),
+            attach_ms,
+            kernel: kernel_release(),
+            reasons: reasons.len(),
+        };
+
+        let symbols = symbols
+            .join()
+            .map_err(|_| anyhow::anyhow!("kallsyms loader panicked"))?
+            .unwrap_or_else(|e| {
+                tracing::warn!("{e:#}");
+                Kallsyms::empty()
+            });
+        let symbols = Rc::new(RefCell::new(symbols));
+        let decoder = Decoder::new(reasons, symbols.clone()).with_netfilter_names(netfilter_names);
+        let rules = rule_baseline
+            .join()
+            .map_err(|_| anyhow::anyhow!("rule counter reader panicked"))?;
+        tracing::info!(
+            "firewall rule counters read ({} ms since start)",
+            started.elapsed().as_millis()
+        );
+        let attach::Probes {
+            events,
+            counters,
+            stacks,
+            agg,
+            ebpf,
+            ..
+        } = probes;
+        let stack_reader: StackReader = Box::new(move |id| match stacks.get(&id, 0) {
+            Ok(trace) => symbols
+                .borrow_mut()
+                .frames(trace.frames().iter().map(|f| f.ip)),
+            Err(_) => Vec::new(),
+        });
+        let pods = pod_scan
+            .join()
+            .map_err(|_| anyhow::anyhow!("pod scanner panicked"))?;
+        warn_missing_pods(&filter.pods, &pods, &args.pods_root);
+        let pipeline = Pipeline::new(
+            Engine::builtin(),
+            filter,
+            args.all,
+            rules,
+            stack_reader,
+            pods,
+        );
+        // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
+        let ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
+        Ok(Session {
+            ring,
+            decoder,
+            pipeline,
+            counters,
+            agg,
+            ebpf,
+            info,
+            streaming: Instant::now(),
+        })
+    }
+
+    /// A kernel counter (`agent_ebpf::counter`), summed over CPUs.
+    fn counter(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|v| v.iter().sum::<u64>())
+            .unwrap_or(0)
+    }
+
+    /// The kernel's exact per-key counts, summed over CPUs.
+    fn read_agg(&self) -> Vec<(AggKey, AggVal)> {
+        self.agg
+            .iter()
             .filter_map(Result::ok)
             .map(|(k, per_cpu)| {
                 let sum = per_cpu.iter().fold(AggVal::default(), |mut a, v| {
@@ -149,113 +274,78 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 (k, sum)
             })
             .collect()
-    };
-    let stack_reader: StackReader = Box::new(move |id| match stacks.get(&id, 0) {
-        Ok(trace) => symbols
-            .borrow_mut()
-            .frames(trace.frames().iter().map(|f| f.ip)),
-        Err(_) => Vec::new(),
-    });
-    let pods = pod_scan
-        .join()
-        .map_err(|_| anyhow::anyhow!("pod scanner panicked"))?;
-    warn_missing_pods(&filter.pods, &pods, &args.pods_root);
-    let mut pipeline = Pipeline::new(
-        Engine::builtin(),
-        filter,
-        args.all,
-        rules,
-        stack_reader,
-        pods,
-    );
-    // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
-    let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
-    let sum = |index| {
-        counters
-            .get(&index, 0)
-            .map(|v| v.iter().sum::<u64>())
-            .unwrap_or(0)
-    };
+    }
 
-    // Handlers first: a signal that arrives right after the ready file appears must still
-    // end in a summary and a clean detach.
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let _ready = args
-        .ready_file
-        .as_deref()
-        .map(ReadyFile::create)
-        .transpose()?;
-    let deadline = args.duration.map(Duration::from_secs_f64);
-    let until = async {
-        match deadline {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
+    /// Drains the ring, reports what the kernel counted but did not send, and the repeats.
+    fn catch_up(&mut self, sink: &mut dyn Sink, final_pass: bool) {
+        // Events already in the ring come first: they give their keys a cause before the
+        // kernel's counts for those keys are reconciled.
+        let now = clock_ns();
+        drain(
+            self.ring.get_mut(),
+            &mut self.decoder,
+            &mut self.pipeline,
+            sink,
+        );
+        let kernel = self.read_agg();
+        let decoder = &mut self.decoder;
+        self.pipeline
+            .reconcile(&kernel, |k| decoder.synthetic(k, now), sink, final_pass);
+        self.pipeline.flush(sink);
+    }
+
+    /// Once per `--interval`.
+    fn tick(&mut self, sink: &mut dyn Sink, seconds: f64) {
+        self.catch_up(sink, false);
+        let lost = self.counter(counter::LOST);
+        let suppressed = self.pipeline.suppressed;
+        sink.tick(&Progress {
+            causes: &self.pipeline.causes,
+            seconds,
+            lost,
+            suppressed,
+        });
+    }
+
+    /// Reports what the kernel delivered before the stop, detaches, and hands over the summary.
+    fn finish(mut self, sink: &mut dyn Sink) {
+        self.catch_up(sink, true);
+        let (seen, lost) = (self.counter(counter::SEEN), self.counter(counter::LOST));
+        let (filtered_in_kernel, agg_full) = (
+            self.counter(counter::FILTERED),
+            self.counter(counter::AGG_FULL),
+        );
+        let Session {
+            ring,
+            pipeline,
+            ebpf,
+            streaming,
+            ..
+        } = self;
+        drop(ring);
+        drop(ebpf);
+        tracing::info!("detached");
+        let mut summary = pipeline.summary(seen, lost, streaming.elapsed().as_secs_f64());
+        summary.filtered += filtered_in_kernel;
+        summary.filtered_in_kernel = filtered_in_kernel;
+        if agg_full > 0 {
+            tracing::warn!("the kernel's aggregation table was full: some counts are not exact");
+            summary.counts_exact = false;
         }
-    };
-    tokio::pin!(until);
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
-    let streaming = Instant::now();
+        sink.summary(&summary);
+    }
+}
 
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("ring buffer poll")?;
-                drain(guard.get_inner_mut(), &mut decoder, &mut pipeline, sink.as_mut());
-                guard.clear_ready();
-            }
-            _ = tick.tick() => {
-                // Events already in the ring come first: they give their keys a cause before
-                // the kernel's counts for those keys are reconciled.
-                let now = clock_ns();
-                drain(ring.get_mut(), &mut decoder, &mut pipeline, sink.as_mut());
-                pipeline.reconcile(&read_agg(), |k| decoder.synthetic(k, now), sink.as_mut(), false);
-                pipeline.flush(sink.as_mut());
-                if let Some(view) = top_view.as_mut() {
-                    view.frame(&pipeline.causes, args.interval, sum(counter::LOST));
-                }
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = &mut until => break,
-        }
-    }
-
-    // Drain what the kernel delivered before the stop, then read the kernel's own counters.
-    drain(ring.get_mut(), &mut decoder, &mut pipeline, sink.as_mut());
-    let now = clock_ns();
-    pipeline.reconcile(
-        &read_agg(),
-        |k| decoder.synthetic(k, now),
-        sink.as_mut(),
-        true,
-    );
-    pipeline.flush(sink.as_mut());
-    let (seen, lost, filtered_in_kernel) = (
-        sum(counter::SEEN),
-        sum(counter::LOST),
-        sum(counter::FILTERED),
-    );
-    drop(ring);
-    drop(ebpf);
-    tracing::info!("detached");
-    let mut summary = pipeline.summary(seen, lost, streaming.elapsed().as_secs_f64());
-    summary.filtered += filtered_in_kernel;
-    summary.filtered_in_kernel = filtered_in_kernel;
-    if sum(counter::AGG_FULL) > 0 {
-        tracing::warn!("the kernel's aggregation table was full: some counts are not exact");
-        summary.counts_exact = false;
-    }
-    match top_view.as_mut() {
-        Some(view) => view.summary(&summary),
-        None => sink.summary(&summary),
-    }
-    Ok(())
+/// The running kernel's release ("6.18.44-...").
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Feeds every record waiting in the ring buffer through the pipeline.
 fn drain(
-    rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    rb: &mut RingBuf<MapData>,
     decoder: &mut Decoder,
     pipeline: &mut Pipeline,
     sink: &mut dyn Sink,
@@ -323,30 +413,17 @@ impl Drop for ReadyFile {
     }
 }
 
-/// Discards records (the live view draws from the pipeline's totals instead).
-struct NullSink;
-
-impl Sink for NullSink {
-    fn attach(&mut self, _: &AttachInfo) {}
-    fn drop(&mut self, _: &DropRecord) {}
-    fn summary(&mut self, _: &Summary) {}
-}
-
 /// `--null-observer`: the empty program on the same hook, attached until a signal (the
 /// benchmark's floor).
-async fn null_observer(args: &RunArgs) -> Result<()> {
+async fn null_observer(args: &ObserveArgs) -> Result<()> {
+    let mut stop = Stop::install()?;
     let ebpf = attach::attach_null(&args.btf)?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let _ready = args
         .ready_file
         .as_deref()
         .map(ReadyFile::create)
         .transpose()?;
-    tokio::select! {
-        _ = sigint.recv() => {}
-        _ = sigterm.recv() => {}
-    }
+    stop.wait().await;
     drop(ebpf);
     Ok(())
 }

@@ -35,14 +35,21 @@ impl Nstat {
 
 /// Packets counted by the nftables rule carrying `comment "<tag>"`.
 pub fn nft_rule_packets(ns: &Netns, tag: &str) -> u64 {
+    nft_rule_counter(ns, tag).0
+}
+
+/// (packets, bytes) counted by the nftables rule carrying `comment "<tag>"`.
+pub fn nft_rule_counter(ns: &Netns, tag: &str) -> (u64, u64) {
     let json: serde_json::Value =
         serde_json::from_str(&ns.sh("nft -j list ruleset")).expect("nft json");
     for item in json["nftables"].as_array().expect("nftables array") {
         let rule = &item["rule"];
         if rule["comment"].as_str() == Some(tag) {
             for expr in rule["expr"].as_array().into_iter().flatten() {
-                if let Some(p) = expr["counter"]["packets"].as_u64() {
-                    return p;
+                let counter = &expr["counter"];
+                if let (Some(p), Some(b)) = (counter["packets"].as_u64(), counter["bytes"].as_u64())
+                {
+                    return (p, b);
                 }
             }
         }

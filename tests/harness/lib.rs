@@ -1,13 +1,15 @@
 //! Test harness: network namespaces wired like a small network, traffic generators that run
 //! inside them, the kernel's own counters, and the real `dropscope` binary observing it all.
 pub mod counters;
+pub mod http;
 pub mod kubelet;
 pub mod netns;
 pub mod observer;
+pub mod prometheus;
 pub mod topology;
 pub mod traffic;
 
-pub use counters::{iptables_rule_packets, nft_rule_packets, Nstat};
+pub use counters::{iptables_rule_packets, nft_rule_counter, nft_rule_packets, Nstat};
 pub use kubelet::Kubelet;
 pub use netns::Netns;
 pub use observer::{Observer, Report};

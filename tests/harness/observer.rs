@@ -32,6 +32,15 @@ pub fn attach_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// A path in the temporary directory no other test uses.
+pub fn temp_path(prefix: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()))
+}
+
 /// A running dropscope.
 pub struct Observer {
     child: Option<Child>,
@@ -49,7 +58,11 @@ pub struct Report {
 impl Observer {
     /// Starts `dropscope --format json --ready-file ... ARGS` and waits until it is attached.
     pub fn start(args: &[&str]) -> Self {
-        Self::spawn(Command::new(binary()), args)
+        Self::spawn(
+            Command::new(binary()),
+            &["--format", "json", "--color", "never"],
+            args,
+        )
     }
 
     /// The same, with dropscope running inside `ns` (nsenter: only the network namespace
@@ -57,20 +70,20 @@ impl Observer {
     pub fn start_in(ns: &Netns, args: &[&str]) -> Self {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", ns.path())).arg(binary());
-        Self::spawn(cmd, args)
+        Self::spawn(cmd, &["--format", "json", "--color", "never"], args)
     }
 
-    fn spawn(mut cmd: Command, args: &[&str]) -> Self {
-        let ready = std::env::temp_dir().join(format!(
-            "dropscope-ready-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
+    /// Starts `dropscope serve --ready-file ... ARGS` (JSON log lines) and waits until it is
+    /// attached.
+    pub fn serve(args: &[&str]) -> Self {
+        Self::spawn(Command::new(binary()), &["serve"], args)
+    }
+
+    fn spawn(mut cmd: Command, leading: &[&str], args: &[&str]) -> Self {
+        let ready = temp_path("dropscope-ready");
         let mut child = cmd
-            .args(["--format", "json", "--color", "never", "--ready-file"])
+            .args(leading)
+            .arg("--ready-file")
             .arg(&ready)
             .args(args)
             .stdout(Stdio::piped())

@@ -3,6 +3,7 @@
 use std::process::Command;
 
 use dropscope_tests::{
+    http::{free_port, get},
     observer::binary,
     topology::{A4, B4},
     traffic::{udp_listener, Udp},
@@ -132,8 +133,7 @@ fn loaded(ids: &[u64]) -> Vec<u64> {
         .collect()
 }
 
-fn detaches_on(sig: Signal) {
-    let obs = Observer::start(&["--netns", "1"]);
+fn detaches_on(obs: Observer, sig: Signal) {
     let ids = programs_of(obs.pid());
     assert!(
         ids.len() >= 3,
@@ -153,12 +153,26 @@ fn detaches_on(sig: Signal) {
 
 #[test]
 fn nothing_stays_attached_after_sigint() {
-    detaches_on(Signal::SIGINT);
+    detaches_on(Observer::start(&["--netns", "1"]), Signal::SIGINT);
 }
 
 #[test]
 fn nothing_stays_attached_after_sigterm() {
-    detaches_on(Signal::SIGTERM);
+    detaches_on(Observer::start(&["--netns", "1"]), Signal::SIGTERM);
+}
+
+#[test]
+fn serve_detaches_and_closes_its_endpoint_after_sigterm() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let obs = Observer::serve(&["--netns", "1", "--metrics", &addr]);
+    let healthz = format!("http://{addr}/healthz");
+    assert_eq!(get(&healthz, &[]).map(|r| r.0), Some(200));
+    detaches_on(obs, Signal::SIGTERM);
+    assert_eq!(
+        get(&healthz, &[]),
+        None,
+        "the endpoint is closed after exit"
+    );
 }
 
 /// Runs dropscope to completion and returns (exit code, stderr).

@@ -6,6 +6,7 @@ mod conntrack;
 mod context;
 mod forwarding;
 mod lifecycle;
+mod metrics;
 mod mtu;
 mod neighbor;
 mod netfilter;

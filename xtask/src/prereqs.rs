@@ -18,7 +18,12 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("nsenter", "util-linux"),
     ("sleep", "coreutils"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
+
+/// Packages whose Debian service must not run: the tests start their own instance.
+const NO_SERVICE: &[&str] = &["prometheus"];
 
 /// What building the eBPF programs needs.
 pub fn ensure_build() -> Result<()> {
@@ -106,7 +111,16 @@ fn ensure_test_tools() -> Result<()> {
         .context("running apt-get")?
         .success()
         .then_some(())
-        .context("apt-get install failed")
+        .context("apt-get install failed")?;
+    for service in NO_SERVICE.iter().filter(|s| missing.contains(s)) {
+        // Installing enables the service; the tests run their own, on loopback. Without
+        // systemd as init this only removes the links, which is all there is to undo.
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", service])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    Ok(())
 }
 
 /// bpftrace, the expert's alternative the benchmark compares against.

@@ -18,10 +18,15 @@ impl<W: Write> JsonSink<W> {
     }
 
     fn emit(&mut self, v: &Value) {
-        // A closed pipe (e.g. `| head`) must not kill the session mid-detach; ignore errors.
-        let _ = writeln!(self.out, "{v}");
-        let _ = self.out.flush();
+        emit(&mut self.out, v);
     }
+}
+
+/// Writes one JSON line and flushes it.
+pub fn emit(out: &mut impl Write, v: &Value) {
+    // A closed pipe (e.g. `| head`) must not kill the session mid-detach; ignore errors.
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
 }
 
 /// The JSON object for one drop record.
@@ -117,6 +122,17 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
     Value::Object(m)
 }
 
+/// The JSON object for the attach record.
+pub fn attach_json(info: &AttachInfo) -> Value {
+    json!({
+        "type": "attach",
+        "kernel": info.kernel,
+        "attach_ms": info.attach_ms,
+        "drop_reasons": info.reasons,
+        "probes": info.probes,
+    })
+}
+
 /// The JSON object for the summary.
 pub fn summary_json(s: &Summary) -> Value {
     let causes: Map<String, Value> = s
@@ -160,14 +176,7 @@ pub fn summary_json(s: &Summary) -> Value {
 
 impl<W: Write> Sink for JsonSink<W> {
     fn attach(&mut self, info: &AttachInfo) {
-        let v = json!({
-            "type": "attach",
-            "kernel": info.kernel,
-            "attach_ms": info.attach_ms,
-            "drop_reasons": info.reasons,
-            "probes": info.probes,
-        });
-        self.emit(&v);
+        self.emit(&attach_json(info));
     }
 
     fn drop(&mut self, record: &DropRecord) {

@@ -1,9 +1,10 @@
 //! Where reports go: human text or one JSON object per line.
+pub mod digest;
 pub mod json;
 pub mod text;
 pub mod top;
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
 
@@ -22,6 +23,9 @@ pub struct DropRecord {
     /// How the kernel answered the packet (ICMP error or TCP reset), when it did.
     pub answer: Option<Answer>,
     pub count: u64,
+    /// Bytes of those drops: exact for drops the kernel sent; for "sampled" and "lost" records
+    /// `count` times the length of the latest sent drop of the same kind.
+    pub bytes: u64,
     /// False for the periodic records that report repeats of an already shown drop.
     pub first: bool,
     /// For drops the kernel counted but did not send: "sampled" (over the per-key budget) or
@@ -41,7 +45,7 @@ pub struct AttachInfo {
 }
 
 /// Totals at exit.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Summary {
     /// Causes ranked by count.
     pub causes: Vec<(String, CauseTotals)>,
@@ -63,11 +67,77 @@ pub struct Summary {
     pub counts_exact: bool,
 }
 
+/// Running totals, handed to the sinks once per `--interval` after the repeats are flushed.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    /// Per-cause totals so far.
+    pub causes: &'a HashMap<String, CauseTotals>,
+    /// Seconds since the previous tick.
+    pub seconds: f64,
+    /// Events the ring buffer had no room for, so far (the kernel's counter).
+    pub lost: u64,
+    /// Benign drops counted but not reported, so far.
+    pub suppressed: u64,
+}
+
 /// A destination for reports.
 pub trait Sink {
+    /// The probes are attached and the first drop can be reported.
     fn attach(&mut self, info: &AttachInfo);
+    /// One record, standing for `record.count` drops.
     fn drop(&mut self, record: &DropRecord);
+    /// Once per interval, after that interval's records.
+    fn tick(&mut self, _progress: &Progress) {}
+    /// The probes are detached; nothing follows.
     fn summary(&mut self, summary: &Summary);
+}
+
+/// Hands every report to each of several sinks, in order.
+pub struct Fanout(pub Vec<Box<dyn Sink>>);
+
+impl Sink for Fanout {
+    fn attach(&mut self, info: &AttachInfo) {
+        self.0.iter_mut().for_each(|s| s.attach(info));
+    }
+    fn drop(&mut self, record: &DropRecord) {
+        self.0
+            .iter_mut()
+            .for_each(|s| Sink::drop(s.as_mut(), record));
+    }
+    fn tick(&mut self, progress: &Progress) {
+        self.0.iter_mut().for_each(|s| s.tick(progress));
+    }
+    fn summary(&mut self, summary: &Summary) {
+        self.0.iter_mut().for_each(|s| s.summary(summary));
+    }
+}
+
+#[cfg(test)]
+impl DropRecord {
+    /// A record of `count` drops like `Drop::example`, of cause `cause`.
+    pub fn example(cause: &str, count: u64, unsent: Option<&'static str>) -> DropRecord {
+        let verdict = Verdict {
+            cause: cause.into(),
+            title: "title".into(),
+            evidence: "evidence".into(),
+            hint: "fix".into(),
+            benign: false,
+            rule: 0,
+            details: Vec::new(),
+        };
+        let drop = Drop::example("NETFILTER_DROP", "nft_do_chain");
+        let bytes = count * u64::from(drop.len);
+        DropRecord {
+            verdict: Arc::new(verdict),
+            drop,
+            answer: None,
+            count,
+            bytes,
+            first: unsent.is_none(),
+            unsent,
+            netns_name: None,
+        }
+    }
 }
 
 /// Converts the kernel's monotonic timestamps (bpf_ktime_get_ns) to wall-clock time.
@@ -138,6 +208,7 @@ mod tests {
             drop,
             answer: None,
             count: 1,
+            bytes: 60,
             first: true,
             unsent: None,
             netns_name: None,

@@ -2,7 +2,7 @@
 //! screen is redrawn in place; otherwise one line per cause per interval.
 use std::{collections::HashMap, io::Write};
 
-use super::{top, AttachInfo, DropRecord, Sink, Summary};
+use super::{top, AttachInfo, DropRecord, Progress, Sink, Summary};
 use crate::pipeline::CauseTotals;
 
 /// Renders the live view; drop records themselves are not printed.
@@ -83,6 +83,10 @@ impl<W: Write> Sink for TopView<W> {
     }
 
     fn drop(&mut self, _record: &DropRecord) {}
+
+    fn tick(&mut self, progress: &Progress) {
+        self.frame(progress.causes, progress.seconds, progress.lost);
+    }
 
     fn summary(&mut self, summary: &Summary) {
         // The final ranking, as the text stream prints it.

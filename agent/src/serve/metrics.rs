@@ -1,0 +1,343 @@
+//! The Prometheus metrics, fed as a sink: every drop record adds its `count`, so the counters
+//! are as exact as the records (the kernel's own per-key counts, reconciled by the session).
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use super::bounded::{BoundedFamily, Fold};
+use crate::output::{AttachInfo, DropRecord, Progress, Sink, Summary};
+
+/// The label value that stands for every label set beyond the cardinality bound.
+const OTHER: &str = "other";
+
+/// Whether the probes are attached (`/readyz`).
+#[derive(Debug, Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabels {
+    cause: String,
+    reason: String,
+    iface: String,
+    pod_namespace: String,
+    pod: String,
+}
+
+impl Fold for DropLabels {
+    fn folded(&self) -> Self {
+        DropLabels {
+            cause: self.cause.clone(),
+            reason: OTHER.into(),
+            iface: OTHER.into(),
+            pod_namespace: OTHER.into(),
+            pod: OTHER.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ByteLabels {
+    cause: String,
+    iface: String,
+    pod_namespace: String,
+    pod: String,
+}
+
+impl Fold for ByteLabels {
+    fn folded(&self) -> Self {
+        ByteLabels {
+            cause: self.cause.clone(),
+            iface: OTHER.into(),
+            pod_namespace: OTHER.into(),
+            pod: OTHER.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UnsentLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProbeLabels {
+    probe: &'static str,
+    mode: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    kernel: String,
+}
+
+/// The metrics sink. Its counters live in the registry the endpoint encodes.
+pub struct Metrics {
+    drops: BoundedFamily<DropLabels>,
+    bytes: BoundedFamily<ByteLabels>,
+    unsent: Family<UnsentLabels, Counter>,
+    events_lost: Counter,
+    suppressed: Counter,
+    probes: Family<ProbeLabels, Gauge>,
+    /// Kernel totals already added to `events_lost` and `suppressed` (they are cumulative).
+    seen_lost: u64,
+    seen_suppressed: u64,
+    health: Arc<Health>,
+}
+
+impl Metrics {
+    /// The metrics and the registry that exposes them; at most `max_series` label sets per
+    /// labelled counter.
+    pub fn new(max_series: usize, kernel: String, health: Arc<Health>) -> (Self, Registry) {
+        let mut registry = Registry::with_prefix("dropscope");
+        let drops = Family::<DropLabels, Counter>::default();
+        let bytes = Family::<ByteLabels, Counter>::default();
+        let unsent = Family::<UnsentLabels, Counter>::default();
+        let (events_lost, suppressed, folds) =
+            (Counter::default(), Counter::default(), Counter::default());
+        let probes = Family::<ProbeLabels, Gauge>::default();
+        let build = Family::<BuildLabels, Gauge>::default();
+        // Counters get their `_total` suffix from the encoder.
+        registry.register(
+            "drops",
+            "Packets the kernel dropped, by cause, drop reason, interface and pod",
+            drops.clone(),
+        );
+        registry.register(
+            "drop_bytes",
+            "Bytes of the packets the kernel dropped, by cause, interface and pod",
+            bytes.clone(),
+        );
+        registry.register(
+            "drops_unsent",
+            "Drops counted in the kernel whose event was not sent: over the --sample budget (sampled) or no room in the ring buffer (lost)",
+            unsent.clone(),
+        );
+        registry.register(
+            "events_lost",
+            "Drop events the ring buffer had no room for",
+            events_lost.clone(),
+        );
+        registry.register(
+            "drops_suppressed",
+            "Benign drops counted but not reported (see --all)",
+            suppressed.clone(),
+        );
+        registry.register(
+            "probe_info",
+            "Attach mode of each probe (tp_btf, tracepoint or unavailable)",
+            probes.clone(),
+        );
+        registry.register(
+            "build_info",
+            "dropscope version and the kernel it runs on",
+            build.clone(),
+        );
+        registry.register(
+            "label_sets_folded",
+            "Label sets counted under \"other\" because their metric reached --max-series",
+            folds.clone(),
+        );
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                kernel,
+            })
+            .set(1);
+        // Both kinds exist from the start, so a query sees 0 rather than nothing.
+        for kind in ["sampled", "lost"] {
+            let _ = unsent.get_or_create(&UnsentLabels { kind });
+        }
+        let metrics = Metrics {
+            drops: BoundedFamily::new(drops, max_series, folds.clone()),
+            bytes: BoundedFamily::new(bytes, max_series, folds),
+            unsent,
+            events_lost,
+            suppressed,
+            probes,
+            seen_lost: 0,
+            seen_suppressed: 0,
+            health,
+        };
+        (metrics, registry)
+    }
+
+    /// Brings the cumulative kernel totals up to date.
+    fn totals(&mut self, lost: u64, suppressed: u64) {
+        self.events_lost
+            .inc_by(lost.saturating_sub(std::mem::replace(&mut self.seen_lost, lost)));
+        self.suppressed.inc_by(
+            suppressed.saturating_sub(std::mem::replace(&mut self.seen_suppressed, suppressed)),
+        );
+    }
+}
+
+/// The pod of a drop, as (namespace, name) labels; empty when the drop is no pod's (Prometheus
+/// treats an empty label as absent).
+fn pod_labels(record: &DropRecord) -> (String, String) {
+    record
+        .drop
+        .pod
+        .as_ref()
+        .map(|p| (p.namespace.clone(), p.name.clone()))
+        .unwrap_or_default()
+}
+
+impl Sink for Metrics {
+    fn attach(&mut self, info: &AttachInfo) {
+        for p in &info.probes {
+            self.probes
+                .get_or_create(&ProbeLabels {
+                    probe: p.probe,
+                    mode: p.mode,
+                })
+                .set(1);
+        }
+        self.health.set_ready(true);
+    }
+
+    fn drop(&mut self, record: &DropRecord) {
+        let (pod_namespace, pod) = pod_labels(record);
+        let cause = record.verdict.cause.clone();
+        let iface = record
+            .drop
+            .dev
+            .map(|d| d.name().to_string())
+            .unwrap_or_default();
+        let bytes = ByteLabels {
+            cause: cause.clone(),
+            iface: iface.clone(),
+            pod_namespace: pod_namespace.clone(),
+            pod: pod.clone(),
+        };
+        self.bytes.inc_by(bytes, record.bytes);
+        let reason = record.drop.reason.to_string();
+        self.drops.inc_by(
+            DropLabels {
+                cause,
+                reason,
+                iface,
+                pod_namespace,
+                pod,
+            },
+            record.count,
+        );
+        if let Some(kind) = record.unsent {
+            self.unsent
+                .get_or_create(&UnsentLabels { kind })
+                .inc_by(record.count);
+        }
+    }
+
+    fn tick(&mut self, progress: &Progress) {
+        self.totals(progress.lost, progress.suppressed);
+    }
+
+    fn summary(&mut self, summary: &Summary) {
+        self.totals(summary.lost, summary.suppressed);
+        self.health.set_ready(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+    use crate::kernel::attach::Attached;
+
+    fn value(registry: &Registry, series: &str) -> Option<u64> {
+        let mut text = String::new();
+        encode(&mut text, registry).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn counters_add_up_every_record_and_follow_the_kernel_totals() {
+        let health = Arc::new(Health::default());
+        let (mut m, registry) = Metrics::new(10, "6.18".into(), health.clone());
+        assert!(!health.is_ready());
+        m.attach(&AttachInfo {
+            probes: vec![Attached {
+                probe: "kfree_skb",
+                mode: "tp_btf",
+                note: None,
+            }],
+            attach_ms: 1,
+            kernel: "6.18".into(),
+            reasons: 1,
+        });
+        assert!(health.is_ready());
+        m.drop(&DropRecord::example("netfilter_drop", 1, None));
+        m.drop(&DropRecord::example("netfilter_drop", 10, Some("sampled")));
+        let causes = std::collections::HashMap::new();
+        m.tick(&Progress {
+            causes: &causes,
+            seconds: 1.0,
+            lost: 3,
+            suppressed: 2,
+        });
+        m.tick(&Progress {
+            causes: &causes,
+            seconds: 1.0,
+            lost: 3,
+            suppressed: 5,
+        });
+        let drops = r#"dropscope_drops_total{cause="netfilter_drop",reason="NETFILTER_DROP",iface="r0",pod_namespace="",pod=""}"#;
+        assert_eq!(value(&registry, drops), Some(11));
+        let bytes = r#"dropscope_drop_bytes_total{cause="netfilter_drop",iface="r0",pod_namespace="",pod=""}"#;
+        assert_eq!(value(&registry, bytes), Some(660));
+        assert_eq!(
+            value(&registry, r#"dropscope_drops_unsent_total{kind="sampled"}"#),
+            Some(10)
+        );
+        assert_eq!(
+            value(&registry, r#"dropscope_drops_unsent_total{kind="lost"}"#),
+            Some(0)
+        );
+        assert_eq!(value(&registry, "dropscope_events_lost_total"), Some(3));
+        assert_eq!(
+            value(&registry, "dropscope_drops_suppressed_total"),
+            Some(5)
+        );
+        assert_eq!(
+            value(
+                &registry,
+                r#"dropscope_probe_info{probe="kfree_skb",mode="tp_btf"}"#
+            ),
+            Some(1)
+        );
+        let build = format!(
+            r#"dropscope_build_info{{version="{}",kernel="6.18"}}"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(value(&registry, &build), Some(1));
+        m.summary(&Summary {
+            lost: 4,
+            suppressed: 5,
+            ..Default::default()
+        });
+        assert_eq!(value(&registry, "dropscope_events_lost_total"), Some(4));
+        assert!(!health.is_ready(), "not ready once detached");
+    }
+}
