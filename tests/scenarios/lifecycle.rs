@@ -79,8 +79,15 @@ fn classic_tracepoint_fallback_gives_the_same_answer() {
     Udp::to(B4, 9401).count(2).send(&t.a);
     let report = obs.stop();
     let probes = report.attach()["probes"].as_array().unwrap().clone();
+    // The drop probes; the context probes (--context) are independent of --attach.
+    let drop_probes = ["kfree_skb", "icmp_send", "tcp_send_reset"];
+    let modes: Vec<_> = probes
+        .iter()
+        .filter(|p| drop_probes.iter().any(|d| p["probe"] == *d))
+        .collect();
+    assert_eq!(modes.len(), 3, "{probes:?}");
     assert!(
-        probes.iter().all(|p| p["mode"] == "tracepoint"),
+        modes.iter().all(|p| p["mode"] == "tracepoint"),
         "{probes:?}"
     );
     let e = Expect {
