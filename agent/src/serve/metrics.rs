@@ -273,6 +273,31 @@ mod tests {
     }
 
     #[test]
+    fn drops_of_a_pod_carry_its_namespace_and_name() {
+        let (mut m, registry) = Metrics::new(10, "6.18".into(), Arc::new(Health::default()));
+        let mut r = DropRecord::example("no_listener", 4, None);
+        r.drop.pod = Some(Arc::new(crate::pods::PodRef {
+            namespace: "shop".into(),
+            name: "db-0".into(),
+            uid: "u-1".into(),
+            container: Some("postgres".into()),
+        }));
+        m.drop(&r);
+        m.drop(&DropRecord::example("no_listener", 1, None));
+        let series = |ns: &str, pod: &str| {
+            format!(
+                r#"dropscope_drops_total{{cause="no_listener",reason="NETFILTER_DROP",iface="r0",pod_namespace="{ns}",pod="{pod}"}}"#
+            )
+        };
+        assert_eq!(value(&registry, &series("shop", "db-0")), Some(4));
+        assert_eq!(
+            value(&registry, &series("", "")),
+            Some(1),
+            "no pod: empty labels"
+        );
+    }
+
+    #[test]
     fn counters_add_up_every_record_and_follow_the_kernel_totals() {
         let health = Arc::new(Health::default());
         let (mut m, registry) = Metrics::new(10, "6.18".into(), health.clone());
