@@ -39,6 +39,18 @@ fn ensure_rust_src() -> Result<()> {
     run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"])
 }
 
+/// The musl target of this machine's architecture (for a static binary), installed if missing.
+/// Returns its triple.
+pub fn ensure_musl_target() -> Result<String> {
+    let target = format!("{}-unknown-linux-musl", std::env::consts::ARCH);
+    let installed = output("rustup", &["target", "list", "--installed"]).unwrap_or_default();
+    if !installed.lines().any(|l| l.trim() == target) {
+        eprintln!("xtask: installing the Rust standard library for {target} (static builds)");
+        run("rustup", &["target", "add", &target])?;
+    }
+    Ok(target)
+}
+
 fn ensure_bpf_linker() -> Result<()> {
     if output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
         return Ok(());
