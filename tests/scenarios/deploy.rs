@@ -1,5 +1,6 @@
-//! deploy/: the DaemonSet manifest is valid Kubernetes, and its capability set is enough for
-//! the agent and none of it is spare.
+//! deploy/: the DaemonSet manifest is valid Kubernetes, its capability set is enough for the
+//! agent and none of it is spare, and the Grafana dashboard queries only what the exporter
+//! serves.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -213,4 +214,150 @@ fn manifest_capabilities_are_enough_and_each_is_needed() {
     let missing_ns: Vec<Value> = without("SYS_PTRACE");
     assert!(missing_ns.iter().all(|r| !r["hint"].as_str().unwrap().contains(&nsenter)), "{missing_ns:#?}");
     drop(pause);
+}
+
+// --- The Grafana dashboard against the exporter's metrics ---------------------------------
+
+/// What `dropscope serve` exports on /metrics: each metric with its labels.
+const METRICS: &[(&str, &[&str])] = &[
+    ("dropscope_drops_total", &["cause", "reason", "iface", "pod_namespace", "pod"]),
+    ("dropscope_drop_bytes_total", &["cause", "iface", "pod_namespace", "pod"]),
+    ("dropscope_drops_unsent_total", &["kind"]),
+    ("dropscope_events_lost_total", &[]),
+    ("dropscope_drops_suppressed_total", &[]),
+    ("dropscope_probe_info", &["probe", "mode"]),
+    ("dropscope_build_info", &["version", "kernel"]),
+    ("dropscope_label_sets_folded_total", &[]),
+];
+
+/// Labels the scrape job adds to every series (README: "Deploying to a cluster").
+const TARGET_LABELS: &[&str] = &["node", "instance", "job"];
+
+/// The `dropscope_*` metric names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("dropscope_") {
+        let tail = &rest[at..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        names.push(&tail[..end]);
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Label names an expression refers to: in `by (...)` / `without (...)` clauses and in
+/// `{...}` matchers. Quoted values are skipped.
+fn label_names(expr: &str) -> Vec<String> {
+    let mut labels = Vec::new();
+    for keyword in ["by (", "without ("] {
+        for (at, _) in expr.match_indices(keyword) {
+            let inner = &expr[at + keyword.len()..];
+            let inner = &inner[..inner.find(')').expect("closing parenthesis")];
+            labels.extend(inner.split(',').map(|l| l.trim().to_string()));
+        }
+    }
+    let mut rest = expr;
+    while let Some(open) = rest.find('{') {
+        let body = &rest[open + 1..];
+        let close = body.find('}').expect("closing brace");
+        let (mut in_quotes, mut start) = (false, 0);
+        let matchers = &body[..close];
+        for (i, c) in matchers.char_indices().chain(std::iter::once((matchers.len(), ','))) {
+            match c {
+                '"' => in_quotes = !in_quotes,
+                ',' if !in_quotes => {
+                    let m = matchers[start..i].trim();
+                    let name_end = m.find(['=', '!']).expect("label matcher");
+                    labels.push(m[..name_end].trim().to_string());
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        rest = &body[close + 1..];
+    }
+    labels
+}
+
+/// Checks one expression: known metrics only, and only labels those metrics (or the scrape)
+/// have.
+fn check_expr(expr: &str, used: &mut Vec<String>) {
+    let metrics = metric_names(expr);
+    assert!(!metrics.is_empty(), "query without a dropscope metric: {expr}");
+    let mut allowed: Vec<&str> = TARGET_LABELS.to_vec();
+    for name in &metrics {
+        let (_, labels) = METRICS
+            .iter()
+            .find(|(m, _)| m == name)
+            .unwrap_or_else(|| panic!("the dashboard queries {name}, which dropscope does not export: {expr}"));
+        allowed.extend(labels.iter());
+        used.push(name.to_string());
+    }
+    for label in label_names(expr) {
+        assert!(allowed.contains(&label.as_str()), "label {label} does not exist on {metrics:?}: {expr}");
+    }
+}
+
+#[test]
+fn dashboard_queries_only_exported_metrics_and_labels() {
+    let text = fs::read_to_string(deploy_file("grafana-dashboard.json")).unwrap();
+    let dash: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    for field in ["title", "uid", "schemaVersion", "panels", "templating", "time"] {
+        assert!(!dash[field].is_null(), "dashboard field {field} missing");
+    }
+    let variables = dash["templating"]["list"].as_array().expect("templating.list");
+    assert!(
+        variables.iter().any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
+        "no $datasource variable of type datasource"
+    );
+    let datasource = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
+
+    let mut used = Vec::new();
+    for v in variables.iter().filter(|v| v["type"] == "query") {
+        assert_eq!(v["datasource"], datasource, "variable {}", v["name"]);
+        // label_values(metric, label)
+        let q = v["definition"].as_str().expect("variable definition");
+        let args = q.strip_prefix("label_values(").and_then(|a| a.strip_suffix(')')).expect("label_values query");
+        let (metric, label) = args.split_once(',').expect("metric and label");
+        check_expr(&format!("{metric}{{{}=\"\"}}", label.trim()), &mut used);
+    }
+
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut ids = Vec::new();
+    for p in panels {
+        ids.push(p["id"].as_u64().expect("panel id"));
+        let g = &p["gridPos"];
+        assert!(g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24, "panel {} wider than the grid", p["title"]);
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"], datasource, "panel {}", p["title"]);
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        for t in targets {
+            assert_eq!(t["datasource"], datasource, "panel {}", p["title"]);
+            check_expr(t["expr"].as_str().expect("expr"), &mut used);
+        }
+    }
+    ids.sort_unstable();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "panel ids are not unique");
+    for (metric, _) in METRICS {
+        assert!(used.iter().any(|u| u == metric), "{metric} is exported but no panel shows it");
+    }
+}
+
+#[test]
+fn expression_parsing_finds_metrics_and_labels() {
+    let expr = r#"topk(10, sum by (pod_namespace, pod) (rate(dropscope_drops_total{node=~"$node", pod!="a,b"}[5m])))"#;
+    assert_eq!(metric_names(expr), vec!["dropscope_drops_total"]);
+    assert_eq!(label_names(expr), vec!["pod_namespace", "pod", "node", "pod"]);
+    let mut used = Vec::new();
+    check_expr(expr, &mut used);
+    let bad = std::panic::catch_unwind(|| check_expr("sum by (kernel) (rate(dropscope_drops_total[1m]))", &mut Vec::new()));
+    assert!(bad.is_err(), "a label the metric does not have must be refused");
+    let bad = std::panic::catch_unwind(|| check_expr("rate(dropscope_drops_totl[1m])", &mut Vec::new()));
+    assert!(bad.is_err(), "an unknown metric must be refused");
 }
