@@ -64,9 +64,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let probes = attach::attach(&kernel, &args.btf, args.attach, config)?;
     let attach_ms = started.elapsed().as_millis();
     drop(kernel);
-    // Parsing BTF allocates a lot briefly; hand that memory back to the system.
+    // Parsing BTF allocates a lot briefly; hand that memory back to the system. glibc keeps
+    // freed heap memory unless asked; musl's allocator (the static build) returns it by itself.
+    #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
+    unsafe {
+        libc::malloc_trim(0)
+    };
 
     let symbols = symbols
         .join()

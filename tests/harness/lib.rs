@@ -1,6 +1,7 @@
 //! Test harness: network namespaces wired like a small network, traffic generators that run
 //! inside them, the kernel's own counters, and the real `dropscope` binary observing it all.
 pub mod counters;
+pub mod kube_validate;
 pub mod netns;
 pub mod observer;
 pub mod topology;

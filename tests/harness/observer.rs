@@ -47,6 +47,12 @@ pub struct Report {
 impl Observer {
     /// Starts `dropscope --format json --ready-file ... ARGS` and waits until it is attached.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_wrapped(&[], args)
+    }
+
+    /// Like `start`, with dropscope run through `wrapper` (a command that ends by exec-ing its
+    /// arguments, like `setpriv ...`), so that `stop`'s signal reaches dropscope itself.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
         let ready = std::env::temp_dir().join(format!(
             "dropscope-ready-{}-{}",
             std::process::id(),
@@ -55,7 +61,15 @@ impl Observer {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut child = Command::new(binary())
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = cmd
             .args(["--format", "json", "--color", "never", "--ready-file"])
             .arg(&ready)
             .args(args)

@@ -3,6 +3,7 @@
 //! a kernel counter that dropscope does not read.
 mod check;
 mod conntrack;
+mod deploy;
 mod forwarding;
 mod lifecycle;
 mod mtu;
