@@ -180,9 +180,13 @@ impl Session {
         let attach_ms = started.elapsed().as_millis();
         let netfilter_names = kernel.netfilter_names();
         drop(kernel);
-        // Parsing BTF allocates a lot briefly; hand that memory back to the system.
+        // Parsing BTF allocates a lot briefly; hand that memory back to the system. glibc keeps
+        // freed heap memory unless asked; musl's allocator (the static build) returns it by itself.
+        #[cfg(target_env = "gnu")]
         // SAFETY: malloc_trim has no preconditions.
-        unsafe { libc::malloc_trim(0) };
+        unsafe {
+            libc::malloc_trim(0)
+        };
         tracing::info!(
             "attached in {attach_ms} ms (load+verify+attach {} ms)",
             probes.attach_ms

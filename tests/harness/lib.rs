@@ -2,6 +2,7 @@
 //! inside them, the kernel's own counters, and the real `dropscope` binary observing it all.
 pub mod counters;
 pub mod http;
+pub mod kube_validate;
 pub mod kubelet;
 pub mod netns;
 pub mod observer;

@@ -65,6 +65,15 @@ impl Observer {
         )
     }
 
+    /// Like `start`, with dropscope run through `wrapper` (a command that ends by exec-ing its
+    /// arguments, like `setpriv ...`), so that `stop`'s signal reaches dropscope itself.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
+        let (program, rest) = wrapper.split_first().expect("a wrapper command");
+        let mut cmd = Command::new(program);
+        cmd.args(rest).arg(binary());
+        Self::spawn(cmd, &["--format", "json", "--color", "never"], args)
+    }
+
     /// The same, with dropscope running inside `ns` (nsenter: only the network namespace
     /// changes), so that `ns` is the node's namespace as dropscope sees it.
     pub fn start_in(ns: &Netns, args: &[&str]) -> Self {

@@ -30,6 +30,10 @@ enum Task {
         /// Optimised, self-contained binary to copy onto a node: target/release/dropscope.
         #[arg(long)]
         release: bool,
+        /// Link statically against musl (no shared libraries at all, runs on any distribution):
+        /// target/<arch>-unknown-linux-musl/{debug,release}/dropscope. Used by deploy/Containerfile.
+        #[arg(long = "static")]
+        static_musl: bool,
     },
     /// Build and run dropscope as root; arguments after `--` go to dropscope.
     Run {
@@ -86,9 +90,17 @@ fn run(cli: Cli) -> Result<()> {
     let root = workspace_root();
     match cli.task {
         Task::Setup => prereqs::ensure_all(),
-        Task::Build { release } => {
+        Task::Build {
+            release,
+            static_musl,
+        } => {
             prereqs::ensure_build()?;
-            let bin = build(&root, release)?;
+            let bin = if static_musl {
+                let target = prereqs::ensure_musl_target()?;
+                build_for(&root, release, Some(&target))?
+            } else {
+                build(&root, release)?
+            };
             println!("built {}", bin.display());
             Ok(())
         }
@@ -152,15 +164,24 @@ fn cargo() -> Command {
 
 /// Builds the agent (its build script builds the eBPF object) and returns the binary's path.
 fn build(root: &Path, release: bool) -> Result<PathBuf> {
+    build_for(root, release, None)
+}
+
+/// Like `build`, for a target triple other than the host's when one is given.
+fn build_for(root: &Path, release: bool, target: Option<&str>) -> Result<PathBuf> {
     let mut cmd = cargo();
     cmd.current_dir(root)
         .args(["build", "--package", "dropscope"]);
     if release {
         cmd.arg("--release");
     }
+    let mut dir = root.join("target");
+    if let Some(target) = target {
+        cmd.args(["--target", target]);
+        dir.push(target);
+    }
     status(&mut cmd)?;
-    Ok(root
-        .join("target")
+    Ok(dir
         .join(if release { "release" } else { "debug" })
         .join("dropscope"))
 }

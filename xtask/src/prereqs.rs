@@ -2,6 +2,7 @@
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use dropscope_tests::kube_validate;
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
@@ -20,6 +21,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("sleep", "coreutils"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    ("unshare", "util-linux"),
+    ("python3", "python3"),
 ];
 
 /// Packages whose Debian service must not run: the tests start their own instance.
@@ -34,7 +37,8 @@ pub fn ensure_build() -> Result<()> {
 /// Everything, including the tools the tests use.
 pub fn ensure_all() -> Result<()> {
     ensure_build()?;
-    ensure_test_tools()
+    ensure_test_tools()?;
+    ensure_manifest_validator()
 }
 
 fn ensure_rust_src() -> Result<()> {
@@ -59,6 +63,18 @@ fn ensure_rust_src() -> Result<()> {
             "rust-src",
         ],
     )
+}
+
+/// The musl target of this machine's architecture (for a static binary), installed if missing.
+/// Returns its triple.
+pub fn ensure_musl_target() -> Result<String> {
+    let target = format!("{}-unknown-linux-musl", std::env::consts::ARCH);
+    let installed = output("rustup", &["target", "list", "--installed"]).unwrap_or_default();
+    if !installed.lines().any(|l| l.trim() == target) {
+        eprintln!("xtask: installing the Rust standard library for {target} (static builds)");
+        run("rustup", &["target", "add", &target])?;
+    }
+    Ok(target)
 }
 
 fn ensure_bpf_linker() -> Result<()> {
@@ -90,20 +106,56 @@ fn ensure_test_tools() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    apt_install(&missing, "the tests need")
+}
+
+/// kubernetes-validate from PyPI, in a virtualenv of its own: the deployment tests validate
+/// deploy/daemonset.yaml with it, offline, against the Kubernetes schemas it bundles.
+fn ensure_manifest_validator() -> Result<()> {
+    if kube_validate::executable().is_file() {
+        return Ok(());
+    }
+    // Debian splits `python3 -m venv` (ensurepip) into its own package.
+    if output("python3", &["-c", "import ensurepip"]).is_none() {
+        apt_install(&["python3-venv"], "virtualenvs need")?;
+    }
+    let venv = kube_validate::venv();
+    let version = kube_validate::VERSION;
+    eprintln!(
+        "xtask: installing kubernetes-validate {version} from PyPI into {}",
+        venv.display()
+    );
+    let venv_arg = venv.to_string_lossy().into_owned();
+    run("python3", &["-m", "venv", &venv_arg])?;
+    let pip = venv.join("bin").join("pip").to_string_lossy().into_owned();
+    let package = format!("kubernetes-validate=={version}");
+    run(
+        &pip,
+        &[
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            &package,
+        ],
+    )
+}
+
+/// Installs Debian packages (as root), saying why.
+fn apt_install(packages: &[&str], why: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
-            "missing test tools; install them with: sudo apt-get install -y {}",
-            missing.join(" ")
+            "missing packages; install them with: sudo apt-get install -y {}",
+            packages.join(" ")
         );
     }
     eprintln!(
-        "xtask: installing Debian packages the tests need: {}",
-        missing.join(" ")
+        "xtask: installing Debian packages {why}: {}",
+        packages.join(" ")
     );
     run("apt-get", &["update", "-qq"])?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    args.extend(&missing);
+    args.extend(packages);
     Command::new("apt-get")
         .args(&args)
         .env("DEBIAN_FRONTEND", "noninteractive")
