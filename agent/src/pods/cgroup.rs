@@ -95,6 +95,10 @@ mod tests {
         // Guaranteed: no QoS slice.
         let line = format!("0::/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{ID}.scope");
         assert_eq!(parse_line(&line), pod(Some(ID)));
+        // Read from inside a container (dropscope as a DaemonSet): the path is relative to the
+        // container's own cgroup namespace.
+        let line = format!("0::/../../kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-{ID}.scope");
+        assert_eq!(parse_line(&line), pod(Some(ID)), "{line}");
         // crun's sub-cgroup inside the scope; kind's nesting under kubelet.slice.
         let line = format!("0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/crio-{ID}.scope/container");
         assert_eq!(parse_line(&line), pod(Some(ID)));
