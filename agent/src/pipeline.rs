@@ -505,7 +505,7 @@ impl Pipeline {
 
     /// Reports the repeats counted since the last flush.
     pub fn flush(&mut self, sink: &mut dyn Sink) {
-        let pending: Vec<(Arc<Verdict>, Drop, Option<Answer>, u64, u64)> = self
+        let pending: Vec<PendingRepeat> = self
             .folds
             .values_mut()
             .filter(|f| f.pending > 0)
@@ -552,6 +552,9 @@ impl Pipeline {
 }
 
 /// The fields of a drop that firewall rules commonly match on.
+/// Repeats of one fold waiting for the next flush: verdict, sample drop, answer, packets, bytes.
+type PendingRepeat = (Arc<Verdict>, Drop, Option<Answer>, u64, u64);
+
 /// Netfilter facts straight from the probes: family, table and chain of the dropping ruleset.
 fn probe_details(c: &crate::events::Context) -> Vec<(&'static str, String)> {
     let mut details = Vec::new();

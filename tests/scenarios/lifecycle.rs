@@ -286,8 +286,7 @@ fn top_view_ranks_causes_in_plain_lines_off_a_terminal() {
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
-        .filter(|l| l.contains(" forwarding_disabled rate="))
-        .last()
+        .rfind(|l| l.contains(" forwarding_disabled rate="))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(
         line.contains("total=3") && line.contains("IP_INADDRERRORS @ ip_error, r0"),

@@ -164,7 +164,7 @@ fn apt_install(packages: &[&str], why: &str) -> Result<()> {
         .success()
         .then_some(())
         .context("apt-get install failed")?;
-    for service in NO_SERVICE.iter().filter(|s| missing.contains(s)) {
+    for service in NO_SERVICE.iter().filter(|s| packages.contains(s)) {
         // Installing enables the service; the tests run their own, on loopback. Without
         // systemd as init this only removes the links, which is all there is to undo.
         let _ = Command::new("systemctl")

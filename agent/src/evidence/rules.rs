@@ -187,7 +187,7 @@ impl Snapshot {
                 })
             })
             .collect();
-        moved.sort_by(|a, b| b.packets.cmp(&a.packets));
+        moved.sort_by_key(|m| std::cmp::Reverse(m.packets));
         moved
     }
 

@@ -265,7 +265,8 @@ pub(super) fn program<'a>(
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
-/// aya errors nest their cause (e.g. the errno); show the whole chain on one line.
+/// aya errors nest their cause (e.g. the errno) and may carry the whole verifier log; keep one
+/// line: what failed and, for a rejected program, the verifier's reason.
 pub(super) fn verbose(e: aya::programs::ProgramError) -> anyhow::Error {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(&e);
@@ -276,14 +277,30 @@ pub(super) fn verbose(e: aya::programs::ProgramError) -> anyhow::Error {
     }
     // The whole verifier log, for -vv.
     tracing::debug!("{msg}");
-    // The verifier log is long; keep its last line, which names the problem.
-    anyhow!(msg
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
-        .unwrap_or("")
-        .to_string())
-    .context(msg.lines().next().unwrap_or("").to_string())
+    anyhow!(one_line(&msg))
+}
+
+/// The first line of an error without the log it announces, plus the verifier's reason: the
+/// last log line before its statistics.
+fn one_line(msg: &str) -> String {
+    let head = msg.lines().next().unwrap_or("");
+    let head = head.split(". Verifier output").next().unwrap_or(head);
+    let stats = [
+        "verification time",
+        "stack depth",
+        "processed ",
+        ": ",
+        "Verifier output",
+    ];
+    let lines: Vec<&str> = msg.lines().skip(1).map(str::trim).collect();
+    let reason = lines
+        .into_iter()
+        .rev()
+        .find(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s)));
+    match reason {
+        Some(r) => format!("{head}: {r}"),
+        None => head.to_string(),
+    }
 }
 
 /// Reads the classic tracepoints' field offsets from tracefs into `config`.
@@ -320,6 +337,20 @@ mod tests {
     use object::{Object, ObjectSection};
 
     use super::*;
+
+    #[test]
+    fn a_rejected_program_is_summed_up_by_the_verifiers_reason() {
+        let msg = "the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: 0: R1=ctx() R10=fp0\n\
+                   19: (7b) *(u64 *)(r0 +8) = r1\n\
+                   R0 unbounded memory access, make sure to bounds check any such access\n\
+                   verification time 4198 usec\nstack depth 8\n\
+                   processed 19 insns (limit 1000000) max_states_per_insn 0\n: Permission denied (os error 13)";
+        assert_eq!(
+            one_line(msg),
+            "the BPF_PROG_LOAD syscall returned Permission denied (os error 13): R0 unbounded memory access, make sure to bounds check any such access"
+        );
+        assert_eq!(one_line("no such function"), "no such function");
+    }
 
     #[test]
     fn every_hook_has_both_programs_in_the_embedded_object() {

@@ -59,7 +59,7 @@ pub fn fields(root: &Path, category: &str, name: &str) -> Result<HashMap<String,
     Ok(parse_format(&text))
 }
 
-/// Parses `field:TYPE NAME;	offset:N;	size:N;	signed:N;` lines.
+/// Parses `field:TYPE NAME;    offset:N;    size:N;    signed:N;` lines.
 pub fn parse_format(text: &str) -> HashMap<String, Field> {
     let mut out = HashMap::new();
     for line in text.lines() {

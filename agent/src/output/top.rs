@@ -44,8 +44,8 @@ impl<W: Write> TopView<W> {
             );
             let _ = writeln!(
                 o,
-                "{:>10}  {:>10}  {:<22} {}",
-                "drops/s", "total", "cause", "top reason @ location, interface"
+                "{:>10}  {:>10}  {:<22} top reason @ location, interface",
+                "drops/s", "total", "cause"
             );
         }
         for (id, t, rate) in &rows {
