@@ -73,3 +73,16 @@ pub fn iptables_rule_packets(ns: &Netns, tool: &str, needle: &str) -> u64 {
     }
     panic!("no {tool} rule matching {needle:?} in {}:\n{text}", ns.name)
 }
+
+/// A counter from `tc -s` output: the number after `key` (e.g. "dropped ").
+pub fn tc_stat(text: &str, key: &str) -> u64 {
+    let at = text
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in {text}"));
+    text[at + key.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|s| !s.is_empty())
+        .unwrap()
+        .parse()
+        .unwrap()
+}

@@ -10,7 +10,7 @@ pub mod prometheus;
 pub mod topology;
 pub mod traffic;
 
-pub use counters::{iptables_rule_packets, nft_rule_counter, nft_rule_packets, Nstat};
+pub use counters::{iptables_rule_packets, nft_rule_counter, nft_rule_packets, tc_stat, Nstat};
 pub use kubelet::Kubelet;
 pub use netns::Netns;
 pub use observer::{Observer, Report};

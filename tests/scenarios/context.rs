@@ -7,7 +7,8 @@
 //! allows neither (like the development host: lockdown, no kprobes) they check the degraded
 //! answer instead.
 use dropscope_tests::{
-    iptables_rule_packets, nft_rule_packets, topology::B4, traffic::Udp, Observer, Report, Topology,
+    iptables_rule_packets, nft_rule_packets, tc_stat, topology::B4, traffic::Udp, Observer, Report,
+    Topology,
 };
 use serde_json::Value;
 
@@ -151,13 +152,7 @@ fn egress_drop_of_a_forwarded_packet_has_both_devices() {
     let obs = Observer::start(&["--netns", &t.r.name]);
     Udp::to(B4, 9702).payload(1000).count(30).send(&t.a);
     let report = obs.stop();
-    let stats = t.r.sh("tc -s qdisc show dev r1");
-    let kernel: u64 = stats
-        .split("dropped ")
-        .nth(1)
-        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .expect("tc reports drops");
+    let kernel = tc_stat(&t.r.sh("tc -s qdisc show dev r1"), "dropped ");
     assert!(kernel > 0, "the shaper dropped nothing");
     // skb->dev is already the egress device here; the probe knows where it came in.
     let e = Expect {

@@ -1,21 +1,9 @@
 //! Causes with one clear kernel reason: queues, sockets, tunnels, IPsec, martians, malformed packets.
-use dropscope_tests::{topology::B4, traffic::Udp, wait_for, Observer, Topology};
+use dropscope_tests::{tc_stat, topology::B4, traffic::Udp, wait_for, Observer, Topology};
 
 use crate::{evidence, observe, Expect};
 
 /// A number from `tc -s` output following `key` (e.g. "dropped").
-fn tc_stat(text: &str, key: &str) -> u64 {
-    let at = text
-        .find(key)
-        .unwrap_or_else(|| panic!("no {key} in {text}"));
-    text[at + key.len()..]
-        .split(|c: char| !c.is_ascii_digit())
-        .find(|s| !s.is_empty())
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn qdisc_overflow_is_qdisc_drop() {
     let t = Topology::new();

@@ -1,10 +1,10 @@
 //! Every rule of the table, exercised by a drop that should reach it; and the degraded
 //! answers when the kernel could not provide a fact.
-use std::{net::IpAddr, sync::Arc};
+use std::net::IpAddr;
 
 use super::*;
 use crate::{
-    events::{Device, Drop, Family, Flow, Sysctls},
+    events::{Device, Drop, Family, Sysctls},
     evidence::{
         conntrack::CtStats,
         rules::{Matcher, Moved, RuleId, Verdict as NfVerdict},
@@ -32,32 +32,18 @@ fn dev(name: &str, mtu: u32) -> Device {
     Device::new(7, n, mtu)
 }
 
+/// UDP 10.231.1.2:40000 -> 10.231.2.2:5353 dropped on r0 (the scenarios' addresses).
 fn drop(reason: &str, location: &str) -> Drop {
-    Drop {
-        ts_ns: 0,
-        skb: 1,
-        reason: Arc::from(reason),
-        location: Arc::from(location),
-        netns: 4026532246,
-        dev: Some(dev("r0", 1500)),
-        out: None,
-        len: 84,
-        mark: 0,
-        ttl: Some(64),
-        flow: Some(Flow {
-            family: Family::Ipv4,
-            proto: 17,
-            src: "10.231.1.2".parse::<IpAddr>().unwrap(),
-            dst: "10.231.2.2".parse::<IpAddr>().unwrap(),
-            ports: Some((40000, 5353)),
-            icmp: None,
-        }),
-        sysctls: Sysctls::default(),
-        stack_id: None,
-        agg: Default::default(),
-        context: Default::default(),
-        pod: None,
-    }
+    let mut d = Drop::example(reason, location);
+    d.skb = 1;
+    d.netns = 4026532246;
+    d.dev = Some(dev("r0", 1500));
+    d.len = 84;
+    let flow = d.flow.as_mut().unwrap();
+    flow.src = "10.231.1.2".parse::<IpAddr>().unwrap();
+    flow.dst = "10.231.2.2".parse::<IpAddr>().unwrap();
+    flow.ports = Some((40000, 5353));
+    d
 }
 
 struct Case {
