@@ -38,6 +38,37 @@ fn green(s: &str) -> String {
     s.green().to_string()
 }
 
+/// How the probes attached, probes with the same mode and note named together:
+/// "kfree_skb, icmp_send via tp_btf; nf_hook_slow, ip_forward unavailable (fentry: ...)".
+pub fn probe_summary(probes: &[crate::kernel::attach::Attached]) -> String {
+    let mut groups: Vec<(&str, Option<&str>, Vec<&str>)> = Vec::new();
+    for p in probes {
+        let note = p.note.as_deref();
+        match groups
+            .iter_mut()
+            .find(|(m, n, _)| *m == p.mode && *n == note)
+        {
+            Some((_, _, names)) => names.push(p.probe),
+            None => groups.push((p.mode, note, vec![p.probe])),
+        }
+    }
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(mode, note, names)| {
+            let how = if *mode == "unavailable" {
+                "unavailable".to_string()
+            } else {
+                format!("via {mode}")
+            };
+            match note {
+                Some(n) => format!("{} {how} ({n})", names.join(", ")),
+                None => format!("{} {how}", names.join(", ")),
+            }
+        })
+        .collect();
+    parts.join("; ")
+}
+
 /// The single line describing a drop (without evidence), shared by stream and tests.
 pub fn drop_line(r: &DropRecord, clock: &Clock) -> String {
     let d = &r.drop;
@@ -82,7 +113,7 @@ pub fn drop_line(r: &DropRecord, clock: &Clock) -> String {
 
 impl<W: Write> Sink for TextSink<W> {
     fn attach(&mut self, info: &AttachInfo) {
-        let probes: Vec<String> = info.probes.iter().map(ToString::to_string).collect();
+        let probes = probe_summary(&info.probes);
         let _ = writeln!(
             self.out,
             "{} attached in {} ms on {} ({} drop reasons): {}. Ctrl-C for the summary.",
@@ -90,7 +121,7 @@ impl<W: Write> Sink for TextSink<W> {
             info.attach_ms,
             info.kernel,
             info.reasons,
-            probes.join(", ")
+            probes
         );
         let _ = self.out.flush();
     }
@@ -200,5 +231,33 @@ impl<W: Write> Sink for TextSink<W> {
         }
         let _ = self.out.write_all(o);
         let _ = self.out.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe_summary;
+    use crate::kernel::attach::Attached;
+
+    #[test]
+    fn probes_with_the_same_outcome_are_named_together() {
+        let p = |probe, mode, note: Option<&str>| Attached {
+            probe,
+            mode,
+            note: note.map(str::to_string),
+        };
+        let refused = Some("fentry: refused by the kernel (EPERM)");
+        let line = probe_summary(&[
+            p("kfree_skb", "tp_btf", None),
+            p("icmp_send", "tp_btf", None),
+            p("nf_hook_slow", "unavailable", refused),
+            p("ip_forward", "unavailable", refused),
+            p("nft_do_chain", "kprobe", Some("fentry: in a module")),
+        ]);
+        assert_eq!(
+            line,
+            "kfree_skb, icmp_send via tp_btf; nf_hook_slow, ip_forward unavailable \
+             (fentry: refused by the kernel (EPERM)); nft_do_chain via kprobe (fentry: in a module)"
+        );
     }
 }
