@@ -152,7 +152,13 @@ pub fn attach(
     let mut report = Vec::new();
     for hook in &HOOKS {
         let tp_ready = tracefs_root.is_some() && tracepoint_ready(hook, &config);
-        let got = attach_hook(&mut ebpf, &aya_btf, hook, mode, tp_ready)?;
+        let mut got = attach_hook(&mut ebpf, &aya_btf, hook, mode, tp_ready)?;
+        // Before the tracepoint gained its `reason` argument it fired only for resets sent on
+        // behalf of a socket, not for the reset answering a packet to a closed port.
+        let rst_args = kernel.tracepoint_args("tcp_send_reset").unwrap_or(0);
+        if hook.probe == "tcp_send_reset" && got.mode != "unavailable" && rst_args < 3 {
+            got.note = Some("this kernel traces resets of existing sockets only, not those answering closed ports".into());
+        }
         tracing::debug!("{got}");
         report.push(got);
     }
