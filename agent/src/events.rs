@@ -181,7 +181,8 @@ pub struct Context {
     pub netfilter: Option<NfHook>,
     /// The ruleset that returned DROP.
     pub ruleset: Option<Ruleset>,
-    /// The route's error when `ip_error` handled the packet (e.g. -113 = EHOSTUNREACH).
+    /// The route's error when `ip_error` handled the packet (`dst->error`, a positive errno:
+    /// 113 = EHOSTUNREACH, also what forwarding disabled sets).
     pub route_error: Option<i32>,
 }
 

@@ -171,3 +171,27 @@ fn egress_drop_of_a_forwarded_packet_has_both_devices() {
         assert!(r["forwarded"].is_null());
     }
 }
+
+#[test]
+fn forwarding_off_carries_the_route_error_from_ip_error() {
+    let t = Topology::new();
+    t.r.sh("sysctl -qw net.ipv4.ip_forward=0");
+    for flag in ["auto", "off"] {
+        let before = dropscope_tests::Nstat::read(&t.r);
+        let obs = Observer::start(&["--netns", &t.r.name, "--context", flag]);
+        Udp::to(B4, 9703).count(2).send(&t.a);
+        let report = obs.stop();
+        let counted = Expect::routed(&t, "forwarding_disabled", 9703).check(&report);
+        assert_eq!(
+            counted,
+            dropscope_tests::Nstat::delta(&t.r, &before, "IpInAddrErrors")
+        );
+        assert_eq!(counted, 2);
+        let r = first(&report, "forwarding_disabled");
+        if check_modes(&report, flag, "ip_error") {
+            assert_eq!(r["route_error"], "EHOSTUNREACH", "{r:#}");
+        } else {
+            assert!(r["route_error"].is_null(), "{r:#}");
+        }
+    }
+}

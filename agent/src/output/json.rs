@@ -74,10 +74,9 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
         m.insert("in_ifindex".into(), json!(from.ifindex));
     }
     if let Some(err) = d.context.route_error {
-        m.insert(
-            "route_error".into(),
-            json!(format!("{:?}", nix::errno::Errno::from_raw(-err))),
-        );
+        // dst->error holds a positive errno (ip_route_input stores -err).
+        let name = format!("{:?}", nix::errno::Errno::from_raw(err.abs()));
+        m.insert("route_error".into(), json!(name));
     }
     m.insert("netns".into(), json!(d.netns));
     if let Some(name) = &r.netns_name {
