@@ -3,7 +3,6 @@ use dropscope_tests::{tc_stat, topology::B4, traffic::Udp, wait_for, Observer, T
 
 use crate::{evidence, observe, Expect};
 
-/// A number from `tc -s` output following `key` (e.g. "dropped").
 #[test]
 fn qdisc_overflow_is_qdisc_drop() {
     let t = Topology::new();
@@ -20,6 +19,7 @@ fn qdisc_overflow_is_qdisc_drop() {
     };
     assert_eq!(e.check(&report), kernel);
     assert!(evidence(&report, "qdisc_drop").contains("on r1"));
+    crate::context::check_forwarded(&report, report.of("qdisc_drop")[0], "r0", "r1");
 }
 
 #[test]

@@ -47,6 +47,7 @@ pub const CORE_TESTS: &[&str] = &[
     "nolisten_tcp",
     "nolisten_udp",
     "context::",
+    "qdisc_overflow",
     "nothing_stays_attached_after_sigterm",
 ];
 
