@@ -107,6 +107,17 @@ fn cases() -> Vec<Case> {
             "ping socket",
         ),
         case(
+            "ping reply copy freed in icmp_rcv (6.1)",
+            {
+                let mut d = drop("NO_SOCKET", "icmp_rcv");
+                let f = d.flow.as_mut().unwrap();
+                (f.proto, f.ports, f.icmp) = (1, None, Some((0, 0)));
+                d
+            },
+            "benign",
+            "raw socket",
+        ),
+        case(
             "mld report",
             v6(drop("NOT_SPECIFIED", "ip6_mc_input")),
             "benign",
