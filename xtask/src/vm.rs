@@ -29,7 +29,7 @@ use serde_json::Value;
 const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12", "7.2"];
 
 /// Test name filters of `vm-test --core`: the recipes of the core causes, the context probes
-/// (with their forced fallbacks) and a clean detach.
+/// (with their forced fallbacks), a clean detach, and no false alarms on a healthy network.
 pub const CORE_TESTS: &[&str] = &[
     "fwd4_off_is",
     "fwd6_off_is",
@@ -49,6 +49,9 @@ pub const CORE_TESTS: &[&str] = &[
     "context::",
     "qdisc_overflow",
     "nothing_stays_attached_after_sigterm",
+    "nothing_stays_attached_after_sigint",
+    "a_healthy_network_reports_no_drops",
+    "benign_ping_noise",
 ];
 
 /// Host packages a VM run needs, each with a file it installs (to check without dpkg's help too).
