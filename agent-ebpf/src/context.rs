@@ -7,15 +7,16 @@
 //! than [`STALE_NS`] is ignored: a task preempted inside a hook can leave a frame behind on a
 //! CPU it no longer runs on, and its skb address may later be reused.
 use agent_ebpf::{
-    Event, ABSENT, CTX_FORWARD, CTX_NETFILTER, CTX_ROUTE_ERROR, CTX_RULESET, ENGINE_NFT, ENGINE_XT,
+    Event, CTX_FORWARD, CTX_NETFILTER, CTX_ROUTE_ERROR, CTX_RULESET, ENGINE_NFT, ENGINE_XT,
 };
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
     macros::map,
     maps::PerCpuArray,
 };
 
 use crate::maps::{cfg, enabled};
+pub use crate::packet::read;
 
 const DEPTH: usize = 4;
 const STALE_NS: u64 = 50_000_000;
@@ -80,16 +81,6 @@ fn slot(f: &mut Frames, i: usize) -> Option<&mut Frame> {
 fn frames(stack: Stack) -> Option<&'static mut Frames> {
     // SAFETY: per-CPU slot of this CPU, valid for the program's run.
     FRAMES.get_ptr_mut(stack as u32).map(|p| unsafe { &mut *p })
-}
-
-/// Reads a `T` at `base + off`, or `None`.
-#[inline(always)]
-pub fn read<T>(base: u64, off: u32) -> Option<T> {
-    if base == 0 || off == ABSENT {
-        return None;
-    }
-    // SAFETY: probe-read of kernel memory; failures are reported, not faults.
-    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.ok()
 }
 
 /// Pushes a frame for `skb`; a full stack keeps counting depth so pops stay balanced.

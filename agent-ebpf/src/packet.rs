@@ -89,7 +89,7 @@ const SKB_DST_PTRMASK: u64 = !1;
 
 /// Reads a `T` at `base + off`, or `None` if the base is NULL, the offset absent or the read fails.
 #[inline(always)]
-fn read<T>(base: u64, off: u32) -> Option<T> {
+pub fn read<T>(base: u64, off: u32) -> Option<T> {
     if base == 0 || off == ABSENT {
         return None;
     }
@@ -114,9 +114,13 @@ pub struct Devices {
 /// The route's device (`skb_dst(skb)->dev`), or 0.
 #[inline(always)]
 fn route_device(skb: u64) -> u64 {
-    let o = &cfg().offsets;
-    let dst = read::<u64>(skb, o.skb_refdst).unwrap_or(0) & SKB_DST_PTRMASK;
-    read::<u64>(dst, o.dst_dev).unwrap_or(0)
+    read::<u64>(skb_dst(skb), cfg().offsets.dst_dev).unwrap_or(0)
+}
+
+/// The packet's route (`skb_dst(skb)`, a `struct dst_entry *`), or 0.
+#[inline(always)]
+pub fn skb_dst(skb: u64) -> u64 {
+    read::<u64>(skb, cfg().offsets.skb_refdst).unwrap_or(0) & SKB_DST_PTRMASK
 }
 
 /// The cheap part, needed for every drop: what the kernel-side filters and the aggregation

@@ -6,9 +6,6 @@ use crate::{
     maps::cfg,
 };
 
-/// `skb->_skb_refdst` carries a "no reference" flag in bit 0.
-const SKB_DST_PTRMASK: u64 = !1;
-
 /// Entry: `ip_forward(skb)` / `ip6_forward(skb)`.
 #[inline(always)]
 pub fn enter(skb: u64) {
@@ -40,8 +37,7 @@ pub fn exit() {
 #[inline(always)]
 pub fn route_error(skb: u64) {
     let o = &cfg().offsets;
-    let dst = read::<u64>(skb, o.skb_refdst).unwrap_or(0) & SKB_DST_PTRMASK;
-    if let Some(err) = read::<i16>(dst, o.dst_error) {
+    if let Some(err) = read::<i16>(crate::packet::skb_dst(skb), o.dst_error) {
         set_route_error(skb, err as i32);
     }
 }
