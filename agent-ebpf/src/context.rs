@@ -51,10 +51,11 @@ pub enum Stack {
     Forward = 0,
     Netfilter = 1,
     Ruleset = 2,
+    Icmp6 = 3,
 }
 
 #[map]
-static FRAMES: PerCpuArray<Frames> = PerCpuArray::with_max_entries(3, 0);
+static FRAMES: PerCpuArray<Frames> = PerCpuArray::with_max_entries(4, 0);
 
 /// The last "this packet dies" facts, set just before the packet is freed.
 #[repr(C)]
@@ -115,6 +116,18 @@ pub fn pop(stack: Stack) -> Option<Frame> {
     let frame = *s;
     s.skb = 0;
     Some(frame)
+}
+
+/// The innermost live frame of `stack`, if it is younger than [`STALE_NS`].
+#[inline(always)]
+pub fn top(stack: Stack) -> Option<Frame> {
+    let f = frames(stack)?;
+    let depth = f.depth as usize;
+    if depth == 0 || depth > DEPTH {
+        return None;
+    }
+    let s = slot(f, depth - 1)?;
+    (s.skb != 0 && now().wrapping_sub(s.ts_ns) < STALE_NS).then_some(*s)
 }
 
 #[inline(always)]

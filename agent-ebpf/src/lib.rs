@@ -23,6 +23,12 @@ pub struct Offsets {
     pub skb_protocol: u32,
     pub skb_mark: u32,
     pub skb_refdst: u32,
+    /// `skb->skb_iif`: the device the packet was received on (kept while it is forwarded).
+    pub skb_iif: u32,
+    /// `skb->sk`, and the netns of a socket (`sock_common.skc_net`): the namespace of
+    /// locally generated packets that have neither a device nor a route yet.
+    pub skb_sk: u32,
+    pub sk_net: u32,
     // struct net_device
     pub dev_ifindex: u32,
     pub dev_name: u32,
@@ -91,6 +97,9 @@ impl Offsets {
         skb_protocol: ABSENT,
         skb_mark: ABSENT,
         skb_refdst: ABSENT,
+        skb_iif: ABSENT,
+        skb_sk: ABSENT,
+        sk_net: ABSENT,
         dev_ifindex: ABSENT,
         dev_name: ABSENT,
         dev_mtu: ABSENT,
@@ -252,9 +261,6 @@ impl Filters {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     pub offsets: Offsets,
-    /// Drop reasons for which a kernel stack is captured (the hook of a netfilter drop and the
-    /// caller of a NOT_SPECIFIED drop are only visible in the stack). [`ABSENT`] when unknown.
-    pub stack_reasons: [u32; 2],
     /// Whether the tp_btf program may read the `reason` argument (absent before 5.17).
     pub has_reason: u32,
     /// Whether `tcp_send_reset`'s tp_btf arguments include the incoming skb (6.x: sk, skb, ...).
@@ -281,6 +287,8 @@ pub enum EventKind {
     IcmpSent = 2,
     /// The kernel answered a packet with a TCP reset (closed port, aborted connection).
     RstSent = 3,
+    /// The kernel sent an ICMPv6 error about a packet (packet too big, unreachable, ...).
+    Icmp6Sent = 4,
 }
 
 /// Packet and device facts read at drop time; `flags` says which parts are valid.
@@ -319,7 +327,9 @@ pub struct Event {
     pub dev6_forwarding: i8,
     pub all6_forwarding: i8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// IPv4 fragment offset (bytes) of a fragment ([`FLAG_FRAG`]); IPv6 likewise from the
+    /// fragment header.
+    pub frag_off: u16,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     pub ifname: [u8; 16],
@@ -339,7 +349,8 @@ pub struct Event {
     pub context: u8,
     /// [`ENGINE_NFT`] or [`ENGINE_XT`] for a ruleset verdict.
     pub rs_engine: u8,
-    pub _pad2: u32,
+    /// `skb->skb_iif`: the device the packet arrived on (0 for locally generated packets).
+    pub iif: u32,
     pub in_ifname: [u8; 16],
     /// Table and chain (nftables; x_tables has no chain names in the kernel) that returned DROP.
     pub rs_table: [u8; 32],
@@ -369,6 +380,11 @@ pub const FLAG_L4: u8 = 1 << 2;
 pub const FLAG_DEV: u8 = 1 << 3;
 /// [`Event::flags`]: the packet had a route (`out_*` fields valid).
 pub const FLAG_DST: u8 = 1 << 4;
+/// [`Event::flags`]: the packet is an IP fragment (`frag_off` valid; only the first fragment,
+/// offset 0, carries ports).
+pub const FLAG_FRAG: u8 = 1 << 5;
+/// [`Event::flags`]: the namespace came from the packet's socket (no device, no route).
+pub const FLAG_SK_NETNS: u8 = 1 << 6;
 
 // The ring buffer record has no implicit padding: both sides see the same bytes.
 const _: () = assert!(core::mem::size_of::<Event>() == 248);
@@ -422,7 +438,7 @@ impl Event {
             dev6_forwarding: -1,
             all6_forwarding: -1,
             flags: 0,
-            _pad: [0; 2],
+            frag_off: 0,
             saddr: [0; 16],
             daddr: [0; 16],
             ifname: [0; 16],
@@ -435,7 +451,7 @@ impl Event {
             nf_pf: 0,
             context: 0,
             rs_engine: 0,
-            _pad2: 0,
+            iif: 0,
             in_ifname: [0; 16],
             rs_table: [0; 32],
             rs_chain: [0; 32],

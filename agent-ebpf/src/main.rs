@@ -186,6 +186,44 @@ mod context_programs {
         0
     }
 
+    #[fentry(function = "icmp6_send")]
+    pub fn icmp6_send_fentry(ctx: FEntryContext) -> i32 {
+        let (skb, ty, code): (u64, u64, u64) = (ctx.arg(0), ctx.arg(1), ctx.arg(2));
+        probes::icmp6_send::enter(skb, ty as u8, code as u8);
+        0
+    }
+
+    #[fexit(function = "icmp6_send")]
+    pub fn icmp6_send_fexit(_ctx: FExitContext) -> i32 {
+        probes::icmp6_send::exit();
+        0
+    }
+
+    #[fentry(function = "icmpv6_push_pending_frames")]
+    pub fn icmp6_push_fentry(_ctx: FEntryContext) -> i32 {
+        probes::icmp6_send::sent();
+        0
+    }
+
+    #[kprobe]
+    pub fn icmp6_send_kprobe(ctx: ProbeContext) -> u32 {
+        let arg = |n| ctx.arg::<u64>(n).unwrap_or(0);
+        probes::icmp6_send::enter(arg(0), arg(1) as u8, arg(2) as u8);
+        0
+    }
+
+    #[kretprobe]
+    pub fn icmp6_send_kretprobe(_ctx: RetProbeContext) -> u32 {
+        probes::icmp6_send::exit();
+        0
+    }
+
+    #[kprobe]
+    pub fn icmp6_push_kprobe(_ctx: ProbeContext) -> u32 {
+        probes::icmp6_send::sent();
+        0
+    }
+
     #[fentry(function = "ip_error")]
     pub fn ip_error_fentry(ctx: FEntryContext) -> i32 {
         probes::forward::route_error(ctx.arg(0));

@@ -1,11 +1,11 @@
 //! Maps and the load-time configuration global.
 use agent_ebpf::{
-    counter, AggKey, AggVal, Config, Event, Filters, Offsets, ABSENT, AGG_ENTRIES, RING_BYTES,
+    counter, AggKey, AggVal, Config, Event, Filters, Offsets, AGG_ENTRIES, RING_BYTES,
     STACK_ENTRIES,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
 
 /// Filled in by userspace before load (`EbpfLoader::set_global`); frozen afterwards, so the
@@ -13,7 +13,6 @@ use aya_ebpf::{
 #[unsafe(no_mangle)]
 static CONFIG: Config = Config {
     offsets: Offsets::UNKNOWN,
-    stack_reasons: [ABSENT; 2],
     has_reason: 1,
     rst_has_skb: 0,
     sample_per_sec: 0,
@@ -45,6 +44,21 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(STACK_ENTRIES, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// `[start, end)` of the code of the function where `skb->dev` of a freed packet holds
+/// something else (fragments purged from a reassembly queue keep their rbtree node there),
+/// written by userspace once it has read the kernel's symbols; `[0, 0]` until then.
+#[map]
+pub static NO_DEV_AT: Array<[u64; 2]> = Array::with_max_entries(1, 0);
+
+/// Whether `location` is inside [`NO_DEV_AT`].
+#[inline(always)]
+pub fn dev_unusable_at(location: u64) -> bool {
+    match NO_DEV_AT.get(0) {
+        Some(r) => location >= r[0] && location < r[1],
+        None => false,
+    }
+}
 
 /// Adds one to a per-CPU counter (no atomics needed: the slot belongs to this CPU).
 #[inline(always)]

@@ -3,7 +3,8 @@
 //! Every read goes through `bpf_probe_read_kernel`, so a wrong pointer yields "unknown", never a
 //! fault; an offset the running kernel does not have is skipped.
 use agent_ebpf::{
-    Event, ABSENT, DEV_WINDOW, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4, SKB_WINDOW,
+    Event, ABSENT, DEV_WINDOW, FLAG_DEV, FLAG_DST, FLAG_FRAG, FLAG_IPV4, FLAG_IPV6, FLAG_L4,
+    FLAG_SK_NETNS, SKB_WINDOW,
 };
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
@@ -127,12 +128,16 @@ pub fn skb_dst(skb: u64) -> u64 {
 /// key look at (length, device index, netns, addresses, ports). The rest waits until the
 /// event is known to be sent.
 #[inline(always)]
-pub fn fill_key(ev: &mut Event, skb: u64) -> Devices {
+pub fn fill_key(ev: &mut Event, skb: u64, no_dev: bool) -> Devices {
     let o = &cfg().offsets;
     ev.skb = skb;
     let sw = Window::read(0, skb, o.skb_window, SKB_WINDOW);
     ev.len = field!(sw, u32, skb, o.skb_len).unwrap_or(0);
-    let dev = field!(sw, u64, skb, o.skb_dev).unwrap_or(0);
+    let dev = if no_dev {
+        0
+    } else {
+        field!(sw, u64, skb, o.skb_dev).unwrap_or(0)
+    };
     let mut out = 0;
     let ns_dev = if dev != 0 {
         dev
@@ -146,8 +151,19 @@ pub fn fill_key(ev: &mut Event, skb: u64) -> Devices {
         ev.flags |= FLAG_DEV;
         ev.ifindex = field!(dw, u32, dev, o.dev_ifindex).unwrap_or(0);
     }
-    let net = field!(dw, u64, ns_dev, o.dev_nd_net).unwrap_or(0);
+    let net = if ns_dev != 0 {
+        field!(dw, u64, ns_dev, o.dev_nd_net).unwrap_or(0)
+    } else {
+        // Neither a device nor a route (e.g. a socket's packet before routing): its socket's.
+        let sk = read::<u64>(skb, o.skb_sk).unwrap_or(0);
+        let net = read::<u64>(sk, o.sk_net).unwrap_or(0);
+        if net != 0 {
+            ev.flags |= FLAG_SK_NETNS;
+        }
+        net
+    };
     ev.netns = read::<u32>(net, o.net_inum).unwrap_or(0);
+    ev.iif = field!(sw, u32, skb, o.skb_iif).unwrap_or(0);
     if cfg().filters.n_ifnames != 0 {
         // Only an interface filter needs the names this early.
         if out == 0 {
@@ -201,7 +217,7 @@ pub fn fill_rest(ev: &mut Event, skb: u64, devs: &Devices) {
 /// Fills `ev` with everything known about `skb` (for rare events: no sampling to decide).
 #[inline(always)]
 pub fn fill(ev: &mut Event, skb: u64) {
-    let devs = fill_key(ev, skb);
+    let devs = fill_key(ev, skb, false);
     fill_rest(ev, skb, &devs);
 }
 
@@ -244,7 +260,12 @@ fn parse_ipv4(ev: &mut Event, l3: u64) {
     ev.saddr[..4].copy_from_slice(&h[12..16]);
     ev.daddr[..4].copy_from_slice(&h[16..20]);
     // Only the first fragment carries the L4 header.
-    let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+    let frag = u16::from_be_bytes([h[6], h[7]]);
+    let frag_off = frag & 0x1fff;
+    if frag & 0x2000 != 0 || frag_off != 0 {
+        ev.flags |= FLAG_FRAG;
+        ev.frag_off = frag_off.wrapping_mul(8);
+    }
     if frag_off == 0 {
         let ihl = ((h[0] & 0x0f) as usize) * 4;
         if ihl + 4 <= HEADERS {
@@ -268,7 +289,58 @@ fn parse_ipv6(ev: &mut Event, l3: u64) {
     ev.ttl = h[7];
     ev.saddr.copy_from_slice(&h[8..24]);
     ev.daddr.copy_from_slice(&h[24..40]);
-    parse_l4_bytes(ev, [h[40], h[41], h[42], h[43]]);
+    if !is_ext_header(ev.l4_proto) {
+        parse_l4_bytes(ev, [h[40], h[41], h[42], h[43]]);
+        return;
+    }
+    // Extension headers (hop-by-hop, routing, fragment, destination options) come before
+    // the upper layer: step over a few of them to find the real protocol and ports.
+    let mut at = l3 + 40;
+    let mut next = ev.l4_proto;
+    for _ in 0..MAX_EXT_HEADERS {
+        if !is_ext_header(next) {
+            break;
+        }
+        // Every one of them starts with (next header, length); the fragment header is 8
+        // bytes long and says where this fragment sits instead.
+        let Some(e) = read::<[u8; 8]>(at, 0) else {
+            return;
+        };
+        if next == IPPROTO_FRAGMENT {
+            let off = u16::from_be_bytes([e[2], e[3]]);
+            ev.flags |= FLAG_FRAG;
+            ev.frag_off = off & 0xfff8;
+            next = e[0];
+            at += 8;
+            if ev.frag_off != 0 {
+                // A later fragment: no upper-layer header in it.
+                ev.l4_proto = next;
+                return;
+            }
+        } else {
+            next = e[0];
+            at += (e[1] as u64 + 1) * 8;
+        }
+    }
+    ev.l4_proto = next;
+    if !is_ext_header(next) {
+        parse_l4(ev, at);
+    }
+}
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// Extension headers stepped over before giving up on the upper layer.
+const MAX_EXT_HEADERS: usize = 3;
+
+#[inline(always)]
+fn is_ext_header(proto: u8) -> bool {
+    matches!(
+        proto,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_FRAGMENT | IPPROTO_DSTOPTS
+    )
 }
 
 #[inline(always)]

@@ -8,7 +8,7 @@ use std::{
 
 use agent_ebpf::{
     AggKey, Event, EventKind, CTX_FORWARD, CTX_NETFILTER, CTX_ROUTE_ERROR, CTX_RULESET, ENGINE_NFT,
-    FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4,
+    FLAG_DEV, FLAG_DST, FLAG_FRAG, FLAG_IPV4, FLAG_IPV6, FLAG_L4,
 };
 
 use crate::{
@@ -150,9 +150,17 @@ pub struct Drop {
     /// The device the route sends the packet to.
     pub out: Option<Device>,
     pub len: u32,
-    pub mark: u32,
+    /// `skb->mark`; `None` where that memory holds something else (see [`Decoder`]).
+    pub mark: Option<u32>,
     pub ttl: Option<u8>,
     pub flow: Option<Flow>,
+    /// Byte offset of an IP fragment in its packet (`Some(0)`: the first fragment).
+    pub fragment: Option<u16>,
+    /// `skb->skb_iif` when it differs from `dev`: the packet arrived there and is now on
+    /// its way out (forwarded or bridged). Named by the pipeline (`arrived_on`).
+    pub iif: Option<u32>,
+    /// The device `iif` names, in the drop's namespace.
+    pub arrived_on: Option<Device>,
     pub sysctls: Sysctls,
     pub stack_id: Option<u32>,
     /// The key the kernel counted this drop under.
@@ -167,7 +175,13 @@ impl Drop {
     /// The device the packet came in on: for a forwarded packet the one it arrived on, even
     /// when it died on the way out (where `skb->dev` is already the egress device).
     pub fn ingress(&self) -> Option<Device> {
-        self.context.forwarded_from.or(self.dev)
+        self.context.forwarded_from.or(self.arrived_on).or(self.dev)
+    }
+
+    /// Whether the packet was generated on this host and never received: no arrival
+    /// device, and no device or the route's own device.
+    pub fn is_local_out(&self) -> bool {
+        self.iif.is_none() && (self.dev.is_none() || self.dev == self.out)
     }
 }
 
@@ -222,7 +236,7 @@ impl Drop {
             dev: Some(Device::new(3, name, 1500)),
             out: None,
             len: 60,
-            mark: 0,
+            mark: None,
             ttl: Some(64),
             flow: Some(Flow {
                 family: Family::Ipv4,
@@ -232,6 +246,9 @@ impl Drop {
                 ports: Some((40000, 80)),
                 icmp: None,
             }),
+            fragment: None,
+            iif: None,
+            arrived_on: None,
             sysctls: Sysctls::default(),
             stack_id: None,
             agg: Default::default(),
@@ -246,6 +263,8 @@ impl Drop {
 pub enum Answer {
     /// An ICMP error (type, code).
     Icmp(u8, u8),
+    /// An ICMPv6 error (type, code).
+    Icmp6(u8, u8),
     /// A TCP reset.
     TcpReset,
 }
@@ -297,15 +316,21 @@ impl Decoder {
         let ev = parse(bytes)?;
         match ev.kind {
             k if k == EventKind::Drop as u8 => Some(Record::Drop(self.drop(&ev))),
-            k if k == EventKind::IcmpSent as u8 || k == EventKind::RstSent as u8 => {
+            k if k == EventKind::IcmpSent as u8
+                || k == EventKind::Icmp6Sent as u8
+                || k == EventKind::RstSent as u8 =>
+            {
+                let answer = if k == EventKind::RstSent as u8 {
+                    Answer::TcpReset
+                } else if k == EventKind::Icmp6Sent as u8 {
+                    Answer::Icmp6(ev.icmp_type, ev.icmp_code)
+                } else {
+                    Answer::Icmp(ev.icmp_type, ev.icmp_code)
+                };
                 Some(Record::Reply(Reply {
                     ts_ns: ev.ts_ns,
                     skb: ev.skb,
-                    answer: if k == EventKind::RstSent as u8 {
-                        Answer::TcpReset
-                    } else {
-                        Answer::Icmp(ev.icmp_type, ev.icmp_code)
-                    },
+                    answer,
                     flow: flow(&ev),
                 }))
             }
@@ -325,11 +350,16 @@ impl Decoder {
         let dev = (ev.flags & FLAG_DEV != 0).then(|| Device::new(ev.ifindex, ev.ifname, ev.mtu));
         // A forwarded packet that died on its way out (queue, shaper) is on its egress device
         // already, and may have lost its route: that device is where it was going.
+        // skb_iif is where the packet arrived; when it differs from skb->dev the packet is
+        // on its way out (forwarded, bridged) and skb->dev is an egress device.
+        let iif = (ev.iif != 0 && dev.is_some_and(|d| d.ifindex != ev.iif)).then_some(ev.iif);
         let egress = dev.filter(|d| {
-            context
-                .forwarded_from
-                .is_some_and(|from| from.ifindex != d.ifindex)
+            iif.is_some()
+                || context
+                    .forwarded_from
+                    .is_some_and(|from| from.ifindex != d.ifindex)
         });
+        let flow = flow(ev);
         Drop {
             ts_ns: ev.ts_ns,
             skb: ev.skb,
@@ -337,11 +367,16 @@ impl Decoder {
             location: self.symbols.borrow_mut().resolve(ev.location),
             netns: ev.netns,
             dev,
-            out: route_device(ev).or(egress),
+            // A packet on its way out is on its egress device; the route's device may be a
+            // stand-in (br_netfilter gives bridged frames the bridge's own route).
+            out: egress.or(route_device(ev)),
             len: ev.len,
-            mark: ev.mark,
+            mark: (!tailroom_in_mark(flow.as_ref())).then_some(ev.mark),
             ttl: (ev.flags & (FLAG_IPV4 | FLAG_IPV6) != 0).then_some(ev.ttl),
-            flow: flow(ev),
+            flow,
+            fragment: (ev.flags & FLAG_FRAG != 0).then_some(ev.frag_off),
+            iif,
+            arrived_on: None,
             sysctls: Sysctls {
                 dev_forwarding: opt(ev.dev_forwarding),
                 all_forwarding: opt(ev.all_forwarding),
@@ -393,6 +428,18 @@ impl Decoder {
         ev.l4_proto = key.l4_proto;
         self.drop(&ev)
     }
+}
+
+/// Whether `skb->mark` may hold `reserved_tailroom` instead (they share memory): the kernel
+/// sets it on the IGMP and MLD reports it builds, and the value travels with the packet within
+/// a namespace (a veth peer receives it as it was). A mark read there is not a mark.
+fn tailroom_in_mark(flow: Option<&Flow>) -> bool {
+    const IPPROTO_IGMP: u8 = 2;
+    const MLD_TYPES: [u8; 4] = [130, 131, 132, 143];
+    flow.is_some_and(|f| {
+        f.proto == IPPROTO_IGMP
+            || (f.proto == 58 && f.icmp.is_some_and(|(t, _)| MLD_TYPES.contains(&t)))
+    })
 }
 
 /// The device the route sends the packet to. Received packets that end in a local or error

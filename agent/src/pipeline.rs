@@ -7,13 +7,15 @@ use std::{collections::HashMap, sync::Arc};
 use agent_ebpf::{AggKey, AggVal};
 
 use crate::{
-    causes::{facts, Engine, Facts, Verdict},
+    causes::{facts, Attribution, Engine, Facts, Verdict},
     events::{Answer, Device, Drop, Flow, Record, Reply, Sysctls},
-    evidence::{conntrack::CtStats, netfilter, netns, routes, rules},
+    evidence::investigator::Investigator,
     filter::Filter,
     output::{DropRecord, Sink, Summary},
     pods::{self, PodRef},
 };
+
+pub use crate::causes::facts::Traced;
 
 /// How long a dropped "fragmentation needed" explains later too-big drops of its flow (ns).
 const FRAG_NEEDED_WINDOW_NS: u64 = 2_000_000_000;
@@ -23,6 +25,8 @@ const REPLY_PAIR_WINDOW_NS: u64 = 100_000_000;
 const MAX_FOLDS: usize = 65_536;
 /// Distinct flows (and pods) remembered per cause for the summary.
 const MAX_FLOWS_PER_CAUSE: usize = 1024;
+/// Distinct explanations (evidence texts) remembered per cause for the summary.
+const MAX_VERDICTS_PER_CAUSE: usize = 256;
 
 /// Reads a captured kernel stack by id, symbolized, innermost frame first.
 pub type StackReader = Box<dyn FnMut(u32) -> Vec<Arc<str>>>;
@@ -35,6 +39,7 @@ struct FoldKey {
     netns: u32,
     dev: Option<Device>,
     out: Option<Device>,
+    iif: Option<u32>,
     flow: Option<Flow>,
     sysctls: Sysctls,
     answer: Option<Answer>,
@@ -66,13 +71,13 @@ struct KeyState {
 pub struct CauseTotals {
     pub count: u64,
     pub title: String,
-    pub evidence: String,
-    pub hint: String,
     pub reasons: HashMap<Arc<str>, u64>,
     pub locations: HashMap<Arc<str>, u64>,
     pub ifaces: HashMap<Device, u64>,
     pub flows: HashMap<Flow, u64>,
     pub pods: HashMap<Arc<PodRef>, u64>,
+    /// Drops per distinct explanation (keyed by evidence text).
+    pub verdicts: HashMap<String, (Arc<Verdict>, u64)>,
 }
 
 impl CauseTotals {
@@ -86,26 +91,37 @@ impl CauseTotals {
         }
         by_name
     }
+
+    /// The explanation of the most drops, and the share of the cause's drops it covers.
+    pub fn representative(&self) -> Option<(&Verdict, f64)> {
+        let (v, n) = self
+            .verdicts
+            .values()
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.evidence.cmp(&a.0.evidence)))?;
+        Some((v, *n as f64 / self.count.max(1) as f64))
+    }
 }
 
 pub struct Pipeline {
     engine: Engine,
     filter: Filter,
     show_benign: bool,
-    namespaces: netns::Registry,
+    investigator: Box<dyn Investigator>,
+    /// Which answers (ICMP, ICMPv6, TCP reset) the attached probes can see.
+    traced: Traced,
     pods: pods::Resolver,
     replies: HashMap<u64, Reply>,
     folds: HashMap<FoldKey, Fold>,
-    nf_engines: HashMap<(u32, Arc<str>), &'static str>,
     /// Where an ICMP "fragmentation needed" was just dropped: (netns, its destination) -> time.
     frag_needed_drops: HashMap<(u32, std::net::IpAddr), u64>,
-    rules: rules::Tracker,
     stacks: StackReader,
     keys: HashMap<AggKey, KeyState>,
     /// Whether every kernel count so far was matched by events plus reported unsent drops.
     pub counts_exact: bool,
     pub causes: HashMap<String, CauseTotals>,
     pub reasons: HashMap<Arc<str>, u64>,
+    /// Hidden drops (benign, or frees that are not drops), by cause.
+    pub hidden: HashMap<String, u64>,
     pub suppressed: u64,
     pub filtered: u64,
     pub drops: u64,
@@ -116,26 +132,27 @@ impl Pipeline {
         engine: Engine,
         filter: Filter,
         show_benign: bool,
-        rules: rules::Tracker,
+        investigator: Box<dyn Investigator>,
+        traced: Traced,
         stacks: StackReader,
         pods: pods::Resolver,
     ) -> Self {
         Pipeline {
             pods,
-            rules,
+            investigator,
+            traced,
             stacks,
             keys: HashMap::new(),
             counts_exact: true,
             engine,
             filter,
             show_benign,
-            namespaces: netns::Registry::new(),
             replies: HashMap::new(),
             folds: HashMap::new(),
-            nf_engines: HashMap::new(),
             frag_needed_drops: HashMap::new(),
             causes: HashMap::new(),
             reasons: HashMap::new(),
+            hidden: HashMap::new(),
             suppressed: 0,
             filtered: 0,
             drops: 0,
@@ -174,6 +191,7 @@ impl Pipeline {
         self.drops += 1;
         let answer = self.answer_for(&d);
         d.pod = self.pods.for_drop(d.netns, d.flow.as_ref());
+        self.name_arrival(&mut d);
         if !self.filter.matches(&d) {
             self.filtered += 1;
             return;
@@ -185,6 +203,7 @@ impl Pipeline {
             netns: d.netns,
             dev: d.dev,
             out: d.out,
+            iif: d.iif,
             flow: d.flow,
             sysctls: d.sysctls,
             answer,
@@ -253,136 +272,55 @@ impl Pipeline {
                 .is_some_and(|&t| d.ts_ns.saturating_sub(t) < FRAG_NEEDED_WINDOW_NS)
     }
 
+    /// Names the device a forwarded or bridged packet arrived on (`skb_iif`), in its
+    /// namespace. The kernel's ip6_forward moves a too-big packet to its egress device before
+    /// freeing it; its arrival device is then the one it came in on, as for IPv4.
+    fn name_arrival(&mut self, d: &mut Drop) {
+        let Some(iif) = d.iif else { return };
+        let Some(name) = self.investigator.ifname(d.netns, iif) else {
+            return;
+        };
+        let mut bytes = [0u8; 16];
+        let n = name.len().min(15);
+        bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let arrived = Device::new(iif, bytes, 0);
+        d.arrived_on = Some(arrived);
+        if &*d.location == "ip6_forward" && &*d.reason == "PKT_TOO_BIG" {
+            d.out = d.out.or(d.dev);
+            d.dev = Some(arrived);
+        }
+    }
+
     fn classify(&mut self, d: &Drop, answer: Option<Answer>, frag_needed_dropped: bool) -> Verdict {
-        let icmp_sent = match answer {
-            Some(Answer::Icmp(t, c)) => Some((t, c)),
-            _ => None,
-        };
-        let netfilter = &*d.reason == "NETFILTER_DROP";
-        // The probes name hook and engine directly; the stack and the namespace's tables
-        // are the fallback when they are not attached.
-        let probed_engine = d.context.ruleset.as_ref().map(|r| r.engine);
-        let nf_engine = netfilter.then(|| probed_engine.unwrap_or_else(|| self.nf_engine(d)));
-        let (nf_rule, ct) = if netfilter {
-            self.dropping_rule(d, icmp_sent)
-        } else {
-            (None, None)
-        };
         let stack = d.stack_id.map(|id| (self.stacks)(id)).unwrap_or_default();
-        let probed_hook = d.context.netfilter.and_then(|n| n.hook);
-        let nf_hook = if netfilter {
-            probed_hook.or_else(|| netfilter::hook_from_stack(&stack))
+        // A drop that stands for kernel counts without an event of its own was never paired
+        // with an answer: whether one was sent is unknown.
+        let traced = if d.skb == 0 {
+            Traced::NONE
         } else {
-            None
+            self.traced
         };
-        let (route, ifaces) = match (needs_route(d), self.netns_path(d.netns)) {
-            (true, Some(path)) => routes::lookup(path.as_deref(), d.flow.map(|f| f.dst)),
-            _ => (None, None),
-        };
-        let neighbours = match (needs_neighbours(d), self.netns_path(d.netns), d.dev) {
-            (true, Some(path), Some(dev)) => routes::unresolved_neighbours(
-                path.as_deref(),
-                dev.name().to_string(),
-                d.flow.map(|f| f.dst),
-            ),
-            _ => Vec::new(),
-        };
-        let nsexec = self.namespaces.exec_prefix(d.netns);
-        let rst_sent = answer == Some(Answer::TcpReset);
-        let facts = Facts {
-            drop: d,
-            icmp_sent,
-            rst_sent,
-            nf_engine,
-            nsexec,
-            nf_rule,
-            nf_hook,
-            ct,
-            frag_needed_dropped,
-            route,
-            ifaces,
-            neighbours,
-        };
+        let mut facts = Facts::new(d, answer, traced, &stack, self.investigator.as_mut());
+        facts.frag_needed_dropped = frag_needed_dropped;
         let mut verdict = self.engine.classify(&facts);
-        if netfilter {
-            for (key, fact) in [
-                ("hook", "nf_hook"),
-                ("engine", "nf_engine"),
-                ("rule", "nf_rule"),
-            ] {
-                if let Some(v) = facts.get(fact) {
-                    verdict.details.push((key, v.to_string()));
-                }
-            }
-            verdict.details.extend(probe_details(&d.context));
-        }
-        if let Some(route) = &facts.route {
-            verdict.details.push(("route", route.clone()));
-        }
-        if verdict.cause == "unclassified" && !stack.is_empty() {
-            // Something to act on when no rule knows the drop: where it came from.
-            let frames: Vec<&str> = stack.iter().skip(1).take(6).map(|f| &**f).collect();
-            verdict.details.push(("stack", frames.join(" <- ")));
-        }
+        verdict.attribution = attribution(d, &facts, &verdict);
         verdict
     }
 
-    /// The DROP/REJECT rule whose counter moved with this drop, and conntrack's counters.
-    /// Rules that cannot have matched the packet are excluded; an ICMP error sent with the
-    /// drop prefers a REJECT rule, its absence a DROP rule; otherwise the rule that moved most.
-    fn dropping_rule(
-        &mut self,
-        d: &Drop,
-        icmp_sent: Option<(u8, u8)>,
-    ) -> (Option<rules::Moved>, Option<CtStats>) {
-        let Some(path) = self.netns_path(d.netns) else {
-            return (None, None);
-        };
-        let fields = packet_fields(d);
-        let mut found = rules::Attribution::default();
-        for fresh in [false, true] {
-            found = self.rules.attribute(d.netns, path.as_deref(), fresh);
-            found.moved.retain(|m| m.matcher.could_match(&fields));
-            if !found.moved.is_empty() {
-                break;
-            }
-        }
-        let is_reject = |m: &&rules::Moved| matches!(m.verdict, rules::Verdict::Reject(_));
-        let preferred = match icmp_sent {
-            Some(_) => found.moved.iter().find(is_reject),
-            None => found.moved.iter().find(|m| !is_reject(m)),
-        };
-        (preferred.or(found.moved.first()).cloned(), found.ct)
-    }
-
-    /// How to enter `netns`: `Some(None)` for dropscope's own namespace, `None` if unreachable.
-    fn netns_path(&mut self, netns: u32) -> Option<Option<std::path::PathBuf>> {
-        if netns == self.namespaces.own() {
-            return Some(None);
-        }
-        self.namespaces.get(netns).map(|r| Some(r.path.clone()))
-    }
-
-    /// The netfilter engine for a drop, looked up once per namespace and location.
-    fn nf_engine(&mut self, d: &Drop) -> &'static str {
-        let key = (d.netns, d.location.clone());
-        if let Some(e) = self.nf_engines.get(&key) {
-            return e;
-        }
-        let ns = self.namespaces.get(d.netns).cloned();
-        let engine = netfilter::engine(&d.location, ns.as_ref());
-        self.nf_engines.insert(key, engine);
-        engine
-    }
-
-    fn count(&mut self, v: &Verdict, d: &Drop) {
+    fn count(&mut self, v: &Arc<Verdict>, d: &Drop) {
         self.count_n(v, d, 1);
     }
 
     /// Adds `n` drops like `d` to the totals.
-    fn count_n(&mut self, v: &Verdict, d: &Drop, n: u64) {
+    fn count_n(&mut self, v: &Arc<Verdict>, d: &Drop, n: u64) {
         if v.benign && !self.show_benign {
             self.suppressed += n;
+            match self.hidden.get_mut(v.cause.as_str()) {
+                Some(c) => *c += n,
+                None => {
+                    self.hidden.insert(v.cause.clone(), n);
+                }
+            }
             return;
         }
         *self.reasons.entry(d.reason.clone()).or_default() += n;
@@ -390,8 +328,6 @@ impl Pipeline {
         if !self.causes.contains_key(v.cause.as_str()) {
             let fresh = CauseTotals {
                 title: v.title.clone(),
-                evidence: v.evidence.clone(),
-                hint: v.hint.clone(),
                 ..Default::default()
             };
             self.causes.insert(v.cause.clone(), fresh);
@@ -401,6 +337,14 @@ impl Pipeline {
             .get_mut(v.cause.as_str())
             .expect("inserted above");
         t.count += n;
+        let room = t.verdicts.len() < MAX_VERDICTS_PER_CAUSE;
+        match t.verdicts.get_mut(v.evidence.as_str()) {
+            Some(e) => e.1 += n,
+            None if room => {
+                t.verdicts.insert(v.evidence.clone(), (v.clone(), n));
+            }
+            None => {}
+        }
         *t.reasons.entry(d.reason.clone()).or_default() += n;
         *t.locations.entry(d.location.clone()).or_default() += n;
         if let Some(dev) = d.dev {
@@ -435,7 +379,7 @@ impl Pipeline {
             bytes: count * u64::from(d.len),
             first,
             unsent: None,
-            netns_name: self.namespaces.name(d.netns),
+            netns_name: self.investigator.netns_name(d.netns),
         }
     }
 
@@ -532,8 +476,12 @@ impl Pipeline {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         causes.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(&b.0)));
+        let mut hidden: Vec<(String, u64)> =
+            self.hidden.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        hidden.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         Summary {
             causes,
+            hidden,
             reasons: self
                 .reasons
                 .iter()
@@ -551,54 +499,46 @@ impl Pipeline {
     }
 }
 
-/// The fields of a drop that firewall rules commonly match on.
 /// Repeats of one fold waiting for the next flush: verdict, sample drop, answer, packets, bytes.
 type PendingRepeat = (Arc<Verdict>, Drop, Option<Answer>, u64, u64);
 
-/// Netfilter facts straight from the probes: family, table and chain of the dropping ruleset.
-fn probe_details(c: &crate::events::Context) -> Vec<(&'static str, String)> {
-    let mut details = Vec::new();
-    if let Some(family) = c.netfilter.and_then(|n| n.family) {
-        details.push(("nf_family", family.to_string()));
-    }
-    if let Some(r) = &c.ruleset {
-        details.push(("nf_table", r.table.clone()));
-        if let Some(chain) = &r.chain {
-            details.push(("nf_chain", chain.clone()));
+/// The attribution of a classified drop: netfilter facts from the probes or the stack, and
+/// what the rules fetched while classifying it (nothing more is fetched here).
+fn attribution(d: &Drop, facts: &Facts, verdict: &Verdict) -> Attribution {
+    let fetched = facts.fetched();
+    let mut a = Attribution {
+        route: fetched.route.as_ref().map(|r| r.text.clone()),
+        path_mtu: fetched.route.as_ref().and_then(|r| r.mtu),
+        tunnel: fetched.tunnel.map(|t| t.name),
+        counters: fetched.counters,
+        ..Default::default()
+    };
+    if &*d.reason == "NETFILTER_DROP" {
+        a.hook = facts.nf_hook();
+        a.hook_from = a.hook.map(|_| {
+            if d.context.netfilter.and_then(|n| n.hook).is_some() {
+                "probe"
+            } else {
+                "stack"
+            }
+        });
+        a.engine = facts.get("nf_engine").map(|v| v.to_string());
+        a.rule = fetched
+            .rule
+            .map(|m| format!("[{}] (+{} packets)", m.rule, m.packets));
+        a.nf_family = facts.nf_family();
+        a.nf_bridged = matches!(facts.get("nf_bridged"), Some(facts::Value::Bool(true)));
+        if let Some(r) = &d.context.ruleset {
+            a.nf_table = Some(r.table.clone());
+            a.nf_chain = r.chain.clone();
         }
     }
-    if c.netfilter.is_some() {
-        details.push(("hook_from", "probe".to_string()));
+    if verdict.cause == "unclassified" {
+        if let Some(facts::Value::Str(frames)) = facts.get("frames") {
+            if frames != "no stack" {
+                a.stack = Some(frames.into_owned());
+            }
+        }
     }
-    details
-}
-
-fn packet_fields(d: &Drop) -> rules::PacketFields {
-    let flow = d.flow.as_ref();
-    rules::PacketFields {
-        proto: flow.map(|f| f.proto),
-        sport: flow.and_then(|f| f.ports).map(|p| p.0),
-        dport: flow.and_then(|f| f.ports).map(|p| p.1),
-        src: flow.map(|f| f.src),
-        dst: flow.map(|f| f.dst),
-        iif: d.dev.map(|dev| dev.name().to_string()),
-        oif: d.out.map(|dev| dev.name().to_string()),
-    }
-}
-
-/// Drops whose explanation depends on the routing table of their namespace.
-fn needs_route(d: &Drop) -> bool {
-    matches!(
-        &*d.reason,
-        "IP_INNOROUTES" | "IP_OUTNOROUTES" | "IP_INADDRERRORS"
-    ) || (&*d.reason == "NOT_SPECIFIED"
-        && matches!(
-            &*d.location,
-            "ip_error" | "dst_discard" | "ip6_pkt_discard" | "ip6_pkt_prohibit"
-        ))
-}
-
-/// Drops whose explanation depends on the neighbour table of their device.
-fn needs_neighbours(d: &Drop) -> bool {
-    matches!(&*d.reason, "NEIGH_FAILED" | "NEIGH_QUEUEFULL") || &*d.location == "neigh_invalidate"
+    a
 }

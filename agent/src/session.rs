@@ -21,10 +21,10 @@ use crate::{
     causes::Engine,
     cli::{Color, Format, ObserveArgs, RunArgs},
     events::Decoder,
-    evidence::{netns, rules},
+    evidence::{counters, investigator, netns, rules},
     kernel::{attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
     output::{json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, Progress, Sink},
-    pipeline::{Pipeline, StackReader},
+    pipeline::{Pipeline, StackReader, Traced},
     pods::{self, PodName},
 };
 
@@ -152,7 +152,7 @@ impl Session {
         // Symbols and firewall rule counters load while the programs are verified and attached.
         let symbols = std::thread::spawn(Kallsyms::load);
         let watched = filter.netns.clone();
-        let rule_baseline = std::thread::spawn(move || baseline_rules(&watched));
+        let rule_baseline = std::thread::spawn(move || baselines(&watched));
         let (pods_root, wanted_pods) = (args.pods_root.clone(), filter.pods.clone());
         let pod_scan = std::thread::spawn(move || {
             let mut resolver = pods::Resolver::new(&pods_root, wanted_pods);
@@ -160,13 +160,8 @@ impl Session {
             resolver
         });
 
-        let stack_reason = |name| reasons.value(name).unwrap_or(ABSENT);
         let config = Config {
             offsets: kernel.offsets(),
-            stack_reasons: [
-                stack_reason("NETFILTER_DROP"),
-                stack_reason("NOT_SPECIFIED"),
-            ],
             has_reason: 1,
             rst_has_skb: 0,
             sample_per_sec: args.sample,
@@ -176,7 +171,7 @@ impl Session {
             filters: filter.to_kernel(),
         };
         preflight::raise_memlock();
-        let probes = attach::attach(&kernel, &args.btf, args.attach, args.context, config)?;
+        let mut probes = attach::attach(&kernel, &args.btf, args.attach, args.context, config)?;
         let attach_ms = started.elapsed().as_millis();
         let netfilter_names = kernel.netfilter_names();
         drop(kernel);
@@ -205,9 +200,10 @@ impl Session {
                 tracing::warn!("{e:#}");
                 Kallsyms::empty()
             });
+        attach::set_no_dev_range(&mut probes.ebpf, symbols.range("inet_frag_rbtree_purge"));
         let symbols = Rc::new(RefCell::new(symbols));
         let decoder = Decoder::new(reasons, symbols.clone()).with_netfilter_names(netfilter_names);
-        let rules = rule_baseline
+        let (rules, snmp) = rule_baseline
             .join()
             .map_err(|_| anyhow::anyhow!("rule counter reader panicked"))?;
         tracing::info!(
@@ -232,11 +228,13 @@ impl Session {
             .join()
             .map_err(|_| anyhow::anyhow!("pod scanner panicked"))?;
         warn_missing_pods(&filter.pods, &pods, &args.pods_root);
+        let traced = traced_answers(&info.probes);
         let pipeline = Pipeline::new(
             Engine::builtin(),
             filter,
             args.all,
-            rules,
+            Box::new(investigator::Live::new(rules, snmp)),
+            traced,
             stack_reader,
             pods,
         );
@@ -340,6 +338,23 @@ impl Session {
     }
 }
 
+/// Which answers the attached probes let dropscope pair with drops.
+fn traced_answers(probes: &[attach::Attached]) -> Traced {
+    let attached = |name: &str| {
+        probes
+            .iter()
+            .find(|p| p.probe == name)
+            .filter(|p| p.mode != "unavailable")
+    };
+    Traced {
+        icmp: attached("icmp_send").is_some(),
+        icmp6: attached("icmp6_send").is_some(),
+        // Before the tracepoint's `reason` argument, resets answering closed ports are not
+        // traced (the attach note says so).
+        rst: attached("tcp_send_reset").is_some_and(|p| p.note.is_none()),
+    }
+}
+
 /// The running kernel's release ("6.18.44-...").
 pub fn kernel_release() -> String {
     nix::sys::utsname::uname()
@@ -368,9 +383,10 @@ fn clock_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads the starting counters of every DROP/REJECT rule, in the watched namespaces (all
-/// namespaces when no `--netns` filter is given), so later drops can be matched to a rule.
-fn baseline_rules(watched: &[u32]) -> rules::Tracker {
+/// Reads the starting counters of every DROP/REJECT rule and the kernel's SNMP counters, in
+/// the watched namespaces (all namespaces when no `--netns` filter is given), so later drops
+/// can be matched to a rule and to what the kernel counted with them.
+fn baselines(watched: &[u32]) -> (rules::Tracker, counters::Tracker) {
     let mut registry = netns::Registry::new();
     let own = registry.own();
     let targets: Vec<(u32, Option<std::path::PathBuf>)> = registry
@@ -379,7 +395,11 @@ fn baseline_rules(watched: &[u32]) -> rules::Tracker {
         .filter(|r| watched.is_empty() || watched.contains(&r.inode))
         .map(|r| (r.inode, (r.inode != own).then_some(r.path)))
         .collect();
-    rules::Tracker::with_baselines(&targets)
+    let mut counters = counters::Tracker::default();
+    for (netns, path) in &targets {
+        counters.baseline(*netns, path.as_deref());
+    }
+    (rules::Tracker::with_baselines(&targets), counters)
 }
 
 /// Says which `--pod` pods are not running on the node (yet): pods come and go, so this is

@@ -51,9 +51,10 @@ fn mtu6_is_mtu_exceeded() {
             .count(2)
             .send(&t.a);
     });
-    // IPv6: skb->dev is already the egress device when ip6_forward drops it.
+    // ip6_forward moves the packet to its egress device before dropping it; dropscope still
+    // names the device it arrived on, as for IPv4, and the egress as out_ifname.
     let e = Expect {
-        ifname: "r1",
+        ifname: "r0",
         family: "ipv6",
         src: A6,
         dst: B6,
@@ -61,6 +62,7 @@ fn mtu6_is_mtu_exceeded() {
     };
     assert_eq!((e.check(&report), kernel), (2, 2));
     assert!(evidence(&report, "mtu_exceeded").contains("MTU 1280 of r1"));
+    assert_eq!(report.of("mtu_exceeded")[0]["out_ifname"], "r1");
 }
 
 #[test]

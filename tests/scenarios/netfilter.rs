@@ -293,5 +293,12 @@ fn l3_rule_on_bridged_traffic_is_bridge_netfilter() {
         iptables_rule_packets(&s, "iptables-nft", "--dport 9110 -j DROP")
     );
     assert_eq!(counted, 3);
-    assert_eq!(report.of("bridge_netfilter")[0]["hook"], "bridge");
+    // br_netfilter ran the IPv4 forward hook for the bridged frame.
+    let r = report.of("bridge_netfilter")[0];
+    assert_eq!(
+        (&r["hook"], &r["nf_family"]),
+        (&"forward".into(), &"ipv4".into()),
+        "{r:#}"
+    );
+    assert_eq!(r["in_ifname"], "p1", "{r:#}");
 }

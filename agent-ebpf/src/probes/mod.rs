@@ -1,5 +1,6 @@
 //! One module per kernel hook.
 pub mod forward;
+pub mod icmp6_send;
 pub mod icmp_send;
 pub mod kfree_skb;
 pub mod netfilter;

@@ -15,12 +15,43 @@ pub struct Verdict {
     pub cause: String,
     pub title: String,
     pub evidence: String,
-    pub hint: String,
+    pub fix: String,
+    /// Normal operation or not a drop at all: counted, shown only with `--all`.
     pub benign: bool,
     /// Index of the rule that matched (for tests and `--explain`-style output).
     pub rule: usize,
-    /// Attribution beyond the cause (netfilter hook, rule, engine), shown as extra fields.
-    pub details: Vec<(&'static str, String)>,
+    /// Attribution beyond the cause (netfilter hook, rule, route, ...).
+    pub attribution: Attribution,
+}
+
+/// What dropscope found out about a drop besides its cause, each part only when known.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attribution {
+    /// Netfilter hook (prerouting, input, forward, output, postrouting, bridge, ...).
+    pub hook: Option<&'static str>,
+    /// Where the hook came from: "probe" (nf_hook_slow) or "stack".
+    pub hook_from: Option<&'static str>,
+    /// Netfilter engine (nftables, iptables-legacy, a netfilter module).
+    pub engine: Option<String>,
+    /// The firewall rule whose counter moved with the drop.
+    pub rule: Option<String>,
+    /// Netfilter family (ipv4, ipv6, inet, bridge, arp, netdev).
+    pub nf_family: Option<&'static str>,
+    /// An IP hook ran for a bridged frame (br_netfilter).
+    pub nf_bridged: bool,
+    /// nftables table and base chain from the ruleset probe.
+    pub nf_table: Option<String>,
+    pub nf_chain: Option<String>,
+    /// The route the kernel's lookup gave for the packet.
+    pub route: Option<String>,
+    /// The path MTU of that route, when it has one.
+    pub path_mtu: Option<u32>,
+    /// The tunnel device that sent the packet.
+    pub tunnel: Option<String>,
+    /// Kernel counters that moved in the namespace with the drop.
+    pub counters: Vec<(String, u64)>,
+    /// Stack frames, for drops no rule of the table knows.
+    pub stack: Option<String>,
 }
 
 impl Engine {
@@ -62,10 +93,10 @@ impl Engine {
             cause: rule.cause.clone(),
             title: cause.title.clone(),
             evidence: render(&rule.evidence_tpl, facts),
-            hint: render(&rule.fix_tpl, facts),
+            fix: render(&rule.fix_tpl, facts),
             benign: rule.benign,
             rule: index,
-            details: Vec::new(),
+            attribution: Attribution::default(),
         }
     }
 }

@@ -1,13 +1,19 @@
 //! Every rule of the table, exercised by a drop that should reach it; and the degraded
-//! answers when the kernel could not provide a fact.
-use std::net::IpAddr;
+//! answers when the kernel or the namespace could not provide a fact. Live state comes from a
+//! fake investigator, so each case says exactly what the namespace would have shown.
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use super::*;
+use crate::causes::facts::Traced;
 use crate::{
-    events::{Device, Drop, Family, Sysctls},
+    events::{Answer, Device, Drop, Family, Sysctls},
     evidence::{
         conntrack::CtStats,
+        counters::Counters,
+        investigator::{Investigator, NfState},
+        routes::Route,
         rules::{Matcher, Moved, RuleId, Verdict as NfVerdict},
+        tunnels::Tunnel,
     },
 };
 
@@ -46,18 +52,56 @@ fn drop(reason: &str, location: &str) -> Drop {
     d
 }
 
+fn icmp(mut d: Drop, ty: u8, code: u8) -> Drop {
+    let f = d.flow.as_mut().unwrap();
+    (f.ports, f.icmp) = (None, Some((ty, code)));
+    f.proto = if f.family == Family::Ipv6 { 58 } else { 1 };
+    d
+}
+
+fn to(mut d: Drop, dst: &str) -> Drop {
+    d.flow.as_mut().unwrap().dst = dst.parse().unwrap();
+    d
+}
+
+fn port(mut d: Drop, dport: u16) -> Drop {
+    d.flow.as_mut().unwrap().ports = Some((40000, dport));
+    d
+}
+
+fn fragment(mut d: Drop, offset: u16) -> Drop {
+    d.fragment = Some(offset);
+    d
+}
+
+/// The stack of a drop by an nftables rule in the IPv4 forward hook.
+const NFT_FORWARD: &[&str] = &[
+    "sk_skb_reason_drop",
+    "nft_do_chain",
+    "nft_do_chain_ipv4",
+    "nf_hook_slow",
+    "ip_forward",
+    "ip_rcv",
+];
+
+/// The stack of a drop by a hook function (x_tables, conntrack, NAT) in the forward hook.
+const HOOK_FORWARD: &[&str] = &["sk_skb_reason_drop", "nf_hook_slow", "ip_forward", "ip_rcv"];
+
 struct Case {
     name: &'static str,
     drop: Drop,
-    icmp: Option<(u8, u8)>,
-    rst: bool,
-    engine: Option<&'static str>,
+    answer: Option<Answer>,
+    traced: Traced,
     rule: Option<Moved>,
-    hook: &'static str,
+    counters_read: bool,
     ct: Option<CtStats>,
+    stack: &'static [&'static str],
     frag_needed_dropped: bool,
-    route: Option<&'static str>,
+    route: Option<Route>,
     ifaces: usize,
+    sysctls: Vec<(&'static str, &'static str)>,
+    moved: Vec<(&'static str, u64)>,
+    tunnel: Option<Tunnel>,
     cause: &'static str,
     evidence_has: &'static str,
 }
@@ -66,15 +110,18 @@ fn case(name: &'static str, drop: Drop, cause: &'static str, evidence_has: &'sta
     Case {
         name,
         drop,
-        icmp: None,
-        rst: false,
-        engine: None,
+        answer: None,
+        traced: Traced::ALL,
         rule: None,
-        hook: "forward",
+        counters_read: true,
         ct: None,
+        stack: &[],
         frag_needed_dropped: false,
         route: None,
         ifaces: 2,
+        sysctls: Vec::new(),
+        moved: Vec::new(),
+        tunnel: None,
         cause,
         evidence_has,
     }
@@ -93,13 +140,104 @@ fn v6(mut d: Drop) -> Drop {
     d
 }
 
+fn route(kind: &'static str, text: &str, mtu: Option<u32>) -> Option<Route> {
+    Some(Route {
+        kind,
+        text: text.into(),
+        mtu,
+        mtu_expires: None,
+    })
+}
+
+/// Answers from the case's fixed data.
+struct Fake<'a>(&'a Case);
+
+impl Investigator for Fake<'_> {
+    fn exec_prefix(&mut self, _netns: u32) -> String {
+        "ip netns exec dr-r ".into()
+    }
+    fn netns_name(&mut self, _netns: u32) -> Option<String> {
+        Some("dr-r".into())
+    }
+    fn netfilter(&mut self, _d: &Drop, _answer: Option<Answer>) -> NfState {
+        NfState {
+            rule: self.0.rule.clone(),
+            ct: self.0.ct,
+            counters_read: self.0.counters_read,
+            legacy_tables: Vec::new(),
+        }
+    }
+    fn route(&mut self, _d: &Drop) -> Option<Route> {
+        self.0.route.clone()
+    }
+    fn interfaces(&mut self, _netns: u32) -> Option<usize> {
+        Some(self.0.ifaces)
+    }
+    fn neighbours(&mut self, _d: &Drop) -> Vec<String> {
+        vec!["10.231.2.2 FAILED".into()]
+    }
+    fn sysctl(&mut self, _netns: u32, key: &str) -> Option<String> {
+        self.0
+            .sysctls
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
+    }
+    fn counters(&mut self, _netns: u32) -> Counters {
+        Counters {
+            moved: self
+                .0
+                .moved
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+        }
+    }
+    fn tunnel(&mut self, _netns: u32, _src: IpAddr, _dst: IpAddr) -> Option<Tunnel> {
+        self.0.tunnel.clone()
+    }
+    fn ifname(&mut self, _netns: u32, _ifindex: u32) -> Option<String> {
+        None
+    }
+}
+
 fn cases() -> Vec<Case> {
     let mut too_big = drop("PKT_TOO_BIG", "ip_forward");
     too_big.len = 1428;
     too_big.out = Some(dev("r1", 1280));
     let mut ttl = drop("IP_INHDR", "ip_forward");
     ttl.ttl = Some(1);
+    let mut outer = drop("NOT_SPECIFIED", "ip_fragment");
+    outer.len = 1528;
     vec![
+        // --- not drops, benign
+        case(
+            "fragment list of a consumed packet",
+            drop("NOT_SPECIFIED", "skb_release_data"),
+            "not_a_drop",
+            "fragment of a reassembled packet",
+        ),
+        Case {
+            stack: &["kfree_skb_list_reason", "skb_release_data", "consume_skb", "icmp_rcv"],
+            ..case(
+                "fragment list of a consumed packet (6.1)",
+                drop("NOT_SPECIFIED", "kfree_skb_list_reason"),
+                "not_a_drop",
+                "fragment of a reassembled packet",
+            )
+        },
+        case(
+            "route query",
+            drop("NOT_SPECIFIED", "inet_rtm_getroute"),
+            "not_a_drop",
+            "route query",
+        ),
+        case(
+            "napi placeholder",
+            drop("NOT_SPECIFIED", "netif_napi_add_weight_locked"),
+            "not_a_drop",
+            "placeholder buffer",
+        ),
         case(
             "ping reply copy",
             drop("NO_SOCKET", "ping_rcv"),
@@ -108,12 +246,7 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "ping reply copy freed in icmp_rcv (6.1)",
-            {
-                let mut d = drop("NO_SOCKET", "icmp_rcv");
-                let f = d.flow.as_mut().unwrap();
-                (f.proto, f.ports, f.icmp) = (1, None, Some((0, 0)));
-                d
-            },
+            icmp(drop("NO_SOCKET", "icmp_rcv"), 0, 0),
             "benign",
             "raw socket",
         ),
@@ -124,23 +257,32 @@ fn cases() -> Vec<Case> {
             "has not joined",
         ),
         case(
+            "igmp report",
+            to(drop("NOT_SPECIFIED", "ip_rcv_finish_core"), "224.0.0.22"),
+            "benign",
+            "IPv4 multicast to 224.0.0.22",
+        ),
+        case(
+            "mld report on a device without the multicast route",
+            to(v6(drop("IP_INNOROUTES", "ip6_pkt_discard")), "ff02::16"),
+            "benign",
+            "link-local multicast to ff02::16",
+        ),
+        case(
+            "mld report of a device going away",
+            to(v6(drop("NOT_SPECIFIED", "mld_sendpack")), "ff02::16"),
+            "benign",
+            "could not be sent at mld_sendpack",
+        ),
+        case(
             "mld not forwarded",
-            {
-                let mut d = v6(drop("IP_INADDRERRORS", "ip6_forward"));
-                d.flow.as_mut().unwrap().dst = "ff02::16".parse().unwrap();
-                d
-            },
+            to(v6(drop("IP_INADDRERRORS", "ip6_forward")), "ff12::1"),
             "benign",
             "never forwarded",
         ),
         case(
             "ipv6 neighbour solicitation on 6.1",
-            {
-                let mut d = v6(drop("NOT_SPECIFIED", "icmpv6_rcv"));
-                let f = d.flow.as_mut().unwrap();
-                (f.proto, f.ports, f.icmp) = (58, None, Some((135, 0)));
-                d
-            },
+            icmp(v6(drop("NOT_SPECIFIED", "icmpv6_rcv")), 135, 0),
             "benign",
             "ICMPv6 type 135",
         ),
@@ -151,13 +293,116 @@ fn cases() -> Vec<Case> {
             "QUEUE_PURGE",
         ),
         case(
+            "icmp error to broadcast",
+            icmp(to(drop("INVALID_PROTO", "icmp_rcv"), "10.231.2.255"), 0, 0),
+            "benign",
+            "RFC 1122",
+        ),
+        Case {
+            answer: Some(Answer::Icmp(11, 0)),
+            ..case(
+                "traceroute hop",
+                port(ttl.clone(), 33435),
+                "benign",
+                "traceroute probe to 10.231.2.2 port 33435 expired here",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp(3, 3)),
+            ..case(
+                "traceroute end",
+                port(drop("NO_SOCKET", "__udp4_lib_rcv"), 33436),
+                "benign",
+                "traceroute probe reached 10.231.2.2",
+            )
+        },
+        // --- fragments
+        Case {
+            answer: Some(Answer::Icmp(11, 1)),
+            sysctls: vec![("net.ipv4.ipfrag_time", "30")],
+            moved: vec![("IpReasmTimeout", 1)],
+            ..case(
+                "reassembly timeout",
+                fragment(drop("FRAG_REASM_TIMEOUT", "ip_expire"), 0),
+                "fragment_timeout",
+                "waited 30 s (ipfrag_time)",
+            )
+        },
+        Case {
+            sysctls: vec![("net.ipv4.ipfrag_time", "30")],
+            ..case(
+                "reassembly timeout on loopback (refused when re-routed)",
+                fragment(drop("IP_LOCALNET", "ip_expire"), 0),
+                "fragment_timeout",
+                "re-routed the first fragment and refused it too (IP_LOCALNET)",
+            )
+        },
+        case(
+            "duplicate fragment",
+            fragment(drop("DUP_FRAG", "ip_defrag"), 1480),
+            "fragment_duplicate",
+            "offset 1480",
+        ),
+        case(
+            "fragment queue too far",
+            fragment(drop("FRAG_TOO_FAR", "inet_frag_rbtree_purge"), 0),
+            "fragment_invalid",
+            "ipfrag_max_dist",
+        ),
+        Case {
+            moved: vec![("IpExtReasmOverlaps", 1), ("IpReasmFails", 1)],
+            ..case(
+                "overlapping fragment",
+                fragment(drop("NOT_SPECIFIED", "ip_defrag"), 8),
+                "fragment_invalid",
+                "overlaps another fragment",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp6(4, 0)),
+            ..case(
+                "fragment with an impossible length",
+                fragment(v6(drop("NOT_SPECIFIED", "ipv6_frag_rcv")), 65000),
+                "fragment_invalid",
+                "impossible offset or length",
+            )
+        },
+        Case {
+            traced: Traced::NONE,
+            ..case(
+                "refused fragment, no counter",
+                fragment(v6(drop("NOT_SPECIFIED", "ipv6_frag_rcv")), 8),
+                "fragment_invalid",
+                "reassembly memory was full",
+            )
+        },
+        Case {
+            stack: &["sk_skb_reason_drop", "nf_hook_slow", "ipv6_rcv"],
+            ..case(
+                "fragment refused by conntrack's defragmentation",
+                fragment(v6(drop("NETFILTER_DROP", "nf_hook_slow")), 8),
+                "fragment_invalid",
+                "connection tracking's defragmentation",
+            )
+        },
+        // --- forwarding, rp_filter, martians
+        Case {
+            ifaces: 1,
+            ..case(
+                "end host",
+                drop("IP_INADDRERRORS", "ip_error"),
+                "not_local_address",
+                "is not an address of this host",
+            )
+        },
+        case(
             "forwarding off everywhere",
             with_sysctls(drop("IP_INADDRERRORS", "ip_error"), |s| {
                 s.dev_forwarding = Some(0);
                 s.all_forwarding = Some(0);
             }),
             "forwarding_disabled",
-            "net.ipv4.conf.r0.forwarding=0 and net.ipv4.conf.all.forwarding=0",
+            "net.ipv4.conf.r0.forwarding=0 and net.ipv4.conf.all.forwarding=0 (netns dr-r)",
         ),
         case(
             "forwarding off on one device",
@@ -197,156 +442,67 @@ fn cases() -> Vec<Case> {
             "martian_source",
             "IP_LOCAL_SOURCE",
         ),
+        // --- echo to broadcast
         Case {
-            icmp: Some((3, 3)),
-            engine: Some("nftables"),
+            sysctls: vec![("net.ipv4.icmp_echo_ignore_broadcasts", "1")],
             ..case(
-                "udp reject",
-                drop("NETFILTER_DROP", "nft_do_chain"),
-                "netfilter_reject",
-                "port unreachable (3/3)",
+                "broadcast ping",
+                icmp(to(drop("INVALID_PROTO", "icmp_rcv"), "10.231.2.255"), 8, 0),
+                "icmp_echo_ignored",
+                "net.ipv4.icmp_echo_ignore_broadcasts=1",
             )
         },
         Case {
-            engine: Some("nftables"),
+            sysctls: vec![("net.ipv4.icmp_echo_ignore_broadcasts", "0")],
             ..case(
-                "nft drop",
-                drop("NETFILTER_DROP", "nft_do_chain"),
-                "netfilter_drop",
+                "broadcast ping, setting changed since",
+                icmp(to(drop("INVALID_PROTO", "icmp_rcv"), "10.231.2.255"), 8, 0),
+                "icmp_echo_ignored",
+                "is 0 now",
+            )
+        },
+        Case {
+            sysctls: vec![("net.ipv6.icmp.echo_ignore_multicast", "1")],
+            ..case(
+                "multicast ping6",
+                icmp(to(v6(drop("NOT_SPECIFIED", "icmpv6_rcv")), "ff02::1"), 128, 0),
+                "icmp_echo_ignored",
+                "net.ipv6.icmp.echo_ignore_multicast=1",
+            )
+        },
+        // --- netfilter
+        Case {
+            stack: &[
+                "sk_skb_reason_drop",
                 "nft_do_chain",
-            )
-        },
-        Case {
-            engine: Some("nftables"),
-            rule: moved(
-                "iptables-nft",
-                "filter",
-                "-A FORWARD -p tcp -j REJECT --reject-with tcp-reset",
-                NfVerdict::Reject("tcp-reset".into()),
-            ),
-            ..case(
-                "tcp reset reject",
-                drop("NETFILTER_DROP", "nft_do_chain"),
-                "netfilter_reject",
-                "REJECT with tcp-reset",
-            )
-        },
-        Case {
-            engine: Some("iptables-legacy"),
-            ..case(
-                "legacy drop",
-                drop("NETFILTER_DROP", "nf_hook_slow"),
-                "netfilter_drop",
-                "iptables-legacy",
-            )
-        },
-        Case {
-            engine: Some("conntrack/other hook"),
-            ..case(
-                "other hook drop",
-                drop("NETFILTER_DROP", "nf_hook_slow"),
-                "netfilter_drop",
-                "conntrack/other hook",
-            )
-        },
-        Case {
-            icmp: Some((3, 4)),
-            ..case(
-                "mtu",
-                too_big,
-                "mtu_exceeded",
-                "1428-byte packet does not fit MTU 1280 of r1; ICMP sent: fragmentation needed",
-            )
-        },
-        Case {
-            icmp: Some((3, 0)),
-            ..case(
-                "no route",
-                drop("IP_INNOROUTES", "ip_error"),
-                "no_route",
-                "no route to 10.231.2.2",
-            )
-        },
-        case("ttl", ttl, "ttl_expired", "TTL 1 on arrival at r0"),
-        Case {
-            ifaces: 1,
-            ..case(
-                "end host",
-                drop("IP_INADDRERRORS", "ip_error"),
-                "not_local_address",
-                "is not an address of this host",
-            )
-        },
-        Case {
-            icmp: Some((3, 1)),
-            route: Some("unreachable 10.231.66.0/24"),
-            ..case(
-                "unreachable route",
-                drop("NOT_SPECIFIED", "ip_error"),
-                "unreachable_route",
-                "route for 10.231.2.2: unreachable 10.231.66.0/24",
-            )
-        },
-        Case {
-            icmp: Some((3, 1)),
-            route: Some("10.231.0.0/16 dev r1"),
-            ..case(
-                "ip_error without reason, unicast route",
-                drop("NOT_SPECIFIED", "ip_error"),
-                "unclassified",
-                "NOT_SPECIFIED at ip_error",
-            )
-        },
-        case(
-            "old kernel, forwarding off",
-            with_sysctls(drop("NOT_SPECIFIED", "ip_error"), |s| {
-                s.dev_forwarding = Some(0)
-            }),
-            "forwarding_disabled",
-            "kernel gives no drop reason",
-        ),
-        case(
-            "veth mtu",
-            drop("NOT_SPECIFIED", "__dev_forward_skb2"),
-            "veth_mtu_mismatch",
-            "did not fit its veth peer",
-        ),
-        Case {
-            icmp: Some((3, 4)),
-            ..case(
-                "tunnel",
-                drop("NOT_SPECIFIED", "ip_fragment"),
-                "tunnel_mtu",
-                "encapsulated",
-            )
-        },
-        Case {
-            frag_needed_dropped: true,
-            ..case(
-                "pmtu (original)",
-                drop("PKT_TOO_BIG", "ip_forward"),
-                "pmtu_blackhole",
-                "was dropped by a firewall rule",
-            )
-        },
-        Case {
+                "nft_do_chain_ipv4",
+                "nf_hook_slow",
+                "__ip_local_out",
+            ],
             rule: moved(
                 "iptables-nft",
                 "filter",
                 "-A OUTPUT -p icmp --icmp-type 3/4 -j DROP",
                 NfVerdict::Drop,
             ),
-            hook: "output",
             ..case(
-                "pmtu (icmp)",
-                {
-                    let mut d = drop("NETFILTER_DROP", "nft_do_chain");
-                    let f = d.flow.as_mut().unwrap();
-                    f.proto = 1;
-                    f.ports = None;
-                    f.icmp = Some((3, 4));
-                    d
-                },
+                "pmtu (icmp, nftables)",
+                icmp(drop("NETFILTER_DROP", "nft_do_chain"), 3, 4),
+                "pmtu_blackhole",
+                "dropped in the ipv4 output hook",
+            )
+        },
+        Case {
+            stack: &["sk_skb_reason_drop", "nf_hook_slow", "__ip_local_out"],
+            rule: moved(
+                "iptables-legacy",
+                "filter",
+                "-A OUTPUT -p icmp --icmp-type 3/4 -j DROP",
+                NfVerdict::Drop,
+            ),
+            ..case(
+                "pmtu (icmp, legacy)",
+                icmp(drop("NETFILTER_DROP", "nf_hook_slow"), 3, 4),
                 "pmtu_blackhole",
                 "dropped in the output hook",
             )
@@ -358,7 +514,7 @@ fn cases() -> Vec<Case> {
                 max: Some(3),
                 ..Default::default()
             }),
-            hook: "prerouting",
+            stack: &["sk_skb_reason_drop", "nf_hook_slow", "ip_rcv"],
             ..case(
                 "ct full",
                 drop("NETFILTER_DROP", "nf_hook_slow"),
@@ -388,11 +544,53 @@ fn cases() -> Vec<Case> {
                 };
                 Some(m)
             },
+            stack: NFT_FORWARD,
             ..case(
                 "ct invalid",
                 drop("NETFILTER_DROP", "nft_do_chain"),
                 "conntrack_invalid",
                 "conntrack state INVALID",
+            )
+        },
+        Case {
+            rule: moved("nftables", "bridge bf", "handle 2", NfVerdict::Drop),
+            stack: &[
+                "sk_skb_reason_drop",
+                "nft_do_chain",
+                "nft_do_chain_bridge",
+                "nf_hook_slow",
+                "__br_forward",
+            ],
+            ..case(
+                "bridge family rule",
+                drop("NETFILTER_DROP", "nft_do_chain"),
+                "bridge_filter",
+                "bridge-family rule or policy in the bridge hook",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp(3, 3)),
+            stack: NFT_FORWARD,
+            ..case(
+                "udp reject",
+                drop("NETFILTER_DROP", "nft_do_chain"),
+                "netfilter_reject",
+                "port unreachable (3/3)",
+            )
+        },
+        Case {
+            rule: moved(
+                "iptables-nft",
+                "filter",
+                "-A FORWARD -p tcp -j REJECT --reject-with tcp-reset",
+                NfVerdict::Reject("tcp-reset".into()),
+            ),
+            stack: NFT_FORWARD,
+            ..case(
+                "tcp reset reject",
+                drop("NETFILTER_DROP", "nft_do_chain"),
+                "netfilter_reject",
+                "REJECT with tcp-reset in the ipv4 forward hook",
             )
         },
         Case {
@@ -402,20 +600,200 @@ fn cases() -> Vec<Case> {
                 "-A FORWARD -p udp -j DROP",
                 NfVerdict::Drop,
             ),
-            hook: "bridge",
+            stack: &[
+                "sk_skb_reason_drop",
+                "nft_do_chain",
+                "nft_do_chain_ipv4",
+                "nf_hook_slow",
+                "br_nf_forward_ip",
+                "nf_hook_slow",
+                "__br_forward",
+            ],
             ..case(
-                "bridged",
+                "bridged by br_netfilter",
                 drop("NETFILTER_DROP", "nft_do_chain"),
                 "bridge_netfilter",
-                "bridged frame on r0",
+                "bridged frame on r0 dropped by an IP rule in the ipv4 forward hook",
             )
         },
+        Case {
+            stack: NFT_FORWARD,
+            ..case(
+                "nft drop, rule without counter",
+                drop("NETFILTER_DROP", "nft_do_chain"),
+                "netfilter_drop",
+                "a chain policy or a rule without `counter`",
+            )
+        },
+        Case {
+            rule: moved(
+                "iptables-legacy",
+                "filter",
+                "-A FORWARD -p udp -j DROP",
+                NfVerdict::Drop,
+            ),
+            stack: HOOK_FORWARD,
+            ..case(
+                "legacy drop",
+                drop("NETFILTER_DROP", "nf_hook_slow"),
+                "netfilter_drop",
+                "by iptables-legacy rule [iptables-legacy table filter chain FORWARD",
+            )
+        },
+        Case {
+            stack: &[
+                "sk_skb_reason_drop",
+                "nf_hook_slow",
+                "__ip_local_out",
+                "ip_push_pending_frames",
+                "__icmp_send",
+            ],
+            ..case(
+                "redirect dropped by NAT",
+                icmp(drop("NETFILTER_DROP", "nf_hook_slow"), 5, 1),
+                "benign",
+                "NAT dropped the ICMP redirect",
+            )
+        },
+        Case {
+            stack: HOOK_FORWARD,
+            ..case(
+                "hook function drop",
+                drop("NETFILTER_DROP", "nf_hook_slow"),
+                "netfilter_no_rule",
+                "by a netfilter hook function, not a rule",
+            )
+        },
+        Case {
+            counters_read: false,
+            stack: &["sk_skb_reason_drop", "nf_hook_slow", "some_caller"],
+            ..case(
+                "unreadable rule sets",
+                drop("NETFILTER_DROP", "nf_hook_slow"),
+                "netfilter_unidentified",
+                "an unidentified hook (called from some_caller)",
+            )
+        },
+        // --- MTU
+        Case {
+            frag_needed_dropped: true,
+            ..case(
+                "pmtu (original)",
+                drop("PKT_TOO_BIG", "ip_forward"),
+                "pmtu_blackhole",
+                "was dropped by a firewall rule",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp(3, 4)),
+            stack: &[
+                "sk_skb_reason_drop",
+                "ip_fragment",
+                "ip_output",
+                "iptunnel_xmit",
+                "vxlan_xmit_one",
+            ],
+            route: route("unicast", "10.231.2.2 via 10.231.1.1 dev a0 table main mtu 1400", Some(1400)),
+            tunnel: Some(Tunnel {
+                name: "vx0".into(),
+                kind: "vxlan".into(),
+                mtu: 1500,
+                overhead: 50,
+                matched_by: "remote address",
+            }),
+            ..case(
+                "tunnel",
+                outer,
+                "tunnel_mtu",
+                "1528-byte vxlan packet from vx0 to 10.231.2.2 does not fit the path MTU 1400",
+            )
+        },
+        Case {
+            route: route("unicast", "10.231.2.2 dev r0 mtu 1300", Some(1300)),
+            ..case(
+                "local packet larger than the path MTU",
+                drop("NOT_SPECIFIED", "ip_fragment"),
+                "mtu_exceeded",
+                "does not fit the path MTU 1300",
+            )
+        },
+        case(
+            "veth mtu",
+            drop("NOT_SPECIFIED", "__dev_forward_skb2"),
+            "veth_mtu_mismatch",
+            "did not fit its veth peer",
+        ),
+        Case {
+            answer: Some(Answer::Icmp(3, 4)),
+            ..case(
+                "mtu",
+                too_big.clone(),
+                "mtu_exceeded",
+                "1428-byte packet does not fit MTU 1280 of r1; ICMP sent: fragmentation needed",
+            )
+        },
+        Case {
+            traced: Traced::NONE,
+            ..case(
+                "mtu, ipv6, icmpv6 not traceable",
+                v6(too_big),
+                "mtu_exceeded",
+                "ICMP sent: unknown (this kernel does not let dropscope see ICMPv6 errors)",
+            )
+        },
+        // --- routing
+        Case {
+            answer: Some(Answer::Icmp(3, 1)),
+            route: route("unreachable", "unreachable 10.231.66.0/24 table 100", None),
+            ..case(
+                "unreachable route",
+                drop("NOT_SPECIFIED", "ip_error"),
+                "unreachable_route",
+                "unreachable 10.231.66.0/24 table 100",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp(3, 0)),
+            route: route("none", "no route to it in the tables the policy rules consult", None),
+            ..case(
+                "no route",
+                drop("IP_INNOROUTES", "ip_error"),
+                "no_route",
+                "no route to 10.231.2.2",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp(3, 1)),
+            route: route("unicast", "10.231.2.2 dev r1 table main", None),
+            ..case(
+                "ip_error without reason, unicast route",
+                drop("NOT_SPECIFIED", "ip_error"),
+                "unclassified",
+                "NOT_SPECIFIED at ip_error",
+            )
+        },
+        case(
+            "old kernel, forwarding off",
+            with_sysctls(drop("NOT_SPECIFIED", "ip_error"), |s| {
+                s.dev_forwarding = Some(0)
+            }),
+            "forwarding_disabled",
+            "kernel gives no drop reason",
+        ),
+        case("ttl", ttl, "ttl_expired", "TTL 1 on arrival at r0"),
+        case(
+            "bad checksum",
+            drop("UDP_CSUM", "__udp4_lib_rcv"),
+            "malformed_packet",
+            "checksum does not match",
+        ),
         case(
             "bad header",
             drop("IP_INHDR", "ip_rcv_core"),
             "malformed_packet",
             "IP_INHDR at ip_rcv_core",
         ),
+        // --- neighbours, sockets, queues
         case(
             "arp failed",
             drop("NEIGH_FAILED", "neigh_invalidate"),
@@ -440,14 +818,8 @@ fn cases() -> Vec<Case> {
             "neighbor_table_full",
             "could not be created",
         ),
-        case(
-            "closed port",
-            drop("NO_SOCKET", "__udp4_lib_rcv"),
-            "no_listener",
-            "udp port 5353 on 10.231.2.2",
-        ),
         Case {
-            rst: true,
+            answer: Some(Answer::TcpReset),
             ..case(
                 "closed tcp port",
                 drop("NO_SOCKET", "tcp_v4_rcv"),
@@ -456,10 +828,22 @@ fn cases() -> Vec<Case> {
             )
         },
         case(
+            "closed port",
+            drop("NO_SOCKET", "__udp4_lib_rcv"),
+            "no_listener",
+            "udp port 5353 on 10.231.2.2",
+        ),
+        case(
             "rcvbuf",
             drop("SOCKET_RCVBUFF", "udp_queue_rcv_one_skb"),
             "socket_buffer_full",
             "port 5353",
+        ),
+        case(
+            "vsock",
+            drop("NOT_SPECIFIED", "virtio_transport_recv_pkt"),
+            "vsock_drop",
+            "vsock packet discarded",
         ),
         case(
             "qdisc",
@@ -480,16 +864,16 @@ fn cases() -> Vec<Case> {
             "backlog",
         ),
         case(
-            "vxlan",
-            drop("VXLAN_VNI_NOT_FOUND", "vxlan_rcv"),
-            "overlay_mismatch",
-            "VXLAN_VNI_NOT_FOUND",
-        ),
-        case(
             "vxlan no remote",
             drop("NO_TX_TARGET", "vxlan_xmit"),
             "overlay_mismatch",
             "has no remote",
+        ),
+        case(
+            "vxlan",
+            drop("VXLAN_VNI_NOT_FOUND", "vxlan_rcv"),
+            "overlay_mismatch",
+            "VXLAN_VNI_NOT_FOUND",
         ),
         case(
             "xfrm",
@@ -497,30 +881,23 @@ fn cases() -> Vec<Case> {
             "xfrm_policy",
             "IPsec",
         ),
-        case(
-            "unknown",
-            drop("SOME_NEW_REASON", "somewhere"),
-            "unclassified",
-            "kernel reason SOME_NEW_REASON at somewhere",
-        ),
+        Case {
+            stack: &["sk_skb_reason_drop", "somewhere", "caller_one", "caller_two"],
+            ..case(
+                "unknown",
+                drop("SOME_NEW_REASON", "somewhere"),
+                "unclassified",
+                "kernel reason SOME_NEW_REASON at somewhere; stack: somewhere <- caller_one <- caller_two",
+            )
+        },
     ]
 }
 
 fn classify(engine: &Engine, c: &Case) -> Verdict {
-    let facts = Facts {
-        icmp_sent: c.icmp,
-        rst_sent: c.rst,
-        nf_engine: c.engine,
-        nsexec: "ip netns exec dr-r ".into(),
-        nf_rule: c.rule.clone(),
-        nf_hook: Some(c.hook),
-        ct: c.ct,
-        frag_needed_dropped: c.frag_needed_dropped,
-        route: c.route.map(str::to_string),
-        ifaces: Some(c.ifaces),
-        neighbours: vec!["10.231.2.2 FAILED".into()],
-        ..Facts::bare(&c.drop)
-    };
+    let stack: Vec<Arc<str>> = c.stack.iter().map(|f| Arc::from(*f)).collect();
+    let mut fake = Fake(c);
+    let mut facts = Facts::new(&c.drop, c.answer, c.traced, &stack, &mut fake);
+    facts.frag_needed_dropped = c.frag_needed_dropped;
     engine.classify(&facts)
 }
 
@@ -536,7 +913,7 @@ fn every_case_gets_its_cause_and_evidence() {
             c.name,
             v.evidence
         );
-        assert!(!v.hint.is_empty());
+        assert!(!v.fix.is_empty());
     }
 }
 
@@ -569,7 +946,7 @@ fn fixes_run_in_the_drop_namespace() {
         "",
     );
     assert!(classify(&engine, &c)
-        .hint
+        .fix
         .starts_with("ip netns exec dr-r sysctl -w net.ipv4.ip_forward=1"));
 }
 
@@ -579,7 +956,8 @@ fn reject_without_icmp_signal_degrades_to_drop() {
     // "netfilter_drop", never an invented reject.
     let engine = Engine::builtin();
     let c = Case {
-        engine: Some("nftables"),
+        traced: Traced::NONE,
+        stack: NFT_FORWARD,
         ..case(
             "x",
             drop("NETFILTER_DROP", "nft_do_chain"),
@@ -588,6 +966,42 @@ fn reject_without_icmp_signal_degrades_to_drop() {
         )
     };
     assert_eq!(classify(&engine, &c).cause, "netfilter_drop");
+}
+
+#[test]
+fn answers_that_cannot_be_seen_are_unknown_not_none() {
+    let engine = Engine::builtin();
+    let mut too_big = v6(drop("PKT_TOO_BIG", "ip6_forward"));
+    too_big.out = Some(dev("r1", 1280));
+    let seen = case("x", too_big.clone(), "mtu_exceeded", "");
+    assert!(classify(&engine, &seen)
+        .evidence
+        .ends_with("ICMP sent: none"));
+    let unseen = Case {
+        traced: Traced {
+            icmp6: false,
+            ..Traced::ALL
+        },
+        ..case("x", too_big, "mtu_exceeded", "")
+    };
+    let v = classify(&engine, &unseen);
+    assert!(v.evidence.contains("ICMP sent: unknown"), "{}", v.evidence);
+    assert!(!v.evidence.contains("none"), "{}", v.evidence);
+}
+
+#[test]
+fn a_hook_function_drop_is_never_called_a_firewall_rule() {
+    // The rule sets were read and no DROP/REJECT counter moved: no "firewall rule" claim and
+    // no command that deletes a rule.
+    let engine = Engine::builtin();
+    let c = Case {
+        stack: HOOK_FORWARD,
+        ..case("x", drop("NETFILTER_DROP", "nf_hook_slow"), "", "")
+    };
+    let v = classify(&engine, &c);
+    assert_eq!(v.cause, "netfilter_no_rule");
+    assert!(!v.title.contains("Firewall rule"), "{}", v.title);
+    assert!(!v.fix.contains("delete"), "{}", v.fix);
 }
 
 #[test]
@@ -605,16 +1019,85 @@ fn missing_facts_print_as_question_marks() {
 }
 
 #[test]
+fn live_state_is_fetched_only_for_the_rules_reached() {
+    // A drop decided by its reason alone asks the namespace nothing.
+    struct Counting(HashMap<&'static str, u32>);
+    impl Investigator for Counting {
+        fn exec_prefix(&mut self, _: u32) -> String {
+            *self.0.entry("exec_prefix").or_default() += 1;
+            String::new()
+        }
+        fn netns_name(&mut self, _: u32) -> Option<String> {
+            None
+        }
+        fn netfilter(&mut self, _: &Drop, _: Option<Answer>) -> NfState {
+            *self.0.entry("netfilter").or_default() += 1;
+            NfState::default()
+        }
+        fn route(&mut self, _: &Drop) -> Option<Route> {
+            *self.0.entry("route").or_default() += 1;
+            None
+        }
+        fn interfaces(&mut self, _: u32) -> Option<usize> {
+            *self.0.entry("interfaces").or_default() += 1;
+            None
+        }
+        fn neighbours(&mut self, _: &Drop) -> Vec<String> {
+            *self.0.entry("neighbours").or_default() += 1;
+            Vec::new()
+        }
+        fn sysctl(&mut self, _: u32, _: &str) -> Option<String> {
+            *self.0.entry("sysctl").or_default() += 1;
+            None
+        }
+        fn counters(&mut self, _: u32) -> Counters {
+            *self.0.entry("counters").or_default() += 1;
+            Counters::default()
+        }
+        fn tunnel(&mut self, _: u32, _: IpAddr, _: IpAddr) -> Option<Tunnel> {
+            None
+        }
+        fn ifname(&mut self, _: u32, _: u32) -> Option<String> {
+            None
+        }
+    }
+    let engine = Engine::builtin();
+    let d = drop("QDISC_DROP", "__dev_queue_xmit");
+    let mut inv = Counting(HashMap::new());
+    let facts = Facts::new(&d, None, Traced::ALL, &[], &mut inv);
+    assert_eq!(engine.classify(&facts).cause, "qdisc_drop");
+    drop_facts(facts);
+    assert_eq!(
+        inv.0.keys().copied().collect::<Vec<_>>(),
+        vec!["exec_prefix"],
+        "only the fix's namespace prefix was needed"
+    );
+    // A netfilter drop reads the rule counters once, however many rules test them.
+    let d = drop("NETFILTER_DROP", "nf_hook_slow");
+    let mut inv = Counting(HashMap::new());
+    let facts = Facts::new(&d, None, Traced::ALL, &[], &mut inv);
+    engine.classify(&facts);
+    drop_facts(facts);
+    assert_eq!(inv.0.get("netfilter"), Some(&1));
+    assert_eq!(inv.0.get("route"), None);
+}
+
+/// Ends the facts' borrow of the investigator.
+fn drop_facts(f: Facts) {
+    std::mem::drop(f);
+}
+
+#[test]
 fn the_dropping_rule_is_named_with_its_removal_command() {
     let engine = Engine::builtin();
     let c = Case {
-        engine: Some("nftables"),
         rule: moved(
             "nftables",
             "inet drt",
             "handle 3 comment \"ds\"",
             NfVerdict::Drop,
         ),
+        stack: NFT_FORWARD,
         ..case(
             "x",
             drop("NETFILTER_DROP", "nft_do_chain"),
@@ -631,19 +1114,19 @@ fn the_dropping_rule_is_named_with_its_removal_command() {
         v.evidence
     );
     assert!(
-        v.hint
+        v.fix
             .contains("ip netns exec dr-r nft delete rule inet drt FORWARD handle 3"),
         "{}",
-        v.hint
+        v.fix
     );
     let c = Case {
-        engine: Some("iptables-legacy"),
         rule: moved(
             "iptables-legacy",
             "filter",
             "-A FORWARD -p udp -j DROP",
             NfVerdict::Drop,
         ),
+        stack: HOOK_FORWARD,
         ..case(
             "x",
             drop("NETFILTER_DROP", "nf_hook_slow"),
@@ -653,9 +1136,9 @@ fn the_dropping_rule_is_named_with_its_removal_command() {
     };
     let v = classify(&engine, &c);
     assert!(
-        v.hint
+        v.fix
             .contains("iptables-legacy -t filter -D FORWARD -p udp -j DROP"),
         "{}",
-        v.hint
+        v.fix
     );
 }

@@ -1,11 +1,16 @@
-//! The facts a rule can test or print, computed from one drop and its context.
-use std::borrow::Cow;
+//! The facts a rule can test or print, computed from one drop and, only when a rule reaches
+//! them, from the live state of its namespace (through an [`Investigator`]).
+use std::{borrow::Cow, cell::RefCell, collections::HashMap, sync::Arc};
 
 use crate::{
-    events::Drop,
+    events::{Answer, Drop},
     evidence::{
-        conntrack::CtStats,
+        counters::Counters,
+        investigator::{Investigator, NfState},
+        netfilter,
+        routes::Route,
         rules::{Moved, Verdict},
+        tunnels::Tunnel,
     },
 };
 
@@ -21,10 +26,14 @@ pub const CONDITION_FACTS: &[&str] = &[
     "all_rp_filter",
     "rp_filter",
     "icmp_sent",
+    "icmp_sent_kind",
     "icmp_sent_name",
     "rst_sent",
     "nf_engine",
+    "nf_family",
+    "nf_bridged",
     "nf_verdict",
+    "nf_rule_found",
     "nf_hook",
     "nf_ct_invalid",
     "conntrack",
@@ -34,15 +43,24 @@ pub const CONDITION_FACTS: &[&str] = &[
     "route_type",
     "over_mtu",
     "dst_multicast",
+    "dst_link_local",
     "pkt_icmp_type",
+    "fragment",
+    "tunnel",
+    "moved",
+    "traceroute_port",
+    "echo_ignore",
+    "stack_has",
+    "len",
 ];
 
 /// Facts usable only as placeholders in evidence and fix texts.
 pub const PLACEHOLDERS: &[&str] = &[
     "ifname",
+    "in_ifname",
     "out_ifname",
     "mtu",
-    "len",
+    "path_mtu",
     "src",
     "dst",
     "sport",
@@ -56,11 +74,19 @@ pub const PLACEHOLDERS: &[&str] = &[
     "nf_rule",
     "nf_reject_with",
     "nf_delete",
+    "nf_where",
     "ct_count",
     "ct_max",
     "ct_drops",
     "route",
     "neighbours",
+    "tunnel_dev",
+    "tunnel_mtu",
+    "frag_off",
+    "counters",
+    "ipfrag_time",
+    "frames",
+    "echo_ignore_key",
 ];
 
 /// A fact's value.
@@ -69,6 +95,8 @@ pub enum Value<'a> {
     Int(i64),
     Str(Cow<'a, str>),
     Bool(bool),
+    /// Several values (e.g. the counters that moved); a condition matches any of them.
+    List(Vec<String>),
 }
 
 impl std::fmt::Display for Value<'_> {
@@ -77,6 +105,7 @@ impl std::fmt::Display for Value<'_> {
             Value::Int(v) => write!(f, "{v}"),
             Value::Str(v) => f.write_str(v),
             Value::Bool(v) => write!(f, "{v}"),
+            Value::List(v) => f.write_str(&v.join(", ")),
         }
     }
 }
@@ -89,74 +118,275 @@ impl Value<'_> {
             (Value::Int(a), toml::Value::Integer(b)) => a == b,
             (Value::Str(a), toml::Value::String(b)) => a == b,
             (Value::Bool(a), toml::Value::Boolean(b)) => a == b,
+            (Value::List(items), toml::Value::String(b)) => items.iter().any(|i| i == b),
             _ => false,
         }
     }
 }
 
-/// One drop plus what correlation and live state added to it.
+/// Which answers this kernel lets dropscope see. An answer that cannot be traced is
+/// "unknown", never "none".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Traced {
+    /// ICMP errors (`icmp:icmp_send`).
+    pub icmp: bool,
+    /// ICMPv6 errors (`icmp6_send` probe).
+    pub icmp6: bool,
+    /// TCP resets answering packets (closed ports).
+    pub rst: bool,
+}
+
+impl Traced {
+    #[cfg(test)]
+    pub const ALL: Traced = Traced {
+        icmp: true,
+        icmp6: true,
+        rst: true,
+    };
+    pub const NONE: Traced = Traced {
+        icmp: false,
+        icmp6: false,
+        rst: false,
+    };
+}
+
+/// One drop plus what correlation added to it; live evidence is fetched on first use.
 pub struct Facts<'a> {
     pub drop: &'a Drop,
-    /// ICMP error the kernel sent about this very packet (type, code).
-    pub icmp_sent: Option<(u8, u8)>,
-    /// The kernel answered this very packet with a TCP reset.
-    pub rst_sent: bool,
-    /// Netfilter engine, for netfilter drops.
-    pub nf_engine: Option<&'static str>,
-    /// Command prefix to act in the drop's namespace.
-    pub nsexec: String,
-    /// The DROP/REJECT rule whose counter moved with this drop, when one did.
-    pub nf_rule: Option<Moved>,
-    /// The netfilter hook (prerouting, input, forward, output, postrouting, bridge).
-    pub nf_hook: Option<&'static str>,
-    /// Conntrack counters moved since the last look at this namespace, with its fill level.
-    pub ct: Option<CtStats>,
+    /// How the kernel answered this very packet (ICMP error, TCP reset), if it was seen.
+    pub answer: Option<Answer>,
+    /// Whether the answer could have been seen at all (probes attached, event paired).
+    pub traced: Traced,
+    /// The kernel stack of the drop, symbolized, innermost first (empty when not taken).
+    pub stack: &'a [Arc<str>],
     /// An ICMP "fragmentation needed" to this packet's sender was just dropped in this namespace.
     pub frag_needed_dropped: bool,
-    /// The route matching the destination, as `ip route` prints it.
-    pub route: Option<String>,
-    /// Non-loopback interfaces in the namespace.
-    pub ifaces: Option<usize>,
-    /// Unresolved neighbour entries on the egress device ("ADDR STATE").
-    pub neighbours: Vec<String>,
+    live: RefCell<Live<'a>>,
 }
 
-impl Facts<'_> {
-    /// Facts of a drop with no context beyond the drop itself.
-    #[cfg(test)]
-    pub fn bare(drop: &Drop) -> Facts<'_> {
-        Facts {
-            drop,
-            icmp_sent: None,
-            rst_sent: false,
-            nf_engine: None,
-            nsexec: String::new(),
-            nf_rule: None,
-            nf_hook: None,
-            ct: None,
-            frag_needed_dropped: false,
-            route: None,
-            ifaces: None,
-            neighbours: Vec::new(),
-        }
-    }
+/// Answers fetched from the investigator during one classification.
+struct Live<'a> {
+    inv: &'a mut dyn Investigator,
+    nsexec: Option<String>,
+    netns_name: Option<Option<String>>,
+    nf: Option<NfState>,
+    route: Option<Option<Route>>,
+    ifaces: Option<Option<usize>>,
+    neighbours: Option<Vec<String>>,
+    sysctls: HashMap<&'static str, Option<String>>,
+    counters: Option<Counters>,
+    tunnel: Option<Option<Tunnel>>,
 }
 
-/// Whether a packet is itself an ICMP "fragmentation needed" / ICMPv6 "packet too big".
-pub fn is_frag_needed(d: &Drop) -> bool {
-    d.flow
-        .is_some_and(|f| matches!((f.proto, f.icmp), (1, Some((3, 4))) | (58, Some((2, _)))))
+/// What the facts fetched, for the attribution fields of a verdict.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    pub rule: Option<Moved>,
+    pub route: Option<Route>,
+    pub tunnel: Option<Tunnel>,
+    pub counters: Vec<(String, u64)>,
 }
 
 impl<'a> Facts<'a> {
+    pub fn new(
+        drop: &'a Drop,
+        answer: Option<Answer>,
+        traced: Traced,
+        stack: &'a [Arc<str>],
+        inv: &'a mut dyn Investigator,
+    ) -> Self {
+        Facts {
+            drop,
+            answer,
+            traced,
+            stack,
+            frag_needed_dropped: false,
+            live: RefCell::new(Live {
+                inv,
+                nsexec: None,
+                netns_name: None,
+                nf: None,
+                route: None,
+                ifaces: None,
+                neighbours: None,
+                sysctls: HashMap::new(),
+                counters: None,
+                tunnel: None,
+            }),
+        }
+    }
+
+    /// What was fetched while classifying (nothing is fetched here).
+    pub fn fetched(&self) -> Fetched {
+        let live = self.live.borrow();
+        Fetched {
+            rule: live.nf.as_ref().and_then(|n| n.rule.clone()),
+            route: live.route.clone().flatten(),
+            tunnel: live.tunnel.clone().flatten(),
+            counters: live
+                .counters
+                .as_ref()
+                .map(|c| c.trouble())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn nf(&self) -> NfState {
+        let mut live = self.live.borrow_mut();
+        if live.nf.is_none() {
+            let state = live.inv.netfilter(self.drop, self.answer);
+            live.nf = Some(state);
+        }
+        live.nf.clone().unwrap_or_default()
+    }
+
+    fn route(&self) -> Option<Route> {
+        let mut live = self.live.borrow_mut();
+        if live.route.is_none() {
+            let r = live.inv.route(self.drop);
+            live.route = Some(r);
+        }
+        live.route.clone().flatten()
+    }
+
+    fn ifaces(&self) -> Option<usize> {
+        let mut live = self.live.borrow_mut();
+        if live.ifaces.is_none() {
+            let n = live.inv.interfaces(self.drop.netns);
+            live.ifaces = Some(n);
+        }
+        live.ifaces.flatten()
+    }
+
+    fn neighbours(&self) -> Vec<String> {
+        let mut live = self.live.borrow_mut();
+        if live.neighbours.is_none() {
+            let n = live.inv.neighbours(self.drop);
+            live.neighbours = Some(n);
+        }
+        live.neighbours.clone().unwrap_or_default()
+    }
+
+    fn sysctl(&self, key: &'static str) -> Option<String> {
+        let mut live = self.live.borrow_mut();
+        if !live.sysctls.contains_key(key) {
+            let v = live.inv.sysctl(self.drop.netns, key);
+            live.sysctls.insert(key, v);
+        }
+        live.sysctls.get(key).cloned().flatten()
+    }
+
+    fn counters(&self) -> Counters {
+        let mut live = self.live.borrow_mut();
+        if live.counters.is_none() {
+            let c = live.inv.counters(self.drop.netns);
+            live.counters = Some(c);
+        }
+        live.counters.clone().unwrap_or_default()
+    }
+
+    /// The tunnel device that sent this (outer) packet.
+    fn tunnel_dev(&self) -> Option<Tunnel> {
+        let flow = self.drop.flow?;
+        let mut live = self.live.borrow_mut();
+        if live.tunnel.is_none() {
+            let t = live.inv.tunnel(self.drop.netns, flow.src, flow.dst);
+            live.tunnel = Some(t);
+        }
+        live.tunnel.clone().flatten()
+    }
+
+    /// Command prefix to act in the drop's namespace.
+    pub fn nsexec(&self) -> String {
+        let mut live = self.live.borrow_mut();
+        if live.nsexec.is_none() {
+            let p = live.inv.exec_prefix(self.drop.netns);
+            live.nsexec = Some(p);
+        }
+        live.nsexec.clone().unwrap_or_default()
+    }
+
+    fn netns_name(&self) -> Option<String> {
+        let mut live = self.live.borrow_mut();
+        if live.netns_name.is_none() {
+            let n = live.inv.netns_name(self.drop.netns);
+            live.netns_name = Some(n);
+        }
+        live.netns_name.clone().flatten()
+    }
+
+    /// The ICMP error sent about this packet as "type/code", "none" (traceable and not
+    /// seen) or "unknown" (this kernel does not let dropscope see it).
+    fn icmp_sent(&self) -> String {
+        match self.answer {
+            Some(Answer::Icmp(t, c) | Answer::Icmp6(t, c)) => format!("{t}/{c}"),
+            _ if self.answer_traceable() => "none".into(),
+            _ => "unknown".into(),
+        }
+    }
+
+    /// Whether an ICMP error about this packet would have been seen.
+    fn answer_traceable(&self) -> bool {
+        match self.drop.flow.map(|f| f.family) {
+            Some(crate::events::Family::Ipv6) => self.traced.icmp6,
+            Some(crate::events::Family::Ipv4) => self.traced.icmp,
+            None => false,
+        }
+    }
+
+    /// The netfilter family of the hook: from the nf_hook_slow probe, else from the stack;
+    /// an IP hook that br_netfilter ran for a bridged frame is the packet's own family.
+    pub fn nf_family(&self) -> Option<&'static str> {
+        self.drop
+            .context
+            .netfilter
+            .and_then(|n| n.family)
+            .or_else(|| netfilter::family_from_stack(self.stack))
+            .or_else(|| {
+                netfilter::via_br_netfilter(self.stack)
+                    .then(|| self.drop.flow.map(|f| f.family.as_str()))
+                    .flatten()
+            })
+    }
+
+    /// The hook, from the probe or else the stack.
+    pub fn nf_hook(&self) -> Option<&'static str> {
+        self.drop
+            .context
+            .netfilter
+            .and_then(|n| n.hook)
+            .or_else(|| netfilter::hook_from_stack(self.stack))
+    }
+
+    /// The engine of a netfilter drop: the rule's, the probe's, or from the location.
+    fn nf_engine(&self) -> Option<String> {
+        if &*self.drop.reason != "NETFILTER_DROP" {
+            return None;
+        }
+        // The rule names the tool that wrote it (iptables-nft or native nft); the probe and
+        // the location only the engine.
+        let nf = self.nf();
+        if let Some(m) = &nf.rule {
+            return Some(m.rule.engine.to_string());
+        }
+        if let Some(r) = &self.drop.context.ruleset {
+            return Some(r.engine.to_string());
+        }
+        if &*self.drop.location == "nft_do_chain" {
+            return Some("nftables".into());
+        }
+        Some(netfilter::engine(&self.drop.location, Some(&nf.legacy_tables)).to_string())
+    }
+
     /// The value of a fact, or `None` when this drop does not carry it.
-    pub fn get(&self, name: &str) -> Option<Value<'_>> {
+    pub fn get(&self, name: &str) -> Option<Value<'static>> {
         let d = self.drop;
         let s = d.sysctls;
         let int = |v: Option<u8>| v.map(|v| Value::Int(v.into()));
         let text = |v: String| Some(Value::Str(Cow::Owned(v)));
+        let dev_name = |dev: Option<crate::events::Device>| dev.map(|d| d.name().to_string());
         match name {
-            "family" => d.flow.map(|f| Value::Str(f.family.as_str().into())),
+            "family" => d.flow.and_then(|f| text(f.family.as_str().into())),
             "proto" => d.flow.and_then(|f| text(f.proto_name())),
             "dev_forwarding" => int(s.dev_forwarding),
             "all_forwarding" => int(s.all_forwarding),
@@ -165,13 +395,58 @@ impl<'a> Facts<'a> {
             "dev_rp_filter" => int(s.dev_rp_filter),
             "all_rp_filter" => int(s.all_rp_filter),
             "rp_filter" => int(s.effective_rp_filter()),
-            "icmp_sent" => text(self.icmp_sent.map_or("none".into(), |(t, c)| format!("{t}/{c}"))),
-            "rst_sent" => Some(Value::Bool(self.rst_sent)),
-            "icmp_sent_name" => text(self.icmp_sent.map_or("none".into(), |(t, c)| icmp_name(t, c).into())),
-            "nf_engine" => self.nf_rule.as_ref().map(|m| m.rule.engine).or(self.nf_engine).map(|e| Value::Str(e.into())),
-            "nf_hook" => self.nf_hook.map(|h| Value::Str(h.into())),
-            "nf_ct_invalid" => self.nf_rule.as_ref().map(|m| Value::Bool(m.matcher.ct_invalid)),
-            "conntrack" => self.ct.map(|c| {
+            "icmp_sent" => text(self.icmp_sent()),
+            "icmp_sent_kind" => text(match self.answer {
+                Some(Answer::Icmp(t, c)) => icmp_kind(t, c).into(),
+                Some(Answer::Icmp6(t, c)) => icmp6_kind(t, c).into(),
+                _ if self.answer_traceable() => "none".into(),
+                _ => "unknown".into(),
+            }),
+            "icmp_sent_name" => text(match self.answer {
+                Some(Answer::Icmp(t, c)) => icmp_name(t, c).into(),
+                Some(Answer::Icmp6(t, c)) => format!("ICMPv6 {}", icmp6_name(t, c)),
+                _ if self.answer_traceable() => "none".into(),
+                Some(Answer::TcpReset) | None => match d.flow.map(|f| f.family) {
+                    Some(crate::events::Family::Ipv6) => {
+                        "unknown (this kernel does not let dropscope see ICMPv6 errors)".into()
+                    }
+                    _ => "unknown (this kernel does not let dropscope see ICMP errors)".into(),
+                },
+            }),
+            "rst_sent" => match self.answer {
+                Some(Answer::TcpReset) => Some(Value::Bool(true)),
+                _ if self.traced.rst => Some(Value::Bool(false)),
+                _ => None,
+            },
+            "nf_engine" => self.nf_engine().and_then(text),
+            "nf_family" => self.nf_family().and_then(|f| text(f.into())),
+            "nf_bridged" => Some(Value::Bool(netfilter::via_br_netfilter(self.stack))),
+            "nf_hook" => self.nf_hook().and_then(|h| text(h.into())),
+            "nf_where" => text(match (self.nf_hook(), self.nf_family()) {
+                (Some(h), Some(f)) if h != "bridge" && f != "bridge" => {
+                    format!("the {f} {h} hook")
+                }
+                (Some(h), _) => format!("the {h} hook"),
+                (None, _) => format!(
+                    "an unidentified hook (called from {})",
+                    self.hook_frame()
+                        .unwrap_or_else(|| "an unknown function".into())
+                ),
+            }),
+            "nf_ct_invalid" => self
+                .nf()
+                .rule
+                .as_ref()
+                .map(|m| Value::Bool(m.matcher.ct_invalid)),
+            "nf_rule_found" => {
+                let nf = self.nf();
+                match (&nf.rule, nf.counters_read) {
+                    (Some(_), _) => Some(Value::Bool(true)),
+                    (None, true) => Some(Value::Bool(false)),
+                    (None, false) => None,
+                }
+            }
+            "conntrack" => self.nf().ct.map(|c| {
                 Value::Str(
                     if c.insert_failed > 0 {
                         "insert_failed"
@@ -183,47 +458,124 @@ impl<'a> Facts<'a> {
                     .into(),
                 )
             }),
-            "ct_count" => self.ct.and_then(|c| c.count).map(|v| Value::Int(v as i64)),
-            "ct_max" => self.ct.and_then(|c| c.max).map(|v| Value::Int(v as i64)),
-            "ct_drops" => self.ct.map(|c| Value::Int(c.drop as i64)),
+            "ct_count" => self
+                .nf()
+                .ct
+                .and_then(|c| c.count)
+                .map(|v| Value::Int(v as i64)),
+            "ct_max" => self
+                .nf()
+                .ct
+                .and_then(|c| c.max)
+                .map(|v| Value::Int(v as i64)),
+            "ct_drops" => self.nf().ct.map(|c| Value::Int(c.drop as i64)),
             "frag_needed" => Some(Value::Bool(is_frag_needed(d))),
             "frag_needed_dropped" => Some(Value::Bool(self.frag_needed_dropped)),
-            "neighbours" => text(if self.neighbours.is_empty() {
-                "none unresolved now".into()
-            } else {
-                self.neighbours.join(", ")
+            "neighbours" => text({
+                let n = self.neighbours();
+                if n.is_empty() {
+                    "none unresolved now".into()
+                } else {
+                    n.join(", ")
+                }
             }),
-            "route" => text(self.route.clone().unwrap_or_else(|| "no matching route".into())),
-            "end_host" => self.ifaces.map(|n| Value::Bool(n <= 1)),
-            "route_type" => self.route.as_deref().map(|r| {
-                let first = r.split_whitespace().next().unwrap_or("");
-                let kind = match first {
-                    "unreachable" | "prohibit" | "blackhole" | "throw" => first,
-                    _ => "unicast",
-                };
-                Value::Str(kind.into())
-            }),
-            "nf_verdict" => self.nf_rule.as_ref().map(|m| match m.verdict {
+            "route" => text(
+                self.route()
+                    .map(|r| r.text)
+                    .unwrap_or_else(|| "unknown (the route could not be looked up)".into()),
+            ),
+            "route_type" => self.route().map(|r| Value::Str(r.kind.into())),
+            "end_host" => self.ifaces().map(|n| Value::Bool(n <= 1)),
+            "nf_verdict" => self.nf().rule.as_ref().map(|m| match m.verdict {
                 Verdict::Drop => Value::Str("drop".into()),
                 Verdict::Reject(_) => Value::Str("reject".into()),
             }),
-            "nf_reject_with" => self.nf_rule.as_ref().and_then(|m| match &m.verdict {
-                Verdict::Reject(with) => Some(Value::Str(Cow::Borrowed(with))),
+            "nf_reject_with" => self.nf().rule.and_then(|m| match m.verdict {
+                Verdict::Reject(with) => Some(Value::Str(Cow::Owned(with))),
                 Verdict::Drop => None,
             }),
-            "nf_rule" => text(match &self.nf_rule {
+            "nf_rule" => text(match &self.nf().rule {
                 Some(m) => format!("[{}] (+{} packets)", m.rule, m.packets),
-                None => "not identified (no DROP/REJECT rule counter moved; nftables rules need `counter`)".into(),
+                None => self.unnamed_rule(),
             }),
-            "nf_delete" => text(match &self.nf_rule {
-                Some(m) => format!("{}{}", self.nsexec, delete_command(m)),
-                None => format!("{}nft -a list ruleset; {}iptables-save -c", self.nsexec, self.nsexec),
-            }),
+            "nf_delete" => {
+                let ns = self.nsexec();
+                text(match &self.nf().rule {
+                    Some(m) => format!("{ns}{}", delete_command(m)),
+                    None => format!("{ns}nft -a list ruleset; {ns}iptables-save -c"),
+                })
+            }
             "dst_multicast" => d.flow.map(|f| Value::Bool(f.dst.is_multicast())),
-            "pkt_icmp_type" => d.flow.and_then(|f| f.icmp).map(|(t, _)| Value::Int(t.into())),
+            "dst_link_local" => d.flow.map(|f| Value::Bool(is_link_local_multicast(f.dst))),
+            "pkt_icmp_type" => d
+                .flow
+                .and_then(|f| f.icmp)
+                .map(|(t, _)| Value::Int(t.into())),
             "over_mtu" => self.egress_mtu().map(|m| Value::Bool(d.len > m)),
-            "ifname" => d.dev.map(|dev| Value::Str(Cow::Owned(dev.name().to_string()))),
-            "out_ifname" => d.out.or(d.dev).map(|dev| Value::Str(Cow::Owned(dev.name().to_string()))),
+            "fragment" => Some(Value::Bool(d.fragment.is_some())),
+            "frag_off" => d.fragment.map(|o| Value::Int(o.into())),
+            "tunnel" => netfilter::tunnel_from_stack(self.stack).and_then(|t| text(t.into())),
+            "tunnel_dev" => text(match self.tunnel_dev() {
+                Some(t) => t.name,
+                None => "<tunnel device>".into(),
+            }),
+            "tunnel_mtu" => {
+                let path = self.path_mtu()?;
+                let overhead = self.tunnel_dev().map(|t| t.overhead).or_else(|| {
+                    let kind = netfilter::tunnel_from_stack(self.stack)?;
+                    let v6 = d.flow.is_some_and(|f| f.dst.is_ipv6());
+                    Some(crate::evidence::tunnels::overhead(kind, v6))
+                })?;
+                Some(Value::Int(i64::from(path.saturating_sub(overhead))))
+            }
+            "path_mtu" => self.path_mtu().map(|m| Value::Int(m.into())),
+            "moved" => Some(Value::List(
+                self.counters().moved.into_iter().map(|(n, _)| n).collect(),
+            )),
+            "counters" => text({
+                let c = self.counters().trouble();
+                if c.is_empty() {
+                    "no error counter moved since the last look".into()
+                } else {
+                    c.iter()
+                        .map(|(n, v)| format!("{n} +{v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            }),
+            "ipfrag_time" => {
+                let key = match d.flow.map(|f| f.family) {
+                    Some(crate::events::Family::Ipv6) => "net.ipv6.ip6frag_time",
+                    _ => "net.ipv4.ipfrag_time",
+                };
+                self.sysctl(key).and_then(text)
+            }
+            "echo_ignore" => self
+                .sysctl(self.echo_ignore_key()?)
+                .and_then(|v| v.parse::<i64>().ok())
+                .map(Value::Int),
+            "echo_ignore_key" => self.echo_ignore_key().and_then(|k| text(k.into())),
+            "stack_has" => Some(Value::List(
+                self.stack.iter().map(|f| f.to_string()).collect(),
+            )),
+            "traceroute_port" => d
+                .flow
+                .and_then(|f| f.ports)
+                .map(|(_, dport)| Value::Bool((33434..=33534).contains(&dport))),
+            "frames" => text(if self.stack.is_empty() {
+                "no stack".into()
+            } else {
+                self.stack
+                    .iter()
+                    .skip(1)
+                    .take(6)
+                    .map(|f| &**f)
+                    .collect::<Vec<_>>()
+                    .join(" <- ")
+            }),
+            "ifname" => dev_name(d.dev).and_then(text),
+            "in_ifname" => dev_name(d.ingress()).and_then(text),
+            "out_ifname" => dev_name(d.out.or(d.dev)).and_then(text),
             "mtu" => self.egress_mtu().map(|m| Value::Int(m.into())),
             "len" => Some(Value::Int(d.len.into())),
             "src" => d.flow.and_then(|f| text(f.src.to_string())),
@@ -232,12 +584,47 @@ impl<'a> Facts<'a> {
             "dport" => d.flow.and_then(|f| f.ports).map(|p| Value::Int(p.1.into())),
             "flow" => d.flow.and_then(|f| text(f.to_string())),
             "ttl" => d.ttl.map(|t| Value::Int(t.into())),
-            "netns" => Some(Value::Int(d.netns.into())),
-            "reason" => Some(Value::Str(Cow::Borrowed(&d.reason))),
-            "location" => Some(Value::Str(Cow::Borrowed(&d.location))),
-            "nsexec" => Some(Value::Str(Cow::Borrowed(&self.nsexec))),
+            "netns" => text(match self.netns_name() {
+                Some(name) => name,
+                None => d.netns.to_string(),
+            }),
+            "reason" => text(d.reason.to_string()),
+            "location" => text(d.location.to_string()),
+            "nsexec" => text(self.nsexec()),
             _ => None,
         }
+    }
+
+    /// The sysctl that makes the kernel ignore an echo request to this destination.
+    fn echo_ignore_key(&self) -> Option<&'static str> {
+        let f = self.drop.flow?;
+        Some(match f.family {
+            crate::events::Family::Ipv4 => "net.ipv4.icmp_echo_ignore_broadcasts",
+            crate::events::Family::Ipv6 if f.dst.is_multicast() => {
+                "net.ipv6.icmp.echo_ignore_multicast"
+            }
+            crate::events::Family::Ipv6 => "net.ipv6.icmp.echo_ignore_anycast",
+        })
+    }
+
+    /// What to say when no rule counter explains a netfilter drop.
+    fn unnamed_rule(&self) -> String {
+        let nf = self.nf();
+        if !nf.counters_read {
+            return "not identified (the rule sets of this namespace could not be read)".into();
+        }
+        if &*self.drop.location == "nft_do_chain" {
+            return "not identified: no rule counter moved, so a chain policy or a rule without \
+                    `counter` dropped it"
+                .into();
+        }
+        "none: no DROP/REJECT rule counter moved".into()
+    }
+
+    /// The function that ran the netfilter hook, from the stack.
+    fn hook_frame(&self) -> Option<String> {
+        let at = self.stack.iter().position(|f| &**f == "nf_hook_slow")?;
+        self.stack.get(at + 1).map(|f| f.to_string())
     }
 
     /// MTU of the device the packet leaves through (the route's device, else `skb->dev`).
@@ -247,6 +634,54 @@ impl<'a> Facts<'a> {
             .or(self.drop.dev)
             .map(|d| d.mtu)
             .filter(|&m| m > 0)
+    }
+
+    /// The MTU the kernel compares with: the route's path MTU (learned or configured), else
+    /// the egress device's.
+    fn path_mtu(&self) -> Option<u32> {
+        self.route()
+            .and_then(|r| r.mtu)
+            .or_else(|| self.egress_mtu())
+    }
+}
+
+/// Whether a packet is itself an ICMP "fragmentation needed" / ICMPv6 "packet too big".
+pub fn is_frag_needed(d: &Drop) -> bool {
+    d.flow
+        .is_some_and(|f| matches!((f.proto, f.icmp), (1, Some((3, 4))) | (58, Some((2, _)))))
+}
+
+/// Link-local multicast: 224.0.0.0/24 (IGMP, routing protocols) and ff02::/16 (ND, MLD).
+pub fn is_link_local_multicast(a: std::net::IpAddr) -> bool {
+    match a {
+        std::net::IpAddr::V4(v4) => v4.octets()[..3] == [224, 0, 0],
+        std::net::IpAddr::V6(v6) => v6.segments()[0] == 0xff02,
+    }
+}
+
+/// The kind of an ICMP error, the same words for both families.
+pub fn icmp_kind(ty: u8, code: u8) -> &'static str {
+    match (ty, code) {
+        (3, 4) => "too_big",
+        (3, 9 | 10 | 13) => "prohibited",
+        (3, _) => "unreachable",
+        (11, _) => "time_exceeded",
+        (5, _) => "redirect",
+        (12, _) => "param_problem",
+        _ => "other",
+    }
+}
+
+/// The kind of an ICMPv6 error (RFC 4443), in [`icmp_kind`]'s words.
+pub fn icmp6_kind(ty: u8, code: u8) -> &'static str {
+    match (ty, code) {
+        (1, 1) => "prohibited",
+        (1, _) => "unreachable",
+        (2, _) => "too_big",
+        (3, _) => "time_exceeded",
+        (4, _) => "param_problem",
+        (137, _) => "redirect",
+        _ => "other",
     }
 }
 
@@ -263,10 +698,31 @@ pub fn icmp_name(ty: u8, code: u8) -> &'static str {
         (3, 13) => "administratively prohibited",
         (3, _) => "destination unreachable",
         (11, 0) => "TTL exceeded",
+        (11, 1) => "fragment reassembly time exceeded",
         (11, _) => "time exceeded",
         (12, _) => "parameter problem",
         (5, _) => "redirect",
         _ => "ICMP error",
+    }
+}
+
+/// ICMPv6 error names (RFC 4443).
+pub fn icmp6_name(ty: u8, code: u8) -> &'static str {
+    match (ty, code) {
+        (1, 0) => "no route to destination",
+        (1, 1) => "administratively prohibited",
+        (1, 3) => "address unreachable",
+        (1, 4) => "port unreachable",
+        (1, 5) => "source address failed policy",
+        (1, 6) => "reject route to destination",
+        (1, _) => "destination unreachable",
+        (2, _) => "packet too big",
+        (3, 0) => "hop limit exceeded",
+        (3, 1) => "fragment reassembly time exceeded",
+        (3, _) => "time exceeded",
+        (4, _) => "parameter problem",
+        (137, _) => "redirect",
+        _ => "ICMPv6 error",
     }
 }
 

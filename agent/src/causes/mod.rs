@@ -5,5 +5,5 @@ pub mod engine;
 pub mod facts;
 pub mod table;
 
-pub use engine::{Engine, Verdict};
+pub use engine::{Attribution, Engine, Verdict};
 pub use facts::Facts;

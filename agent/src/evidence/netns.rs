@@ -86,8 +86,18 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// The `ip netns` name of `inode`, if any.
+    /// The `ip netns` name of `inode`, if any. A namespace first seen through a process may
+    /// be named later (`ip netns attach`, or a name created after the last scan): an unnamed
+    /// one is looked up again, at most once a second.
     pub fn name(&mut self, inode: u32) -> Option<String> {
+        let unnamed = self.known.get(&inode).is_some_and(|r| r.name.is_none());
+        if unnamed
+            && self
+                .last_scan
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+        {
+            self.scan();
+        }
         self.get(inode).and_then(|r| r.name.clone())
     }
 
@@ -177,10 +187,39 @@ pub fn run_in<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'st
         .map_err(|_| anyhow::anyhow!("namespace reader panicked"))?
 }
 
-/// Reads a file as seen from inside namespace `ns` (e.g. `/proc/sys/net/...`,
-/// `/proc/thread-self/net/...`).
-pub fn read_in(ns: &NetnsRef, file: &'static str) -> Result<String> {
-    run_in(&ns.path, move || fs::read_to_string(file))?.with_context(|| format!("reading {file}"))
+/// Runs `f` inside the namespace at `ns`, or right here for dropscope's own (`None`);
+/// `None` when the namespace cannot be entered (it may be gone).
+pub fn in_namespace<T: Send + 'static>(
+    ns: Option<&Path>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    match ns {
+        Some(path) => run_in(path, f).ok(),
+        None => Some(f()),
+    }
+}
+
+/// A sysctl (`net.ipv4.ipfrag_time`) as the namespace at `ns` sees it. /proc/sys follows the
+/// reading thread's network namespace for `net.*` keys.
+pub fn sysctl(ns: Option<&Path>, key: &str) -> Option<String> {
+    if !key.starts_with("net.") || key.contains("..") || key.contains('/') {
+        return None;
+    }
+    let file = format!("/proc/sys/{}", key.replace('.', "/"));
+    in_namespace(ns, move || fs::read_to_string(file).ok())
+        .flatten()
+        .map(|v| v.trim().to_string())
+}
+
+/// The name of interface `ifindex` in the namespace at `ns`: `if_indextoname` asks through a
+/// socket, and a socket belongs to the namespace of the thread that opened it.
+pub fn ifname(ns: Option<&Path>, ifindex: u32) -> Option<String> {
+    in_namespace(ns, move || {
+        nix::net::if_::if_indextoname(ifindex)
+            .ok()
+            .map(|n| n.to_string_lossy().into_owned())
+    })
+    .flatten()
 }
 
 #[cfg(test)]

@@ -1,39 +1,177 @@
-//! Routing state of a namespace: the route that matches a destination, whether the namespace
+//! Routing state of a namespace: the route the kernel picks for a packet (its own lookup, so
+//! policy rules, other tables, marks and the input interface count), whether the namespace
 //! looks like an end host (one interface) or a router, and unresolved neighbours.
 use std::{fs, net::IpAddr, path::Path, process::Command};
 
 use ipnet::IpNet;
+use serde_json::Value;
 
-use super::netns::run_in;
+use super::netns::in_namespace;
 
-/// The most specific route for `dst` in the namespace at `ns` (`None`: dropscope's own), as
-/// `ip route` prints it (e.g. "unreachable 10.231.66.0/24"), and the count of non-loopback
-/// interfaces there.
-pub fn lookup(ns: Option<&Path>, dst: Option<IpAddr>) -> (Option<String>, Option<usize>) {
-    let read = move || {
-        let route = dst.and_then(|d| {
-            let family = if d.is_ipv4() { "-4" } else { "-6" };
-            let out = Command::new("ip")
-                .args([family, "-o", "route", "show", "match", &d.to_string()])
-                .output()
-                .ok()?;
-            best_match(&String::from_utf8_lossy(&out.stdout), d)
-        });
-        let ifaces = fs::read_to_string("/proc/thread-self/net/dev")
-            .ok()
-            .map(|t| count_interfaces(&t));
-        (route, ifaces)
-    };
-    match ns {
-        Some(path) => run_in(path, read).unwrap_or((None, None)),
-        None => read(),
+/// What to ask the kernel's route lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteQuery {
+    pub dst: IpAddr,
+    pub src: Option<IpAddr>,
+    /// Route as a packet received on this interface (input lookup); `None`: as sent locally.
+    pub iif: Option<String>,
+    pub mark: Option<u32>,
+}
+
+/// The kernel's answer for one packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// unicast | local | broadcast | multicast | unreachable | prohibit | blackhole | throw |
+    /// none (no route at all).
+    pub kind: &'static str,
+    /// The route as `ip route` prints it, with its table ("unreachable 10.9.0.0/16 table 100").
+    pub text: String,
+    /// The path MTU the kernel uses for this destination, when the route has one (a route
+    /// `mtu` metric, or one learned from an ICMP "fragmentation needed" / "packet too big").
+    pub mtu: Option<u32>,
+    /// Seconds until a learned path MTU expires (learned ones only).
+    pub mtu_expires: Option<u64>,
+}
+
+/// Asks the kernel how it routes `q` inside the namespace at `ns` (`None`: dropscope's own).
+/// Routes that refuse the packet (unreachable, prohibit, blackhole, none) come back from the
+/// kernel as an error; the matching entry is then looked up among the routes of that type.
+pub fn get(ns: Option<&Path>, q: RouteQuery) -> Option<Route> {
+    in_namespace(ns, move || {
+        let answer = route_get(&q);
+        match answer {
+            Ok(json) => parse_route(&json, q.dst),
+            Err(kind) => Some(refusing_route(kind, q.dst)),
+        }
+    })
+    .flatten()
+}
+
+/// `ip -d -j route get ...`: the route's JSON, or the kind of route the errno means.
+fn route_get(q: &RouteQuery) -> Result<Value, &'static str> {
+    let mut args = vec![
+        "-d".to_string(),
+        "-j".into(),
+        if q.dst.is_ipv4() { "-4" } else { "-6" }.into(),
+        "route".into(),
+        "get".into(),
+        q.dst.to_string(),
+    ];
+    if let Some(src) = q.src.filter(|s| !s.is_unspecified()) {
+        args.extend(["from".into(), src.to_string()]);
     }
+    if let Some(iif) = &q.iif {
+        args.extend(["iif".into(), iif.clone()]);
+    }
+    if let Some(mark) = q.mark {
+        args.extend(["mark".into(), mark.to_string()]);
+    }
+    let out = Command::new("ip").args(&args).output().map_err(|_| "")?;
+    if out.status.success() {
+        return serde_json::from_slice(&out.stdout).map_err(|_| "");
+    }
+    Err(kind_of_error(&String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The route kind behind a route lookup error (`fib_lookup`'s errno).
+pub fn kind_of_error(stderr: &str) -> &'static str {
+    if stderr.contains("No route to host") {
+        "unreachable"
+    } else if stderr.contains("Permission denied") {
+        "prohibit"
+    } else if stderr.contains("Invalid argument") {
+        "blackhole"
+    } else if stderr.contains("Network is unreachable") {
+        "none"
+    } else {
+        ""
+    }
+}
+
+/// A route the kernel refused the packet with, named from the routes of that kind.
+fn refusing_route(kind: &'static str, dst: IpAddr) -> Route {
+    let text = match kind {
+        "none" => "no route to it in the tables the policy rules consult".to_string(),
+        "" => "the route lookup failed".to_string(),
+        kind => typed_route(kind, dst)
+            .unwrap_or_else(|| format!("a {kind} route (the kernel's lookup answered so)")),
+    };
+    Route {
+        kind: if kind.is_empty() { "none" } else { kind },
+        text,
+        mtu: None,
+        mtu_expires: None,
+    }
+}
+
+/// The most specific route of `kind` containing `dst`, in any table.
+fn typed_route(kind: &str, dst: IpAddr) -> Option<String> {
+    let family = if dst.is_ipv4() { "-4" } else { "-6" };
+    let out = Command::new("ip")
+        .args([family, "-o", "route", "show", "table", "all", "type", kind])
+        .output()
+        .ok()?;
+    best_match(&String::from_utf8_lossy(&out.stdout), dst)
+}
+
+/// The first route of `ip -d -j route get` output, as a [`Route`].
+pub fn parse_route(json: &Value, dst: IpAddr) -> Option<Route> {
+    let r = json.as_array()?.first()?;
+    let kind = match r["type"].as_str().unwrap_or("unicast") {
+        "unicast" => "unicast",
+        "local" => "local",
+        "broadcast" => "broadcast",
+        "multicast" => "multicast",
+        "unreachable" => "unreachable",
+        "prohibit" => "prohibit",
+        "blackhole" => "blackhole",
+        "throw" => "throw",
+        _ => "unicast",
+    };
+    let mut text = match kind {
+        "unicast" => dst.to_string(),
+        k => format!("{k} {dst}"),
+    };
+    for (key, word) in [("gateway", "via"), ("dev", "dev"), ("table", "table")] {
+        if let Some(v) = r[key].as_str() {
+            text.push_str(&format!(" {word} {v}"));
+        }
+    }
+    let mtu = r["metrics"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|m| m["mtu"].as_u64())
+        .map(|m| m as u32);
+    let mtu_expires = mtu.and(r["expires"].as_u64());
+    if let Some(m) = mtu {
+        text.push_str(&format!(" mtu {m}"));
+        if let Some(e) = mtu_expires {
+            text.push_str(&format!(" (learned, expires in {e} s)"));
+        }
+    }
+    Some(Route {
+        kind,
+        text,
+        mtu,
+        mtu_expires,
+    })
+}
+
+/// Non-loopback interfaces in the namespace at `ns`.
+pub fn interfaces(ns: Option<&Path>) -> Option<usize> {
+    in_namespace(ns, || {
+        fs::read_to_string("/proc/thread-self/net/dev")
+            .ok()
+            .map(|t| count_interfaces(&t))
+    })
+    .flatten()
 }
 
 /// Neighbour entries on `dev` that are not resolved (INCOMPLETE, FAILED), as "ADDR STATE",
 /// the one for `dst` first when it is among them.
 pub fn unresolved_neighbours(ns: Option<&Path>, dev: String, dst: Option<IpAddr>) -> Vec<String> {
-    let read = move || {
+    in_namespace(ns, move || {
         let out = Command::new("ip")
             .args(["-j", "neigh", "show", "dev", &dev])
             .output()
@@ -42,11 +180,8 @@ pub fn unresolved_neighbours(ns: Option<&Path>, dev: String, dst: Option<IpAddr>
             .and_then(|o| serde_json::from_slice(&o.stdout).ok())
             .unwrap_or_default();
         parse_unresolved(&json, dst)
-    };
-    match ns {
-        Some(path) => run_in(path, read).unwrap_or_default(),
-        None => read(),
-    }
+    })
+    .unwrap_or_default()
 }
 
 /// Picks unresolved entries out of `ip -j neigh show` output.
@@ -123,6 +258,31 @@ mod tests {
             Some("default via 10.0.0.1 dev eth0")
         );
         assert_eq!(best_match("", dst), None);
+    }
+
+    #[test]
+    fn route_get_answers_name_the_route_and_its_path_mtu() {
+        let dst: IpAddr = "10.77.2.2".parse().unwrap();
+        let json = serde_json::json!([{"type":"unicast","dst":"10.77.2.2","gateway":"10.77.1.1",
+            "dev":"a0","table":"main","prefsrc":"10.77.1.2","flags":[],"uid":0,"cache":[],
+            "expires":600,"metrics":[{"mtu":1300}]}]);
+        let r = parse_route(&json, dst).unwrap();
+        assert_eq!(r.kind, "unicast");
+        assert_eq!((r.mtu, r.mtu_expires), (Some(1300), Some(600)));
+        assert_eq!(
+            r.text,
+            "10.77.2.2 via 10.77.1.1 dev a0 table main mtu 1300 (learned, expires in 600 s)"
+        );
+        let json = serde_json::json!([{"type":"broadcast","dst":"10.77.1.255","dev":"a0"}]);
+        assert_eq!(parse_route(&json, dst).unwrap().kind, "broadcast");
+        for (err, kind) in [
+            ("RTNETLINK answers: No route to host", "unreachable"),
+            ("RTNETLINK answers: Permission denied", "prohibit"),
+            ("RTNETLINK answers: Invalid argument", "blackhole"),
+            ("RTNETLINK answers: Network is unreachable", "none"),
+        ] {
+            assert_eq!(kind_of_error(err), kind);
+        }
     }
 
     #[test]

@@ -102,6 +102,22 @@ pub struct PacketFields {
     pub oif: Option<String>,
 }
 
+impl PacketFields {
+    /// The fields of a drop that firewall rules commonly match on.
+    pub fn of(d: &crate::events::Drop) -> Self {
+        let flow = d.flow.as_ref();
+        PacketFields {
+            proto: flow.map(|f| f.proto),
+            sport: flow.and_then(|f| f.ports).map(|p| p.0),
+            dport: flow.and_then(|f| f.ports).map(|p| p.1),
+            src: flow.map(|f| f.src),
+            dst: flow.map(|f| f.dst),
+            iif: d.ingress().map(|dev| dev.name().to_string()),
+            oif: d.out.map(|dev| dev.name().to_string()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Counted {
     verdict: Verdict,
@@ -114,6 +130,8 @@ struct Counted {
 pub struct Snapshot {
     rules: HashMap<RuleId, Counted>,
     ct: Option<CtStats>,
+    /// Whether the rule sets could be read (the tools ran in the namespace).
+    read: bool,
 }
 
 /// What a look at a namespace found: the rules that moved and conntrack's deltas.
@@ -121,6 +139,9 @@ pub struct Snapshot {
 pub struct Attribution {
     pub moved: Vec<Moved>,
     pub ct: Option<CtStats>,
+    /// Whether the namespace's rule counters were read: without them, an empty `moved`
+    /// proves nothing.
+    pub read: bool,
 }
 
 impl Snapshot {
@@ -132,17 +153,20 @@ impl Snapshot {
                 ..Default::default()
             };
             let mut seen_tables = HashSet::new();
+            let mut read_any = false;
             for (tool, engine, family) in [
                 ("iptables-nft-save", "iptables-nft", "ip"),
                 ("ip6tables-nft-save", "ip6tables-nft", "ip6"),
             ] {
                 if let Some(text) = output(tool, &["-c"]) {
+                    read_any = true;
                     for table in parse_iptables_save(&text, engine, &mut snap) {
                         seen_tables.insert((family.to_string(), table));
                     }
                 }
             }
             if let Some(text) = output("nft", &["-j", "list", "ruleset"]) {
+                read_any = true;
                 parse_nft_json(&text, &seen_tables, &mut snap);
             }
             for (names, tool, engine) in [
@@ -159,11 +183,16 @@ impl Snapshot {
             ] {
                 // Only ask x_tables when it has tables here (asking could load modules).
                 if std::fs::read_to_string(names).is_ok_and(|t| !t.trim().is_empty()) {
-                    if let Some(text) = output(tool, &["-c"]) {
-                        parse_iptables_save(&text, engine, &mut snap);
+                    match output(tool, &["-c"]) {
+                        Some(text) => {
+                            parse_iptables_save(&text, engine, &mut snap);
+                        }
+                        // x_tables has tables here but they could not be read.
+                        None => read_any = false,
                     }
                 }
             }
+            snap.read = read_any;
             snap
         };
         match ns {
@@ -193,7 +222,7 @@ impl Snapshot {
 
     /// Whether there is anything to compare later (rules or conntrack).
     pub fn is_empty(&self) -> bool {
-        self.rules.is_empty() && self.ct.is_none()
+        self.rules.is_empty() && self.ct.is_none() && !self.read
     }
 }
 
@@ -502,11 +531,15 @@ impl Tracker {
                 (Some(n), Some(b)) => Some(n.since(b)),
                 (n, _) => *n,
             },
+            read: now.read,
         };
         if found.moved.is_empty() && found.ct.is_none_or(|c| c.drop == 0 && c.invalid == 0) {
             // Nothing new since the last look: the drop belongs to what moved then.
             if let Some((_, last)) = self.recent.get(&netns) {
-                found = last.clone();
+                found = Attribution {
+                    read: now.read,
+                    ..last.clone()
+                };
             }
         }
         self.baselines.insert(netns, now);

@@ -184,6 +184,23 @@ pub fn attach(
     })
 }
 
+/// Tells the drop probe where `skb->dev` is not a device (see `NO_DEV_AT` in the eBPF maps):
+/// the code of the function that purges fragment queues, once the symbols are known.
+pub fn set_no_dev_range(ebpf: &mut Ebpf, range: Option<(u64, u64)>) {
+    let Some((start, end)) = range else { return };
+    let Some(map) = ebpf.map_mut("NO_DEV_AT") else {
+        return;
+    };
+    match aya::maps::Array::<_, [u64; 2]>::try_from(map) {
+        Ok(mut a) => {
+            if let Err(e) = a.set(0, [start, end], 0) {
+                tracing::warn!("cannot set NO_DEV_AT: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("NO_DEV_AT map: {e}"),
+    }
+}
+
 /// Attaches only the empty `kfree_skb` program (`--null-observer`, for the benchmark).
 pub fn attach_null(btf_path: &Path) -> Result<Ebpf> {
     let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())

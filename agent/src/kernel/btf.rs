@@ -176,6 +176,9 @@ impl KernelBtf {
         let nd_net = self
             .offset_of("net_device", "nd_net")
             .map(|o| o + possible_net);
+        let sk_net = self
+            .offset_of("sock_common", "skc_net")
+            .map(|o| o + possible_net);
         Offsets {
             skb_len: skb("len"),
             skb_dev: skb("dev"),
@@ -184,6 +187,9 @@ impl KernelBtf {
             skb_protocol: skb("protocol"),
             skb_mark: skb("mark"),
             skb_refdst: skb("_skb_refdst"),
+            skb_iif: skb("skb_iif"),
+            skb_sk: skb("sk"),
+            sk_net: sk_net.unwrap_or(ABSENT),
             dev_ifindex: dev("ifindex"),
             dev_name: dev("name"),
             dev_mtu: dev("mtu"),
@@ -381,6 +387,7 @@ impl Windows for Offsets {
                 (self.skb_protocol, 2),
                 (self.skb_head, 8),
                 (self.skb_network_header, 2),
+                (self.skb_iif, 4),
             ],
             agent_ebpf::SKB_WINDOW,
         );
@@ -454,6 +461,7 @@ impl DropReasons {
     }
 
     /// The value this kernel uses for a reason name.
+    #[cfg(test)]
     pub fn value(&self, name: &str) -> Option<u32> {
         self.by_name.get(name).copied()
     }
@@ -521,6 +529,9 @@ mod tests {
             ("skb_protocol", o.skb_protocol),
             ("skb_mark", o.skb_mark),
             ("skb_refdst", o.skb_refdst),
+            ("skb_iif", o.skb_iif),
+            ("skb_sk", o.skb_sk),
+            ("sk_net", o.sk_net),
             ("dev_ifindex", o.dev_ifindex),
             ("dev_name", o.dev_name),
             ("dev_mtu", o.dev_mtu),

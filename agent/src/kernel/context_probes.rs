@@ -30,33 +30,34 @@ pub enum ContextMode {
     Off,
 }
 
-/// One kernel function of a probe and its fentry-mode programs.
+/// One kernel function of a probe and its programs in each mode.
 struct Target {
     function: &'static str,
     /// Runs before the function (None: the exit program alone sees all it needs).
     fentry: Option<&'static str>,
     /// Runs after the function (None: nothing to do there).
     fexit: Option<&'static str>,
-}
-
-/// A context probe: its functions and its kprobe-mode programs (one pair serves them all).
-struct Probe {
-    name: &'static str,
-    targets: &'static [Target],
-    kprobe: &'static str,
+    /// The same in kprobe mode (a program may serve several functions).
+    kprobe: Option<&'static str>,
     kretprobe: Option<&'static str>,
 }
 
-const PROBES: [Probe; 5] = [
+/// A context probe: the functions it watches, attached all in one mode or not at all.
+struct Probe {
+    name: &'static str,
+    targets: &'static [Target],
+}
+
+const PROBES: [Probe; 6] = [
     Probe {
         name: "nf_hook_slow",
         targets: &[Target {
             function: "nf_hook_slow",
             fentry: Some("nf_hook_slow_fentry"),
             fexit: Some("nf_hook_slow_fexit"),
+            kprobe: Some("nf_hook_slow_kprobe"),
+            kretprobe: Some("nf_hook_slow_kretprobe"),
         }],
-        kprobe: "nf_hook_slow_kprobe",
-        kretprobe: Some("nf_hook_slow_kretprobe"),
     },
     Probe {
         name: "ip_forward",
@@ -65,15 +66,17 @@ const PROBES: [Probe; 5] = [
                 function: "ip_forward",
                 fentry: Some("ip_forward_fentry"),
                 fexit: Some("ip_forward_fexit"),
+                kprobe: Some("forward_kprobe"),
+                kretprobe: Some("forward_kretprobe"),
             },
             Target {
                 function: "ip6_forward",
                 fentry: Some("ip6_forward_fentry"),
                 fexit: Some("ip6_forward_fexit"),
+                kprobe: Some("forward_kprobe"),
+                kretprobe: Some("forward_kretprobe"),
             },
         ],
-        kprobe: "forward_kprobe",
-        kretprobe: Some("forward_kretprobe"),
     },
     Probe {
         name: "ip_error",
@@ -81,9 +84,9 @@ const PROBES: [Probe; 5] = [
             function: "ip_error",
             fentry: Some("ip_error_fentry"),
             fexit: None,
+            kprobe: Some("ip_error_kprobe"),
+            kretprobe: None,
         }],
-        kprobe: "ip_error_kprobe",
-        kretprobe: None,
     },
     Probe {
         name: "nft_do_chain",
@@ -91,9 +94,9 @@ const PROBES: [Probe; 5] = [
             function: "nft_do_chain",
             fentry: Some("nft_do_chain_fentry"),
             fexit: Some("nft_do_chain_fexit"),
+            kprobe: Some("nft_do_chain_kprobe"),
+            kretprobe: Some("nft_do_chain_kretprobe"),
         }],
-        kprobe: "nft_do_chain_kprobe",
-        kretprobe: Some("nft_do_chain_kretprobe"),
     },
     Probe {
         name: "ipt_do_table",
@@ -102,15 +105,38 @@ const PROBES: [Probe; 5] = [
                 function: "ipt_do_table",
                 fentry: None,
                 fexit: Some("ipt_do_table_fexit"),
+                kprobe: Some("xt_do_table_kprobe"),
+                kretprobe: Some("xt_do_table_kretprobe"),
             },
             Target {
                 function: "ip6t_do_table",
                 fentry: None,
                 fexit: Some("ip6t_do_table_fexit"),
+                kprobe: Some("xt_do_table_kprobe"),
+                kretprobe: Some("xt_do_table_kretprobe"),
             },
         ],
-        kprobe: "xt_do_table_kprobe",
-        kretprobe: Some("xt_do_table_kretprobe"),
+    },
+    // ICMPv6 errors (there is no tracepoint): the call keeps the packet it answers, the push
+    // inside it says the error really left (after the rate limit). Both or neither.
+    Probe {
+        name: "icmp6_send",
+        targets: &[
+            Target {
+                function: "icmp6_send",
+                fentry: Some("icmp6_send_fentry"),
+                fexit: Some("icmp6_send_fexit"),
+                kprobe: Some("icmp6_send_kprobe"),
+                kretprobe: Some("icmp6_send_kretprobe"),
+            },
+            Target {
+                function: "icmpv6_push_pending_frames",
+                fentry: Some("icmp6_push_fentry"),
+                fexit: None,
+                kprobe: Some("icmp6_push_kprobe"),
+                kretprobe: None,
+            },
+        ],
     },
 ];
 
@@ -152,6 +178,7 @@ fn attach_probe(
         return unavailable("disabled (--context off)".into());
     }
     // Functions this kernel does not have at all (e.g. ip6t_do_table without ip6_tables).
+    // A probe whose functions only make sense together needs them all.
     let present: Vec<&Target> = probe
         .targets
         .iter()
@@ -195,7 +222,7 @@ fn attach_probe(
     if let Some(why) = &refused.kprobe {
         notes.push(format!("kprobe: {why}"));
     } else if matches!(mode, ContextMode::Auto | ContextMode::Kprobe) {
-        match attach_kprobe(ebpf, probe, &present) {
+        match attach_kprobe(ebpf, &present) {
             Ok(()) => {
                 return Attached {
                     probe: probe.name,
@@ -257,17 +284,29 @@ fn attach_fentry(
     result.map_err(|e| anyhow::anyhow!(explain_refusal(&format!("{e:#}"))))
 }
 
-fn attach_kprobe(ebpf: &mut Ebpf, probe: &Probe, targets: &[&Target]) -> anyhow::Result<()> {
+fn attach_kprobe(ebpf: &mut Ebpf, targets: &[&Target]) -> anyhow::Result<()> {
     if !Path::new("/sys/bus/event_source/devices/kprobe").exists() {
         anyhow::bail!("this kernel has no kprobes (CONFIG_KPROBES off)");
     }
-    let names: Vec<&'static str> = probe.kretprobe.into_iter().chain([probe.kprobe]).collect();
+    // Return probes first (as fexit before fentry): a call already under way then pops
+    // nothing rather than leaving a frame behind. One program may serve several functions.
+    let mut plan: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
+    for t in targets.iter() {
+        for name in t.kretprobe.iter().chain(t.kprobe.iter()) {
+            match plan.iter_mut().find(|(n, _)| n == name) {
+                Some((_, fns)) => fns.push(t.function),
+                None => plan.push((name, vec![t.function])),
+            }
+        }
+    }
+    plan.sort_by_key(|(name, _)| !name.contains("kretprobe"));
+    let names: Vec<&'static str> = plan.iter().map(|(n, _)| *n).collect();
     let result = (|| -> anyhow::Result<()> {
-        for name in &names {
+        for (name, functions) in &plan {
             let prog: &mut KProbe = program(ebpf, name)?.try_into()?;
             prog.load().map_err(verbose)?;
-            for t in targets {
-                prog.attach(t.function, 0).map_err(verbose)?;
+            for f in functions {
+                prog.attach(f, 0).map_err(verbose)?;
             }
         }
         Ok(())
@@ -325,11 +364,12 @@ mod tests {
         let elf = object::File::parse(super::super::attach::PROBES_OBJECT)
             .expect("embedded eBPF object is ELF");
         for probe in &PROBES {
-            let mut names = vec![probe.kprobe];
-            names.extend(probe.kretprobe);
+            let mut names = Vec::new();
             for t in probe.targets {
                 names.extend(t.fentry);
                 names.extend(t.fexit);
+                names.extend(t.kprobe);
+                names.extend(t.kretprobe);
             }
             for name in names {
                 assert!(

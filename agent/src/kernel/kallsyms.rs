@@ -84,6 +84,20 @@ impl Kallsyms {
         name
     }
 
+    /// `[start, end)` of the code of function `name` (suffixes ignored; the first such symbol):
+    /// from its address to the next symbol's.
+    pub fn range(&self, name: &str) -> Option<(u64, u64)> {
+        let i = self.syms.iter().position(|&(_, at, len)| {
+            &self.names[at as usize..at as usize + len as usize] == name
+        })?;
+        let start = self.syms[i].0;
+        let end = self.syms[i + 1..]
+            .iter()
+            .map(|s| s.0)
+            .find(|&a| a > start)?;
+        Some((start, end))
+    }
+
     /// Function names of a stack, innermost first.
     pub fn frames(&mut self, ips: impl IntoIterator<Item = u64>) -> Vec<Arc<str>> {
         ips.into_iter().map(|ip| self.resolve(ip)).collect()
@@ -116,6 +130,11 @@ ffffffff81a00900 t nft_do_chain\t[nf_tables]
         assert_eq!(&*k.resolve(0xffffffff81a00850), "ip_error");
         assert_eq!(&*k.resolve(0xffffffff81a00901), "nft_do_chain");
         assert_eq!(&*k.resolve(0x10), "0x10");
+        assert_eq!(
+            k.range("ip_rcv_finish_core"),
+            Some((0xffffffff81a00000, 0xffffffff81a00400))
+        );
+        assert_eq!(k.range("nft_do_chain"), None, "no symbol after it: no end");
         assert_eq!(
             k.frames([0xffffffff81a00410, 0xffffffff81a00010]),
             vec![Arc::from("ip_error"), Arc::from("ip_rcv_finish_core")]

@@ -5,7 +5,13 @@ use std::io::Write;
 use serde_json::{json, Map, Value};
 
 use super::{top, AttachInfo, Clock, DropRecord, Sink, Summary};
-use crate::{causes::facts::icmp_name, events::Answer};
+use crate::{
+    causes::{
+        facts::{icmp6_name, icmp_name},
+        Attribution,
+    },
+    events::Answer,
+};
 
 pub struct JsonSink<W: Write> {
     out: W,
@@ -72,6 +78,9 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
         m.insert("forwarded".into(), json!(true));
         m.insert("in_ifname".into(), json!(from.name()));
         m.insert("in_ifindex".into(), json!(from.ifindex));
+    } else if let Some(from) = d.arrived_on {
+        m.insert("in_ifname".into(), json!(from.name()));
+        m.insert("in_ifindex".into(), json!(from.ifindex));
     }
     if let Some(err) = d.context.route_error {
         // dst->error holds a positive errno (ip_route_input stores -err).
@@ -97,16 +106,23 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
                 json!({"type": t, "code": c, "name": icmp_name(t, c)}),
             );
         }
+        Some(Answer::Icmp6(t, c)) => {
+            m.insert(
+                "icmp_sent".into(),
+                json!({"family": "ipv6", "type": t, "code": c, "name": icmp6_name(t, c)}),
+            );
+        }
         Some(Answer::TcpReset) => {
             m.insert("tcp_reset_sent".into(), json!(true));
         }
         None => {}
     }
-    if d.mark != 0 {
-        m.insert("mark".into(), json!(d.mark));
+    if let Some(mark) = d.mark.filter(|&m| m != 0) {
+        m.insert("mark".into(), json!(mark));
     }
-    for (key, value) in &r.verdict.details {
-        m.insert((*key).into(), json!(value));
+    attribution_json(&r.verdict.attribution, &mut m);
+    if let Some(off) = d.fragment {
+        m.insert("fragment_offset".into(), json!(off));
     }
     m.insert("count".into(), json!(r.count));
     m.insert("repeat".into(), json!(!r.first));
@@ -114,11 +130,40 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
         m.insert(kind.into(), json!(true));
     }
     m.insert("evidence".into(), json!(r.verdict.evidence));
-    m.insert("hint".into(), json!(r.verdict.hint));
+    m.insert("hint".into(), json!(r.verdict.fix));
     if r.verdict.benign {
         m.insert("benign".into(), json!(true));
     }
     Value::Object(m)
+}
+
+/// The attribution fields of a drop (each only when known).
+fn attribution_json(a: &Attribution, m: &mut Map<String, Value>) {
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            m.insert(k.into(), v);
+        }
+    };
+    put("hook", a.hook.map(|v| json!(v)));
+    put("hook_from", a.hook_from.map(|v| json!(v)));
+    put("engine", a.engine.as_ref().map(|v| json!(v)));
+    put("rule", a.rule.as_ref().map(|v| json!(v)));
+    put("nf_family", a.nf_family.map(|v| json!(v)));
+    put("bridged", a.nf_bridged.then(|| json!(true)));
+    put("nf_table", a.nf_table.as_ref().map(|v| json!(v)));
+    put("nf_chain", a.nf_chain.as_ref().map(|v| json!(v)));
+    put("route", a.route.as_ref().map(|v| json!(v)));
+    put("path_mtu", a.path_mtu.map(|v| json!(v)));
+    put("tunnel", a.tunnel.as_ref().map(|v| json!(v)));
+    put("stack", a.stack.as_ref().map(|v| json!(v)));
+    if !a.counters.is_empty() {
+        let c: Map<String, Value> = a
+            .counters
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        m.insert("counters".into(), Value::Object(c));
+    }
 }
 
 /// The JSON object for the attach record.
@@ -143,17 +188,22 @@ pub fn summary_json(s: &Summary) -> Value {
         .causes
         .iter()
         .map(|(id, t)| {
+            let (evidence, hint, share) = match t.representative() {
+                Some((v, share)) => (v.evidence.clone(), v.fix.clone(), share),
+                None => (String::new(), String::new(), 0.0),
+            };
             json!({
                 "cause": id,
                 "title": t.title,
                 "count": t.count,
+                "evidence_share": (share * 1000.0).round() / 1000.0,
                 "reasons": top(t.reasons.iter().map(|(k, v)| (k, *v)), 8),
                 "locations": top(t.locations.iter().map(|(k, v)| (k, *v)), 8),
                 "ifaces": top(t.ifaces.iter().map(|(k, v)| (k, *v)), 8),
                 "top_flows": top(t.flows.iter().map(|(k, v)| (k, *v)), 5),
                 "pods": top(t.pod_counts(), 5),
-                "evidence": t.evidence,
-                "hint": t.hint,
+                "evidence": evidence,
+                "hint": hint,
             })
         })
         .collect();
@@ -162,6 +212,7 @@ pub fn summary_json(s: &Summary) -> Value {
         "causes": causes,
         "reasons": s.reasons,
         "suppressed": s.suppressed,
+        "hidden": s.hidden.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<Map<String, Value>>(),
         "filtered": s.filtered,
         "filtered_in_kernel": s.filtered_in_kernel,
         "seen": s.seen,

@@ -49,6 +49,8 @@ pub struct AttachInfo {
 pub struct Summary {
     /// Causes ranked by count.
     pub causes: Vec<(String, CauseTotals)>,
+    /// Hidden drops (benign, or frees that are not drops) by cause, largest first.
+    pub hidden: Vec<(String, u64)>,
     pub reasons: std::collections::BTreeMap<String, u64>,
     /// Benign drops not reported (see `--all`).
     pub suppressed: u64,
@@ -120,10 +122,10 @@ impl DropRecord {
             cause: cause.into(),
             title: "title".into(),
             evidence: "evidence".into(),
-            hint: "fix".into(),
+            fix: "fix".into(),
             benign: false,
             rule: 0,
-            details: Vec::new(),
+            attribution: Default::default(),
         };
         let drop = Drop::example("NETFILTER_DROP", "nft_do_chain");
         let bytes = count * u64::from(drop.len);
@@ -180,10 +182,10 @@ mod tests {
             cause: "no_listener".into(),
             title: String::new(),
             evidence: String::new(),
-            hint: String::new(),
+            fix: String::new(),
             benign: false,
             rule: 0,
-            details: Vec::new(),
+            attribution: Default::default(),
         };
         let drop = Drop {
             ts_ns: 0,
@@ -194,9 +196,12 @@ mod tests {
             dev: None,
             out: None,
             len: 60,
-            mark: 0,
+            mark: None,
             ttl: None,
             flow: None,
+            fragment: None,
+            iif: None,
+            arrived_on: None,
             sysctls: Sysctls::default(),
             stack_id: None,
             agg: Default::default(),

@@ -133,14 +133,8 @@ impl<W: Write> Sink for TextSink<W> {
         let _ = writeln!(self.out, "{line}");
         // Evidence and fix once per distinct drop; repeats are one line.
         if r.first {
-            let detail = |k: &str| {
-                r.verdict
-                    .details
-                    .iter()
-                    .find(|(key, _)| *key == k)
-                    .map(|(_, v)| v.as_str())
-            };
-            let ruleset = match (detail("nf_table"), detail("nf_chain")) {
+            let a = &r.verdict.attribution;
+            let ruleset = match (&a.nf_table, &a.nf_chain) {
                 (Some(t), Some(c)) => format!(" [table {t}, chain {c}]"),
                 (Some(t), None) => format!(" [table {t}]"),
                 _ => String::new(),
@@ -155,8 +149,11 @@ impl<W: Write> Sink for TextSink<W> {
                 self.out,
                 "          {} {}",
                 self.paint("fix:", dim),
-                self.paint(&r.verdict.hint, green)
+                self.paint(&r.verdict.fix, green)
             );
+            if let Some(stack) = &a.stack {
+                let _ = writeln!(self.out, "          {} {stack}", self.paint("stack:", dim));
+            }
         }
         let _ = self.out.flush();
     }
@@ -207,15 +204,27 @@ impl<W: Write> Sink for TextSink<W> {
             if !pods.is_empty() {
                 let _ = writeln!(o, "    pods: {}", list(&pods));
             }
-            let _ = writeln!(o, "    evidence: {}", t.evidence);
-            let _ = writeln!(o, "    fix: {}", self.paint(&t.hint, green));
+            if let Some((v, share)) = t.representative() {
+                let which = if share < 0.999 {
+                    format!(" (most frequent, {:.0}% of these drops)", share * 100.0)
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(o, "    evidence{which}: {}", v.evidence);
+                let _ = writeln!(o, "    fix: {}", self.paint(&v.fix, green));
+            }
         }
+        let hidden = if s.hidden.is_empty() {
+            "0".to_string()
+        } else {
+            let parts: Vec<String> = s.hidden.iter().map(|(c, n)| format!("{c} {n}")).collect();
+            format!("{} ({})", s.suppressed, parts.join(", "))
+        };
         let _ = writeln!(
             o,
-            "kernel saw {} drops; reported {}, suppressed {} as benign (--all shows them), filtered out {}, lost {}",
+            "kernel saw {} drops; reported {}, hidden {hidden} (--all shows them), filtered out {}, lost {}",
             s.seen,
             s.causes.iter().map(|(_, t)| t.count).sum::<u64>(),
-            s.suppressed,
             s.filtered,
             s.lost
         );

@@ -1,0 +1,198 @@
+//! The kernel's own SNMP counters of a namespace (`nstat`'s sources: /proc/net/snmp,
+//! /proc/net/netstat, /proc/net/snmp6), as what moved since the last look: independent
+//! corroboration of a drop ("IpReasmTimeout +2", "Icmp6OutPktTooBigs +3").
+use std::{collections::HashMap, fs, path::Path};
+
+use super::netns::in_namespace;
+
+/// Counters that grew since the previous look at the same namespace, named as `nstat` names
+/// them ("IpReasmTimeout", "IpExtReasmOverlaps", "Icmp6OutPktTooBigs").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub moved: Vec<(String, u64)>,
+}
+
+impl Counters {
+    /// The counters that count trouble (errors, failures, timeouts, discards, ICMP errors
+    /// sent or received), not traffic.
+    pub fn trouble(&self) -> Vec<(String, u64)> {
+        self.moved
+            .iter()
+            .filter(|(n, _)| is_trouble(n))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Whether a counter name counts trouble rather than traffic.
+pub fn is_trouble(name: &str) -> bool {
+    const WORDS: [&str; 14] = [
+        "Fail",
+        "Err",
+        "Timeout",
+        "Overlap",
+        "Discard",
+        "NoRoute",
+        "TooBig",
+        "Unreach",
+        "TimeExcd",
+        "ParmProb",
+        "Redirect",
+        "Csum",
+        "Truncated",
+        "Unknown",
+    ];
+    WORDS.iter().any(|w| name.contains(w)) && !name.contains("Type")
+}
+
+/// Counter families worth carrying: the IP, ICMP and fragment ones (TCP's are many and say
+/// nothing a drop reason does not).
+const KEPT: [&str; 5] = ["Ip", "IpExt", "Icmp", "Ip6", "Icmp6"];
+
+/// Last values per namespace; the first look at a namespace is its baseline.
+#[derive(Default)]
+pub struct Tracker {
+    last: HashMap<u32, HashMap<String, u64>>,
+}
+
+/// Namespaces remembered at once (a look at a new one beyond this forgets the others).
+const MAX_NAMESPACES: usize = 1024;
+
+impl Tracker {
+    /// Reads the namespace's counters and returns those that moved since the last look.
+    /// The first look has nothing to compare with: it reports nothing.
+    pub fn moved(&mut self, netns: u32, ns: Option<&Path>) -> Counters {
+        let Some(now) = in_namespace(ns, read) else {
+            return Counters::default();
+        };
+        if self.last.len() >= MAX_NAMESPACES && !self.last.contains_key(&netns) {
+            self.last.clear();
+        }
+        let before = self.last.insert(netns, now.clone());
+        let Some(before) = before else {
+            return Counters::default();
+        };
+        let mut moved: Vec<(String, u64)> = now
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let was = before.get(&k).copied().unwrap_or(0);
+                (v > was).then(|| (k, v - was))
+            })
+            .collect();
+        moved.sort();
+        Counters { moved }
+    }
+
+    /// Takes the first look at a namespace (so the next look reports what moved after it).
+    pub fn baseline(&mut self, netns: u32, ns: Option<&Path>) {
+        if let Some(now) = in_namespace(ns, read) {
+            self.last.insert(netns, now);
+        }
+    }
+}
+
+/// The calling thread's namespace's counters.
+fn read() -> HashMap<String, u64> {
+    let mut all = HashMap::new();
+    for file in [
+        "/proc/thread-self/net/snmp",
+        "/proc/thread-self/net/netstat",
+    ] {
+        if let Ok(text) = fs::read_to_string(file) {
+            parse_tables(&text, &mut all);
+        }
+    }
+    if let Ok(text) = fs::read_to_string("/proc/thread-self/net/snmp6") {
+        parse_lines(&text, &mut all);
+    }
+    all
+}
+
+/// `/proc/net/snmp` and `netstat`: pairs of lines "Prefix: names..." / "Prefix: values...".
+/// Names are prefixed like nstat does ("Ip" + "ReasmTimeout"); only [`KEPT`] families.
+pub fn parse_tables(text: &str, into: &mut HashMap<String, u64>) {
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        let (Some((prefix, names)), Some((_, values))) =
+            (names.split_once(':'), values.split_once(':'))
+        else {
+            continue;
+        };
+        if !KEPT.contains(&prefix) {
+            continue;
+        }
+        for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+            if let Ok(v) = v.parse::<u64>() {
+                into.insert(format!("{prefix}{n}"), v);
+            }
+        }
+    }
+}
+
+/// `/proc/net/snmp6`: one "Name value" per line.
+pub fn parse_lines(text: &str, into: &mut HashMap<String, u64>) {
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        if let (Some(n), Some(v)) = (it.next(), it.next()) {
+            if KEPT.iter().any(|p| n.starts_with(p)) && !n.starts_with("Icmp6InType") {
+                if let Ok(v) = v.parse::<u64>() {
+                    into.insert(n.to_string(), v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_layouts_with_nstat_names() {
+        let mut all = HashMap::new();
+        parse_tables(
+            "Ip: Forwarding DefaultTTL ReasmTimeout\nIp: 1 64 3\nTcp: RtoAlgorithm\nTcp: 1\n\
+             IpExt: InNoRoutes ReasmOverlaps\nIpExt: 0 2\n",
+            &mut all,
+        );
+        parse_lines(
+            "Ip6ReasmFails  \t4\nIcmp6OutPktTooBigs\t7\nUdp6InErrors 1\n",
+            &mut all,
+        );
+        assert_eq!(all.get("IpReasmTimeout"), Some(&3));
+        assert_eq!(all.get("IpExtReasmOverlaps"), Some(&2));
+        assert_eq!(all.get("Ip6ReasmFails"), Some(&4));
+        assert_eq!(all.get("Icmp6OutPktTooBigs"), Some(&7));
+        assert!(!all.contains_key("TcpRtoAlgorithm"), "TCP is not kept");
+        assert!(!all.contains_key("Udp6InErrors"));
+        let c = Counters {
+            moved: vec![
+                ("IpReasmTimeout".into(), 1),
+                ("IpInReceives".into(), 9),
+                ("Icmp6OutPktTooBigs".into(), 2),
+                ("Icmp6OutType2".into(), 2),
+            ],
+        };
+        assert_eq!(
+            c.trouble(),
+            vec![
+                ("IpReasmTimeout".into(), 1),
+                ("Icmp6OutPktTooBigs".into(), 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn reports_what_moved_since_the_last_look() {
+        let mut t = Tracker::default();
+        assert_eq!(
+            t.moved(1, None),
+            Counters::default(),
+            "first look: baseline"
+        );
+        // Our own namespace's counters can only grow; a second look reports the growth.
+        let c = t.moved(1, None);
+        assert!(c.moved.iter().all(|(_, v)| *v > 0));
+    }
+}

@@ -1,0 +1,214 @@
+//! The one owner of live evidence: everything a cause rule may ask about a drop's namespace
+//! (firewall rule counters, routes, neighbours, sysctls, kernel counters, tunnel devices) is
+//! fetched here, only when a rule asks, and at most once per classification.
+//!
+//! The cause engine sees this through the [`Investigator`] trait, so it can be tested with a
+//! fake one that answers from fixed data.
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc};
+
+use super::{
+    conntrack::CtStats,
+    counters::{self, Counters},
+    netfilter,
+    netns::{self, Registry},
+    routes::{self, Route, RouteQuery},
+    rules::{self, Moved},
+    tunnels::{self, Tunnel},
+};
+use crate::events::{Answer, Drop};
+
+/// What the firewall state says about a netfilter drop.
+#[derive(Debug, Clone, Default)]
+pub struct NfState {
+    /// The DROP/REJECT rule (or chain policy) whose counter moved with this drop.
+    pub rule: Option<Moved>,
+    /// Conntrack's counters moved since the last look, with the table's fill level.
+    pub ct: Option<CtStats>,
+    /// Whether the namespace's rule counters could be read at all (a failed read proves
+    /// nothing about rules).
+    pub counters_read: bool,
+    /// x_tables (iptables-legacy) tables registered in the namespace.
+    pub legacy_tables: Vec<String>,
+}
+
+/// Live state of a drop's namespace, read on demand. Every method may be slow (it enters the
+/// namespace, runs `ip`/`nft`/`iptables-save`): the engine calls them only for the rules it
+/// actually reaches, and the facts cache each answer for one classification.
+pub trait Investigator {
+    /// Command prefix to act inside `netns` ("ip netns exec NAME ", "" for our own).
+    fn exec_prefix(&mut self, netns: u32) -> String;
+    /// The `ip netns` name of `netns`, if it has one.
+    fn netns_name(&mut self, netns: u32) -> Option<String>;
+    /// Firewall rule counters and conntrack counters for a netfilter drop.
+    fn netfilter(&mut self, d: &Drop, answer: Option<Answer>) -> NfState;
+    /// The kernel's own route lookup for the packet (honours policy rules and tables).
+    fn route(&mut self, d: &Drop) -> Option<Route>;
+    /// Non-loopback interfaces in the namespace.
+    fn interfaces(&mut self, netns: u32) -> Option<usize>;
+    /// Unresolved neighbour entries on the drop's device ("ADDR STATE").
+    fn neighbours(&mut self, d: &Drop) -> Vec<String>;
+    /// A sysctl's value inside the namespace (`net.ipv4.ipfrag_time`).
+    fn sysctl(&mut self, netns: u32, key: &str) -> Option<String>;
+    /// Kernel SNMP counters that moved in the namespace since the last look.
+    fn counters(&mut self, netns: u32) -> Counters;
+    /// The tunnel device whose outer addresses are `src` -> `dst` (local -> remote).
+    fn tunnel(&mut self, netns: u32, src: IpAddr, dst: IpAddr) -> Option<Tunnel>;
+    /// The name of interface `ifindex` in the namespace.
+    fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String>;
+}
+
+/// The real investigator: reads the kernel's state inside the drop's namespace.
+pub struct Live {
+    namespaces: Registry,
+    rules: rules::Tracker,
+    counters: counters::Tracker,
+    nf_tables: HashMap<u32, Vec<String>>,
+    ifnames: HashMap<(u32, u32), Arc<str>>,
+}
+
+/// Bound of the interface-name cache (names are looked up per distinct drop).
+const MAX_IFNAMES: usize = 4096;
+
+impl Live {
+    /// An investigator starting from the rule and counter baselines read at attach time.
+    pub fn new(rules: rules::Tracker, counters: counters::Tracker) -> Self {
+        Live {
+            namespaces: Registry::new(),
+            rules,
+            counters,
+            nf_tables: HashMap::new(),
+            ifnames: HashMap::new(),
+        }
+    }
+
+    /// How to enter `netns`: `Some(None)` for dropscope's own namespace, `None` if it cannot
+    /// be entered (gone, or no handle found).
+    fn path(&mut self, netns: u32) -> Option<Option<PathBuf>> {
+        if netns == self.namespaces.own() {
+            return Some(None);
+        }
+        self.namespaces.get(netns).map(|r| Some(r.path.clone()))
+    }
+
+    /// Registered x_tables tables of a namespace, read once.
+    fn legacy_tables(&mut self, netns: u32) -> Vec<String> {
+        if let Some(t) = self.nf_tables.get(&netns) {
+            return t.clone();
+        }
+        let tables = match self.path(netns) {
+            Some(path) => netfilter::legacy_tables(path.as_deref()),
+            None => return Vec::new(),
+        };
+        self.nf_tables.insert(netns, tables.clone());
+        tables
+    }
+}
+
+impl Investigator for Live {
+    fn exec_prefix(&mut self, netns: u32) -> String {
+        self.namespaces.exec_prefix(netns)
+    }
+
+    fn netns_name(&mut self, netns: u32) -> Option<String> {
+        self.namespaces.name(netns)
+    }
+
+    fn netfilter(&mut self, d: &Drop, answer: Option<Answer>) -> NfState {
+        let legacy_tables = self.legacy_tables(d.netns);
+        let Some(path) = self.path(d.netns) else {
+            return NfState {
+                legacy_tables,
+                ..Default::default()
+            };
+        };
+        let fields = rules::PacketFields::of(d);
+        let mut found = rules::Attribution::default();
+        for fresh in [false, true] {
+            found = self.rules.attribute(d.netns, path.as_deref(), fresh);
+            found.moved.retain(|m| m.matcher.could_match(&fields));
+            if !found.moved.is_empty() {
+                break;
+            }
+        }
+        // An ICMP error sent with the drop prefers a REJECT rule, its absence a DROP rule;
+        // otherwise the rule that moved most.
+        let is_reject = |m: &&Moved| matches!(m.verdict, rules::Verdict::Reject(_));
+        let preferred = match answer {
+            Some(Answer::Icmp(..) | Answer::Icmp6(..) | Answer::TcpReset) => {
+                found.moved.iter().find(is_reject)
+            }
+            None => found.moved.iter().find(|m| !is_reject(m)),
+        };
+        NfState {
+            rule: preferred.or(found.moved.first()).cloned(),
+            ct: found.ct,
+            counters_read: found.read,
+            legacy_tables,
+        }
+    }
+
+    fn route(&mut self, d: &Drop) -> Option<Route> {
+        let flow = d.flow?;
+        let path = self.path(d.netns)?;
+        // A packet that arrived on a device is routed as input from it (policy rules may
+        // match the input interface); a local one as output.
+        let iif = match d.ingress() {
+            Some(dev) if !d.is_local_out() => Some(dev.name().to_string()),
+            _ => None,
+        };
+        let query = RouteQuery {
+            dst: flow.dst,
+            src: Some(flow.src),
+            iif,
+            mark: d.mark.filter(|&m| m != 0),
+        };
+        routes::get(path.as_deref(), query)
+    }
+
+    fn interfaces(&mut self, netns: u32) -> Option<usize> {
+        let path = self.path(netns)?;
+        routes::interfaces(path.as_deref())
+    }
+
+    fn neighbours(&mut self, d: &Drop) -> Vec<String> {
+        let (Some(path), Some(dev)) = (self.path(d.netns), d.dev) else {
+            return Vec::new();
+        };
+        routes::unresolved_neighbours(
+            path.as_deref(),
+            dev.name().to_string(),
+            d.flow.map(|f| f.dst),
+        )
+    }
+
+    fn sysctl(&mut self, netns: u32, key: &str) -> Option<String> {
+        let path = self.path(netns)?;
+        netns::sysctl(path.as_deref(), key)
+    }
+
+    fn counters(&mut self, netns: u32) -> Counters {
+        match self.path(netns) {
+            Some(path) => self.counters.moved(netns, path.as_deref()),
+            None => Counters::default(),
+        }
+    }
+
+    fn tunnel(&mut self, netns: u32, src: IpAddr, dst: IpAddr) -> Option<Tunnel> {
+        let path = self.path(netns)?;
+        tunnels::find(path.as_deref(), src, dst)
+    }
+
+    fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String> {
+        if let Some(name) = self.ifnames.get(&(netns, ifindex)) {
+            return Some(name.to_string());
+        }
+        let path = self.path(netns)?;
+        let name = netns::ifname(path.as_deref(), ifindex)?;
+        if self.ifnames.len() >= MAX_IFNAMES {
+            self.ifnames.clear();
+        }
+        self.ifnames
+            .insert((netns, ifindex), Arc::from(name.as_str()));
+        Some(name)
+    }
+}

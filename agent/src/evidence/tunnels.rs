@@ -1,0 +1,169 @@
+//! Tunnel devices of a namespace, found by the outer addresses of a packet they sent: the
+//! device a "too big after encapsulation" drop belongs to, and its encapsulation overhead.
+use std::{net::IpAddr, path::Path, process::Command};
+
+use serde_json::Value;
+
+use super::netns::in_namespace;
+
+/// A tunnel device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnel {
+    pub name: String,
+    /// `ip link` type: vxlan, geneve, gre, gretap, ipip, sit, ip6gre, ip6tnl, wireguard.
+    pub kind: String,
+    pub mtu: u32,
+    /// Bytes the encapsulation adds for this outer family (base headers, no options).
+    pub overhead: u32,
+    /// How the device was matched ("remote and local", "remote", "forwarding entry", ...).
+    pub matched_by: &'static str,
+}
+
+/// The tunnel device sending `src` -> `dst` outer packets, in the namespace at `ns`.
+pub fn find(ns: Option<&Path>, src: IpAddr, dst: IpAddr) -> Option<Tunnel> {
+    in_namespace(ns, move || {
+        let links = ip_json(&["-d", "-j", "link", "show"])?;
+        let fdb = || ip_json_tool("bridge", &["-j", "fdb", "show"]);
+        pick(&links, src, dst, fdb)
+    })
+    .flatten()
+}
+
+fn ip_json(args: &[&str]) -> Option<Value> {
+    ip_json_tool("ip", args)
+}
+
+fn ip_json_tool(tool: &str, args: &[&str]) -> Option<Value> {
+    let out = Command::new(tool).args(args).output().ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Encapsulation overhead of a tunnel kind over an outer IPv4 / IPv6 header.
+pub fn overhead(kind: &str, outer_v6: bool) -> u32 {
+    let ip = if outer_v6 { 40 } else { 20 };
+    match kind {
+        // outer IP + UDP 8 + VXLAN/GENEVE 8 + inner Ethernet 14
+        "vxlan" | "geneve" => ip + 30,
+        "gretap" | "ip6gretap" => ip + 4 + 14,
+        "gre" | "ip6gre" => ip + 4,
+        "wireguard" => ip + 40,
+        // ipip, sit, ip6tnl: the outer header alone
+        _ => ip,
+    }
+}
+
+const TUNNEL_KINDS: [&str; 10] = [
+    "vxlan",
+    "geneve",
+    "gre",
+    "gretap",
+    "ipip",
+    "sit",
+    "ip6gre",
+    "ip6gretap",
+    "ip6tnl",
+    "wireguard",
+];
+
+/// Chooses the device from `ip -d -j link show` output: remote and local both matching,
+/// else the remote, else a VXLAN forwarding entry towards `dst`, else the only tunnel whose
+/// local address is `src`.
+pub fn pick(
+    links: &Value,
+    src: IpAddr,
+    dst: IpAddr,
+    fdb: impl FnOnce() -> Option<Value>,
+) -> Option<Tunnel> {
+    let tunnels: Vec<&Value> = links
+        .as_array()?
+        .iter()
+        .filter(|l| {
+            l["linkinfo"]["info_kind"]
+                .as_str()
+                .is_some_and(|k| TUNNEL_KINDS.contains(&k))
+        })
+        .collect();
+    let addr = |l: &Value, keys: [&str; 2]| -> Option<IpAddr> {
+        let d = &l["linkinfo"]["info_data"];
+        keys.iter()
+            .find_map(|k| d[*k].as_str())
+            .and_then(|a| a.parse().ok())
+    };
+    let remote = |l: &&Value| addr(l, ["remote", "remote6"]);
+    let local = |l: &&Value| addr(l, ["local", "local6"]);
+    let make = |l: &Value, matched_by| {
+        let kind = l["linkinfo"]["info_kind"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        Some(Tunnel {
+            name: l["ifname"].as_str()?.to_string(),
+            overhead: overhead(&kind, dst.is_ipv6()),
+            kind,
+            mtu: l["mtu"].as_u64().unwrap_or(0) as u32,
+            matched_by,
+        })
+    };
+    if let Some(l) = tunnels
+        .iter()
+        .find(|l| remote(l) == Some(dst) && local(l) == Some(src))
+    {
+        return make(l, "remote and local address");
+    }
+    if let Some(l) = tunnels.iter().find(|l| remote(l) == Some(dst)) {
+        return make(l, "remote address");
+    }
+    // VXLAN devices without a fixed remote send by forwarding entry ("dst" of `bridge fdb`).
+    if tunnels.iter().any(|l| remote(l).is_none()) {
+        if let Some(entries) = fdb() {
+            let dev = entries.as_array().into_iter().flatten().find_map(|e| {
+                let to: IpAddr = e["dst"].as_str()?.parse().ok()?;
+                (to == dst).then(|| e["ifname"].as_str())?
+            });
+            if let Some(l) = dev.and_then(|d| tunnels.iter().find(|l| l["ifname"] == d)) {
+                return make(l, "forwarding entry to the remote");
+            }
+        }
+    }
+    let by_local: Vec<&&Value> = tunnels.iter().filter(|l| local(l) == Some(src)).collect();
+    match by_local.as_slice() {
+        [only] => make(only, "local address"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links() -> Value {
+        serde_json::json!([
+            {"ifname": "lo", "mtu": 65536},
+            {"ifname": "a0", "mtu": 1500, "linkinfo": {"info_kind": "veth"}},
+            {"ifname": "t0", "mtu": 1500, "linkinfo": {"info_kind": "vxlan",
+                "info_data": {"id": 42, "remote": "10.77.2.2", "local": "10.77.1.2"}}},
+            {"ifname": "t6", "mtu": 1450, "linkinfo": {"info_kind": "vxlan",
+                "info_data": {"id": 43, "remote6": "fd77:2::2", "local6": "fd77:1::2"}}},
+            {"ifname": "flannel.1", "mtu": 1450, "linkinfo": {"info_kind": "vxlan",
+                "info_data": {"id": 1, "local": "10.0.0.5"}}}
+        ])
+    }
+
+    #[test]
+    fn matches_by_outer_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let t = pick(&links(), ip("10.77.1.2"), ip("10.77.2.2"), || None).unwrap();
+        assert_eq!((t.name.as_str(), t.overhead), ("t0", 50));
+        let t = pick(&links(), ip("fd77:1::2"), ip("fd77:2::2"), || None).unwrap();
+        assert_eq!((t.name.as_str(), t.overhead), ("t6", 70));
+        let fdb = serde_json::json!([{"mac": "aa:bb:cc:dd:ee:ff", "ifname": "flannel.1", "dst": "10.0.0.9"}]);
+        let t = pick(&links(), ip("10.0.0.5"), ip("10.0.0.9"), || Some(fdb)).unwrap();
+        assert_eq!(
+            (t.name.as_str(), t.matched_by),
+            ("flannel.1", "forwarding entry to the remote")
+        );
+        let t = pick(&links(), ip("10.0.0.5"), ip("10.0.0.8"), || None).unwrap();
+        assert_eq!(t.matched_by, "local address");
+        assert!(pick(&links(), ip("10.1.1.1"), ip("10.2.2.2"), || None).is_none());
+    }
+}
