@@ -52,14 +52,38 @@ enum Task {
     },
     /// Measure what dropscope costs under a drop storm, against no observer, an empty program
     /// and a bpftrace one-liner; writes BENCHMARKS.md and bench/results.json.
+    ///
+    /// The drop storms run on this machine; the healthy path (forwarded traffic that is not
+    /// dropped) runs in a VM booted with a Debian kernel that allows the context probes.
     Bench {
-        /// Interleaved repetitions of every observer.
+        /// Interleaved repetitions of every observer (0 skips the drop storms).
         #[arg(long, default_value_t = 5)]
         reps: usize,
         /// Length of each storm, in seconds.
         #[arg(long, default_value_t = 4.0)]
         seconds: f64,
+        /// Only these observers (repeatable; default: all).
+        #[arg(long = "observer", value_name = "OBSERVER")]
+        observers: Vec<bench::Kind>,
+        /// Skip the healthy-path part in the VM.
+        #[arg(long)]
+        no_vm: bool,
+        /// Kernel of the healthy-path VM (as for vm-test).
+        #[arg(long, default_value = "6.12")]
+        vm_kernel: String,
+        /// Interleaved repetitions in the VM.
+        #[arg(long, default_value_t = 5)]
+        vm_reps: usize,
+        /// Length of each healthy-path run in the VM, in seconds.
+        #[arg(long, default_value_t = 3.0)]
+        vm_seconds: f64,
+        /// Extra arguments for every dropscope run, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
     },
+    /// (internal) The guest side of the healthy-path benchmark, run inside the VM.
+    #[command(hide = true)]
+    BenchGuest(bench::GuestArgs),
     /// Run the integration tests inside QEMU VMs booted with Debian kernels (TCG unless KVM works).
     VmTest {
         /// Kernel to boot: 6.1, 6.12, 7.2, a Debian kernel package name or a path to a .deb.
@@ -118,7 +142,16 @@ fn run(cli: Cli) -> Result<()> {
             prereqs::ensure_all()?;
             test(&root, &args)
         }
-        Task::Bench { reps, seconds } => {
+        Task::Bench {
+            reps,
+            seconds,
+            observers,
+            no_vm,
+            vm_kernel,
+            vm_reps,
+            vm_seconds,
+            args,
+        } => {
             prereqs::ensure_all()?;
             prereqs::ensure_bpftrace()?;
             if !nix_is_root() {
@@ -128,14 +161,27 @@ fn run(cli: Cli) -> Result<()> {
             }
             let bin = build(&root, true)?;
             std::fs::create_dir_all(root.join("bench"))?;
-            let params = bench::Params { reps, seconds };
+            let params = bench::Params {
+                reps,
+                seconds,
+                observers,
+                extra: args,
+            };
+            let vm = (!no_vm).then_some(bench::VmParams {
+                kernel: vm_kernel,
+                reps: vm_reps,
+                seconds: vm_seconds,
+            });
             bench::run(
+                &root,
                 &bin,
                 &params,
+                vm.as_ref(),
                 &root.join("BENCHMARKS.md"),
                 &root.join("bench/results.json"),
             )
         }
+        Task::BenchGuest(args) => bench::guest_main(&args),
         Task::VmTest {
             kernels,
             core,
