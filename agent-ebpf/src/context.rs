@@ -37,6 +37,33 @@ pub struct Frame {
     pub ifname: [u8; 16],
 }
 
+impl Frame {
+    /// Copies the frame word by word (a bulk copy is a byte loop in BPF).
+    #[inline(always)]
+    pub fn copy_to(&self, dst: &mut Frame) {
+        let (from, to) = (
+            self as *const Frame as *const u64,
+            dst as *mut Frame as *mut u64,
+        );
+        for i in 0..core::mem::size_of::<Frame>() / 8 {
+            // SAFETY: both are whole, 8-aligned frames.
+            unsafe { to.add(i).write_volatile(from.add(i).read_volatile()) };
+        }
+    }
+
+    pub const EMPTY: Frame = Frame {
+        skb: 0,
+        aux: 0,
+        ts_ns: 0,
+        ifindex: 0,
+        out_ifindex: 0,
+        hook: 0,
+        pf: 0,
+        _pad: [0; 6],
+        ifname: [0; 16],
+    };
+}
+
 #[repr(C)]
 pub struct Frames {
     depth: u32,
@@ -145,7 +172,7 @@ fn find(stack: Stack, skb: u64, now: u64, tag: Option<u8>) -> Option<&'static Fr
         if i < depth {
             let s = &f.slots[i];
             if s.skb == skb
-                && now.wrapping_sub(s.ts_ns) < STALE_NS
+                && now.saturating_sub(s.ts_ns) < STALE_NS
                 && tag.is_none_or(|t| s.hook == t)
             {
                 return Some(s);
@@ -153,6 +180,12 @@ fn find(stack: Stack, skb: u64, now: u64, tag: Option<u8>) -> Option<&'static Fr
         }
     }
     None
+}
+
+/// What nf_hook_slow's probe recorded about `skb`: the hook is part of a drop's key.
+#[inline(always)]
+pub fn netfilter(skb: u64, now: u64) -> Option<&'static Frame> {
+    find(Stack::Netfilter, skb, now, None)
 }
 
 /// Copies a NUL-terminated kernel string into `out` (empty when unreadable).
@@ -192,15 +225,16 @@ pub fn set_route_error(skb: u64, error: i32) {
     last.route_error = error;
 }
 
-/// Adds what the context probes know about `ev.skb` to a drop event.
+/// Adds what the context probes know about `ev.skb` to a drop event that will be sent; `nf`
+/// is what [`netfilter`] found for its key.
 #[inline(always)]
-pub fn annotate(ev: &mut Event) {
+pub fn annotate(ev: &mut Event, nf: Option<Frame>, now: u64) {
     if !enabled(cfg().context) {
         return;
     }
     let skb = ev.skb;
-    let t = ev.ts_ns;
-    if let Some(f) = find(Stack::Netfilter, skb, t, None) {
+    let t = now;
+    if let Some(f) = nf {
         ev.context |= CTX_NETFILTER;
         ev.nf_hook = f.hook;
         ev.nf_pf = f.pf;
@@ -232,13 +266,13 @@ pub fn annotate(ev: &mut Event) {
     let last = unsafe { &*last };
     if ev.context & CTX_RULESET == 0
         && last.rs_skb == skb
-        && t.wrapping_sub(last.rs_ts_ns) < STALE_NS
+        && t.saturating_sub(last.rs_ts_ns) < STALE_NS
     {
         ev.context |= CTX_RULESET;
         ev.rs_engine = ENGINE_XT;
         ev.rs_table = last.rs_table;
     }
-    if last.err_skb == skb && t.wrapping_sub(last.err_ts_ns) < STALE_NS {
+    if last.err_skb == skb && t.saturating_sub(last.err_ts_ns) < STALE_NS {
         ev.context |= CTX_ROUTE_ERROR;
         ev.route_error = last.route_error;
     }

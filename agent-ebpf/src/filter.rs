@@ -1,11 +1,11 @@
 //! Kernel-side filters: a filtered-out drop storm never reaches the ring buffer.
-use agent_ebpf::{Cidr, Event, FILTER_SLOTS, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4};
+use agent_ebpf::{Cidr, FILTER_SLOTS, FLAG_DEV, FLAG_DST, FLAG_IPV4, FLAG_IPV6, FLAG_L4};
 
-use crate::maps::cfg;
+use crate::{maps::cfg, packet::Packet};
 
-/// Whether `ev` passes every configured filter list.
+/// Whether a packet passes every configured filter list.
 #[inline(always)]
-pub fn passes(ev: &Event) -> bool {
+pub fn passes(ev: &Packet) -> bool {
     let f = &cfg().filters;
     (f.n_netns == 0 || any_u32(&f.netns, f.n_netns, ev.netns))
         && (f.n_protos == 0

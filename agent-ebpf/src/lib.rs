@@ -88,6 +88,22 @@ pub const SKB_WINDOW: u32 = 256;
 pub const DEV_WINDOW: u32 = 64;
 
 impl Offsets {
+    /// The offsets the drop probe's `tp_btf` program reads without checking for ABSENT (every
+    /// supported kernel has them), by name.
+    pub fn required(&self) -> [(&'static str, u32); 9] {
+        [
+            ("sk_buff.len", self.skb_len),
+            ("sk_buff.dev", self.skb_dev),
+            ("sk_buff.protocol", self.skb_protocol),
+            ("sk_buff.head", self.skb_head),
+            ("sk_buff.network_header", self.skb_network_header),
+            ("sk_buff.skb_iif", self.skb_iif),
+            ("net_device.ifindex", self.dev_ifindex),
+            ("net_device.nd_net", self.dev_nd_net),
+            ("net.ns.inum", self.net_inum),
+        ]
+    }
+
     /// Every offset unknown: what the programs assume until userspace fills them in.
     pub const UNKNOWN: Offsets = Offsets {
         skb_len: ABSENT,
@@ -187,11 +203,67 @@ pub struct AggVal {
     pub lost: u64,
     /// Start of the current one-second sampling window (ktime ns) and events sent in it.
     pub window_ns: u64,
-    pub sent: u64,
+    pub sent: u32,
+    /// Low bits of `jiffies` when the window was last checked: over the budget, the clock is
+    /// read again only once the tick has moved on.
+    pub tick: u32,
 }
 
-/// Entries of the aggregation map.
+/// Slots of the aggregation table, per CPU (a power of two): how many kinds of drop each CPU
+/// can count exactly.
 pub const AGG_ENTRIES: u32 = 16384;
+/// Slots per element of the `AGG` per-CPU array (a power of two): one map lookup per drop,
+/// and few per-CPU allocations when the map is created.
+pub const AGG_BUCKET_SLOTS: u32 = 64;
+/// Elements of the `AGG` per-CPU array.
+pub const AGG_BUCKETS: u32 = AGG_ENTRIES / AGG_BUCKET_SLOTS;
+/// Slots of its bucket tried for a key before the table counts as full for it: the key's
+/// home slot and the ones after it (wrapping inside the bucket).
+pub const AGG_PROBES: u32 = 4;
+
+/// One slot of the aggregation table: the key that owns it (location 0: free) and its counts.
+/// A key lives in the first slot of `agg_home(key) ..` (AGG_PROBES slots) that is free or
+/// already its own, so it may sit in different slots on different CPUs: readers match slots by
+/// key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AggSlot {
+    pub key: AggKey,
+    pub val: AggVal,
+}
+
+/// One element of the `AGG` per-CPU array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AggBucket {
+    pub slots: [AggSlot; AGG_BUCKET_SLOTS as usize],
+}
+
+impl AggKey {
+    /// The key as three words, for hashing and comparing without byte loops.
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 3] {
+        [
+            self.location,
+            self.reason as u64 | (self.netns as u64) << 32,
+            self.ifindex as u64
+                | (self.family as u64) << 32
+                | (self.l4_proto as u64) << 40
+                | (self.nf_hook as u64) << 48,
+        ]
+    }
+}
+
+/// The home slot of a key in the aggregation table, 0..AGG_ENTRIES (multiply-xorshift over
+/// its words): bucket `home / AGG_BUCKET_SLOTS`, slot `home % AGG_BUCKET_SLOTS`.
+#[inline(always)]
+pub fn agg_home(words: &[u64; 3]) -> u32 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = words[0].wrapping_mul(K);
+    h = (h ^ (h >> 29) ^ words[1]).wrapping_mul(K);
+    h = (h ^ (h >> 29) ^ words[2]).wrapping_mul(K);
+    ((h >> 32) as u32) & (AGG_ENTRIES - 1)
+}
 
 /// An address prefix for the kernel-side filters (`--src`, `--dst`).
 #[repr(C)]
@@ -388,18 +460,36 @@ pub const FLAG_SK_NETNS: u8 = 1 << 6;
 
 // The ring buffer record has no implicit padding: both sides see the same bytes.
 const _: () = assert!(core::mem::size_of::<Event>() == 248);
+const _: () = assert!(core::mem::size_of::<AggSlot>() == 72);
+const _: () = assert!(AGG_ENTRIES.is_power_of_two() && AGG_BUCKET_SLOTS.is_power_of_two());
 
-/// Index of counters in the `COUNTERS` per-CPU array.
-pub mod counter {
+/// This CPU's counters (the single element of the `COUNTERS` per-CPU array): one cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CpuState {
     /// Events the ring buffer had no room for.
-    pub const LOST: u32 = 0;
-    /// Drop events seen by the probe (delivered or not).
-    pub const SEEN: u32 = 1;
+    pub lost: u64,
+    /// Drops seen by the probe (delivered or not).
+    pub seen: u64,
     /// Drops the kernel-side filters left out (never sent to userspace).
-    pub const FILTERED: u32 = 2;
+    pub filtered: u64,
     /// Drops whose key did not fit the aggregation table (their counts are not exact).
-    pub const AGG_FULL: u32 = 3;
-    pub const COUNT: u32 = 4;
+    pub agg_full: u64,
+}
+
+/// Set by userspace at run time (the single element of the `KNOBS` array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Knobs {
+    /// `[start, end)` of the code of the function where `skb->dev` of a freed packet holds
+    /// something else (fragments purged from a reassembly queue keep their rbtree node there);
+    /// `[0, 0)` until userspace has read the kernel's symbols.
+    pub no_dev_start: u64,
+    pub no_dev_end: u64,
+    /// Non-zero while the context probes on hot paths (nf_hook_slow, ip_forward, nft_do_chain,
+    /// ipt_do_table) are attached: only then does a drop look for their frames.
+    pub armed: u32,
+    pub _pad: u32,
 }
 
 /// Byte size of the ring buffer carrying [`Event`]s.
@@ -467,4 +557,8 @@ mod user {
     unsafe impl aya::Pod for super::Filters {}
     unsafe impl aya::Pod for super::AggKey {}
     unsafe impl aya::Pod for super::AggVal {}
+    unsafe impl aya::Pod for super::AggSlot {}
+    unsafe impl aya::Pod for super::AggBucket {}
+    unsafe impl aya::Pod for super::CpuState {}
+    unsafe impl aya::Pod for super::Knobs {}
 }

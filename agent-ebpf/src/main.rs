@@ -26,6 +26,7 @@ mod programs {
 
     use crate::{
         maps::{cfg, enabled},
+        packet::{Probed, Typed},
         probes,
     };
 
@@ -40,7 +41,8 @@ mod programs {
         } else {
             0
         };
-        probes::kfree_skb::on_drop(&ctx, skb, location, reason as u32);
+        // The skb argument is typed for the verifier: its fields are read with plain loads.
+        probes::kfree_skb::on_drop::<Typed, _>(&ctx, skb, location, reason as u32);
         0
     }
 
@@ -63,7 +65,7 @@ mod programs {
         } else {
             unsafe { ctx.read_at(o.tp_kfree_reason as usize) }.unwrap_or(0)
         };
-        probes::kfree_skb::on_drop(&ctx, skb, location, reason);
+        probes::kfree_skb::on_drop::<Probed, _>(&ctx, skb, location, reason);
         0
     }
 

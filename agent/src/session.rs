@@ -9,9 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_ebpf::{counter, AggKey, AggVal, Config, ABSENT};
+use agent_ebpf::{AggKey, AggVal, Config, CpuState, ABSENT};
 use anyhow::{Context, Result};
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, Signal, SignalKind},
@@ -22,7 +22,7 @@ use crate::{
     cli::{Color, Format, ObserveArgs, RunArgs},
     events::Decoder,
     evidence::{counters, investigator, netns, rules},
-    kernel::{attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
+    kernel::{agg::AggTable, attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
     output::{json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, Progress, Sink},
     pipeline::{Pipeline, StackReader, Traced},
     pods::{self, PodName},
@@ -134,8 +134,12 @@ struct Session {
     ring: AsyncFd<RingBuf<MapData>>,
     decoder: Decoder,
     pipeline: Pipeline,
-    counters: PerCpuArray<MapData, u64>,
-    agg: PerCpuHashMap<MapData, AggKey, AggVal>,
+    counters: PerCpuArray<MapData, CpuState>,
+    agg: AggTable,
+    /// The kernel's per-key counts as last read, and the drops it had seen then: a table
+    /// that cannot have changed is not read again.
+    agg_cache: Vec<(AggKey, AggVal)>,
+    agg_seen: Option<u64>,
     /// Owns the programs: dropping it detaches them.
     ebpf: aya::Ebpf,
     info: AttachInfo,
@@ -149,6 +153,11 @@ impl Session {
         let kernel = KernelBtf::open(&args.btf)?;
         let reasons =
             kernel.drop_reasons(args.btf.parent().unwrap_or(Path::new("/sys/kernel/btf")))?;
+        tracing::debug!(
+            "kernel BTF read: offsets and {} drop reasons ({} ms)",
+            reasons.len(),
+            started.elapsed().as_millis()
+        );
         // Symbols and firewall rule counters load while the programs are verified and attached.
         let symbols = std::thread::spawn(Kallsyms::load);
         let watched = filter.netns.clone();
@@ -200,7 +209,9 @@ impl Session {
                 tracing::warn!("{e:#}");
                 Kallsyms::empty()
             });
-        attach::set_no_dev_range(&mut probes.ebpf, symbols.range("inet_frag_rbtree_purge"));
+        probes
+            .knobs
+            .set_no_dev_range(symbols.range("inet_frag_rbtree_purge"));
         let symbols = Rc::new(RefCell::new(symbols));
         let decoder = Decoder::new(reasons, symbols.clone()).with_netfilter_names(netfilter_names);
         let (rules, snmp) = rule_baseline
@@ -246,50 +257,52 @@ impl Session {
             pipeline,
             counters,
             agg,
+            agg_cache: Vec::new(),
+            agg_seen: None,
             ebpf,
             info,
             streaming: Instant::now(),
         })
     }
 
-    /// A kernel counter (`agent_ebpf::counter`), summed over CPUs.
-    fn counter(&self, index: u32) -> u64 {
-        self.counters
-            .get(&index, 0)
-            .map(|v| v.iter().sum::<u64>())
-            .unwrap_or(0)
+    /// The kernel's counters (`agent_ebpf::CpuState`), summed over CPUs.
+    fn counters(&self) -> CpuState {
+        let mut sum = CpuState::default();
+        if let Ok(per_cpu) = self.counters.get(&0, 0) {
+            for c in per_cpu.iter() {
+                sum.lost += c.lost;
+                sum.seen += c.seen;
+                sum.filtered += c.filtered;
+                sum.agg_full += c.agg_full;
+            }
+        }
+        sum
     }
 
-    /// The kernel's exact per-key counts, summed over CPUs.
-    fn read_agg(&self) -> Vec<(AggKey, AggVal)> {
-        self.agg
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, per_cpu)| {
-                let sum = per_cpu.iter().fold(AggVal::default(), |mut a, v| {
-                    a.packets += v.packets;
-                    a.bytes += v.bytes;
-                    a.suppressed += v.suppressed;
-                    a.lost += v.lost;
-                    a
-                });
-                (k, sum)
-            })
-            .collect()
+    /// The kernel's exact per-key counts, summed over CPUs (read again only when the kernel
+    /// has seen drops since the last read).
+    fn read_agg(&mut self) -> Vec<(AggKey, AggVal)> {
+        let seen = self.counters().seen;
+        if self.agg_seen != Some(seen) {
+            self.agg_cache = self.agg.read();
+            self.agg_seen = Some(seen);
+        }
+        self.agg_cache.clone()
     }
 
     /// Drains the ring, reports what the kernel counted but did not send, and the repeats.
     fn catch_up(&mut self, sink: &mut dyn Sink, final_pass: bool) {
-        // Events already in the ring come first: they give their keys a cause before the
-        // kernel's counts for those keys are reconciled.
+        // The kernel's counts first, then the events: every key counted as sampled in the
+        // snapshot sent its first events before that, so they are decoded below and give the
+        // key a cause (draining first would leave keys born in between without one).
         let now = clock_ns();
+        let kernel = self.read_agg();
         drain(
             self.ring.get_mut(),
             &mut self.decoder,
             &mut self.pipeline,
             sink,
         );
-        let kernel = self.read_agg();
         let decoder = &mut self.decoder;
         self.pipeline
             .reconcile(&kernel, |k| decoder.synthetic(k, now), sink, final_pass);
@@ -299,7 +312,7 @@ impl Session {
     /// Once per `--interval`.
     fn tick(&mut self, sink: &mut dyn Sink, seconds: f64) {
         self.catch_up(sink, false);
-        let lost = self.counter(counter::LOST);
+        let lost = self.counters().lost;
         let suppressed = self.pipeline.suppressed;
         sink.tick(&Progress {
             causes: &self.pipeline.causes,
@@ -311,12 +324,11 @@ impl Session {
 
     /// Reports what the kernel delivered before the stop, detaches, and hands over the summary.
     fn finish(mut self, sink: &mut dyn Sink) {
+        // Stop the kernel side first, so that what it counted and what it sent agree exactly.
+        unload_programs(&mut self.ebpf);
         self.catch_up(sink, true);
-        let (seen, lost) = (self.counter(counter::SEEN), self.counter(counter::LOST));
-        let (filtered_in_kernel, agg_full) = (
-            self.counter(counter::FILTERED),
-            self.counter(counter::AGG_FULL),
-        );
+        let c = self.counters();
+        let (seen, lost, filtered_in_kernel, agg_full) = (c.seen, c.lost, c.filtered, c.agg_full);
         let Session {
             ring,
             pipeline,
@@ -335,6 +347,21 @@ impl Session {
             summary.counts_exact = false;
         }
         sink.summary(&summary);
+    }
+}
+
+/// Detaches and unloads every program; the maps stay readable.
+fn unload_programs(ebpf: &mut aya::Ebpf) {
+    use aya::programs::Program;
+    for (_, program) in ebpf.programs_mut() {
+        let _ = match program {
+            Program::BtfTracePoint(p) => p.unload(),
+            Program::TracePoint(p) => p.unload(),
+            Program::FEntry(p) => p.unload(),
+            Program::FExit(p) => p.unload(),
+            Program::KProbe(p) => p.unload(),
+            _ => Ok(()),
+        };
     }
 }
 

@@ -6,8 +6,8 @@ use agent_ebpf::EventKind;
 
 use crate::{
     context::{now, pop, push, top, Frame, Stack},
-    maps::{scratch, send},
-    packet,
+    maps::send,
+    packet::{self, Probed},
 };
 
 /// Entry: `icmp6_send(skb, type, code, ...)`.
@@ -34,13 +34,11 @@ pub fn enter(skb: u64, ty: u8, code: u8) {
 #[inline(always)]
 pub fn sent() {
     let Some(f) = top(Stack::Icmp6) else { return };
-    let Some(ev) = scratch() else { return };
-    ev.kind = EventKind::Icmp6Sent as u8;
-    ev.ts_ns = now();
-    packet::fill(ev, f.skb);
-    ev.icmp_type = (f.aux >> 8) as u8;
-    ev.icmp_code = f.aux as u8;
-    send(ev);
+    let p = packet::parse::<Probed>(f.skb, false);
+    send(EventKind::Icmp6Sent, &p, |ev| {
+        ev.icmp_type = (f.aux >> 8) as u8;
+        ev.icmp_code = f.aux as u8;
+    });
 }
 
 /// Exit of `icmp6_send`.

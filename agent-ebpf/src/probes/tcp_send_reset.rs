@@ -1,11 +1,10 @@
 //! `tcp:tcp_send_reset`: the kernel answered a packet with a TCP reset. Paired in userspace
 //! with the drop of the packet that caused it (closed port: NO_SOCKET + reset).
 use agent_ebpf::EventKind;
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use crate::{
-    maps::{scratch, send},
-    packet,
+    maps::send,
+    packet::{self, Probed},
 };
 
 #[inline(always)]
@@ -14,9 +13,6 @@ pub fn on_reset(skb: u64) {
     if skb == 0 {
         return;
     }
-    let Some(ev) = scratch() else { return };
-    ev.kind = EventKind::RstSent as u8;
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
-    packet::fill(ev, skb);
-    send(ev);
+    let p = packet::parse::<Probed>(skb, false);
+    send(EventKind::RstSent, &p, |_| {});
 }

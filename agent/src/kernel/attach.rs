@@ -4,16 +4,17 @@
 //! one it got and why a better one was refused, so the operator sees exactly what is observed.
 use std::{fmt, path::Path, time::Instant};
 
-use agent_ebpf::{AggKey, AggVal, Config, ABSENT};
+use agent_ebpf::{Config, CpuState, Knobs, ABSENT};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
+    maps::{Array, MapData, PerCpuArray, RingBuf, StackTraceMap},
     programs::{BtfTracePoint, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use serde::Serialize;
 
 use super::{
+    agg::AggTable,
     btf::KernelBtf,
     context_probes::{self, ContextMode},
     tracefs,
@@ -59,10 +60,11 @@ impl fmt::Display for Attached {
 /// A loaded and attached set of probes. Dropping it detaches everything.
 pub struct Probes {
     pub events: RingBuf<MapData>,
-    pub counters: PerCpuArray<MapData, u64>,
+    pub counters: PerCpuArray<MapData, CpuState>,
+    pub knobs: KnobsMap,
     pub stacks: StackTraceMap<MapData>,
-    /// Exact per-key drop counts (see `agent_ebpf::AggKey`).
-    pub agg: PerCpuHashMap<MapData, AggKey, AggVal>,
+    /// Exact per-key drop counts (see `agent_ebpf::AggSlot`).
+    pub agg: AggTable,
     pub report: Vec<Attached>,
     pub attach_ms: u128,
     /// Owns the programs and their links: dropping it detaches them.
@@ -116,6 +118,19 @@ pub fn attach(
     mut config: Config,
 ) -> Result<Probes> {
     let start = Instant::now();
+    let missing: Vec<&str> = config
+        .offsets
+        .required()
+        .iter()
+        .filter(|(_, off)| *off == ABSENT)
+        .map(|(name, _)| *name)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "this kernel's BTF lacks {} (dropscope reads them for every drop)",
+            missing.join(", ")
+        );
+    }
     let tracefs_root = match mode {
         Mode::Tracepoint => Some(tracefs::find_or_mount()?),
         _ => tracefs::find(),
@@ -143,11 +158,13 @@ pub fn attach(
 
     let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())
         .map_err(|e| anyhow!("cannot parse BTF at {}: {e}", btf_path.display()))?;
+    tracing::debug!("BTF parsed for the loader ({} ms)", start.elapsed().as_millis());
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&aya_btf))
         .override_global("CONFIG", &config, true)
         .load(PROBES_OBJECT)
         .context("loading dropscope's eBPF object")?;
+    tracing::debug!("maps created ({} ms)", start.elapsed().as_millis());
 
     let mut report = Vec::new();
     for hook in &HOOKS {
@@ -171,11 +188,16 @@ pub fn attach(
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
     let counters =
         PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map missing")?)?;
+    let knobs = KnobsMap {
+        map: Array::try_from(ebpf.take_map("KNOBS").context("KNOBS map missing")?)?,
+        value: Knobs::default(),
+    };
     let stacks = StackTraceMap::try_from(ebpf.take_map("STACKS").context("STACKS map missing")?)?;
-    let agg = PerCpuHashMap::try_from(ebpf.take_map("AGG").context("AGG map missing")?)?;
+    let agg = AggTable::new(ebpf.take_map("AGG").context("AGG map missing")?)?;
     Ok(Probes {
         events,
         counters,
+        knobs,
         stacks,
         agg,
         report,
@@ -184,20 +206,32 @@ pub fn attach(
     })
 }
 
-/// Tells the drop probe where `skb->dev` is not a device (see `NO_DEV_AT` in the eBPF maps):
-/// the code of the function that purges fragment queues, once the symbols are known.
-pub fn set_no_dev_range(ebpf: &mut Ebpf, range: Option<(u64, u64)>) {
-    let Some((start, end)) = range else { return };
-    let Some(map) = ebpf.map_mut("NO_DEV_AT") else {
-        return;
-    };
-    match aya::maps::Array::<_, [u64; 2]>::try_from(map) {
-        Ok(mut a) => {
-            if let Err(e) = a.set(0, [start, end], 0) {
-                tracing::warn!("cannot set NO_DEV_AT: {e}");
-            }
+/// The drop probe's run-time settings (see `agent_ebpf::Knobs`); userspace is their only writer.
+pub struct KnobsMap {
+    map: Array<MapData, Knobs>,
+    value: Knobs,
+}
+
+impl KnobsMap {
+    /// Tells the drop probe where `skb->dev` is not a device: the code of the function that
+    /// purges fragment queues, once the symbols are known.
+    pub fn set_no_dev_range(&mut self, range: Option<(u64, u64)>) {
+        let Some((start, end)) = range else { return };
+        self.value.no_dev_start = start;
+        self.value.no_dev_end = end;
+        self.write();
+    }
+
+    /// Whether drops look for the frames of the hot-path context probes.
+    pub fn set_armed(&mut self, armed: bool) {
+        self.value.armed = u32::from(armed);
+        self.write();
+    }
+
+    fn write(&mut self) {
+        if let Err(e) = self.map.set(0, self.value, 0) {
+            tracing::warn!("cannot update KNOBS: {e}");
         }
-        Err(e) => tracing::warn!("NO_DEV_AT map: {e}"),
     }
 }
 
@@ -210,7 +244,7 @@ pub fn attach_null(btf_path: &Path) -> Result<Ebpf> {
         .load(PROBES_OBJECT)
         .context("loading dropscope's eBPF object")?;
     let prog: &mut BtfTracePoint = program(&mut ebpf, "kfree_skb_null")?.try_into()?;
-    prog.load("kfree_skb", &aya_btf).map_err(verbose)?;
+    retrying(|| prog.load("kfree_skb", &aya_btf)).map_err(verbose)?;
     prog.attach().map_err(verbose)?;
     Ok(ebpf)
 }
@@ -268,16 +302,34 @@ fn attach_hook(
 
 fn attach_btf(ebpf: &mut Ebpf, btf: &Btf, hook: &Hook) -> Result<()> {
     let prog: &mut BtfTracePoint = program(ebpf, hook.btf_program)?.try_into()?;
-    prog.load(hook.name, btf).map_err(verbose)?;
+    retrying(|| prog.load(hook.name, btf)).map_err(verbose)?;
     prog.attach().map_err(verbose)?;
     Ok(())
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
     let prog: &mut TracePoint = program(ebpf, hook.tp_program)?.try_into()?;
-    prog.load().map_err(verbose)?;
+    retrying(|| prog.load()).map_err(verbose)?;
     prog.attach(hook.category, hook.name).map_err(verbose)?;
     Ok(())
+}
+
+/// Runs a program load again when the verifier gave up because a signal arrived (EAGAIN, e.g.
+/// SIGCHLD from the rule readers running meanwhile), as libbpf does.
+pub(super) fn retrying(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut tries = 0;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 10 =>
+            {
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 pub(super) fn program<'a>(
@@ -399,7 +451,7 @@ mod tests {
         assert!(elf
             .symbols()
             .any(|s| object::ObjectSymbol::name(&s) == Ok("kfree_skb_null")));
-        for map in ["EVENTS", "STACKS", "COUNTERS", "CONFIG", "AGG", "SCRATCH"] {
+        for map in ["EVENTS", "STACKS", "COUNTERS", "CONFIG", "AGG", "KNOBS"] {
             assert!(
                 elf.symbols()
                     .any(|s| object::ObjectSymbol::name(&s) == Ok(map)),

@@ -12,7 +12,7 @@ use aya::{
 };
 
 use super::{
-    attach::{program, verbose, Attached},
+    attach::{program, retrying, verbose, Attached},
     btf::{FunctionHome, KernelBtf},
 };
 
@@ -266,13 +266,13 @@ fn attach_fentry(
             if let Some(name) = t.fexit {
                 let prog: &mut FExit = program(ebpf, name)?.try_into()?;
                 loaded.push(name);
-                prog.load(t.function, btf).map_err(verbose)?;
+                retrying(|| prog.load(t.function, btf)).map_err(verbose)?;
                 prog.attach().map_err(verbose)?;
             }
             if let Some(name) = t.fentry {
                 let prog: &mut FEntry = program(ebpf, name)?.try_into()?;
                 loaded.push(name);
-                prog.load(t.function, btf).map_err(verbose)?;
+                retrying(|| prog.load(t.function, btf)).map_err(verbose)?;
                 prog.attach().map_err(verbose)?;
             }
         }
@@ -304,7 +304,7 @@ fn attach_kprobe(ebpf: &mut Ebpf, targets: &[&Target]) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         for (name, functions) in &plan {
             let prog: &mut KProbe = program(ebpf, name)?.try_into()?;
-            prog.load().map_err(verbose)?;
+            retrying(|| prog.load()).map_err(verbose)?;
             for f in functions {
                 prog.attach(f, 0).map_err(verbose)?;
             }

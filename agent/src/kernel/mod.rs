@@ -1,4 +1,5 @@
 //! Everything that depends on the running kernel: BTF, symbols, tracefs, privileges, attaching.
+pub mod agg;
 pub mod attach;
 pub mod btf;
 pub mod context_probes;
