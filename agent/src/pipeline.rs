@@ -508,7 +508,14 @@ fn attribution(d: &Drop, facts: &Facts, verdict: &Verdict) -> Attribution {
     let fetched = facts.fetched();
     let mut a = Attribution {
         route: fetched.route.as_ref().map(|r| r.text.clone()),
-        path_mtu: fetched.route.as_ref().and_then(|r| r.mtu),
+        // The MTU the kernel compared with, when the route was looked up for it.
+        path_mtu: fetched
+            .route
+            .as_ref()
+            .and_then(|_| match facts.get("path_mtu") {
+                Some(facts::Value::Int(m)) => u32::try_from(m).ok(),
+                _ => None,
+            }),
         tunnel: fetched.tunnel.map(|t| t.name),
         counters: fetched.counters,
         ..Default::default()

@@ -6,6 +6,7 @@ pub mod kube_validate;
 pub mod kubelet;
 pub mod netns;
 pub mod observer;
+pub mod packets;
 pub mod prometheus;
 pub mod topology;
 pub mod traffic;

@@ -4,6 +4,7 @@
 mod check;
 mod conntrack;
 mod context;
+mod corpus;
 mod deploy;
 mod forwarding;
 mod lifecycle;

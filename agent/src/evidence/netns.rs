@@ -58,14 +58,21 @@ impl Registry {
         self.own
     }
 
-    /// A handle to namespace `inode`, if one can be found.
+    /// A handle to namespace `inode`, if one can be found. An unknown inode is looked up
+    /// among the named namespaces at once (a few files), and among processes at most once a
+    /// second (a walk of /proc).
     pub fn get(&mut self, inode: u32) -> Option<&NetnsRef> {
-        if !self.known.contains_key(&inode)
-            && self
+        if !self.known.contains_key(&inode) {
+            if self
                 .last_scan
                 .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-        {
-            self.scan();
+            {
+                self.scan();
+            } else {
+                for r in named() {
+                    self.known.entry(r.inode).or_insert(r);
+                }
+            }
         }
         self.known.get(&inode)
     }
@@ -90,37 +97,17 @@ impl Registry {
     /// be named later (`ip netns attach`, or a name created after the last scan): an unnamed
     /// one is looked up again, at most once a second.
     pub fn name(&mut self, inode: u32) -> Option<String> {
-        let unnamed = self.known.get(&inode).is_some_and(|r| r.name.is_none());
-        if unnamed
-            && self
-                .last_scan
-                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-        {
-            self.scan();
+        if self.known.get(&inode).is_some_and(|r| r.name.is_none()) {
+            if let Some(r) = named().into_iter().find(|r| r.inode == inode) {
+                self.known.insert(inode, r);
+            }
         }
         self.get(inode).and_then(|r| r.name.clone())
     }
 
     fn scan(&mut self) {
         self.last_scan = Some(Instant::now());
-        let mut found: HashMap<u32, NetnsRef> = HashMap::new();
-        if let Ok(dir) = fs::read_dir(NAMED_DIR) {
-            for entry in dir.flatten() {
-                let path = entry.path();
-                if let Ok(inode) = inode_of(&path) {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    found.insert(
-                        inode,
-                        NetnsRef {
-                            inode,
-                            name: Some(name),
-                            pid: None,
-                            path,
-                        },
-                    );
-                }
-            }
-        }
+        let mut found: HashMap<u32, NetnsRef> = named().into_iter().map(|r| (r.inode, r)).collect();
         if let Ok(proc) = fs::read_dir("/proc") {
             for entry in proc.flatten() {
                 let Some(pid) = entry
@@ -147,6 +134,25 @@ impl Registry {
         }
         self.known = found;
     }
+}
+
+/// The namespaces `ip netns` named (bind mounts in /run/netns).
+fn named() -> Vec<NetnsRef> {
+    let Ok(dir) = fs::read_dir(NAMED_DIR) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            let inode = inode_of(&path).ok()?;
+            Some(NetnsRef {
+                inode,
+                name: Some(entry.file_name().to_string_lossy().into_owned()),
+                pid: None,
+                path,
+            })
+        })
+        .collect()
 }
 
 /// The namespace inode behind a file (`/proc/PID/ns/net` or a bind mount in /run/netns).
