@@ -549,3 +549,183 @@ fn attribution(d: &Drop, facts: &Facts, verdict: &Verdict) -> Attribution {
     }
     a
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::{
+        events::Answer,
+        evidence::{
+            counters::Counters, investigator::NfState, routes::Route, tunnels::Tunnel,
+        },
+        output::{AttachInfo, DropRecord, Summary},
+    };
+
+    /// A namespace that answers nothing: every fact from live state is unknown.
+    struct Silent;
+
+    impl Investigator for Silent {
+        fn exec_prefix(&mut self, _: u32) -> String {
+            String::new()
+        }
+        fn netns_name(&mut self, _: u32) -> Option<String> {
+            Some("dr-r".into())
+        }
+        fn netfilter(&mut self, _: &Drop, _: Option<Answer>) -> NfState {
+            NfState::default()
+        }
+        fn route(&mut self, _: &Drop) -> Option<Route> {
+            None
+        }
+        fn interfaces(&mut self, _: u32) -> Option<usize> {
+            Some(2)
+        }
+        fn neighbours(&mut self, _: &Drop) -> Vec<String> {
+            Vec::new()
+        }
+        fn sysctl(&mut self, _: u32, _: &str) -> Option<String> {
+            None
+        }
+        fn counters(&mut self, _: u32) -> Counters {
+            Counters::default()
+        }
+        fn tunnel(&mut self, _: u32, _: IpAddr, _: IpAddr) -> Option<Tunnel> {
+            None
+        }
+        fn ifname(&mut self, _: u32, ifindex: u32) -> Option<String> {
+            Some(format!("if{ifindex}"))
+        }
+    }
+
+    /// Keeps what the pipeline hands over.
+    #[derive(Default)]
+    struct Collect {
+        records: Vec<DropRecord>,
+    }
+
+    impl Sink for Collect {
+        fn attach(&mut self, _: &AttachInfo) {}
+        fn drop(&mut self, r: &DropRecord) {
+            self.records.push(r.clone());
+        }
+        fn summary(&mut self, _: &Summary) {}
+    }
+
+    fn pipeline(show_benign: bool) -> Pipeline {
+        Pipeline::new(
+            Engine::builtin(),
+            Filter::default(),
+            show_benign,
+            Box::new(Silent),
+            Traced {
+                icmp: true,
+                icmp6: false,
+                rst: true,
+            },
+            Box::new(|_| Vec::new()),
+            pods::Resolver::new(std::path::Path::new("/nonexistent-pods-root"), Vec::new()),
+        )
+    }
+
+    fn drop_at(reason: &str, location: &str, skb: u64, dport: u16) -> Drop {
+        let mut d = Drop::example(reason, location);
+        d.skb = skb;
+        d.ts_ns = skb * 1000;
+        d.flow.as_mut().unwrap().ports = Some((40000, dport));
+        d
+    }
+
+    #[test]
+    fn the_summary_explains_a_cause_by_its_most_frequent_kind() {
+        let mut p = pipeline(false);
+        let mut sink = Collect::default();
+        // One drop for port 53, three for port 80: the same cause, two explanations.
+        p.push(Record::Drop(drop_at("NO_SOCKET", "__udp4_lib_rcv", 1, 53)), &mut sink);
+        for skb in 2..5 {
+            p.push(Record::Drop(drop_at("NO_SOCKET", "__udp4_lib_rcv", skb, 80)), &mut sink);
+        }
+        p.flush(&mut sink);
+        let s = p.summary(4, 0, 1.0);
+        let (cause, totals) = &s.causes[0];
+        assert_eq!((cause.as_str(), totals.count), ("no_listener", 4));
+        let (v, share) = totals.representative().unwrap();
+        assert!(v.evidence.contains("port 80"), "{}", v.evidence);
+        assert!((share - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn hidden_drops_are_counted_not_reported() {
+        let mut p = pipeline(false);
+        let mut sink = Collect::default();
+        p.push(Record::Drop(drop_at("NOT_SPECIFIED", "skb_release_data", 1, 80)), &mut sink);
+        p.push(Record::Drop(drop_at("NO_SOCKET", "ping_rcv", 2, 80)), &mut sink);
+        p.flush(&mut sink);
+        assert!(sink.records.is_empty(), "{:?}", sink.records);
+        let s = p.summary(2, 0, 1.0);
+        assert!(s.causes.is_empty());
+        let mut hidden = s.hidden.clone();
+        hidden.sort();
+        assert_eq!(
+            hidden,
+            vec![("benign".to_string(), 1), ("not_a_drop".to_string(), 1)]
+        );
+        // With --all they are reported, marked benign.
+        let mut p = pipeline(true);
+        p.push(Record::Drop(drop_at("NOT_SPECIFIED", "skb_release_data", 1, 80)), &mut sink);
+        assert_eq!(sink.records.len(), 1);
+        assert!(sink.records[0].verdict.benign);
+    }
+
+    #[test]
+    fn an_answer_pairs_with_the_drop_of_its_packet_only() {
+        let mut p = pipeline(false);
+        let mut sink = Collect::default();
+        let d = drop_at("NO_SOCKET", "__udp4_lib_rcv", 7, 9999);
+        p.push(
+            Record::Reply(Reply {
+                ts_ns: d.ts_ns - 10,
+                skb: 7,
+                answer: Answer::Icmp(3, 3),
+                flow: d.flow,
+            }),
+            &mut sink,
+        );
+        p.push(Record::Drop(d), &mut sink);
+        // Another packet at another address: no answer of its own.
+        p.push(Record::Drop(drop_at("NO_SOCKET", "__udp4_lib_rcv", 8, 9998)), &mut sink);
+        assert_eq!(sink.records[0].answer, Some(Answer::Icmp(3, 3)));
+        assert!(sink.records[0].verdict.evidence.contains("ICMP sent: port unreachable"));
+        assert!(sink.records[1].verdict.evidence.contains("ICMP sent: none"));
+        // IPv6: this pipeline cannot see ICMPv6 errors, so "none" would be a false claim.
+        let mut v6 = drop_at("NO_SOCKET", "__udp6_lib_rcv", 9, 9997);
+        let f = v6.flow.as_mut().unwrap();
+        f.family = crate::events::Family::Ipv6;
+        (f.src, f.dst) = ("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap());
+        p.push(Record::Drop(v6), &mut sink);
+        let ev = &sink.records[2].verdict.evidence;
+        assert!(ev.contains("ICMP sent: unknown"), "{ev}");
+    }
+
+    #[test]
+    fn counts_the_kernel_kept_but_did_not_send_are_reported_and_reconciled() {
+        let mut p = pipeline(false);
+        let mut sink = Collect::default();
+        let d = drop_at("QDISC_DROP", "__dev_queue_xmit", 1, 80);
+        let key = d.agg;
+        p.push(Record::Drop(d), &mut sink);
+        let val = AggVal {
+            packets: 10,
+            bytes: 600,
+            suppressed: 9,
+            ..Default::default()
+        };
+        p.reconcile(&[(key, val)], |_| unreachable!("the key has events"), &mut sink, true);
+        let sampled: Vec<&DropRecord> = sink.records.iter().filter(|r| r.unsent.is_some()).collect();
+        assert_eq!((sampled.len(), sampled[0].count), (1, 9));
+        assert!(p.counts_exact);
+        let s = p.summary(10, 0, 1.0);
+        assert_eq!(s.causes[0].1.count, 10);
+    }
+}

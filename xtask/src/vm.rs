@@ -52,6 +52,7 @@ pub const CORE_TESTS: &[&str] = &[
     "nothing_stays_attached_after_sigint",
     "a_healthy_network_reports_no_drops",
     "benign_ping_noise",
+    "corpus::",
 ];
 
 /// Host packages a VM run needs, each with a file it installs (to check without dpkg's help too).
@@ -100,6 +101,12 @@ const NET_MODULES: &[&str] = &[
     "iptable_mangle",
     "nft_ct",
     "nft_counter",
+    "ip_gre",
+    "ipip",
+    "nf_nat",
+    "nft_masq",
+    "iptable_nat",
+    "xt_MASQUERADE",
 ];
 
 /// Environment variables passed through to the test executable in the guest.
