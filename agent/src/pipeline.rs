@@ -557,9 +557,7 @@ mod tests {
     use super::*;
     use crate::{
         events::Answer,
-        evidence::{
-            counters::Counters, investigator::NfState, routes::Route, tunnels::Tunnel,
-        },
+        evidence::{counters::Counters, investigator::NfState, routes::Route, tunnels::Tunnel},
         output::{AttachInfo, DropRecord, Summary},
     };
 
@@ -591,7 +589,10 @@ mod tests {
         fn counters(&mut self, _: u32) -> Counters {
             Counters::default()
         }
-        fn tunnel(&mut self, _: u32, _: IpAddr, _: IpAddr) -> Option<Tunnel> {
+        fn tunnel(&mut self, _: u32, _: Option<String>, _: IpAddr, _: IpAddr) -> Option<Tunnel> {
+            None
+        }
+        fn route_to(&mut self, _: u32, _: IpAddr) -> Option<Route> {
             None
         }
         fn ifname(&mut self, _: u32, ifindex: u32) -> Option<String> {
@@ -642,9 +643,15 @@ mod tests {
         let mut p = pipeline(false);
         let mut sink = Collect::default();
         // One drop for port 53, three for port 80: the same cause, two explanations.
-        p.push(Record::Drop(drop_at("NO_SOCKET", "__udp4_lib_rcv", 1, 53)), &mut sink);
+        p.push(
+            Record::Drop(drop_at("NO_SOCKET", "__udp4_lib_rcv", 1, 53)),
+            &mut sink,
+        );
         for skb in 2..5 {
-            p.push(Record::Drop(drop_at("NO_SOCKET", "__udp4_lib_rcv", skb, 80)), &mut sink);
+            p.push(
+                Record::Drop(drop_at("NO_SOCKET", "__udp4_lib_rcv", skb, 80)),
+                &mut sink,
+            );
         }
         p.flush(&mut sink);
         let s = p.summary(4, 0, 1.0);
@@ -659,8 +666,14 @@ mod tests {
     fn hidden_drops_are_counted_not_reported() {
         let mut p = pipeline(false);
         let mut sink = Collect::default();
-        p.push(Record::Drop(drop_at("NOT_SPECIFIED", "skb_release_data", 1, 80)), &mut sink);
-        p.push(Record::Drop(drop_at("NO_SOCKET", "ping_rcv", 2, 80)), &mut sink);
+        p.push(
+            Record::Drop(drop_at("NOT_SPECIFIED", "skb_release_data", 1, 80)),
+            &mut sink,
+        );
+        p.push(
+            Record::Drop(drop_at("NO_SOCKET", "ping_rcv", 2, 80)),
+            &mut sink,
+        );
         p.flush(&mut sink);
         assert!(sink.records.is_empty(), "{:?}", sink.records);
         let s = p.summary(2, 0, 1.0);
@@ -673,7 +686,10 @@ mod tests {
         );
         // With --all they are reported, marked benign.
         let mut p = pipeline(true);
-        p.push(Record::Drop(drop_at("NOT_SPECIFIED", "skb_release_data", 1, 80)), &mut sink);
+        p.push(
+            Record::Drop(drop_at("NOT_SPECIFIED", "skb_release_data", 1, 80)),
+            &mut sink,
+        );
         assert_eq!(sink.records.len(), 1);
         assert!(sink.records[0].verdict.benign);
     }
@@ -694,9 +710,15 @@ mod tests {
         );
         p.push(Record::Drop(d), &mut sink);
         // Another packet at another address: no answer of its own.
-        p.push(Record::Drop(drop_at("NO_SOCKET", "__udp4_lib_rcv", 8, 9998)), &mut sink);
+        p.push(
+            Record::Drop(drop_at("NO_SOCKET", "__udp4_lib_rcv", 8, 9998)),
+            &mut sink,
+        );
         assert_eq!(sink.records[0].answer, Some(Answer::Icmp(3, 3)));
-        assert!(sink.records[0].verdict.evidence.contains("ICMP sent: port unreachable"));
+        assert!(sink.records[0]
+            .verdict
+            .evidence
+            .contains("ICMP sent: port unreachable"));
         assert!(sink.records[1].verdict.evidence.contains("ICMP sent: none"));
         // IPv6: this pipeline cannot see ICMPv6 errors, so "none" would be a false claim.
         let mut v6 = drop_at("NO_SOCKET", "__udp6_lib_rcv", 9, 9997);
@@ -721,8 +743,14 @@ mod tests {
             suppressed: 9,
             ..Default::default()
         };
-        p.reconcile(&[(key, val)], |_| unreachable!("the key has events"), &mut sink, true);
-        let sampled: Vec<&DropRecord> = sink.records.iter().filter(|r| r.unsent.is_some()).collect();
+        p.reconcile(
+            &[(key, val)],
+            |_| unreachable!("the key has events"),
+            &mut sink,
+            true,
+        );
+        let sampled: Vec<&DropRecord> =
+            sink.records.iter().filter(|r| r.unsent.is_some()).collect();
         assert_eq!((sampled.len(), sampled[0].count), (1, 9));
         assert!(p.counts_exact);
         let s = p.summary(10, 0, 1.0);

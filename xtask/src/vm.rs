@@ -107,6 +107,8 @@ const NET_MODULES: &[&str] = &[
     "nft_masq",
     "iptable_nat",
     "xt_MASQUERADE",
+    "nft_meta_bridge",
+    "nft_reject_bridge",
 ];
 
 /// Environment variables passed through to the test executable in the guest.

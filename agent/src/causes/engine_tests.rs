@@ -146,6 +146,7 @@ fn route(kind: &'static str, text: &str, mtu: Option<u32>) -> Option<Route> {
         text: text.into(),
         mtu,
         mtu_expires: None,
+        dev_mtu: None,
     })
 }
 
@@ -193,8 +194,17 @@ impl Investigator for Fake<'_> {
                 .collect(),
         }
     }
-    fn tunnel(&mut self, _netns: u32, _src: IpAddr, _dst: IpAddr) -> Option<Tunnel> {
+    fn tunnel(
+        &mut self,
+        _netns: u32,
+        _dev: Option<String>,
+        _src: IpAddr,
+        _dst: IpAddr,
+    ) -> Option<Tunnel> {
         self.0.tunnel.clone()
+    }
+    fn route_to(&mut self, _netns: u32, _dst: IpAddr) -> Option<Route> {
+        self.0.route.clone()
     }
     fn ifname(&mut self, _netns: u32, _ifindex: u32) -> Option<String> {
         None
@@ -315,6 +325,30 @@ fn cases() -> Vec<Case> {
                 "benign",
                 "traceroute probe reached 10.231.2.2",
             )
+        },
+        Case {
+            stack: &["sk_skb_reason_drop", "unix_stream_connect", "__sys_connect"],
+            ..case(
+                "unix socket connect refused",
+                {
+                    let mut d = drop("NOT_SPECIFIED", "unix_stream_connect");
+                    d.flow = None;
+                    d
+                },
+                "benign",
+                "AF_UNIX",
+            )
+        },
+        case(
+            "unicast in L2 multicast",
+            drop("UNICAST_IN_L2_MULTICAST", "ip_rcv_finish_core"),
+            "benign",
+            "configured or designed to ignore",
+        ),
+        {
+            let mut d = drop("TCP_OLD_DATA", "tcp_validate_incoming");
+            d.flow.as_mut().unwrap().proto = 6;
+            case("tcp retransmission", d, "tcp_stale_segment", "stale or superfluous")
         },
         // --- fragments
         Case {
@@ -700,12 +734,36 @@ fn cases() -> Vec<Case> {
                 mtu: 1500,
                 overhead: 50,
                 matched_by: "remote address",
+                remote: None,
             }),
             ..case(
                 "tunnel",
                 outer,
                 "tunnel_mtu",
                 "1528-byte vxlan packet from vx0 to 10.231.2.2 does not fit the path MTU 1400",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp(3, 4)),
+            route: route("unicast", "10.231.9.1 dev r0 table main", Some(1400)),
+            tunnel: Some(Tunnel {
+                name: "gr0".into(),
+                kind: "gre".into(),
+                mtu: 1500,
+                overhead: 24,
+                matched_by: "the device the packet was sent on",
+                remote: Some("10.231.9.1".parse().unwrap()),
+            }),
+            ..case(
+                "gre refusing its inner packet",
+                {
+                    let mut d = drop("NOT_SPECIFIED", "ip_tunnel_xmit");
+                    d.len = 1488;
+                    d.dev = Some(dev("gr0", 1500));
+                    d
+                },
+                "tunnel_mtu",
+                "1488-byte packet to 10.231.2.2 does not fit tunnel gr0 (MTU 1500): its underlay allows 1376 once encapsulated",
             )
         },
         Case {
@@ -844,6 +902,93 @@ fn cases() -> Vec<Case> {
             drop("NOT_SPECIFIED", "virtio_transport_recv_pkt"),
             "vsock_drop",
             "vsock packet discarded",
+        ),
+        case(
+            "tcp zero window",
+            drop("TCP_ZEROWINDOW", "tcp_data_queue"),
+            "socket_buffer_full",
+            "zero window",
+        ),
+        Case {
+            moved: vec![("TcpExtListenOverflows", 3), ("TcpExtListenDrops", 3)],
+            ..case(
+                "accept queue full",
+                drop("TCP_LISTEN_OVERFLOW", "tcp_v4_syn_recv_sock"),
+                "listen_overflow",
+                "TcpExtListenOverflows +3, TcpExtListenDrops +3",
+            )
+        },
+        case(
+            "paws",
+            drop("TCP_RFC7323_PAWS", "tcp_validate_incoming"),
+            "tcp_out_of_window",
+            "timestamps",
+        ),
+        case(
+            "out of window",
+            drop("TCP_INVALID_SEQUENCE", "tcp_validate_incoming"),
+            "tcp_out_of_window",
+            "does not fit its connection's state",
+        ),
+        case(
+            "tcp-md5",
+            drop("TCP_MD5FAILURE", "tcp_inbound_hash"),
+            "tcp_auth_failed",
+            "signature",
+        ),
+        case(
+            "socket filter",
+            drop("SOCKET_FILTER", "sk_filter_trim_cap"),
+            "socket_policy",
+            "refused it",
+        ),
+        case(
+            "cgroup egress",
+            drop("BPF_CGROUP_EGRESS", "ip_finish_output"),
+            "security_policy",
+            "cgroup BPF program",
+        ),
+        case(
+            "ipv6 disabled",
+            v6(drop("IPV6DISABLED", "ipv6_rcv")),
+            "ipv6_disabled",
+            "IPv6 is disabled",
+        ),
+        case(
+            "no protocol handler",
+            drop("IP_NOPROTO", "ip_protocol_deliver_rcu"),
+            "no_protocol_handler",
+            "nothing handles it here",
+        ),
+        case(
+            "device down",
+            drop("DEV_READY", "__dev_queue_xmit"),
+            "device_not_ready",
+            "is down",
+        ),
+        case(
+            "no memory",
+            drop("NOMEM", "__netif_receive_skb_core"),
+            "resource_exhausted",
+            "NOMEM",
+        ),
+        case(
+            "stp blocking",
+            drop("BRIDGE_INGRESS_STP_STATE", "br_handle_frame"),
+            "bridge_port_blocked",
+            "not in the forwarding state",
+        ),
+        case(
+            "ovs",
+            drop("OVS_DROP_EXPLICIT", "ovs_dp_process_packet"),
+            "ovs_drop",
+            "Open vSwitch: OVS_DROP_EXPLICIT",
+        ),
+        case(
+            "tunnel loop",
+            drop("RECURSION_LIMIT", "__dev_queue_xmit"),
+            "overlay_mismatch",
+            "tunnel routed into itself",
         ),
         case(
             "qdisc",
@@ -1054,7 +1199,10 @@ fn live_state_is_fetched_only_for_the_rules_reached() {
             *self.0.entry("counters").or_default() += 1;
             Counters::default()
         }
-        fn tunnel(&mut self, _: u32, _: IpAddr, _: IpAddr) -> Option<Tunnel> {
+        fn tunnel(&mut self, _: u32, _: Option<String>, _: IpAddr, _: IpAddr) -> Option<Tunnel> {
+            None
+        }
+        fn route_to(&mut self, _: u32, _: IpAddr) -> Option<Route> {
             None
         }
         fn ifname(&mut self, _: u32, _: u32) -> Option<String> {

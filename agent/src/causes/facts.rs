@@ -176,6 +176,7 @@ struct Live<'a> {
     sysctls: HashMap<&'static str, Option<String>>,
     counters: Option<Counters>,
     tunnel: Option<Option<Tunnel>>,
+    underlay: Option<Option<Route>>,
 }
 
 /// What the facts fetched, for the attribution fields of a verdict.
@@ -212,6 +213,7 @@ impl<'a> Facts<'a> {
                 sysctls: HashMap::new(),
                 counters: None,
                 tunnel: None,
+                underlay: None,
             }),
         }
     }
@@ -285,15 +287,42 @@ impl<'a> Facts<'a> {
         live.counters.clone().unwrap_or_default()
     }
 
-    /// The tunnel device that sent this (outer) packet.
+    /// The tunnel of this drop: the device the inner packet was sent on, or the one that
+    /// sent this outer packet.
     fn tunnel_dev(&self) -> Option<Tunnel> {
         let flow = self.drop.flow?;
+        let dev = self.drop.dev.map(|d| d.name().to_string());
         let mut live = self.live.borrow_mut();
         if live.tunnel.is_none() {
-            let t = live.inv.tunnel(self.drop.netns, flow.src, flow.dst);
+            let t = live.inv.tunnel(self.drop.netns, dev, flow.src, flow.dst);
             live.tunnel = Some(t);
         }
         live.tunnel.clone().flatten()
+    }
+
+    /// The MTU a tunnel device may have so that its packets fit the underlay: the path MTU
+    /// towards its remote end (or towards this outer packet's destination) minus the
+    /// encapsulation overhead.
+    fn fitting_tunnel_mtu(&self) -> Option<u32> {
+        let d = self.drop;
+        let tunnel = self.tunnel_dev();
+        let underlay = match tunnel.as_ref().and_then(|t| t.remote) {
+            Some(remote) => {
+                let mut live = self.live.borrow_mut();
+                if live.underlay.is_none() {
+                    let r = live.inv.route_to(d.netns, remote);
+                    live.underlay = Some(r);
+                }
+                live.underlay.clone().flatten().and_then(|r| r.path_mtu())
+            }
+            None => self.path_mtu(),
+        }?;
+        let overhead = tunnel.map(|t| t.overhead).or_else(|| {
+            let kind = netfilter::tunnel_from_stack(self.stack)?;
+            let v6 = d.flow.is_some_and(|f| f.dst.is_ipv6());
+            Some(crate::evidence::tunnels::overhead(kind, v6))
+        })?;
+        Some(underlay.saturating_sub(overhead))
     }
 
     /// Command prefix to act in the drop's namespace.
@@ -519,15 +548,7 @@ impl<'a> Facts<'a> {
                 Some(t) => t.name,
                 None => "<tunnel device>".into(),
             }),
-            "tunnel_mtu" => {
-                let path = self.path_mtu()?;
-                let overhead = self.tunnel_dev().map(|t| t.overhead).or_else(|| {
-                    let kind = netfilter::tunnel_from_stack(self.stack)?;
-                    let v6 = d.flow.is_some_and(|f| f.dst.is_ipv6());
-                    Some(crate::evidence::tunnels::overhead(kind, v6))
-                })?;
-                Some(Value::Int(i64::from(path.saturating_sub(overhead))))
-            }
+            "tunnel_mtu" => self.fitting_tunnel_mtu().map(|m| Value::Int(m.into())),
             "path_mtu" => self.path_mtu().map(|m| Value::Int(m.into())),
             "moved" => Some(Value::List(
                 self.counters().moved.into_iter().map(|(n, _)| n).collect(),

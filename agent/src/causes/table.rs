@@ -29,12 +29,17 @@ pub enum OneOrMany {
 }
 
 impl OneOrMany {
-    /// Whether `value` is allowed (an absent list allows everything).
+    /// Whether `value` is allowed (an absent list allows everything). A pattern ending in
+    /// `*` allows every value that starts with what precedes it (`unix_*`).
     pub fn allows(&self, value: &str) -> bool {
+        let is = |pattern: &str| match pattern.strip_suffix('*') {
+            Some(prefix) => value.starts_with(prefix),
+            None => pattern == value,
+        };
         match self {
             OneOrMany::Any => true,
-            OneOrMany::One(v) => v == value,
-            OneOrMany::Many(vs) => vs.iter().any(|v| v == value),
+            OneOrMany::One(v) => is(v),
+            OneOrMany::Many(vs) => vs.iter().any(|v| is(v)),
         }
     }
 
@@ -171,7 +176,8 @@ mod tests {
                 "cause {id} has no rule"
             );
             assert!(
-                id.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                id.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
                 "{id} is not snake_case"
             );
         }
@@ -201,6 +207,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("last rule"));
+    }
+
+    #[test]
+    fn a_trailing_star_matches_a_prefix() {
+        let at = OneOrMany::Many(vec!["unix_*".into(), "ip_error".into()]);
+        assert!(at.allows("unix_stream_connect") && at.allows("ip_error"));
+        assert!(!at.allows("ip_error_x") && !at.allows("__unix_gc"));
     }
 
     #[test]

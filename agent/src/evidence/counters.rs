@@ -26,7 +26,9 @@ impl Counters {
 
 /// Whether a counter name counts trouble rather than traffic.
 pub fn is_trouble(name: &str) -> bool {
-    const WORDS: [&str; 14] = [
+    const WORDS: [&str; 16] = [
+        "Overflow",
+        "Drop",
         "Fail",
         "Err",
         "Timeout",
@@ -45,9 +47,9 @@ pub fn is_trouble(name: &str) -> bool {
     WORDS.iter().any(|w| name.contains(w)) && !name.contains("Type")
 }
 
-/// Counter families worth carrying: the IP, ICMP and fragment ones (TCP's are many and say
-/// nothing a drop reason does not).
-const KEPT: [&str; 5] = ["Ip", "IpExt", "Icmp", "Ip6", "Icmp6"];
+/// Counter families worth carrying: IP, ICMP and fragments, and TCP's extended counters
+/// (listen queue overflows and the like).
+const KEPT: [&str; 6] = ["Ip", "IpExt", "Icmp", "Ip6", "Icmp6", "TcpExt"];
 
 /// Last values per namespace; the first look at a namespace is its baseline.
 #[derive(Default)]
@@ -164,7 +166,10 @@ mod tests {
         assert_eq!(all.get("IpExtReasmOverlaps"), Some(&2));
         assert_eq!(all.get("Ip6ReasmFails"), Some(&4));
         assert_eq!(all.get("Icmp6OutPktTooBigs"), Some(&7));
-        assert!(!all.contains_key("TcpRtoAlgorithm"), "TCP is not kept");
+        assert!(
+            !all.contains_key("TcpRtoAlgorithm"),
+            "plain TCP is not kept"
+        );
         assert!(!all.contains_key("Udp6InErrors"));
         let c = Counters {
             moved: vec![

@@ -51,8 +51,17 @@ pub trait Investigator {
     fn sysctl(&mut self, netns: u32, key: &str) -> Option<String>;
     /// Kernel SNMP counters that moved in the namespace since the last look.
     fn counters(&mut self, netns: u32) -> Counters;
-    /// The tunnel device whose outer addresses are `src` -> `dst` (local -> remote).
-    fn tunnel(&mut self, netns: u32, src: IpAddr, dst: IpAddr) -> Option<Tunnel>;
+    /// The tunnel device of a drop: `dev` itself when it is a tunnel, else the one whose outer
+    /// addresses are `src` -> `dst` (local -> remote).
+    fn tunnel(
+        &mut self,
+        netns: u32,
+        dev: Option<String>,
+        src: IpAddr,
+        dst: IpAddr,
+    ) -> Option<Tunnel>;
+    /// The kernel's route for a packet this namespace sends to `dst`.
+    fn route_to(&mut self, netns: u32, dst: IpAddr) -> Option<Route>;
     /// The name of interface `ifindex` in the namespace.
     fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String>;
 }
@@ -193,9 +202,26 @@ impl Investigator for Live {
         }
     }
 
-    fn tunnel(&mut self, netns: u32, src: IpAddr, dst: IpAddr) -> Option<Tunnel> {
+    fn tunnel(
+        &mut self,
+        netns: u32,
+        dev: Option<String>,
+        src: IpAddr,
+        dst: IpAddr,
+    ) -> Option<Tunnel> {
         let path = self.path(netns)?;
-        tunnels::find(path.as_deref(), src, dst)
+        tunnels::find(path.as_deref(), dev, src, dst)
+    }
+
+    fn route_to(&mut self, netns: u32, dst: IpAddr) -> Option<Route> {
+        let path = self.path(netns)?;
+        let query = RouteQuery {
+            dst,
+            src: None,
+            iif: None,
+            mark: None,
+        };
+        routes::get(path.as_deref(), query)
     }
 
     fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String> {

@@ -31,6 +31,16 @@ pub struct Route {
     pub mtu: Option<u32>,
     /// Seconds until a learned path MTU expires (learned ones only).
     pub mtu_expires: Option<u64>,
+    /// MTU of the route's device (what applies when the route has no MTU of its own).
+    pub dev_mtu: Option<u32>,
+}
+
+impl Route {
+    /// The MTU the kernel uses for this route: its own (configured or learned), else its
+    /// device's.
+    pub fn path_mtu(&self) -> Option<u32> {
+        self.mtu.or(self.dev_mtu)
+    }
 }
 
 /// Asks the kernel how it routes `q` inside the namespace at `ns` (`None`: dropscope's own).
@@ -40,11 +50,24 @@ pub fn get(ns: Option<&Path>, q: RouteQuery) -> Option<Route> {
     in_namespace(ns, move || {
         let answer = route_get(&q);
         match answer {
-            Ok(json) => parse_route(&json, q.dst),
+            Ok(json) => parse_route(&json, q.dst).map(|mut r| {
+                r.dev_mtu = json[0]["dev"].as_str().and_then(device_mtu);
+                r
+            }),
             Err(kind) => Some(refusing_route(kind, q.dst)),
         }
     })
     .flatten()
+}
+
+/// The MTU of device `dev` in the calling thread's namespace.
+fn device_mtu(dev: &str) -> Option<u32> {
+    let out = Command::new("ip")
+        .args(["-j", "link", "show", "dev", dev])
+        .output()
+        .ok()?;
+    let json: Value = serde_json::from_slice(&out.stdout).ok()?;
+    json[0]["mtu"].as_u64().map(|m| m as u32)
 }
 
 /// `ip -d -j route get ...`: the route's JSON, or the kind of route the errno means.
@@ -101,6 +124,7 @@ fn refusing_route(kind: &'static str, dst: IpAddr) -> Route {
         text,
         mtu: None,
         mtu_expires: None,
+        dev_mtu: None,
     }
 }
 
@@ -155,6 +179,7 @@ pub fn parse_route(json: &Value, dst: IpAddr) -> Option<Route> {
         text,
         mtu,
         mtu_expires,
+        dev_mtu: None,
     })
 }
 
