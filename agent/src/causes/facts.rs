@@ -556,7 +556,7 @@ impl<'a> Facts<'a> {
             "counters" => text({
                 let c = self.counters().trouble();
                 if c.is_empty() {
-                    "no error counter moved since the last look".into()
+                    "no error counter moved in the last 10 s".into()
                 } else {
                     c.iter()
                         .map(|(n, v)| format!("{n} +{v}"))

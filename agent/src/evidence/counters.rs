@@ -1,7 +1,12 @@
 //! The kernel's own SNMP counters of a namespace (`nstat`'s sources: /proc/net/snmp,
-//! /proc/net/netstat, /proc/net/snmp6), as what moved since the last look: independent
+//! /proc/net/netstat, /proc/net/snmp6), as what moved in the last seconds: independent
 //! corroboration of a drop ("IpReasmTimeout +2", "Icmp6OutPktTooBigs +3").
-use std::{collections::HashMap, fs, path::Path};
+use std::{
+    collections::HashMap,
+    fs,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use super::netns::in_namespace;
 
@@ -51,36 +56,48 @@ pub fn is_trouble(name: &str) -> bool {
 /// (listen queue overflows and the like).
 const KEPT: [&str; 6] = ["Ip", "IpExt", "Icmp", "Ip6", "Icmp6", "TcpExt"];
 
-/// Last values per namespace; the first look at a namespace is its baseline.
+/// Last values per namespace (the first look at a namespace is its baseline) and what
+/// moved in the last [`HISTORY`]: a drop is corroborated by a counter that moved recently,
+/// even when the look that saw it was taken for another drop.
 #[derive(Default)]
 pub struct Tracker {
     last: HashMap<u32, HashMap<String, u64>>,
+    history: HashMap<u32, Vec<(Instant, String, u64)>>,
 }
+
+/// How long a counter movement corroborates drops.
+const HISTORY: Duration = Duration::from_secs(10);
 
 /// Namespaces remembered at once (a look at a new one beyond this forgets the others).
 const MAX_NAMESPACES: usize = 1024;
 
 impl Tracker {
-    /// Reads the namespace's counters and returns those that moved since the last look.
-    /// The first look has nothing to compare with: it reports nothing.
+    /// Reads the namespace's counters and returns those that moved in the last
+    /// [`HISTORY`], summed. The first look has nothing to compare with: it reports nothing.
     pub fn moved(&mut self, netns: u32, ns: Option<&Path>) -> Counters {
         let Some(now) = in_namespace(ns, read) else {
             return Counters::default();
         };
         if self.last.len() >= MAX_NAMESPACES && !self.last.contains_key(&netns) {
             self.last.clear();
+            self.history.clear();
         }
         let before = self.last.insert(netns, now.clone());
-        let Some(before) = before else {
-            return Counters::default();
-        };
-        let mut moved: Vec<(String, u64)> = now
-            .into_iter()
-            .filter_map(|(k, v)| {
+        let at = Instant::now();
+        let history = self.history.entry(netns).or_default();
+        if let Some(before) = before {
+            history.extend(now.into_iter().filter_map(|(k, v)| {
                 let was = before.get(&k).copied().unwrap_or(0);
-                (v > was).then(|| (k, v - was))
-            })
-            .collect();
+                (v > was).then(|| (at, k, v - was))
+            }));
+        }
+        history.retain(|(t, _, _)| t.elapsed() < HISTORY);
+        let mut sums: HashMap<&str, u64> = HashMap::new();
+        for (_, k, v) in history.iter() {
+            *sums.entry(k.as_str()).or_default() += v;
+        }
+        let mut moved: Vec<(String, u64)> =
+            sums.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         moved.sort();
         Counters { moved }
     }

@@ -22,7 +22,7 @@ use crate::events::{Answer, Drop};
 pub struct NfState {
     /// The DROP/REJECT rule (or chain policy) whose counter moved with this drop.
     pub rule: Option<Moved>,
-    /// Conntrack's counters moved since the last look, with the table's fill level.
+    /// Conntrack's counters moved in the last seconds, with the table's fill level.
     pub ct: Option<CtStats>,
     /// Whether the namespace's rule counters could be read at all (a failed read proves
     /// nothing about rules).
@@ -49,7 +49,7 @@ pub trait Investigator {
     fn neighbours(&mut self, d: &Drop) -> Vec<String>;
     /// A sysctl's value inside the namespace (`net.ipv4.ipfrag_time`).
     fn sysctl(&mut self, netns: u32, key: &str) -> Option<String>;
-    /// Kernel SNMP counters that moved in the namespace since the last look.
+    /// Kernel SNMP counters that moved in the namespace in the last seconds.
     fn counters(&mut self, netns: u32) -> Counters;
     /// The tunnel device of a drop: `dev` itself when it is a tunnel, else the one whose outer
     /// addresses are `src` -> `dst` (local -> remote).

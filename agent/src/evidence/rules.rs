@@ -484,20 +484,30 @@ fn nft_net(right: &serde_json::Value) -> Option<IpNet> {
     net(&format!("{}/{}", p["addr"].as_str()?, p["len"].as_u64()?))
 }
 
-/// Per-namespace baselines and recent attributions.
+/// Per-namespace baselines and what moved recently.
 pub struct Tracker {
     baselines: HashMap<u32, Snapshot>,
-    recent: HashMap<u32, (Instant, Attribution)>,
+    looked: HashMap<u32, Instant>,
+    /// What each look found, for `HISTORY`: a drop is explained by a rule whose counter
+    /// moved recently, even when the look that saw it was taken for another drop.
+    history: HashMap<u32, Vec<(Instant, Moved)>>,
+    ct_history: HashMap<u32, Vec<(Instant, CtStats)>>,
+    read: HashMap<u32, bool>,
 }
 
 /// How often one namespace may be re-read while drops keep coming.
 const MIN_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a counter movement explains drops.
+const HISTORY: Duration = Duration::from_secs(10);
 
 impl Tracker {
     pub fn new() -> Self {
         Tracker {
             baselines: HashMap::new(),
-            recent: HashMap::new(),
+            looked: HashMap::new(),
+            history: HashMap::new(),
+            ct_history: HashMap::new(),
+            read: HashMap::new(),
         }
     }
 
@@ -513,38 +523,70 @@ impl Tracker {
         t
     }
 
-    /// What moved in `netns` since the last look: DROP/REJECT rules and conntrack counters.
-    /// Within `MIN_INTERVAL` of the last look the previous answer is reused (one read per
-    /// namespace per interval), unless `fresh` asks for a new read (the reused answer did not
-    /// explain the drop).
+    /// What moved in `netns` in the last [`HISTORY`]: DROP/REJECT rules (most recent first)
+    /// and conntrack's counters. The namespace is read again unless it was read within
+    /// `MIN_INTERVAL` (one read per namespace per interval) and `fresh` does not ask for it
+    /// (what was seen did not explain the drop).
     pub fn attribute(&mut self, netns: u32, path: Option<&Path>, fresh: bool) -> Attribution {
-        if let Some((at, last)) = self.recent.get(&netns) {
-            if !fresh && at.elapsed() < MIN_INTERVAL {
-                return last.clone();
-            }
+        let recently = self
+            .looked
+            .get(&netns)
+            .is_some_and(|at| at.elapsed() < MIN_INTERVAL);
+        if fresh || !recently {
+            self.look(netns, path);
         }
+        self.recent(netns)
+    }
+
+    /// Reads the namespace and adds what moved since the previous read to its history.
+    fn look(&mut self, netns: u32, path: Option<&Path>) {
         let now = Snapshot::take(path);
+        let at = Instant::now();
         let before = self.baselines.remove(&netns).unwrap_or_default();
-        let mut found = Attribution {
-            moved: now.moved_since(&before),
-            ct: match (&now.ct, &before.ct) {
-                (Some(n), Some(b)) => Some(n.since(b)),
-                (n, _) => *n,
-            },
-            read: now.read,
+        let history = self.history.entry(netns).or_default();
+        history.extend(now.moved_since(&before).into_iter().map(|m| (at, m)));
+        history.retain(|(t, _)| t.elapsed() < HISTORY);
+        let ct = match (&now.ct, &before.ct) {
+            (Some(n), Some(b)) => Some(n.since(b)),
+            (n, _) => *n,
         };
-        if found.moved.is_empty() && found.ct.is_none_or(|c| c.drop == 0 && c.invalid == 0) {
-            // Nothing new since the last look: the drop belongs to what moved then.
-            if let Some((_, last)) = self.recent.get(&netns) {
-                found = Attribution {
-                    read: now.read,
-                    ..last.clone()
-                };
+        let cts = self.ct_history.entry(netns).or_default();
+        if let Some(c) = ct {
+            cts.push((at, c));
+        }
+        cts.retain(|(t, _)| t.elapsed() < HISTORY);
+        self.read.insert(netns, now.read);
+        self.looked.insert(netns, at);
+        self.baselines.insert(netns, now);
+    }
+
+    /// The rules that moved in the window, merged per rule, most recent first; conntrack's
+    /// counters summed over the window, with the latest fill level.
+    fn recent(&self, netns: u32) -> Attribution {
+        let mut merged: Vec<(Instant, Moved)> = Vec::new();
+        for (at, m) in self.history.get(&netns).into_iter().flatten() {
+            match merged.iter_mut().find(|(_, x)| x.rule == m.rule) {
+                Some((t, x)) => {
+                    x.packets += m.packets;
+                    *t = (*t).max(*at);
+                }
+                None => merged.push((*at, m.clone())),
             }
         }
-        self.baselines.insert(netns, now);
-        self.recent.insert(netns, (Instant::now(), found.clone()));
-        found
+        merged.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.packets.cmp(&a.1.packets)));
+        let ct = self.ct_history.get(&netns).and_then(|h| {
+            h.iter().map(|(_, c)| *c).reduce(|a, b| CtStats {
+                drop: a.drop + b.drop,
+                insert_failed: a.insert_failed + b.insert_failed,
+                invalid: a.invalid + b.invalid,
+                ..b
+            })
+        });
+        Attribution {
+            moved: merged.into_iter().map(|(_, m)| m).collect(),
+            ct,
+            read: self.read.get(&netns).copied().unwrap_or(false),
+        }
     }
 }
 
@@ -649,6 +691,39 @@ COMMIT
             iptables_matcher("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP").ct_invalid
         );
         assert_eq!(m.dst, Some("10.231.2.2/32".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_drop_is_explained_by_a_move_seen_for_another_drop() {
+        // Two rules move; the look taken for the first drop sees both. The second drop, of
+        // the other rule, is still explained after a later look that saw nothing new.
+        let mut t = Tracker::new();
+        let mut before = Snapshot::default();
+        parse_iptables_save(SAVE, "iptables-nft", &mut before);
+        t.baselines.insert(1, before);
+        let mut after = Snapshot::default();
+        let moved = SAVE
+            .replace("[2:120]", "[3:180]")
+            .replace("[9:900]", "[10:1000]");
+        parse_iptables_save(&moved, "iptables-nft", &mut after);
+        // Stand in for Snapshot::take: record the look by hand.
+        let at = Instant::now();
+        let before = t.baselines.remove(&1).unwrap();
+        t.history
+            .entry(1)
+            .or_default()
+            .extend(after.moved_since(&before).into_iter().map(|m| (at, m)));
+        t.baselines.insert(1, after.clone());
+        t.history
+            .entry(1)
+            .or_default()
+            .extend(after.moved_since(&after).into_iter().map(|m| (at, m)));
+        let found = t.recent(1);
+        assert_eq!(found.moved.len(), 2, "{found:?}");
+        assert!(found
+            .moved
+            .iter()
+            .any(|m| m.rule.text.contains("8080") && m.packets == 1));
     }
 
     #[test]
