@@ -53,6 +53,7 @@ pub const CORE_TESTS: &[&str] = &[
     "a_healthy_network_reports_no_drops",
     "benign_ping_noise",
     "corpus::",
+    "changes::",
 ];
 
 /// Host packages a VM run needs, each with a file it installs (to check without dpkg's help too).

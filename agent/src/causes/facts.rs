@@ -87,6 +87,7 @@ pub const PLACEHOLDERS: &[&str] = &[
     "ipfrag_time",
     "frames",
     "echo_ignore_key",
+    "rule_table",
 ];
 
 /// A fact's value.
@@ -549,6 +550,7 @@ impl<'a> Facts<'a> {
                 None => "<tunnel device>".into(),
             }),
             "tunnel_mtu" => self.fitting_tunnel_mtu().map(|m| Value::Int(m.into())),
+            "rule_table" => self.nf().rule.and_then(|m| text(rule_table_key(&m.rule))),
             "path_mtu" => self.path_mtu().map(|m| Value::Int(m.into())),
             "moved" => Some(Value::List(
                 self.counters().moved.into_iter().map(|(n, _)| n).collect(),
@@ -663,6 +665,18 @@ impl<'a> Facts<'a> {
         self.route()
             .and_then(|r| r.mtu)
             .or_else(|| self.egress_mtu())
+    }
+}
+
+/// The change key of the ruleset a rule belongs to: `nftables.inet t1` (native nft and
+/// iptables-nft, whose tables live in nftables), `iptables-legacy.ip filter`.
+pub fn rule_table_key(r: &crate::evidence::rules::RuleId) -> String {
+    match r.engine {
+        "nftables" => format!("nftables.{}", r.table),
+        "iptables-nft" => format!("nftables.ip {}", r.table),
+        "ip6tables-nft" => format!("nftables.ip6 {}", r.table),
+        "ip6tables-legacy" => format!("iptables-legacy.ip6 {}", r.table),
+        _ => format!("iptables-legacy.ip {}", r.table),
     }
 }
 

@@ -2,7 +2,7 @@
 //! screen is redrawn in place; otherwise one line per cause per interval.
 use std::{collections::HashMap, io::Write};
 
-use super::{top, AttachInfo, DropRecord, Progress, Sink, Summary};
+use super::{top, AttachInfo, ChangeRecord, DropRecord, Progress, Sink, Summary};
 use crate::pipeline::CauseTotals;
 
 /// Renders the live view; drop records themselves are not printed.
@@ -12,7 +12,14 @@ pub struct TopView<W: Write> {
     last: HashMap<String, u64>,
     /// Attach line, kept for the screen header.
     header: String,
+    /// The latest configuration changes, shown under the table.
+    changes: Vec<String>,
 }
+
+/// Changes listed under the table, at most.
+const SHOWN_CHANGES: usize = 3;
+/// A cause whose linked change is this recent is marked (its rate may have moved with it).
+const RECENT_CHANGE_NS: u64 = 30_000_000_000;
 
 impl<W: Write> TopView<W> {
     pub fn new(out: W, tty: bool) -> Self {
@@ -21,6 +28,7 @@ impl<W: Write> TopView<W> {
             tty,
             last: HashMap::new(),
             header: String::new(),
+            changes: Vec::new(),
         }
     }
 
@@ -48,7 +56,18 @@ impl<W: Write> TopView<W> {
                 "drops/s", "total", "cause"
             );
         }
+        let now_ns = super::monotonic_ns();
         for (id, t, rate) in &rows {
+            // A cause whose evidence names a recent change: its rate may have moved with it.
+            let changed = t
+                .changes
+                .iter()
+                .any(|c| now_ns.saturating_sub(c.ts_ns) < RECENT_CHANGE_NS);
+            let id = if changed {
+                format!("{id} *")
+            } else {
+                id.to_string()
+            };
             let reason = top(t.reasons.iter().map(|(k, v)| (k, *v)), 1);
             let loc = top(t.locations.iter().map(|(k, v)| (k, *v)), 1);
             let iface = top(t.ifaces.iter().map(|(k, v)| (k, *v)), 1);
@@ -62,6 +81,12 @@ impl<W: Write> TopView<W> {
         }
         if rows.is_empty() && self.tty {
             let _ = writeln!(o, "{:>10}  {:>10}  no drops yet", "-", "-");
+        }
+        if self.tty && !self.changes.is_empty() {
+            let _ = writeln!(o, "\nlatest changes (* marks a cause whose evidence names one of the last 30 s):");
+            for c in &self.changes {
+                let _ = writeln!(o, "  {c}");
+            }
         }
         let _ = self.out.write_all(&o);
         let _ = self.out.flush();
@@ -83,6 +108,17 @@ impl<W: Write> Sink for TopView<W> {
     }
 
     fn drop(&mut self, _record: &DropRecord) {}
+
+    fn change(&mut self, record: &ChangeRecord) {
+        let line = super::text::change_line(record, &super::Clock::new());
+        if !self.tty {
+            let _ = writeln!(self.out, "{line}");
+        }
+        if self.changes.len() >= SHOWN_CHANGES {
+            self.changes.remove(0);
+        }
+        self.changes.push(line);
+    }
 
     fn tick(&mut self, progress: &Progress) {
         self.frame(progress.causes, progress.seconds, progress.lost);
