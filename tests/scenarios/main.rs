@@ -14,6 +14,7 @@ mod mtu;
 mod neighbor;
 mod netfilter;
 mod pods;
+mod policy;
 mod signals;
 mod sockets;
 mod storm;

@@ -41,6 +41,8 @@ pub const CONDITION_FACTS: &[&str] = &[
     "frag_needed_dropped",
     "end_host",
     "route_type",
+    "route_source",
+    "route_bypasses_main",
     "over_mtu",
     "dst_multicast",
     "dst_link_local",
@@ -79,6 +81,10 @@ pub const PLACEHOLDERS: &[&str] = &[
     "ct_max",
     "ct_drops",
     "route",
+    "route_entry",
+    "route_rule",
+    "route_rule_pref",
+    "route_main",
     "neighbours",
     "tunnel_dev",
     "tunnel_mtu",
@@ -515,6 +521,30 @@ impl<'a> Facts<'a> {
                     .unwrap_or_else(|| "unknown (the route could not be looked up)".into()),
             ),
             "route_type" => self.route().map(|r| Value::Str(r.kind.into())),
+            // Who refused the packet: a policy rule itself, a route of a table the rule walk
+            // names, or only "a route of that kind in some table".
+            "route_source" => self.route().filter(|r| r.kind != "unicast").map(|r| {
+                Value::Str(match (&r.entry, &r.rule) {
+                    (Some(_), _) => "table".into(),
+                    (None, Some(_)) => "rule".into(),
+                    (None, None) => "any_table".into(),
+                })
+            }),
+            "route_bypasses_main" => self
+                .route()
+                .filter(|r| r.entry.is_some())
+                .map(|r| Value::Bool(r.bypassed_main.is_some())),
+            "route_entry" => self.route().and_then(|r| r.entry).map(|e| Value::Str(e.into())),
+            "route_rule" => self.route().and_then(|r| r.rule).map(|e| Value::Str(e.into())),
+            "route_rule_pref" => self
+                .route()
+                .and_then(|r| r.rule)
+                .and_then(|t| t.split(':').next()?.parse::<i64>().ok())
+                .map(Value::Int),
+            "route_main" => self
+                .route()
+                .and_then(|r| r.bypassed_main)
+                .map(|e| Value::Str(e.into())),
             "end_host" => self.ifaces().map(|n| Value::Bool(n <= 1)),
             "nf_verdict" => self.nf().rule.as_ref().map(|m| match m.verdict {
                 Verdict::Drop => Value::Str("drop".into()),
