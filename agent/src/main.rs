@@ -2,6 +2,7 @@
 mod causes;
 mod changes;
 mod check;
+mod classify;
 mod cli;
 mod events;
 mod evidence;

@@ -7,16 +7,19 @@ use std::{collections::HashMap, sync::Arc};
 use agent_ebpf::{AggKey, AggVal};
 
 use crate::{
-    causes::{facts, Attribution, Engine, Facts, Verdict},
+    causes::{facts, Verdict},
     changes::{feed::Feed, Change, ChangeKind, ChangeLog},
+    classify::{Classifier, Done, Job, Runner},
     events::{Answer, Device, Drop, Flow, Record, Reply, Sysctls},
-    evidence::investigator::Investigator,
     filter::Filter,
     output::{ChangeRecord, Clock, DropRecord, Sink, Summary},
     pods::{self, PodRef},
 };
 
 pub use crate::causes::facts::Traced;
+
+/// How long the end of a session waits for the evidence of drops still being classified.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a dropped "fragmentation needed" explains later too-big drops of its flow (ns).
 const FRAG_NEEDED_WINDOW_NS: u64 = 2_000_000_000;
@@ -48,18 +51,30 @@ struct FoldKey {
 }
 
 struct Fold {
-    verdict: Arc<Verdict>,
+    /// `None` while the evidence worker classifies its first drop.
+    verdict: Option<Arc<Verdict>>,
     sample: Drop,
     answer: Option<Answer>,
+    /// Repeats since the last flush (while waiting for the verdict: every drop after the
+    /// first, hidden ones included).
     pending: u64,
     /// Bytes of the pending repeats.
     pending_bytes: u64,
 }
 
+/// What a job's verdict is for.
+enum Origin {
+    /// The first drop of a fold.
+    Fold(FoldKey),
+    /// A kernel aggregation key that had no event of its own.
+    Key(AggKey),
+}
+
 /// What userspace knows about one kernel aggregation key: the cause of its latest sampled
 /// drop, and how many of its unsent drops have been reported already.
 struct KeyState {
-    verdict: Arc<Verdict>,
+    /// `None` while its drop is being classified.
+    verdict: Option<Arc<Verdict>>,
     sample: Drop,
     answer: Option<Answer>,
     events: u64,
@@ -82,10 +97,6 @@ pub struct CauseTotals {
     /// Configuration changes named in the evidence of this cause's drops.
     pub changes: Vec<Arc<Change>>,
 }
-
-/// How long a drop waits for the change watcher to read what preceded it. The watcher's pass
-/// takes well under a millisecond; this bounds the stall when it is busy.
-const CATCH_UP_PATIENCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Changes named per cause in the summary, at most.
 const MAX_CHANGES_PER_CAUSE: usize = 5;
@@ -141,12 +152,18 @@ impl CauseTotals {
 }
 
 pub struct Pipeline {
-    engine: Engine,
     filter: Filter,
     show_benign: bool,
-    investigator: Box<dyn Investigator>,
-    /// Which answers (ICMP, ICMPv6, TCP reset) the attached probes can see.
-    traced: Traced,
+    /// Classifies with evidence (on a worker thread in a session).
+    runner: Runner,
+    /// Classifies from what the kernel reported alone, when the runner's queue is full; its
+    /// investigator answers namespace and interface names for the loop.
+    blind: Classifier,
+    /// Jobs given to the runner, by id.
+    jobs: HashMap<u64, Origin>,
+    next_job: u64,
+    /// Drops classified without evidence because the runner's queue was full.
+    pub evidence_skipped: u64,
     pods: pods::Resolver,
     replies: HashMap<u64, Reply>,
     folds: HashMap<FoldKey, Fold>,
@@ -171,12 +188,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// `runner` classifies with evidence; `blind` without (see [`Pipeline::blind`]).
     pub fn new(
-        engine: Engine,
         filter: Filter,
         show_benign: bool,
-        investigator: Box<dyn Investigator>,
-        traced: Traced,
+        runner: Runner,
+        blind: Classifier,
         stacks: StackReader,
         pods: pods::Resolver,
     ) -> Self {
@@ -187,12 +204,14 @@ impl Pipeline {
             feed: None,
             clock,
             pods,
-            investigator,
-            traced,
+            runner,
+            blind,
+            jobs: HashMap::new(),
+            next_job: 0,
+            evidence_skipped: 0,
             stacks,
             keys: HashMap::new(),
             counts_exact: true,
-            engine,
             filter,
             show_benign,
             replies: HashMap::new(),
@@ -207,6 +226,159 @@ impl Pipeline {
         }
     }
 
+    /// Notified when the evidence worker has verdicts to hand over ([`Pipeline::take_verdicts`]).
+    pub fn verdicts_ready(&self) -> Arc<tokio::sync::Notify> {
+        self.runner.notifier()
+    }
+
+    /// Reports the drops whose verdicts arrived.
+    pub fn take_verdicts(&mut self, sink: &mut dyn Sink) {
+        for done in self.runner.take() {
+            self.resolved(done, sink);
+        }
+    }
+
+    /// Waits (at most [`SETTLE`]) for the drops still being classified; what is still
+    /// waiting then is classified without evidence.
+    pub fn settle(&mut self, sink: &mut dyn Sink) {
+        let deadline = std::time::Instant::now() + SETTLE;
+        while !self.jobs.is_empty() && std::time::Instant::now() < deadline {
+            match self.runner.wait(deadline) {
+                Some(done) => self.resolved(done, sink),
+                None => break,
+            }
+        }
+        let late: Vec<u64> = self.jobs.keys().copied().collect();
+        for id in late {
+            if let Some(job) = self.job_again(id) {
+                let done = self.blind.classify(&job);
+                self.evidence_skipped += 1;
+                self.resolved(without_evidence(done, "it took too long"), sink);
+            }
+        }
+    }
+
+    /// A waiting job rebuilt from what its origin kept (to classify it here instead).
+    fn job_again(&mut self, id: u64) -> Option<Job> {
+        let (drop, answer, frag_needed_dropped) = match self.jobs.get(&id)? {
+            Origin::Fold(key) => {
+                let f = self.folds.get(key)?;
+                (f.sample.clone(), f.answer, key.frag_needed_dropped)
+            }
+            Origin::Key(agg) => {
+                let k = self.keys.get(agg)?;
+                (k.sample.clone(), k.answer, false)
+            }
+        };
+        let stack = drop.stack_id.map(|sid| (self.stacks)(sid)).unwrap_or_default();
+        Some(Job {
+            id,
+            drop,
+            answer,
+            frag_needed_dropped,
+            stack,
+        })
+    }
+
+    /// Hands a drop to the runner; when its queue is full, classifies it here without
+    /// evidence. Returns the verdict when it is known at once.
+    fn classify(&mut self, job: Job, origin: Origin, sink: &mut dyn Sink) -> Option<Arc<Verdict>> {
+        let id = job.id;
+        match self.runner.submit(job) {
+            Ok(()) => {
+                self.jobs.insert(id, origin);
+                // An inline runner has answered already.
+                for done in self.runner.take() {
+                    self.resolved(done, sink);
+                }
+                None
+            }
+            Err(job) => {
+                let done = self.blind.classify(&job);
+                self.evidence_skipped += 1;
+                let done = without_evidence(done, "too many new kinds of drop at once");
+                Some(Arc::new(self.join_change(done, &job.drop, sink)))
+            }
+        }
+    }
+
+    fn new_job(&mut self, d: &Drop, answer: Option<Answer>, frag_needed_dropped: bool) -> Job {
+        self.next_job += 1;
+        Job {
+            id: self.next_job,
+            drop: d.clone(),
+            answer,
+            frag_needed_dropped,
+            stack: d.stack_id.map(|id| (self.stacks)(id)).unwrap_or_default(),
+        }
+    }
+
+    /// A verdict arrived: the first drop of its fold is reported, with the repeats that
+    /// arrived meanwhile counted.
+    fn resolved(&mut self, done: Done, sink: &mut dyn Sink) {
+        let Some(origin) = self.jobs.remove(&done.id) else {
+            return;
+        };
+        match origin {
+            Origin::Key(agg) => {
+                let Some(sample) = self.keys.get(&agg).map(|k| k.sample.clone()) else {
+                    return;
+                };
+                let verdict = Arc::new(self.join_change(done, &sample, sink));
+                if let Some(k) = self.keys.get_mut(&agg) {
+                    k.verdict = Some(verdict);
+                }
+            }
+            Origin::Fold(key) => {
+                let Some((d, answer)) = self.folds.get(&key).map(|f| (f.sample.clone(), f.answer))
+                else {
+                    return;
+                };
+                let verdict = Arc::new(self.join_change(done, &d, sink));
+                let Some(fold) = self.folds.get_mut(&key) else {
+                    return;
+                };
+                fold.verdict = Some(verdict.clone());
+                let repeats = fold.pending;
+                let shown = self.show_benign || !verdict.benign;
+                if !shown {
+                    fold.pending = 0;
+                    fold.pending_bytes = 0;
+                }
+                self.count_n(&verdict, &d, 1 + repeats);
+                if let Some(k) = self.keys.get_mut(&d.agg) {
+                    if k.verdict.is_none() {
+                        k.verdict = Some(verdict.clone());
+                    }
+                }
+                if shown {
+                    sink.drop(&self.record(&verdict, &d, answer, 1, true));
+                }
+            }
+        }
+    }
+
+    /// Names the latest change of the settings the cause depends on, or says there was none.
+    /// The evidence worker waited for the changes made before the drop to be read (see
+    /// [`Feed::wait_for`]); they are taken here.
+    fn join_change(&mut self, done: Done, d: &Drop, sink: &mut dyn Sink) -> Verdict {
+        let mut verdict = done.verdict;
+        if done.patterns.is_empty() || verdict.benign {
+            return verdict;
+        }
+        self.take_changes(sink);
+        match self.changes.latest(d.netns, &done.patterns, d.ts_ns) {
+            Some(c) => {
+                verdict
+                    .evidence
+                    .push_str(&format!("; {}", self.describe(&c, d.ts_ns)));
+                verdict.attribution.change = Some(c);
+            }
+            None => verdict.evidence.push_str(&self.unchanged(&done.patterns)),
+        }
+        verdict
+    }
+
     /// Says which change sources run (see [`Watched`]) and where their changes arrive.
     pub fn watching(&mut self, watched: Watched, feed: Arc<Feed>) {
         self.watched = watched;
@@ -217,17 +389,6 @@ impl Pipeline {
     pub fn take_changes(&mut self, sink: &mut dyn Sink) {
         if let Some(feed) = self.feed.clone() {
             for c in feed.take() {
-                self.on_change(c, sink);
-            }
-        }
-    }
-
-    /// Feeds every change made before `ts_ns`, waiting briefly for the watcher to read them,
-    /// so that a drop's evidence names the change that preceded it.
-    fn catch_up(&mut self, ts_ns: u64, sink: &mut dyn Sink) {
-        let Some(feed) = self.feed.clone() else { return };
-        if feed.behind(ts_ns) {
-            for c in feed.up_to(ts_ns, CATCH_UP_PATIENCE) {
                 self.on_change(c, sink);
             }
         }
@@ -260,10 +421,11 @@ impl Pipeline {
         let c = Arc::new(c);
         // Drops already folded in this namespace may now have a change to name.
         self.flush(sink);
-        self.folds.retain(|k, _| k.netns != c.netns);
+        self.folds
+            .retain(|k, f| k.netns != c.netns || f.verdict.is_none());
         self.changes.push(c.clone());
         sink.change(&ChangeRecord {
-            netns_name: self.investigator.netns_name(c.netns),
+            netns_name: self.blind.investigator().netns_name(c.netns),
             change: c,
         });
     }
@@ -319,23 +481,30 @@ impl Pipeline {
             frag_needed_dropped,
         };
         if let Some(fold) = self.folds.get_mut(&key) {
-            let benign = fold.verdict.benign;
-            let verdict = fold.verdict.clone();
-            if self.show_benign || !benign {
+            if let Some(k) = self.keys.get_mut(&d.agg) {
+                k.events += 1;
+            }
+            let Some(verdict) = fold.verdict.clone() else {
+                // Still being classified: counted when the verdict arrives.
+                fold.pending += 1;
+                fold.pending_bytes += u64::from(d.len);
+                return;
+            };
+            if self.show_benign || !verdict.benign {
                 fold.pending += 1;
                 fold.pending_bytes += u64::from(d.len);
             }
             fold.sample.ts_ns = d.ts_ns;
             self.count(&verdict, &d);
-            if let Some(k) = self.keys.get_mut(&d.agg) {
-                k.events += 1;
-            }
             return;
         }
-        let verdict = Arc::new(self.classify(&d, answer, frag_needed_dropped, sink));
-        self.count(&verdict, &d);
+        if self.folds.len() >= MAX_FOLDS {
+            self.flush(sink);
+            // Folds still waiting for their verdict hold counts: they stay.
+            self.folds.retain(|_, f| f.verdict.is_none());
+        }
         let k = self.keys.entry(d.agg).or_insert_with(|| KeyState {
-            verdict: verdict.clone(),
+            verdict: None,
             sample: d.clone(),
             answer,
             events: 0,
@@ -343,24 +512,31 @@ impl Pipeline {
             reported_lost: 0,
         });
         k.events += 1;
-        (k.verdict, k.sample, k.answer) = (verdict.clone(), d.clone(), answer);
-        if self.folds.len() >= MAX_FOLDS {
-            self.flush(sink);
-            self.folds.clear();
-        }
-        if self.show_benign || !verdict.benign {
-            sink.drop(&self.record(&verdict, &d, answer, 1, true));
-        }
+        (k.sample, k.answer) = (d.clone(), answer);
         self.folds.insert(
-            key,
+            key.clone(),
             Fold {
-                verdict,
-                sample: d,
+                verdict: None,
+                sample: d.clone(),
                 answer,
                 pending: 0,
                 pending_bytes: 0,
             },
         );
+        let job = self.new_job(&d, answer, frag_needed_dropped);
+        if let Some(verdict) = self.classify(job, Origin::Fold(key.clone()), sink) {
+            // Classified here at once, without evidence.
+            self.count(&verdict, &d);
+            if let Some(k) = self.keys.get_mut(&d.agg) {
+                k.verdict = Some(verdict.clone());
+            }
+            if let Some(f) = self.folds.get_mut(&key) {
+                f.verdict = Some(verdict.clone());
+            }
+            if self.show_benign || !verdict.benign {
+                sink.drop(&self.record(&verdict, &d, answer, 1, true));
+            }
+        }
     }
 
     /// Remembers netfilter drops of ICMP "fragmentation needed"; for a too-big drop, says
@@ -386,7 +562,7 @@ impl Pipeline {
     /// freeing it; its arrival device is then the one it came in on, as for IPv4.
     fn name_arrival(&mut self, d: &mut Drop) {
         let Some(iif) = d.iif else { return };
-        let Some(name) = self.investigator.ifname(d.netns, iif) else {
+        let Some(name) = self.blind.investigator().ifname(d.netns, iif) else {
             return;
         };
         let mut bytes = [0u8; 16];
@@ -398,45 +574,6 @@ impl Pipeline {
             d.out = d.out.or(d.dev);
             d.dev = Some(arrived);
         }
-    }
-
-    fn classify(
-        &mut self,
-        d: &Drop,
-        answer: Option<Answer>,
-        frag_needed_dropped: bool,
-        sink: &mut dyn Sink,
-    ) -> Verdict {
-        let stack = d.stack_id.map(|id| (self.stacks)(id)).unwrap_or_default();
-        // A drop that stands for kernel counts without an event of its own was never paired
-        // with an answer: whether one was sent is unknown.
-        let traced = if d.skb == 0 {
-            Traced::NONE
-        } else {
-            self.traced
-        };
-        let mut facts = Facts::new(d, answer, traced, &stack, self.investigator.as_mut());
-        facts.frag_needed_dropped = frag_needed_dropped;
-        let mut verdict = self.engine.classify(&facts);
-        verdict.attribution = attribution(d, &facts, &verdict);
-        let patterns: Vec<String> = self
-            .engine
-            .change_patterns(&verdict.cause)
-            .iter()
-            .filter_map(|p| fill_devices(p, &facts))
-            .collect();
-        drop(facts);
-        if !patterns.is_empty() && !verdict.benign {
-            self.catch_up(d.ts_ns, sink);
-            match self.changes.latest(d.netns, &patterns, d.ts_ns) {
-                Some(c) => {
-                    verdict.evidence.push_str(&format!("; {}", self.describe(&c, d.ts_ns)));
-                    verdict.attribution.change = Some(c);
-                }
-                None => verdict.evidence.push_str(&self.unchanged(&patterns)),
-            }
-        }
-        verdict
     }
 
     /// "net.ipv4.conf.all.forwarding changed 1 -> 0 at 03:12:44 by sysctl (pid 812) <- bash
@@ -553,7 +690,7 @@ impl Pipeline {
             bytes: count * u64::from(d.len),
             first,
             unsent: None,
-            netns_name: self.investigator.netns_name(d.netns),
+            netns_name: self.blind.investigator().netns_name(d.netns),
         }
     }
 
@@ -578,18 +715,32 @@ impl Pipeline {
                 if !self.filter.matches(&d) {
                     continue;
                 }
-                let verdict = Arc::new(self.classify(&d, None, false, sink));
-                let st = KeyState {
-                    verdict,
-                    sample: d,
-                    answer: None,
-                    events: 0,
-                    reported_suppressed: 0,
-                    reported_lost: 0,
-                };
-                self.keys.insert(*key, st);
+                self.keys.insert(
+                    *key,
+                    KeyState {
+                        verdict: None,
+                        sample: d.clone(),
+                        answer: None,
+                        events: 0,
+                        reported_suppressed: 0,
+                        reported_lost: 0,
+                    },
+                );
+                let job = self.new_job(&d, None, false);
+                if let Some(v) = self.classify(job, Origin::Key(*key), sink) {
+                    if let Some(k) = self.keys.get_mut(key) {
+                        k.verdict = Some(v);
+                    }
+                }
             }
             let st = self.keys.get_mut(key).expect("inserted above");
+            // Not classified yet: its unsent drops are reported on a later pass.
+            let Some(verdict) = st.verdict.clone() else {
+                if final_pass {
+                    self.counts_exact = false;
+                }
+                continue;
+            };
             let sampled = val.suppressed.saturating_sub(std::mem::replace(
                 &mut st.reported_suppressed,
                 val.suppressed,
@@ -597,8 +748,7 @@ impl Pipeline {
             let lost = val
                 .lost
                 .saturating_sub(std::mem::replace(&mut st.reported_lost, val.lost));
-            let (verdict, sample, answer, events) =
-                (st.verdict.clone(), st.sample.clone(), st.answer, st.events);
+            let (sample, answer, events) = (st.sample.clone(), st.answer, st.events);
             if final_pass && events + val.suppressed + val.lost != val.packets {
                 self.counts_exact = false;
             }
@@ -627,12 +777,13 @@ impl Pipeline {
             .folds
             .values_mut()
             .filter(|f| f.pending > 0)
-            .map(|f| {
+            .filter_map(|f| {
+                let verdict = f.verdict.clone()?;
                 let (count, bytes) = (
                     std::mem::take(&mut f.pending),
                     std::mem::take(&mut f.pending_bytes),
                 );
-                (f.verdict.clone(), f.sample.clone(), f.answer, count, bytes)
+                Some((verdict, f.sample.clone(), f.answer, count, bytes))
             })
             .collect();
         for (v, d, answer, count, bytes) in pending {
@@ -669,31 +820,10 @@ impl Pipeline {
             lost,
             seconds,
             counts_exact: self.counts_exact,
+            evidence_skipped: self.evidence_skipped,
+            stalls: Default::default(),
         }
     }
-}
-
-/// A change key pattern with the drop's devices filled in: the first alternative (`a|b`)
-/// whose placeholders the drop can fill; `None` when none can.
-fn fill_devices(pattern: &str, facts: &Facts) -> Option<String> {
-    pattern
-        .split('|')
-        .find_map(|alternative| fill_one(alternative, facts))
-}
-
-fn fill_one(pattern: &str, facts: &Facts) -> Option<String> {
-    let mut out = pattern.to_string();
-    for name in crate::causes::table::CHANGE_PLACEHOLDERS {
-        let slot = format!("{{{name}}}");
-        if out.contains(&slot) {
-            let value = match facts.get(name) {
-                Some(facts::Value::Str(v)) if !v.starts_with('<') => v.into_owned(),
-                _ => return None,
-            };
-            out = out.replace(&slot, &value);
-        }
-    }
-    Some(out)
 }
 
 /// "11 s", "3 min 20 s", "2 h 5 min".
@@ -713,52 +843,12 @@ fn human_secs(s: f64) -> String {
 /// Repeats of one fold waiting for the next flush: verdict, sample drop, answer, packets, bytes.
 type PendingRepeat = (Arc<Verdict>, Drop, Option<Answer>, u64, u64);
 
-/// The attribution of a classified drop: netfilter facts from the probes or the stack, and
-/// what the rules fetched while classifying it (nothing more is fetched here).
-fn attribution(d: &Drop, facts: &Facts, verdict: &Verdict) -> Attribution {
-    let fetched = facts.fetched();
-    let mut a = Attribution {
-        route: fetched.route.as_ref().map(|r| r.text.clone()),
-        // The MTU the kernel compared with, when the route was looked up for it.
-        path_mtu: fetched
-            .route
-            .as_ref()
-            .and_then(|_| match facts.get("path_mtu") {
-                Some(facts::Value::Int(m)) => u32::try_from(m).ok(),
-                _ => None,
-            }),
-        tunnel: fetched.tunnel.map(|t| t.name),
-        counters: fetched.counters,
-        ..Default::default()
-    };
-    if &*d.reason == "NETFILTER_DROP" {
-        a.hook = facts.nf_hook();
-        a.hook_from = a.hook.map(|_| {
-            if d.context.netfilter.and_then(|n| n.hook).is_some() {
-                "probe"
-            } else {
-                "stack"
-            }
-        });
-        a.engine = facts.get("nf_engine").map(|v| v.to_string());
-        a.rule = fetched
-            .rule
-            .map(|m| format!("[{}] (+{} packets)", m.rule, m.packets));
-        a.nf_family = facts.nf_family();
-        a.nf_bridged = matches!(facts.get("nf_bridged"), Some(facts::Value::Bool(true)));
-        if let Some(r) = &d.context.ruleset {
-            a.nf_table = Some(r.table.clone());
-            a.nf_chain = r.chain.clone();
-        }
-    }
-    if verdict.cause == "unclassified" {
-        if let Some(facts::Value::Str(frames)) = facts.get("frames") {
-            if frames != "no stack" {
-                a.stack = Some(frames.into_owned());
-            }
-        }
-    }
-    a
+/// A verdict reached without evidence, saying why.
+fn without_evidence(mut done: Done, why: &str) -> Done {
+    done.verdict
+        .evidence
+        .push_str(&format!(" (evidence not gathered: {why})"));
+    done
 }
 
 #[cfg(test)]
@@ -767,7 +857,9 @@ mod tests {
 
     use super::*;
     use crate::{
+        causes::Engine,
         events::Answer,
+        evidence::investigator::Investigator,
         evidence::{counters::Counters, investigator::NfState, routes::Route, tunnels::Tunnel},
         output::{AttachInfo, DropRecord, Summary},
     };
@@ -826,16 +918,16 @@ mod tests {
     }
 
     fn pipeline(show_benign: bool) -> Pipeline {
+        let traced = Traced {
+            icmp: true,
+            icmp6: false,
+            rst: true,
+        };
         Pipeline::new(
-            Engine::builtin(),
             Filter::default(),
             show_benign,
-            Box::new(Silent),
-            Traced {
-                icmp: true,
-                icmp6: false,
-                rst: true,
-            },
+            Runner::inline(Classifier::new(Engine::builtin(), Box::new(Silent), traced)),
+            Classifier::new(Engine::builtin(), Box::new(Silent), traced),
             Box::new(|_| Vec::new()),
             pods::Resolver::new(std::path::Path::new("/nonexistent-pods-root"), Vec::new()),
         )
@@ -967,4 +1059,126 @@ mod tests {
         let s = p.summary(10, 0, 1.0);
         assert_eq!(s.causes[0].1.count, 10);
     }
+
+    /// Silent, but every classification waits until the gate opens.
+    struct Gated(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+    impl Gated {
+        fn wait(&self) {
+            let (open, cv) = &*self.0;
+            let mut o = open.lock().unwrap();
+            while !*o {
+                o = cv.wait(o).unwrap();
+            }
+        }
+    }
+
+    impl Investigator for Gated {
+        fn exec_prefix(&mut self, n: u32) -> String {
+            self.wait();
+            Silent.exec_prefix(n)
+        }
+        fn netns_name(&mut self, n: u32) -> Option<String> {
+            Silent.netns_name(n)
+        }
+        fn netfilter(&mut self, d: &Drop, a: Option<Answer>) -> NfState {
+            Silent.netfilter(d, a)
+        }
+        fn route(&mut self, d: &Drop) -> Option<Route> {
+            Silent.route(d)
+        }
+        fn interfaces(&mut self, n: u32) -> Option<usize> {
+            Silent.interfaces(n)
+        }
+        fn neighbours(&mut self, d: &Drop) -> Vec<String> {
+            Silent.neighbours(d)
+        }
+        fn sysctl(&mut self, n: u32, k: &str) -> Option<String> {
+            Silent.sysctl(n, k)
+        }
+        fn counters(&mut self, n: u32) -> Counters {
+            Silent.counters(n)
+        }
+        fn tunnel(&mut self, n: u32, d: Option<String>, s: IpAddr, t: IpAddr) -> Option<Tunnel> {
+            Silent.tunnel(n, d, s, t)
+        }
+        fn route_to(&mut self, n: u32, d: IpAddr) -> Option<Route> {
+            Silent.route_to(n, d)
+        }
+        fn ifname(&mut self, n: u32, i: u32) -> Option<String> {
+            Silent.ifname(n, i)
+        }
+    }
+
+    /// A pipeline whose evidence worker waits for the returned gate.
+    fn gated_pipeline() -> (Pipeline, Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>) {
+        let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let traced = Traced::NONE;
+        let inner = gate.clone();
+        let runner = Runner::spawn(move || {
+            Classifier::new(Engine::builtin(), Box::new(Gated(inner)), traced)
+        })
+        .unwrap();
+        let p = Pipeline::new(
+            Filter::default(),
+            false,
+            runner,
+            Classifier::new(Engine::builtin(), Box::new(Silent), traced),
+            Box::new(|_| Vec::new()),
+            pods::Resolver::new(std::path::Path::new("/nonexistent-pods-root"), Vec::new()),
+        );
+        (p, gate)
+    }
+
+    fn open(gate: &(std::sync::Mutex<bool>, std::sync::Condvar)) {
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+    }
+
+    #[test]
+    fn drops_that_arrive_while_evidence_is_gathered_are_counted() {
+        let (mut p, gate) = gated_pipeline();
+        let mut sink = Collect::default();
+        for skb in 1..=5 {
+            p.push(
+                Record::Drop(drop_at("NO_SOCKET", "__udp4_lib_rcv", skb, 53)),
+                &mut sink,
+            );
+        }
+        // The loop did not wait: nothing is reported yet, nothing is lost.
+        assert!(sink.records.is_empty());
+        assert!(p.summary(5, 0, 1.0).causes.is_empty());
+        open(&gate);
+        p.settle(&mut sink);
+        p.flush(&mut sink);
+        let counts: Vec<(bool, u64)> = sink.records.iter().map(|r| (r.first, r.count)).collect();
+        assert_eq!(counts, [(true, 1), (false, 4)]);
+        assert_eq!(p.summary(5, 0, 1.0).causes[0].1.count, 5);
+        assert_eq!(p.evidence_skipped, 0);
+    }
+
+    #[test]
+    fn a_full_evidence_queue_never_holds_up_the_loop() {
+        let (mut p, gate) = gated_pipeline();
+        let mut sink = Collect::default();
+        // More new kinds of drop than the queue holds (one more may be in the worker's hands).
+        let n = crate::classify::QUEUE as u64 + 5;
+        for skb in 1..=n {
+            p.push(
+                Record::Drop(drop_at("NO_SOCKET", "__udp4_lib_rcv", skb, 1000 + skb as u16)),
+                &mut sink,
+            );
+        }
+        assert!(p.evidence_skipped >= 4, "{}", p.evidence_skipped);
+        assert_eq!(sink.records.len() as u64, p.evidence_skipped);
+        assert!(sink.records.iter().all(|r| r
+            .verdict
+            .evidence
+            .ends_with("(evidence not gathered: too many new kinds of drop at once)")));
+        open(&gate);
+        p.settle(&mut sink);
+        assert_eq!(sink.records.len() as u64, n);
+        assert_eq!(p.summary(n, 0, 1.0).causes[0].1.count, n);
+    }
 }
+

@@ -21,6 +21,7 @@ use tokio::{
 use crate::{
     causes::Engine,
     changes::{self, feed::Feed, watcher::Watcher},
+    classify::{Classifier, Runner},
     cli::{Color, Format, ObserveArgs, RunArgs},
     events::Decoder,
     evidence::{counters, investigator, netns, rules},
@@ -77,20 +78,64 @@ pub async fn observe(args: &ObserveArgs, sink: &mut dyn Sink) -> Result<()> {
     sink.attach(&session.info);
     stop.run_for(args.duration);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
+    let verdicts = session.pipeline.verdicts_ready();
     loop {
-        tokio::select! {
+        // Only wait here; the work runs below, where its duration is measured.
+        let wake = tokio::select! {
             guard = session.ring.readable_mut() => {
-                let mut guard = guard.context("ring buffer poll")?;
-                drain(guard.get_inner_mut(), &mut session.decoder, &mut session.pipeline, sink);
-                guard.clear_ready();
+                // Cleared before draining: a record that arrives meanwhile wakes us again.
+                guard.context("ring buffer poll")?.clear_ready();
+                Wake::Ring
             }
-            _ = session.changes.queued() => session.pipeline.take_changes(sink),
-            _ = tick.tick() => session.tick(sink, args.interval),
+            _ = session.changes.queued() => Wake::Changes,
+            _ = verdicts.notified() => Wake::Verdicts,
+            _ = tick.tick() => Wake::Tick,
             _ = stop.wait() => break,
+        };
+        let busy = Instant::now();
+        match wake {
+            Wake::Ring => drain(
+                session.ring.get_mut(),
+                &mut session.decoder,
+                &mut session.pipeline,
+                sink,
+            ),
+            Wake::Changes => session.pipeline.take_changes(sink),
+            Wake::Verdicts => session.pipeline.take_verdicts(sink),
+            Wake::Tick => session.tick(sink, args.interval),
         }
+        session.stalls.observe(busy.elapsed());
     }
     session.finish(sink);
     Ok(())
+}
+
+/// How long the event loop was kept from reading the ring: the longest turn, and how many
+/// turns took longer than [`Stalls::LONG`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stalls {
+    pub max: Duration,
+    pub long: u64,
+}
+
+impl Stalls {
+    /// A turn longer than this is a stall worth reporting.
+    pub const LONG: Duration = Duration::from_millis(100);
+
+    fn observe(&mut self, turn: Duration) {
+        self.max = self.max.max(turn);
+        if turn > Self::LONG {
+            self.long += 1;
+        }
+    }
+}
+
+/// What woke the event loop.
+enum Wake {
+    Ring,
+    Changes,
+    Verdicts,
+    Tick,
 }
 
 /// What ends a session: SIGINT, SIGTERM or the end of `--duration`.
@@ -144,6 +189,7 @@ struct Session {
     ebpf: aya::Ebpf,
     /// Configuration changes, from the change watcher's thread.
     changes: Arc<Feed>,
+    stalls: Stalls,
     watcher: Watcher,
     info: AttachInfo,
     streaming: Instant,
@@ -221,13 +267,6 @@ impl Session {
         attach::set_no_dev_range(&mut probes.ebpf, symbols.range("inet_frag_rbtree_purge"));
         let symbols = Rc::new(RefCell::new(symbols));
         let decoder = Decoder::new(reasons, symbols.clone()).with_netfilter_names(netfilter_names);
-        let (rules, snmp) = rule_baseline
-            .join()
-            .map_err(|_| anyhow::anyhow!("rule counter reader panicked"))?;
-        tracing::info!(
-            "firewall rule counters read ({} ms since start)",
-            started.elapsed().as_millis()
-        );
         let attach::Probes {
             events,
             changes,
@@ -252,16 +291,24 @@ impl Session {
         warn_missing_pods(&filter.pods, &pods, &args.pods_root);
         let traced = traced_answers(&info.probes);
         let watched = watched_changes(&info.probes);
-        let pipeline = Pipeline::new(
-            Engine::builtin(),
-            filter,
-            args.all,
-            Box::new(investigator::Live::new(rules, snmp)),
-            traced,
-            stack_reader,
-            pods,
-        );
-        let mut pipeline = pipeline;
+        // The evidence worker starts from the rule and counter baselines, which may still be
+        // being read: drops are counted meanwhile, and classified once it is ready.
+        let worker_feed = feed.clone();
+        let runner = Runner::spawn(move || {
+            let (rules, snmp) = rule_baseline.join().unwrap_or_else(|_| {
+                tracing::warn!("rule counter reader panicked: rules will not be named");
+                (rules::Tracker::new(), counters::Tracker::default())
+            });
+            tracing::info!(
+                "firewall rule counters read ({} ms since start)",
+                started.elapsed().as_millis()
+            );
+            let live = investigator::Live::new(rules, snmp).baselines_at(clock_ns());
+            Classifier::new(Engine::builtin(), Box::new(live), traced).with_changes(worker_feed)
+        })
+        .context("starting the evidence worker")?;
+        let blind = Classifier::new(Engine::builtin(), Box::new(investigator::Names::new()), traced);
+        let mut pipeline = Pipeline::new(filter, args.all, runner, blind, stack_reader, pods);
         pipeline.watching(watched, feed.clone());
         // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
         let ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
@@ -273,6 +320,7 @@ impl Session {
             agg,
             ebpf,
             changes: feed,
+            stalls: Stalls::default(),
             watcher,
             info,
             streaming: Instant::now(),
@@ -319,7 +367,14 @@ impl Session {
         let kernel = self.read_agg();
         let decoder = &mut self.decoder;
         self.pipeline
-            .reconcile(&kernel, |k| decoder.synthetic(k, now), sink, final_pass);
+            .reconcile(&kernel, |k| decoder.synthetic(k, now), sink, false);
+        if final_pass {
+            // Every drop gets its verdict before the last count.
+            self.pipeline.settle(sink);
+            let decoder = &mut self.decoder;
+            self.pipeline
+                .reconcile(&kernel, |k| decoder.synthetic(k, now), sink, true);
+        }
         self.pipeline.flush(sink);
     }
 
@@ -333,11 +388,16 @@ impl Session {
             seconds,
             lost,
             suppressed,
+            stalls: self.stalls,
         });
     }
 
     /// Reports what the kernel delivered before the stop, detaches, and hands over the summary.
     fn finish(mut self, sink: &mut dyn Sink) {
+        // Changes made just before the stop are still reported.
+        self.changes.nudge();
+        self.watcher.stop();
+        self.pipeline.take_changes(sink);
         self.catch_up(sink, true);
         let (seen, lost) = (self.counter(counter::SEEN), self.counter(counter::LOST));
         let (filtered_in_kernel, agg_full) = (
@@ -350,6 +410,7 @@ impl Session {
             ebpf,
             watcher,
             streaming,
+            stalls,
             ..
         } = self;
         drop(watcher);
@@ -359,6 +420,7 @@ impl Session {
         let mut summary = pipeline.summary(seen, lost, streaming.elapsed().as_secs_f64());
         summary.filtered += filtered_in_kernel;
         summary.filtered_in_kernel = filtered_in_kernel;
+        summary.stalls = stalls;
         if agg_full > 0 {
             tracing::warn!("the kernel's aggregation table was full: some counts are not exact");
             summary.counts_exact = false;

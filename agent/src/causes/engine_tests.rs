@@ -190,6 +190,7 @@ impl Investigator for Fake<'_> {
             ct: self.0.ct,
             counters_read: self.0.counters_read,
             legacy_tables: Vec::new(),
+            before_baseline: false,
         }
     }
     fn route(&mut self, _d: &Drop) -> Option<Route> {

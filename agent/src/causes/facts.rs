@@ -663,6 +663,9 @@ impl<'a> Facts<'a> {
     /// What to say when no rule counter explains a netfilter drop.
     fn unnamed_rule(&self) -> String {
         let nf = self.nf();
+        if nf.before_baseline {
+            return "not identified (dropped while dropscope was still reading the starting rule counters)".into();
+        }
         if !nf.counters_read {
             return "not identified (the rule sets of this namespace could not be read)".into();
         }

@@ -71,9 +71,9 @@ impl Feed {
         s.queue.drain(..).collect()
     }
 
-    /// Every change made up to `ts_ns`: asks the watcher for an immediate pass when its last
-    /// one started earlier, and waits for it at most `patience`.
-    pub fn up_to(&self, ts_ns: u64, patience: Duration) -> Vec<Change> {
+    /// Waits (at most `patience`) until every change made up to `ts_ns` is queued, asking the
+    /// watcher for an immediate pass; takes nothing. Says whether it is.
+    pub fn wait_for(&self, ts_ns: u64, patience: Duration) -> bool {
         let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.watermark < ts_ns && !s.closed {
             let _ = self.shared.wake.write(1);
@@ -84,13 +84,12 @@ impl Feed {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        s.queue.drain(..).collect()
+        s.watermark >= ts_ns
     }
 
-    /// Whether changes up to `ts_ns` may still be unread.
-    pub fn behind(&self, ts_ns: u64) -> bool {
-        let s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.watermark < ts_ns && !s.closed
+    /// Asks the watcher for an immediate pass (to stop promptly, or to read what is pending).
+    pub fn nudge(&self) {
+        let _ = self.shared.wake.write(1);
     }
 }
 
@@ -156,7 +155,7 @@ mod tests {
     fn a_drop_waits_for_the_pass_that_covers_it() {
         let (f, p) = feed().unwrap();
         p.publish(vec![change(5)], 10);
-        assert!(!f.behind(10) && f.behind(11));
+        assert!(f.wait_for(10, Duration::ZERO));
         let publisher = std::thread::spawn(move || {
             // The watcher's poll wakes on the pipeline's request.
             let mut fds = [nix::poll::PollFd::new(p.wake_fd(), nix::poll::PollFlags::POLLIN)];
@@ -165,12 +164,14 @@ mod tests {
             p.publish(vec![change(15)], 20);
             p
         });
-        let got = f.up_to(18, Duration::from_secs(5));
+        assert!(f.wait_for(18, Duration::from_secs(5)));
+        let got = f.take();
         assert_eq!(got.iter().map(|c| c.ts_ns).collect::<Vec<_>>(), [5, 15]);
         drop(publisher.join().unwrap());
         // A closed feed does not make anyone wait.
         let t = Instant::now();
-        assert!(f.up_to(100, Duration::from_secs(5)).is_empty());
+        assert!(!f.wait_for(100, Duration::from_secs(5)));
+        assert!(f.take().is_empty());
         assert!(t.elapsed() < Duration::from_secs(1));
     }
 }

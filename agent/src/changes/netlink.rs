@@ -61,7 +61,7 @@ pub struct NsMonitor {
     conf: HashMap<String, String>,
     /// nftables objects changed in the generation being committed.
     /// The first [`SHOWN`] items of the commit under way, and how many more it has.
-    batch: Vec<String>,
+    batch: Vec<Item>,
     batch_more: usize,
     batch_tables: BTreeSet<String>,
 }
@@ -325,7 +325,7 @@ impl NsMonitor {
                     "removed"
                 };
                 let table = format!("{family} {}", text(1));
-                self.note(format!("table {table} {verb}"), table);
+                self.note(Item::Text(format!("table {table} {verb}")), table);
             }
             NFT_MSG_NEWCHAIN | NFT_MSG_DELCHAIN => {
                 let verb = if msg == NFT_MSG_NEWCHAIN {
@@ -333,7 +333,10 @@ impl NsMonitor {
                 } else {
                     "removed"
                 };
-                self.note(format!("chain {} {verb}", text(3)), format!("{family} {}", text(1)));
+                self.note(
+                    Item::Text(format!("chain {} {verb}", text(3))),
+                    format!("{family} {}", text(1)),
+                );
             }
             NFT_MSG_NEWRULE | NFT_MSG_DELRULE => {
                 let (table, chain) = (text(1), text(2));
@@ -342,15 +345,15 @@ impl NsMonitor {
                     .and_then(|v| v.get(..8))
                     .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
                     .unwrap_or(0);
-                // The text costs an `nft` run: only for the rules the change will show (a
-                // kube-proxy sync commits thousands).
                 let what = match msg {
-                    NFT_MSG_NEWRULE if self.batch.len() < SHOWN => {
-                        let rule = self.rule_text(&family, &table, &chain, handle);
-                        format!("rule added to chain {chain}: {rule}")
-                    }
-                    NFT_MSG_NEWRULE => format!("rule added to chain {chain} (handle {handle})"),
-                    _ => format!("rule removed from chain {chain} (handle {handle})"),
+                    // Its text is read once the commit's process is known (below).
+                    NFT_MSG_NEWRULE => Item::Rule {
+                        family: family.clone(),
+                        table: table.clone(),
+                        chain,
+                        handle,
+                    },
+                    _ => Item::Text(format!("rule removed from chain {chain} (handle {handle})")),
                 };
                 self.note(what, format!("{family} {table}"));
             }
@@ -361,12 +364,26 @@ impl NsMonitor {
                     .map(|b| u32::from_be_bytes(b.try_into().unwrap_or_default()))
                     .unwrap_or(0);
                 let name = text(3);
+                // First, while the committing process may still run; then the rule texts,
+                // which cost an `nft` run each (only for the few items shown).
                 let process = (pid != 0).then(|| Process::from_pid(pid, &name));
                 let tables = std::mem::take(&mut self.batch_tables);
-                let detail = summarize(
-                    &std::mem::take(&mut self.batch),
-                    std::mem::take(&mut self.batch_more),
-                );
+                let items: Vec<String> = std::mem::take(&mut self.batch)
+                    .into_iter()
+                    .map(|item| match item {
+                        Item::Text(t) => t,
+                        Item::Rule {
+                            family,
+                            table,
+                            chain,
+                            handle,
+                        } => {
+                            let rule = self.rule_text(&family, &table, &chain, handle);
+                            format!("rule added to chain {chain}: {rule}")
+                        }
+                    })
+                    .collect();
+                let detail = summarize(&items, std::mem::take(&mut self.batch_more));
                 if tables.is_empty() {
                     return Vec::new();
                 }
@@ -391,7 +408,7 @@ impl NsMonitor {
     }
 
     /// Adds one item of the commit under way, touching `table`.
-    fn note(&mut self, item: String, table: String) {
+    fn note(&mut self, item: Item, table: String) {
         if self.batch.len() < SHOWN {
             self.batch.push(item);
         } else {
@@ -426,6 +443,18 @@ impl NsMonitor {
         })
         .unwrap_or_else(|| format!("handle {handle}"))
     }
+}
+
+/// One item of an nftables commit.
+enum Item {
+    Text(String),
+    /// A rule added, described by its text once the commit is complete.
+    Rule {
+        family: String,
+        table: String,
+        chain: String,
+        handle: u64,
+    },
 }
 
 /// A rule's text without its counter's values ("counter packets 0 bytes 0" -> "counter").

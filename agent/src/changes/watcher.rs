@@ -43,6 +43,14 @@ pub struct Watcher {
 
 impl Drop for Watcher {
     fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Watcher {
+    /// Stops the thread after its pass at hand, whose changes are published (nudge the feed
+    /// first to make that pass immediate).
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

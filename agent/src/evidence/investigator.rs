@@ -29,6 +29,9 @@ pub struct NfState {
     pub counters_read: bool,
     /// x_tables (iptables-legacy) tables registered in the namespace.
     pub legacy_tables: Vec<String>,
+    /// The drop happened while the starting counters were being read, so they may already
+    /// count it: no counter moving proves nothing.
+    pub before_baseline: bool,
 }
 
 /// Live state of a drop's namespace, read on demand. Every method may be slow (it enters the
@@ -66,26 +69,21 @@ pub trait Investigator {
     fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String>;
 }
 
-/// The real investigator: reads the kernel's state inside the drop's namespace.
-pub struct Live {
+/// Names of namespaces and interfaces: cheap (cached reads of /run/netns, /proc and the
+/// namespace's devices), so the event loop asks them itself. As an investigator it knows
+/// nothing else: every fact from live state is unknown.
+pub struct Names {
     namespaces: Registry,
-    rules: rules::Tracker,
-    counters: counters::Tracker,
-    nf_tables: HashMap<u32, Vec<String>>,
     ifnames: HashMap<(u32, u32), Arc<str>>,
 }
 
 /// Bound of the interface-name cache (names are looked up per distinct drop).
 const MAX_IFNAMES: usize = 4096;
 
-impl Live {
-    /// An investigator starting from the rule and counter baselines read at attach time.
-    pub fn new(rules: rules::Tracker, counters: counters::Tracker) -> Self {
-        Live {
+impl Names {
+    pub fn new() -> Self {
+        Names {
             namespaces: Registry::new(),
-            rules,
-            counters,
-            nf_tables: HashMap::new(),
             ifnames: HashMap::new(),
         }
     }
@@ -97,6 +95,102 @@ impl Live {
             return Some(None);
         }
         self.namespaces.get(netns).map(|r| Some(r.path.clone()))
+    }
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Investigator for Names {
+    fn exec_prefix(&mut self, netns: u32) -> String {
+        self.namespaces.exec_prefix(netns)
+    }
+
+    fn netns_name(&mut self, netns: u32) -> Option<String> {
+        self.namespaces.name(netns)
+    }
+
+    fn netfilter(&mut self, _: &Drop, _: Option<Answer>) -> NfState {
+        NfState::default()
+    }
+
+    fn route(&mut self, _: &Drop) -> Option<Route> {
+        None
+    }
+
+    fn interfaces(&mut self, _: u32) -> Option<usize> {
+        None
+    }
+
+    fn neighbours(&mut self, _: &Drop) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn sysctl(&mut self, _: u32, _: &str) -> Option<String> {
+        None
+    }
+
+    fn counters(&mut self, _: u32) -> Counters {
+        Counters::default()
+    }
+
+    fn tunnel(&mut self, _: u32, _: Option<String>, _: IpAddr, _: IpAddr) -> Option<Tunnel> {
+        None
+    }
+
+    fn route_to(&mut self, _: u32, _: IpAddr) -> Option<Route> {
+        None
+    }
+
+    fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String> {
+        if let Some(name) = self.ifnames.get(&(netns, ifindex)) {
+            return Some(name.to_string());
+        }
+        let path = self.path(netns)?;
+        let name = netns::ifname(path.as_deref(), ifindex)?;
+        if self.ifnames.len() >= MAX_IFNAMES {
+            self.ifnames.clear();
+        }
+        self.ifnames
+            .insert((netns, ifindex), Arc::from(name.as_str()));
+        Some(name)
+    }
+}
+
+/// The real investigator: reads the kernel's state inside the drop's namespace.
+pub struct Live {
+    names: Names,
+    rules: rules::Tracker,
+    counters: counters::Tracker,
+    nf_tables: HashMap<u32, Vec<String>>,
+    /// When the rule baselines were complete (CLOCK_MONOTONIC ns): a drop before then may
+    /// already be counted in them, so no counter moving for it proves nothing.
+    baselines_at: u64,
+}
+
+impl Live {
+    /// An investigator starting from the rule and counter baselines read at attach time.
+    pub fn new(rules: rules::Tracker, counters: counters::Tracker) -> Self {
+        Live {
+            names: Names::new(),
+            rules,
+            counters,
+            nf_tables: HashMap::new(),
+            baselines_at: 0,
+        }
+    }
+
+    /// Says when the baselines were complete (see [`Live::baselines_at`]).
+    pub fn baselines_at(mut self, ts_ns: u64) -> Self {
+        self.baselines_at = ts_ns;
+        self
+    }
+
+    fn path(&mut self, netns: u32) -> Option<Option<PathBuf>> {
+        self.names.path(netns)
     }
 
     /// Registered x_tables tables of a namespace, read once.
@@ -115,11 +209,11 @@ impl Live {
 
 impl Investigator for Live {
     fn exec_prefix(&mut self, netns: u32) -> String {
-        self.namespaces.exec_prefix(netns)
+        self.names.exec_prefix(netns)
     }
 
     fn netns_name(&mut self, netns: u32) -> Option<String> {
-        self.namespaces.name(netns)
+        self.names.netns_name(netns)
     }
 
     fn netfilter(&mut self, d: &Drop, answer: Option<Answer>) -> NfState {
@@ -148,11 +242,15 @@ impl Investigator for Live {
             }
             None => found.moved.iter().find(|m| !is_reject(m)),
         };
+        // Dropped while the baselines were being read: its rule's counter may already be in
+        // them.
+        let before_baseline = found.moved.is_empty() && d.ts_ns < self.baselines_at;
         NfState {
             rule: preferred.or(found.moved.first()).cloned(),
             ct: found.ct,
-            counters_read: found.read,
+            counters_read: found.read && !before_baseline,
             legacy_tables,
+            before_baseline,
         }
     }
 
@@ -229,16 +327,6 @@ impl Investigator for Live {
     }
 
     fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String> {
-        if let Some(name) = self.ifnames.get(&(netns, ifindex)) {
-            return Some(name.to_string());
-        }
-        let path = self.path(netns)?;
-        let name = netns::ifname(path.as_deref(), ifindex)?;
-        if self.ifnames.len() >= MAX_IFNAMES {
-            self.ifnames.clear();
-        }
-        self.ifnames
-            .insert((netns, ifindex), Arc::from(name.as_str()));
-        Some(name)
+        self.names.ifname(netns, ifindex)
     }
 }

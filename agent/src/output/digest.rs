@@ -179,6 +179,7 @@ mod tests {
             seconds: 1.0,
             lost: 0,
             suppressed: 7,
+            stalls: Default::default(),
         };
         log.attach(&info);
         log.drop(&DropRecord::example("netfilter_drop", 1, None));

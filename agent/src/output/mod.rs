@@ -74,6 +74,10 @@ pub struct Summary {
     pub seconds: f64,
     /// Whether the kernel's exact per-key counts equal what was reported.
     pub counts_exact: bool,
+    /// Drops classified from the kernel's report alone: the evidence worker was busy.
+    pub evidence_skipped: u64,
+    /// How long the event loop was kept busy at most.
+    pub stalls: crate::session::Stalls,
 }
 
 /// Running totals, handed to the sinks once per `--interval` after the repeats are flushed.
@@ -87,6 +91,8 @@ pub struct Progress<'a> {
     pub lost: u64,
     /// Benign drops counted but not reported, so far.
     pub suppressed: u64,
+    /// The event loop's longest turns so far.
+    pub stalls: crate::session::Stalls,
 }
 
 /// A destination for reports.

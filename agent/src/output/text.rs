@@ -269,6 +269,21 @@ impl<W: Write> Sink for TextSink<W> {
                 )
             );
         }
+        if s.evidence_skipped > 0 {
+            let _ = writeln!(
+                o,
+                "{} drops were classified from the kernel's report alone (too many new kinds at once for the evidence worker)",
+                s.evidence_skipped
+            );
+        }
+        if s.stalls.long > 0 {
+            let _ = writeln!(
+                o,
+                "the event loop was busy for up to {} ms at a time ({} turns over 100 ms): drops waited in the ring buffer meanwhile",
+                s.stalls.max.as_millis(),
+                s.stalls.long
+            );
+        }
         let _ = self.out.write_all(o);
         let _ = self.out.flush();
     }

@@ -104,6 +104,8 @@ pub struct Metrics {
     suppressed: Counter,
     probes: Family<ProbeLabels, Gauge>,
     changes: Family<ChangeLabels, Counter>,
+    stall_max: Gauge<f64, std::sync::atomic::AtomicU64>,
+    stalls: Counter,
     /// Kernel totals already added to `events_lost` and `suppressed` (they are cumulative).
     seen_lost: u64,
     seen_suppressed: u64,
@@ -123,6 +125,8 @@ impl Metrics {
         let probes = Family::<ProbeLabels, Gauge>::default();
         let build = Family::<BuildLabels, Gauge>::default();
         let changes = Family::<ChangeLabels, Counter>::default();
+        let stall_max = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let stalls = Counter::default();
         // Counters get their `_total` suffix from the encoder.
         registry.register(
             "drops",
@@ -153,6 +157,16 @@ impl Metrics {
             "changes",
             "Configuration changes seen in the watched namespaces, by kind (sysctl, netconf, link, route, address, nftables, iptables_legacy)",
             changes.clone(),
+        );
+        registry.register(
+            "loop_stall_seconds_max",
+            "The longest turn of the event loop (time it could not read the ring buffer)",
+            stall_max.clone(),
+        );
+        registry.register(
+            "loop_stalls",
+            "Turns of the event loop longer than 100 ms",
+            stalls.clone(),
         );
         registry.register(
             "probe_info",
@@ -187,6 +201,8 @@ impl Metrics {
             suppressed,
             probes,
             changes,
+            stall_max,
+            stalls,
             seen_lost: 0,
             seen_suppressed: 0,
             health,
@@ -271,6 +287,13 @@ impl Sink for Metrics {
 
     fn tick(&mut self, progress: &Progress) {
         self.totals(progress.lost, progress.suppressed);
+        self.stall_max.set(progress.stalls.max.as_secs_f64());
+        self.stalls.inc_by(
+            progress
+                .stalls
+                .long
+                .saturating_sub(self.stalls.get()),
+        );
     }
 
     fn summary(&mut self, summary: &Summary) {
@@ -342,12 +365,14 @@ mod tests {
             seconds: 1.0,
             lost: 3,
             suppressed: 2,
+            stalls: Default::default(),
         });
         m.tick(&Progress {
             causes: &causes,
             seconds: 1.0,
             lost: 3,
             suppressed: 5,
+            stalls: Default::default(),
         });
         let drops = r#"dropscope_drops_total{cause="netfilter_drop",reason="NETFILTER_DROP",iface="r0",pod_namespace="",pod=""}"#;
         assert_eq!(value(&registry, drops), Some(11));
