@@ -65,7 +65,9 @@ pub fn parse_format(text: &str) -> HashMap<String, Field> {
     for line in text.lines() {
         let mut decl = None;
         let (mut offset, mut size) = (None, None);
-        for part in line.split(';').map(str::trim) {
+        // Only parts ended by ';': a line cut short must not give a cut number.
+        let terminated = line.rsplit_once(';').map_or("", |(parts, _)| parts);
+        for part in terminated.split(';').map(str::trim) {
             if let Some(d) = part.strip_prefix("field:") {
                 decl = Some(d);
             } else if let Some(v) = part.strip_prefix("offset:") {
@@ -127,5 +129,20 @@ mod tests {
 \tfield:unsigned short protocol;\toffset:24;\tsize:2;\tsigned:0;\n\
 \tfield:enum skb_drop_reason reason;\toffset:28;\tsize:4;\tsigned:0;\n";
         assert_eq!(parse_format(fmt)["reason"].offset, 28);
+    }
+
+    #[test]
+    fn a_line_cut_inside_a_number_gives_no_field() {
+        // Cut from "size:16;": "size:1" is not the size.
+        let fmt = "\tfield:char name[16];\toffset:8;\tsize:1";
+        assert_eq!(parse_format(fmt).get("name"), None);
+        let fmt = "\tfield:char name[16];\toffset:8;\tsize:16;";
+        assert_eq!(
+            parse_format(fmt)["name"],
+            Field {
+                offset: 8,
+                size: 16
+            }
+        );
     }
 }
