@@ -41,12 +41,18 @@ impl Kallsyms {
             if addr == 0 || !matches!(kind, "t" | "T" | "w" | "W") {
                 continue;
             }
-            let name = clean(name);
-            syms.push((
-                addr,
-                names.len() as u32,
-                name.len().min(u16::MAX as usize) as u16,
-            ));
+            // Offsets and lengths are stored in 32 and 16 bits: a longer name is cut (at a
+            // character), a table past 4 GiB ends there.
+            let mut name = clean(name);
+            let mut len = name.len().min(u16::MAX as usize);
+            while !name.is_char_boundary(len) {
+                len -= 1;
+            }
+            name = &name[..len];
+            let Ok(at) = u32::try_from(names.len()) else {
+                break;
+            };
+            syms.push((addr, at, len as u16));
             names.push_str(name);
         }
         syms.sort_by_key(|(a, _, _)| *a);
@@ -151,5 +157,16 @@ ffffffff81a00900 t nft_do_chain\t[nf_tables]
             .expect("ip_rcv symbol");
         let addr = u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap();
         assert_eq!(&*k.resolve(addr + 1), "ip_rcv");
+    }
+
+    #[test]
+    fn a_name_longer_than_the_length_field_is_cut_at_a_character() {
+        // The stored length is 16 bits: a longer name was cut inside 'é' and resolving it
+        // panicked.
+        let name = format!("{}é", "a".repeat(u16::MAX as usize - 1));
+        let mut k = Kallsyms::parse(&format!("ffffffff81000000 T {name}\n"));
+        let got = k.resolve(0xffffffff81000001);
+        assert!(name.starts_with(&*got) && got.len() <= u16::MAX as usize);
+        assert_eq!(k.range(&got), None);
     }
 }
