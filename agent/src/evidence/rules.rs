@@ -239,7 +239,7 @@ pub fn parse_iptables_save(text: &str, engine: &'static str, snap: &mut Snapshot
     let mut table = String::new();
     for line in text.lines() {
         if let Some(t) = line.strip_prefix('*') {
-            table = t.to_string();
+            table = t.trim().to_string();
             tables.push(table.clone());
         } else if let Some(policy) = line.strip_prefix(':') {
             // ":FORWARD DROP [5:300]"
@@ -751,5 +751,17 @@ COMMIT
             "nftables table inet drt chain fw: handle 3 comment \"ds\""
         );
         assert_eq!(moved[1].verdict, Verdict::Reject("tcp-reset".into()));
+    }
+
+    #[test]
+    fn a_table_line_with_trailing_blanks_names_the_table() {
+        // "*filter " named a table "filter " that no other reading calls so.
+        let mut snap = Snapshot::default();
+        let text = "*filter \r\n:FORWARD DROP [3:180]\r\nCOMMIT\r\n";
+        assert_eq!(
+            parse_iptables_save(text, "iptables-nft", &mut snap),
+            vec!["filter"]
+        );
+        assert!(snap.rules.keys().all(|id| id.table == "filter"));
     }
 }
