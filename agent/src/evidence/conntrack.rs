@@ -51,9 +51,9 @@ pub fn parse(text: &str) -> Option<CtStats> {
             .filter_map(|x| u64::from_str_radix(x, 16).ok())
             .collect();
         let at = |i: usize| v.get(i).copied().unwrap_or(0);
-        s.drop += at(drop);
-        s.insert_failed += at(failed);
-        s.invalid += at(invalid);
+        s.drop = s.drop.saturating_add(at(drop));
+        s.insert_failed = s.insert_failed.saturating_add(at(failed));
+        s.invalid = s.invalid.saturating_add(at(invalid));
     }
     Some(s)
 }
@@ -71,5 +71,15 @@ mod tests {
         assert_eq!((s.drop, s.insert_failed, s.invalid), (12, 1, 3));
         let later = CtStats { drop: 15, ..s };
         assert_eq!(later.since(&s).drop, 3);
+    }
+
+    #[test]
+    fn huge_per_cpu_counts_saturate() {
+        // Two CPUs at u64::MAX overflowed the sum (a panic in debug builds).
+        let text = "entries invalid insert_failed drop\n\
+                    0 ffffffffffffffff 0 ffffffffffffffff\n\
+                    0 ffffffffffffffff 0 1\n";
+        let s = parse(text).unwrap();
+        assert_eq!((s.drop, s.invalid), (u64::MAX, u64::MAX));
     }
 }
