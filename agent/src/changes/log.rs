@@ -66,13 +66,10 @@ pub fn glob(pattern: &str, text: &str) -> bool {
         return pattern == text;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() {
+    if !text.starts_with(first) || !text.ends_with(last) || text.len() < first.len() + last.len() {
         return false;
     }
     let mut rest = &text[first.len()..text.len() - last.len()];
-    if !text.ends_with(last) {
-        return false;
-    }
     for part in &parts[1..parts.len() - 1] {
         match rest.find(part) {
             Some(i) => rest = &rest[i + part.len()..],
@@ -123,5 +120,17 @@ mod tests {
         assert!(log.latest(3, &fwd, 60).is_none(), "another namespace is never blamed");
         let rp = vec!["net.ipv4.conf.r1.rp_filter".to_string()];
         assert!(log.latest(1, &rp, 60).is_none(), "another device is never blamed");
+    }
+
+    #[test]
+    fn a_key_with_multibyte_characters_is_not_cut_inside_one() {
+        // "x*b": the end of "xé" was sliced inside 'é' before checking it ends with "b".
+        assert!(!glob("x*b", "xé"));
+        assert!(!glob("*\0", "é"));
+        assert!(!glob(
+            "net.ipv4.conf.*.rp_filter",
+            "net.ipv4.conf.éé.forwardi"
+        ));
+        assert!(glob("link.*.mtu", "link.é.mtu"));
     }
 }
