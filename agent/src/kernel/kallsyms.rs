@@ -169,4 +169,72 @@ ffffffff81a00900 t nft_do_chain\t[nf_tables]
         assert!(name.starts_with(&*got) && got.len() <= u16::MAX as usize);
         assert_eq!(k.range(&got), None);
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const SAMPLE: &str = include_str!("../../testdata/kallsyms.txt");
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_text_never_panics(
+                text in fuzz::text(),
+                addrs in prop::collection::vec(any::<u64>(), 0..8),
+            ) {
+                let mut k = Kallsyms::parse(&text);
+                k.frames(addrs);
+                for name in text.split_whitespace().take(8) {
+                    k.range(name);
+                }
+            }
+
+            #[test]
+            fn prop_mutated_real_kallsyms_never_panics(
+                text in fuzz::mutated(SAMPLE),
+                addrs in prop::collection::vec(0xffffffff81000000u64..0xffffffff83000000, 0..8),
+            ) {
+                let mut k = Kallsyms::parse(&text);
+                k.frames(addrs);
+                k.range("ip_rcv");
+            }
+
+            #[test]
+            fn prop_an_address_resolves_to_the_function_containing_it(
+                syms in prop::collection::btree_map(
+                    1u64..u64::MAX / 2,
+                    ("[a-z_][a-z0-9_]{0,20}", prop::sample::select(&["T", "t", "W", "d", "D", "r"][..])),
+                    1..20,
+                ),
+                shuffle in any::<u64>(),
+                probe in any::<prop::sample::Index>(),
+                offset in 0u64..4096,
+            ) {
+                // Written in any order, with module suffixes and compiler suffixes.
+                let mut lines: Vec<String> = syms
+                    .iter()
+                    .map(|(a, (n, k))| format!("{a:016x} {k} {n}.isra.0\t[mod]"))
+                    .collect();
+                let by = (shuffle % lines.len() as u64) as usize;
+                lines.rotate_left(by);
+                let mut k = Kallsyms::parse(&lines.join("\n"));
+                let text: Vec<(u64, &str)> = syms
+                    .iter()
+                    .filter(|(_, (_, k))| matches!(*k, "T" | "t" | "W"))
+                    .map(|(a, (n, _))| (*a, n.as_str()))
+                    .collect();
+                let (&addr, _) = syms.iter().nth(probe.index(syms.len())).unwrap();
+                let at = addr + offset;
+                let want = text
+                    .iter()
+                    .rev()
+                    .find(|(a, _)| *a <= at)
+                    .map_or(format!("0x{at:x}"), |(_, n)| n.to_string());
+                prop_assert_eq!(&*k.resolve(at), want.as_str());
+            }
+        }
+    }
 }

@@ -145,4 +145,63 @@ mod tests {
             }
         );
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const KFREE_SKB: &str = include_str!("../../testdata/kfree_skb.format");
+        const SETSOCKOPT: &str = include_str!("../../testdata/sys_enter_setsockopt.format");
+
+        /// A format file with the given fields, laid out as tracefs prints them.
+        fn format(fields: &[(String, u32, u32)]) -> String {
+            let mut text = "name: x\nID: 1\nformat:\n".to_string();
+            for (name, offset, size) in fields {
+                text.push_str(&format!(
+                    "\tfield:unsigned long {name};\toffset:{offset};\tsize:{size};\tsigned:0;\n"
+                ));
+            }
+            text + "\nprint fmt: \"x=%lu\", REC->x\n"
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_text_never_panics(text in fuzz::text()) {
+                parse_format(&text);
+            }
+
+            #[test]
+            fn prop_mutated_real_formats_never_panic(
+                a in fuzz::mutated(KFREE_SKB),
+                b in fuzz::mutated(SETSOCKOPT),
+            ) {
+                parse_format(&a);
+                parse_format(&b);
+            }
+
+            #[test]
+            fn prop_fields_read_back_and_a_truncated_file_gives_no_wrong_field(
+                fields in prop::collection::btree_map("[a-z_][a-z0-9_]{0,15}", (any::<u32>(), any::<u32>()), 1..8),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let fields: Vec<(String, u32, u32)> =
+                    fields.into_iter().map(|(n, (o, s))| (n, o, s)).collect();
+                let text = format(&fields);
+                let parsed = parse_format(&text);
+                prop_assert_eq!(parsed.len(), fields.len());
+                for (name, offset, size) in &fields {
+                    prop_assert_eq!(parsed[name], Field { offset: *offset, size: *size });
+                }
+                // A file cut anywhere: whatever is parsed is right.
+                let cut = &text[..cut.index(text.len() + 1)];
+                for (name, field) in parse_format(cut) {
+                    let want = fields.iter().find(|f| f.0 == name);
+                    prop_assert_eq!(want.map(|f| Field { offset: f.1, size: f.2 }), Some(field), "{}", name);
+                }
+            }
+        }
+    }
 }

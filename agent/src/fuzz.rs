@@ -1,0 +1,107 @@
+//! Shared pieces of the property tests (`prop_*`) of everything dropscope parses from outside
+//! the process: the case count, and generators of hostile input (garbage bytes and text,
+//! mutations of real samples, JSON trees made of the words the parsers look for).
+use proptest::{prelude::*, sample::Index, test_runner::Config};
+
+/// Cases per property: 64 by default, so the unit suite stays fast; `PROPTEST_CASES=100000`
+/// for a long run. Failures are not written to files: a failing input found once is kept as
+/// a regular unit test beside the parser.
+pub fn config() -> Config {
+    let mut c = Config::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        c.cases = 64;
+    }
+    c.failure_persistence = None;
+    c
+}
+
+/// Arbitrary bytes, up to `max` of them.
+pub fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(any::<u8>(), 0..=max)
+}
+
+/// Short pieces of text of every kind: printable ASCII, separators parsers split on, any
+/// Unicode (multi-byte characters catch slicing at byte offsets).
+pub fn junk() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[ -~]{0,12}",
+        "[ \t\n:;,/\\[\\]{}()*_.=-]{0,6}",
+        "[0-9a-fA-F]{1,20}",
+        any::<String>().prop_map(|s| s.chars().take(8).collect()),
+        Just("é".to_string()),
+        Just("\u{1F600}".to_string()),
+        Just("\r\n".to_string()),
+        Just("\0".to_string()),
+    ]
+}
+
+/// Text made of lines of junk.
+pub fn lines() -> impl Strategy<Value = String> {
+    prop::collection::vec(prop::collection::vec(junk(), 0..6), 0..12).prop_map(|lines| {
+        lines
+            .into_iter()
+            .map(|l| l.concat())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// Any text a parser may be handed: junk lines or arbitrary Unicode.
+pub fn text() -> impl Strategy<Value = String> {
+    prop_oneof![lines(), any::<String>()]
+}
+
+/// The largest char boundary of `s` at or below `i`.
+fn floor(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// `seed` with a few random edits: truncated, junk inserted, a range cut out, a line
+/// duplicated, a junk line added.
+pub fn mutated(seed: &'static str) -> impl Strategy<Value = String> {
+    prop::collection::vec((any::<Index>(), any::<Index>(), 0u8..5, junk()), 0..6).prop_map(
+        move |edits| {
+            let mut s = seed.to_string();
+            for (a, b, kind, junk) in edits {
+                let i = floor(&s, a.index(s.len() + 1));
+                match kind {
+                    0 => s.truncate(i),
+                    1 => s.insert_str(i, &junk),
+                    2 => {
+                        let j = floor(&s, i + b.index(64));
+                        s.replace_range(i..j, "");
+                    }
+                    3 => {
+                        let lines: Vec<&str> = s.lines().collect();
+                        if !lines.is_empty() {
+                            let line = lines[b.index(lines.len())].to_string();
+                            s.insert_str(i, &format!("{line}\n"));
+                        }
+                    }
+                    _ => s.insert_str(i, &format!("\n{junk}\n")),
+                }
+            }
+            s
+        },
+    )
+}
+
+/// `seed` with a few random byte edits: truncated, bytes flipped, bytes inserted.
+pub fn mutated_bytes(seed: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec((any::<Index>(), 0u8..3, any::<u8>()), 0..8).prop_map(move |edits| {
+        let mut v = seed.clone();
+        for (at, kind, byte) in edits {
+            let i = at.index(v.len() + 1);
+            match kind {
+                0 => v.truncate(i),
+                1 if i < v.len() => v[i] ^= byte | 1,
+                _ => v.insert(i, byte),
+            }
+        }
+        v
+    })
+}
