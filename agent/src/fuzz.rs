@@ -105,3 +105,71 @@ pub fn mutated_bytes(seed: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
         v
     })
 }
+
+/// JSON trees whose keys and strings are mostly `words` (the names a parser looks up), so
+/// that random values reach its deeper paths, with numbers of every size and sign.
+pub fn json(words: &'static [&'static str]) -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let word = prop_oneof![
+        4 => prop::sample::select(words).prop_map(str::to_string),
+        1 => junk(),
+    ];
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<u64>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        (0u64..70000).prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        word.clone().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(5, 64, 6, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::vec((word.clone(), inner), 0..6)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+/// `seed` with random subtrees replaced by random JSON made of `words`.
+pub fn mutated_json(
+    seed: &'static str,
+    words: &'static [&'static str],
+) -> impl Strategy<Value = serde_json::Value> {
+    let seed: serde_json::Value = serde_json::from_str(seed).expect("seed is JSON");
+    prop::collection::vec((any::<u64>(), json(words)), 0..4).prop_map(move |edits| {
+        let mut v = seed.clone();
+        for (pick, with) in edits {
+            replace_nth(&mut v, pick, with);
+        }
+        v
+    })
+}
+
+/// Replaces the node at position `pick` (modulo the node count, depth-first) with `with`.
+fn replace_nth(v: &mut serde_json::Value, pick: u64, with: serde_json::Value) {
+    fn count(v: &serde_json::Value) -> u64 {
+        1 + match v {
+            serde_json::Value::Array(a) => a.iter().map(count).sum(),
+            serde_json::Value::Object(o) => o.values().map(count).sum(),
+            _ => 0,
+        }
+    }
+    fn walk(v: &mut serde_json::Value, n: &mut u64, with: &mut Option<serde_json::Value>) {
+        if *n == 0 {
+            if let Some(w) = with.take() {
+                *v = w;
+            }
+            return;
+        }
+        *n -= 1;
+        match v {
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, n, with)),
+            serde_json::Value::Object(o) => o.values_mut().for_each(|x| walk(x, n, with)),
+            _ => {}
+        }
+    }
+    let mut n = pick % count(v);
+    walk(v, &mut n, &mut Some(with));
+}

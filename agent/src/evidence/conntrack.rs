@@ -82,4 +82,44 @@ mod tests {
         let s = parse(text).unwrap();
         assert_eq!((s.drop, s.invalid), (u64::MAX, u64::MAX));
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const SAMPLE: &str = include_str!("../../testdata/nf_conntrack.txt");
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_text_never_panics(text in fuzz::text(), m in fuzz::mutated(SAMPLE)) {
+                parse(&text);
+                parse(&m);
+                // Any header with the three columns and garbage rows.
+                parse(&format!("drop insert_failed invalid\n{text}"));
+            }
+
+            #[test]
+            fn prop_columns_sum_over_cpus(
+                rows in prop::collection::vec(prop::collection::vec(any::<u32>(), 17), 0..64),
+            ) {
+                let header = SAMPLE.lines().next().unwrap();
+                let mut text = format!("{header}\n");
+                for row in &rows {
+                    let hex: Vec<String> = row.iter().map(|v| format!("{v:08x}")).collect();
+                    text.push_str(&hex.join(" "));
+                    text.push('\n');
+                }
+                let col = |name: &str| header.split_whitespace().position(|h| h == name).unwrap();
+                let sum = |c: usize| rows.iter().map(|r| u64::from(r[c])).sum::<u64>();
+                let s = parse(&text).unwrap();
+                prop_assert_eq!(
+                    (s.drop, s.insert_failed, s.invalid),
+                    (sum(col("drop")), sum(col("insert_failed")), sum(col("invalid")))
+                );
+            }
+        }
+    }
 }
