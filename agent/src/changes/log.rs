@@ -133,4 +133,36 @@ mod tests {
         ));
         assert!(glob("link.*.mtu", "link.é.mtu"));
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_pattern_and_key_never_panic(
+                pattern in prop::collection::vec(prop_oneof![Just("*".to_string()), fuzz::junk()], 0..5),
+                text in fuzz::text(),
+            ) {
+                glob(&pattern.concat(), &text);
+            }
+
+            #[test]
+            fn prop_a_key_matches_the_patterns_made_from_it(
+                parts in prop::collection::vec(any::<String>(), 1..5),
+                stars in any::<prop::sample::Index>(),
+            ) {
+                let key = parts.concat();
+                prop_assert!(glob(&key, &key));
+                prop_assert!(glob("*", &key));
+                // Any part replaced by '*' still matches.
+                let mut pattern = parts.clone();
+                pattern[stars.index(parts.len())] = "*".into();
+                prop_assert!(glob(&pattern.concat(), &key), "{:?}", pattern);
+            }
+        }
+    }
 }
