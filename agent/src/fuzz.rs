@@ -51,6 +51,15 @@ pub fn text() -> impl Strategy<Value = String> {
     prop_oneof![lines(), any::<String>()]
 }
 
+/// Any IPv4 or IPv6 address, or one of `known` (the addresses of a sample).
+pub fn addr(known: &'static [&'static str]) -> impl Strategy<Value = std::net::IpAddr> {
+    prop_oneof![
+        any::<[u8; 4]>().prop_map(std::net::IpAddr::from),
+        any::<[u8; 16]>().prop_map(std::net::IpAddr::from),
+        prop::sample::select(known).prop_map(|a| a.parse().expect("an address")),
+    ]
+}
+
 /// The largest char boundary of `s` at or below `i`.
 fn floor(s: &str, mut i: usize) -> usize {
     i = i.min(s.len());

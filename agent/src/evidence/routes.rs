@@ -367,12 +367,7 @@ mod tests {
         ];
 
         fn addr() -> impl Strategy<Value = IpAddr> {
-            prop_oneof![
-                any::<[u8; 4]>().prop_map(IpAddr::from),
-                any::<[u8; 16]>().prop_map(IpAddr::from),
-                Just("10.250.66.5".parse().unwrap()),
-                Just("10.250.77.1".parse().unwrap()),
-            ]
+            fuzz::addr(&["10.250.66.5", "10.250.77.1"])
         }
 
         proptest! {

@@ -221,12 +221,7 @@ mod tests {
         ];
 
         fn addr() -> impl Strategy<Value = IpAddr> {
-            prop_oneof![
-                any::<[u8; 4]>().prop_map(IpAddr::from),
-                any::<[u8; 16]>().prop_map(IpAddr::from),
-                prop::sample::select(&["10.250.1.1", "10.250.1.2", "10.250.1.9", "fd00::2"][..])
-                    .prop_map(|a| a.parse().unwrap()),
-            ]
+            fuzz::addr(&["10.250.1.1", "10.250.1.2", "10.250.1.9", "fd00::2"])
         }
 
         proptest! {
