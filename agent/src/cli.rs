@@ -305,10 +305,15 @@ fn parse_dir(s: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// Seconds accepted at most (about 31 years): more does not fit a timer and panicked.
+const MAX_SECONDS: f64 = 1e9;
+
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("'{s}' is not a positive number of seconds")),
+        Ok(v) if v > 0.0 && v <= MAX_SECONDS => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a positive number of seconds (at most {MAX_SECONDS})"
+        )),
     }
 }
 
@@ -347,6 +352,10 @@ mod tests {
         for args in [
             &["dropscope", "--format", "yaml"][..],
             &["dropscope", "--duration", "-1"],
+            // Past what a timer holds: Duration::from_secs_f64 and Instant + panicked.
+            &["dropscope", "--duration", "1e300"],
+            &["dropscope", "--interval", "1e19"],
+            &["dropscope", "--duration", "NaN"],
             &["dropscope", "--src", "10.0.0.0/40"],
             &["dropscope", "--port", "70000"],
             &["dropscope", "--proto", "nope"],

@@ -7,6 +7,8 @@ mod cli;
 mod events;
 mod evidence;
 mod filter;
+#[cfg(test)]
+mod fuzz;
 mod kernel;
 mod output;
 mod pipeline;

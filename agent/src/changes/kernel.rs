@@ -228,4 +228,60 @@ mod tests {
             "iptables-legacy (pid 812) <- wrapper.sh (pid 800) <- systemd (pid 1)"
         );
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const SIZE: usize = std::mem::size_of::<ChangeEvent>();
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_bytes_of_any_length_never_panic(bytes in fuzz::bytes(SIZE + 64)) {
+                let c = decode(&bytes, &mut CgroupIndex::default());
+                if bytes.len() < SIZE {
+                    prop_assert!(c.is_none(), "a short record decoded");
+                }
+            }
+
+            #[test]
+            fn prop_a_record_decodes_to_its_own_fields(
+                mut bytes in prop::collection::vec(any::<u8>(), SIZE),
+                kind in 0u8..4,
+                cut in 0..SIZE,
+            ) {
+                bytes[std::mem::offset_of!(ChangeEvent, kind)] = kind;
+                // Processes long gone: nothing is read from /proc for them.
+                bytes[std::mem::offset_of!(ChangeEvent, pids)..][..4].fill(0);
+                // SAFETY: POD, length checked by the strategy.
+                let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ChangeEvent>()) };
+                prop_assert!(decode(&bytes[..cut], &mut CgroupIndex::default()).is_none());
+                let c = decode(&bytes, &mut CgroupIndex::default());
+                let name = c_string(&ev.name);
+                match kind {
+                    CHANGE_SYSCTL => {
+                        let c = c.unwrap();
+                        let _ = c.what();
+                        prop_assert_eq!(c.kind, ChangeKind::Sysctl);
+                        prop_assert_eq!(c.key, name.replace('/', "."));
+                        prop_assert_eq!(c.old, Some(c_string(&ev.old).trim().to_string()));
+                        prop_assert_eq!(c.new, Some(c_string(&ev.new).trim().to_string()));
+                        prop_assert_eq!((c.ts_ns, c.netns), (ev.ts_ns, ev.netns));
+                        prop_assert!(c.process.is_none());
+                    }
+                    CHANGE_XT_REPLACE => {
+                        let c = c.unwrap();
+                        prop_assert_eq!(c.kind, ChangeKind::IptablesLegacy);
+                        let suffix = format!(" {name}");
+                        prop_assert!(c.key.ends_with(&suffix), "{}", c.key);
+                        prop_assert_eq!((c.old, c.new), (None, None));
+                    }
+                    _ => prop_assert!(c.is_none()),
+                }
+            }
+        }
+    }
 }

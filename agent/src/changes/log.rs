@@ -66,13 +66,10 @@ pub fn glob(pattern: &str, text: &str) -> bool {
         return pattern == text;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() {
+    if !text.starts_with(first) || !text.ends_with(last) || text.len() < first.len() + last.len() {
         return false;
     }
     let mut rest = &text[first.len()..text.len() - last.len()];
-    if !text.ends_with(last) {
-        return false;
-    }
     for part in &parts[1..parts.len() - 1] {
         match rest.find(part) {
             Some(i) => rest = &rest[i + part.len()..],
@@ -123,5 +120,49 @@ mod tests {
         assert!(log.latest(3, &fwd, 60).is_none(), "another namespace is never blamed");
         let rp = vec!["net.ipv4.conf.r1.rp_filter".to_string()];
         assert!(log.latest(1, &rp, 60).is_none(), "another device is never blamed");
+    }
+
+    #[test]
+    fn a_key_with_multibyte_characters_is_not_cut_inside_one() {
+        // "x*b": the end of "xé" was sliced inside 'é' before checking it ends with "b".
+        assert!(!glob("x*b", "xé"));
+        assert!(!glob("*\0", "é"));
+        assert!(!glob(
+            "net.ipv4.conf.*.rp_filter",
+            "net.ipv4.conf.éé.forwardi"
+        ));
+        assert!(glob("link.*.mtu", "link.é.mtu"));
+    }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_pattern_and_key_never_panic(
+                pattern in prop::collection::vec(prop_oneof![Just("*".to_string()), fuzz::junk()], 0..5),
+                text in fuzz::text(),
+            ) {
+                glob(&pattern.concat(), &text);
+            }
+
+            #[test]
+            fn prop_a_key_matches_the_patterns_made_from_it(
+                parts in prop::collection::vec(any::<String>(), 1..5),
+                stars in any::<prop::sample::Index>(),
+            ) {
+                let key = parts.concat();
+                prop_assert!(glob(&key, &key));
+                prop_assert!(glob("*", &key));
+                // Any part replaced by '*' still matches.
+                let mut pattern = parts.clone();
+                pattern[stars.index(parts.len())] = "*".into();
+                prop_assert!(glob(&pattern.concat(), &key), "{:?}", pattern);
+            }
+        }
     }
 }

@@ -756,4 +756,225 @@ mod tests {
         assert_eq!(m.len(), 2);
         assert_eq!((m[0].0, m[0].1), (RTM_NEWLINK, &[1u8, 2, 3, 4][..]));
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        /// A datagram of messages with these types and payloads, framed as the kernel does.
+        fn datagram(msgs: &[(u16, Vec<u8>)]) -> Vec<u8> {
+            let mut buf = Vec::new();
+            for (ty, payload) in msgs {
+                buf.extend_from_slice(&(16 + payload.len() as u32).to_ne_bytes());
+                buf.extend_from_slice(&ty.to_ne_bytes());
+                buf.extend_from_slice(&[0; 10]);
+                buf.extend_from_slice(payload);
+                while buf.len() % 4 != 0 {
+                    buf.push(0);
+                }
+            }
+            buf
+        }
+
+        /// Attributes: well-formed (random kinds and values) or raw garbage.
+        fn attrs() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::collection::vec((0u16..20, fuzz::bytes(20)), 0..6)
+                    .prop_map(|a| a.iter().flat_map(|(k, v)| nla(*k, v)).collect()),
+                fuzz::bytes(64),
+            ]
+        }
+
+        /// A message body: a header of `head` random bytes, then attributes, maybe cut.
+        fn body() -> impl Strategy<Value = Vec<u8>> {
+            (
+                fuzz::bytes(20),
+                attrs(),
+                any::<prop::sample::Index>(),
+                any::<bool>(),
+            )
+                .prop_map(|(head, attrs, cut, whole)| {
+                    let mut v = head;
+                    v.extend(attrs);
+                    if !whole {
+                        v.truncate(cut.index(v.len() + 1));
+                    }
+                    v
+                })
+        }
+
+        /// A monitor of no namespace: its sockets are never read here.
+        fn monitor() -> NsMonitor {
+            NsMonitor {
+                netns: 1,
+                path: None,
+                rtnl: Socket::new(protocols::NETLINK_ROUTE).unwrap(),
+                nft: None,
+                links: links(),
+                conf: HashMap::new(),
+                batch: Vec::new(),
+                batch_more: 0,
+                batch_tables: BTreeSet::new(),
+            }
+        }
+
+        /// The first datagram of this namespace's link dump, as the kernel sends it.
+        fn link_dump() -> Vec<u8> {
+            let s = Socket::new(protocols::NETLINK_ROUTE).unwrap();
+            let mut req = Vec::new();
+            req.extend_from_slice(&32u32.to_ne_bytes());
+            req.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
+            req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+            req.extend_from_slice(&[0; 24]);
+            s.send_to(&req, &SocketAddr::new(0, 0), 0).unwrap();
+            let (buf, _) = s.recv_from_full().unwrap();
+            assert!(messages(&buf)
+                .iter()
+                .any(|(t, p)| *t == RTM_NEWLINK && parse_link(p).is_some()));
+            buf
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_a_mutated_real_link_dump_never_panics(buf in fuzz::mutated_bytes(link_dump())) {
+                let mut m = monitor();
+                for (ty, payload) in messages(&buf) {
+                    parse_link(payload);
+                    m.on_rtnl(ty, payload, 1);
+                }
+            }
+
+            #[test]
+            fn prop_any_datagram_splits_within_its_bounds(buf in fuzz::bytes(256)) {
+                let mut total = 0;
+                for (_, payload) in messages(&buf) {
+                    total += payload.len() + 16;
+                }
+                prop_assert!(total <= buf.len());
+            }
+
+            #[test]
+            fn prop_messages_read_back_and_a_cut_datagram_loses_only_its_tail(
+                msgs in prop::collection::vec((any::<u16>(), fuzz::bytes(40)), 0..6),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let buf = datagram(&msgs);
+                let got: Vec<(u16, Vec<u8>)> =
+                    messages(&buf).into_iter().map(|(t, p)| (t, p.to_vec())).collect();
+                prop_assert_eq!(&got, &msgs);
+                let cut = &buf[..cut.index(buf.len() + 1)];
+                let got: Vec<(u16, Vec<u8>)> =
+                    messages(cut).into_iter().map(|(t, p)| (t, p.to_vec())).collect();
+                prop_assert!(msgs.starts_with(&got), "{:?} from a cut datagram", got);
+            }
+
+            #[test]
+            fn prop_attributes_never_outgrow_their_body(body in fuzz::bytes(300)) {
+                // Whatever the length fields say, what is kept was in the body.
+                let a = nlas(&body);
+                prop_assert!(a.values().map(|v| v.len() + 4).sum::<usize>() <= body.len());
+            }
+
+            #[test]
+            fn prop_any_body_never_panics(body in body()) {
+                parse_link(&body);
+                parse_route(&body, &links());
+                parse_addr(&body, &links());
+                parse_netconf(&body, &links());
+            }
+
+            #[test]
+            fn prop_a_link_reads_back_and_cut_attributes_are_not_read(
+                idx in any::<u32>(),
+                flags in any::<u32>(),
+                name in "[a-z0-9@.-]{1,15}",
+                mtu in any::<u32>(),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let mut p = vec![0u8; 16];
+                p[4..8].copy_from_slice(&idx.to_ne_bytes());
+                p[8..12].copy_from_slice(&flags.to_ne_bytes());
+                p.extend(nla(3, format!("{name}\0").as_bytes()));
+                p.extend(nla(4, &mtu.to_ne_bytes()));
+                prop_assert_eq!(parse_link(&p), Some((idx, name.clone(), mtu, flags & 1 != 0)));
+                // A body cut short: no link, or the name without the cut-off MTU.
+                match parse_link(&p[..cut.index(p.len())]) {
+                    None => {}
+                    Some(l) => prop_assert_eq!(l, (idx, name, 0, flags & 1 != 0)),
+                }
+            }
+
+            #[test]
+            fn prop_routes_and_addresses_read_back(
+                v4 in any::<[u8; 4]>(),
+                v6 in any::<[u8; 16]>(),
+                len in any::<u8>(),
+                six in any::<bool>(),
+            ) {
+                let (family, addr, text): (u8, Vec<u8>, String) = if six {
+                    (AF_INET6, v6.to_vec(), std::net::Ipv6Addr::from(v6).to_string())
+                } else {
+                    (AF_INET, v4.to_vec(), std::net::Ipv4Addr::from(v4).to_string())
+                };
+                let mut r = vec![family, len, 0, 0, 254, 4, 0, 1, 0, 0, 0, 0];
+                r.extend(nla(1, &addr));
+                r.extend(nla(5, &addr));
+                r.extend(nla(4, &3u32.to_ne_bytes()));
+                prop_assert_eq!(
+                    parse_route(&r, &links()),
+                    Some(("main".to_string(), format!("{text}/{len} via {text} dev r0")))
+                );
+                let mut a = vec![family, len, 0, 0];
+                a.extend_from_slice(&3u32.to_ne_bytes());
+                a.extend(nla(2, &addr));
+                prop_assert_eq!(parse_addr(&a, &links()), Some(("r0".to_string(), format!("{text}/{len}"))));
+                // The address attribute cut short is not an address.
+                let short = a.len() - addr.len() / 2;
+                let mut cut = a[..short].to_vec();
+                cut[8..10].copy_from_slice(&((4 + addr.len() / 2) as u16).to_ne_bytes());
+                prop_assert_eq!(parse_addr(&cut, &links()), None);
+            }
+
+            #[test]
+            fn prop_any_message_to_a_monitor_never_panics(
+                msgs in prop::collection::vec(
+                    (prop_oneof![
+                        prop::sample::select(&[RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNETCONF][..]),
+                        any::<u16>(),
+                    ], body()),
+                    0..8,
+                ),
+                nft in prop::collection::vec(
+                    (prop::sample::select(&[NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_NEWGEN, 99][..]), body()),
+                    0..8,
+                ),
+            ) {
+                let mut m = monitor();
+                for (ty, body) in &msgs {
+                    for c in m.on_rtnl(*ty, body, 1) {
+                        let _ = c.what();
+                    }
+                }
+                for (msg, body) in &nft {
+                    // NEWGEN may name a process: a pid of 0 keeps /proc out of it.
+                    let mut body = body.clone();
+                    // The first rules of a commit are described by running `nft`: not here.
+                    while *msg == NFT_MSG_NEWRULE && m.batch.len() < SHOWN {
+                        m.batch.push(Item::Text("rule".into()));
+                    }
+                    if *msg == NFT_MSG_NEWGEN {
+                        body = [&[2u8, 0, 0, 0][..], &nla(2, &[0; 4]), &nla(3, b"nft\0")].concat();
+                    }
+                    for c in m.on_nft((NFNL_SUBSYS_NFTABLES << 8) | msg, &body, 1) {
+                        let _ = c.what();
+                    }
+                    m.on_nft(*msg, &body, 1);
+                }
+                prop_assert!(m.batch.len() <= SHOWN);
+            }
+        }
+    }
 }

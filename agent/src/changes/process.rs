@@ -299,4 +299,49 @@ mod tests {
             assert_eq!(idx.path(id).as_deref(), Some(path.as_str()));
         }
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_text_never_panics(text in fuzz::text()) {
+                parse_ppid(&text);
+                parse_cgroup2_mount(&text);
+            }
+
+            #[test]
+            fn prop_ppid_survives_any_command_name(
+                pid in any::<u32>(),
+                ppid in any::<u32>(),
+                // comm is up to 15 bytes of anything but NUL: spaces, parens, newlines.
+                comm in "[^\u{0}]{0,15}",
+                state in "[RSDZTtXIP]",
+                rest in prop::collection::vec(any::<i64>(), 0..50),
+            ) {
+                let rest: Vec<String> = rest.iter().map(i64::to_string).collect();
+                let stat = format!("{pid} ({comm}) {state} {ppid} {}\n", rest.join(" "));
+                prop_assert_eq!(parse_ppid(&stat), Some(ppid));
+                // Cut before the ppid: no ppid, rather than another number.
+                let cut = stat.rfind(')').unwrap() + 3;
+                prop_assert_eq!(parse_ppid(&stat[..cut]), None);
+            }
+
+            #[test]
+            fn prop_the_cgroup2_mount_is_found_among_any_mounts(
+                noise in prop::collection::vec("[0-9]{1,3} [0-9]{1,3} [0-9]+:[0-9]+ / /[a-z/]{1,20} rw[a-z,]{0,10} - (cgroup|tmpfs|proc|sysfs) [a-z]{1,8} rw", 0..10),
+                at in any::<prop::sample::Index>(),
+                mount in "/[a-z0-9/]{1,30}",
+            ) {
+                let mut lines = noise;
+                let i = at.index(lines.len() + 1);
+                lines.insert(i, format!("30 24 0:26 / {mount} rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate"));
+                prop_assert_eq!(parse_cgroup2_mount(&lines.join("\n")), Some(PathBuf::from(mount)));
+            }
+        }
+    }
 }

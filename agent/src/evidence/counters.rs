@@ -217,4 +217,76 @@ mod tests {
         let c = t.moved(1, None);
         assert!(c.moved.iter().all(|(_, v)| *v > 0));
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const SNMP: &str = include_str!("../../testdata/snmp.txt");
+        const NETSTAT: &str = include_str!("../../testdata/netstat.txt");
+        const SNMP6: &str = include_str!("../../testdata/snmp6.txt");
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_text_never_panics(text in fuzz::text()) {
+                let mut all = HashMap::new();
+                parse_tables(&text, &mut all);
+                parse_lines(&text, &mut all);
+                Counters { moved: all.into_iter().collect() }.trouble();
+            }
+
+            #[test]
+            fn prop_mutated_real_files_never_panic(
+                a in fuzz::mutated(SNMP),
+                b in fuzz::mutated(NETSTAT),
+                c in fuzz::mutated(SNMP6),
+            ) {
+                let mut all = HashMap::new();
+                parse_tables(&a, &mut all);
+                parse_tables(&b, &mut all);
+                parse_lines(&c, &mut all);
+            }
+
+            #[test]
+            fn prop_values_read_back_under_their_nstat_names(
+                values in prop::collection::vec(any::<u64>(), 1..200),
+            ) {
+                // The real files with every number replaced: each kept counter reads back.
+                let mut i = 0;
+                let mut next = || { i += 1; values[i % values.len()] };
+                let mut want = HashMap::new();
+                let mut tables = String::new();
+                for text in [SNMP, NETSTAT] {
+                    let lines: Vec<&str> = text.lines().collect();
+                    for pair in lines.chunks(2) {
+                        let (prefix, names) = pair[0].split_once(':').unwrap();
+                        let vals: Vec<u64> = names.split_whitespace().map(|_| next()).collect();
+                        let words: Vec<String> = vals.iter().map(u64::to_string).collect();
+                        tables.push_str(&format!("{}\n{prefix}: {}\n", pair[0], words.join(" ")));
+                        if KEPT.contains(&prefix) {
+                            for (n, v) in names.split_whitespace().zip(vals) {
+                                want.insert(format!("{prefix}{n}"), v);
+                            }
+                        }
+                    }
+                }
+                let mut lines6 = String::new();
+                for line in SNMP6.lines() {
+                    let name = line.split_whitespace().next().unwrap();
+                    let v = next();
+                    lines6.push_str(&format!("{name}\t{v}\n"));
+                    if KEPT.iter().any(|p| name.starts_with(p)) && !name.starts_with("Icmp6InType") {
+                        want.insert(name.to_string(), v);
+                    }
+                }
+                let mut all = HashMap::new();
+                parse_tables(&tables, &mut all);
+                parse_lines(&lines6, &mut all);
+                prop_assert_eq!(all, want);
+            }
+        }
+    }
 }

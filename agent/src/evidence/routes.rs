@@ -417,4 +417,129 @@ mod tests {
         let text = "Inter-|   Receive\n face |bytes\n    lo: 0 0\n  eth0: 1 2\nveth1: 3 4\n";
         assert_eq!(count_interfaces(text), 2);
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const ROUTE_GET: &str = include_str!("../../testdata/route-get.json");
+        const ROUTE_GET6: &str = include_str!("../../testdata/route-get6.json");
+        const NEIGH: &str = include_str!("../../testdata/neigh.json");
+        const ROUTES: &str = include_str!("../../testdata/routes-o.txt");
+        const DEV: &str = include_str!("../../testdata/dev.txt");
+        const WORDS: &[&str] = &[
+            "type",
+            "unicast",
+            "local",
+            "broadcast",
+            "unreachable",
+            "blackhole",
+            "dst",
+            "gateway",
+            "dev",
+            "table",
+            "main",
+            "metrics",
+            "mtu",
+            "expires",
+            "state",
+            "FAILED",
+            "INCOMPLETE",
+            "STALE",
+            "REACHABLE",
+            "10.250.1.9",
+            "fd00::1",
+            "10.0.0.0/8",
+            "lladdr",
+        ];
+
+        fn addr() -> impl Strategy<Value = IpAddr> {
+            fuzz::addr(&["10.250.66.5", "10.250.77.1"])
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_json_never_panics(
+                a in fuzz::json(WORDS),
+                b in fuzz::mutated_json(ROUTE_GET, WORDS),
+                c in fuzz::mutated_json(ROUTE_GET6, WORDS),
+                d in fuzz::mutated_json(NEIGH, WORDS),
+                dst in addr(),
+            ) {
+                for v in [&a, &b, &c, &d] {
+                    if let Some(r) = parse_route(v, dst) {
+                        r.path_mtu();
+                    }
+                    parse_unresolved(v, Some(dst));
+                }
+            }
+
+            #[test]
+            fn prop_any_text_never_panics(
+                text in fuzz::text(),
+                routes in fuzz::mutated(ROUTES),
+                dev in fuzz::mutated(DEV),
+                dst in addr(),
+            ) {
+                for t in [&text, &routes, &dev] {
+                    best_match(t, dst);
+                    count_interfaces(t);
+                    kind_of_error(t);
+                }
+            }
+
+            #[test]
+            fn prop_route_answers_keep_their_values(
+                mtu in any::<u32>(),
+                expires in any::<u64>(),
+                kind in prop::sample::select(&["unicast", "local", "broadcast", "multicast", "unreachable", "prohibit", "blackhole", "throw"][..]),
+                dst in addr(),
+            ) {
+                let mut json: Value = serde_json::from_str(ROUTE_GET).unwrap();
+                json[0]["metrics"][0]["mtu"] = mtu.into();
+                json[0]["expires"] = expires.into();
+                json[0]["type"] = kind.into();
+                let r = parse_route(&json, dst).unwrap();
+                prop_assert_eq!((r.kind, r.mtu, r.mtu_expires), (kind, Some(mtu), Some(expires)));
+                prop_assert!(r.text.contains(&format!(" mtu {mtu}")), "{}", r.text);
+            }
+
+            #[test]
+            fn prop_the_longest_prefix_wins(
+                len_a in 0u8..=32,
+                len_b in 0u8..=32,
+                dst in any::<[u8; 4]>(),
+                noise in fuzz::lines(),
+            ) {
+                let dst = IpAddr::from(dst);
+                let net = |len: u8| IpNet::new(dst, len).unwrap().trunc();
+                let text = format!(
+                    "{noise}\nunreachable {} table 100 \n{} dev r0 scope link \n",
+                    net(len_a), net(len_b)
+                );
+                let best = best_match(&text, dst).unwrap();
+                let want = match len_a.cmp(&len_b) {
+                    std::cmp::Ordering::Greater => "unreachable",
+                    std::cmp::Ordering::Less => "dev r0",
+                    std::cmp::Ordering::Equal => "",
+                };
+                prop_assert!(best.contains(want) || best_match(&noise, dst).is_some(), "{}", best);
+            }
+
+            #[test]
+            fn prop_unresolved_entries_are_exactly_the_failed_ones(
+                states in prop::collection::vec(prop::sample::select(&["FAILED", "INCOMPLETE", "STALE", "REACHABLE", "PERMANENT", "NOARP"][..]), 0..20),
+            ) {
+                let json = Value::Array(states.iter().enumerate().map(|(i, s)| {
+                    serde_json::json!({"dst": format!("10.0.{}.{}", i / 256, i % 256), "state": [s]})
+                }).collect());
+                let found = parse_unresolved(&json, None);
+                let want = states.iter().filter(|s| matches!(**s, "FAILED" | "INCOMPLETE")).count();
+                prop_assert_eq!(found.len(), want);
+            }
+        }
+    }
 }

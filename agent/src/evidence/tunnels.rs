@@ -186,4 +186,71 @@ mod tests {
         .unwrap();
         assert_eq!((t.name.as_str(), t.remote), ("t0", Some(ip("10.77.2.2"))));
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const LINKS: &str = include_str!("../../testdata/links.json");
+        const FDB: &str = include_str!("../../testdata/fdb.json");
+        const WORDS: &[&str] = &[
+            "ifname",
+            "mtu",
+            "linkinfo",
+            "info_kind",
+            "info_data",
+            "remote",
+            "local",
+            "remote6",
+            "local6",
+            "vxlan",
+            "gre",
+            "ipip",
+            "wireguard",
+            "geneve",
+            "veth",
+            "dst",
+            "vx0",
+            "vx1",
+            "fz0",
+            "10.250.1.2",
+            "10.250.1.1",
+            "10.250.1.9",
+            "fd00::2",
+        ];
+
+        fn addr() -> impl Strategy<Value = IpAddr> {
+            fuzz::addr(&["10.250.1.1", "10.250.1.2", "10.250.1.9", "fd00::2"])
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_json_never_panics(
+                links in prop_oneof![fuzz::json(WORDS), fuzz::mutated_json(LINKS, WORDS)],
+                fdb in prop_oneof![fuzz::json(WORDS), fuzz::mutated_json(FDB, WORDS)],
+                dev in proptest::option::of(prop::sample::select(&["vx0", "vx1", "fz0", "x"][..])),
+                src in addr(),
+                dst in addr(),
+            ) {
+                pick(&links, dev, src, dst, || Some(fdb));
+            }
+
+            #[test]
+            fn prop_the_real_devices_are_found(mtu in any::<u32>()) {
+                let mut links: Value = serde_json::from_str(LINKS).unwrap();
+                for l in links.as_array_mut().unwrap() {
+                    l["mtu"] = mtu.into();
+                }
+                let fdb = || serde_json::from_str(FDB).ok();
+                let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+                let t = pick(&links, None, ip("10.250.1.1"), ip("10.250.1.2"), fdb).unwrap();
+                prop_assert_eq!((t.name.as_str(), t.mtu, t.overhead), ("vx0", mtu, 50));
+                let t = pick(&links, None, ip("10.250.1.1"), ip("10.250.1.9"), fdb).unwrap();
+                prop_assert_eq!((t.name.as_str(), t.matched_by), ("vx1", "forwarding entry to the remote"));
+            }
+        }
+    }
 }
