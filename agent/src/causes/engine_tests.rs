@@ -1231,9 +1231,6 @@ fn live_state_is_fetched_only_for_the_rules_reached() {
             *self.0.entry("exec_prefix").or_default() += 1;
             String::new()
         }
-        fn netns_name(&mut self, _: u32) -> Option<String> {
-            None
-        }
         fn netfilter(&mut self, _: &Drop, _: Option<Answer>) -> NfState {
             *self.0.entry("netfilter").or_default() += 1;
             NfState::default()
@@ -1257,15 +1254,6 @@ fn live_state_is_fetched_only_for_the_rules_reached() {
         fn counters(&mut self, _: u32) -> Counters {
             *self.0.entry("counters").or_default() += 1;
             Counters::default()
-        }
-        fn tunnel(&mut self, _: u32, _: Option<String>, _: IpAddr, _: IpAddr) -> Option<Tunnel> {
-            None
-        }
-        fn route_to(&mut self, _: u32, _: IpAddr) -> Option<Route> {
-            None
-        }
-        fn ifname(&mut self, _: u32, _: u32) -> Option<String> {
-            None
         }
     }
     let engine = Engine::builtin();

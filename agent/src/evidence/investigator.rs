@@ -36,37 +36,60 @@ pub struct NfState {
 
 /// Live state of a drop's namespace, read on demand. Every method may be slow (it enters the
 /// namespace, runs `ip`/`nft`/`iptables-save`): the engine calls them only for the rules it
-/// actually reaches, and the facts cache each answer for one classification.
+/// actually reaches, and the facts cache each answer for one classification. Each answers
+/// "unknown" unless an implementation knows better.
 pub trait Investigator {
     /// Command prefix to act inside `netns` ("ip netns exec NAME ", "" for our own).
-    fn exec_prefix(&mut self, netns: u32) -> String;
+    fn exec_prefix(&mut self, _netns: u32) -> String {
+        String::new()
+    }
     /// The `ip netns` name of `netns`, if it has one.
-    fn netns_name(&mut self, netns: u32) -> Option<String>;
+    fn netns_name(&mut self, _netns: u32) -> Option<String> {
+        None
+    }
     /// Firewall rule counters and conntrack counters for a netfilter drop.
-    fn netfilter(&mut self, d: &Drop, answer: Option<Answer>) -> NfState;
+    fn netfilter(&mut self, _d: &Drop, _answer: Option<Answer>) -> NfState {
+        NfState::default()
+    }
     /// The kernel's own route lookup for the packet (honours policy rules and tables).
-    fn route(&mut self, d: &Drop) -> Option<Route>;
+    fn route(&mut self, _d: &Drop) -> Option<Route> {
+        None
+    }
     /// Non-loopback interfaces in the namespace.
-    fn interfaces(&mut self, netns: u32) -> Option<usize>;
+    fn interfaces(&mut self, _netns: u32) -> Option<usize> {
+        None
+    }
     /// Unresolved neighbour entries on the drop's device ("ADDR STATE").
-    fn neighbours(&mut self, d: &Drop) -> Vec<String>;
+    fn neighbours(&mut self, _d: &Drop) -> Vec<String> {
+        Vec::new()
+    }
     /// A sysctl's value inside the namespace (`net.ipv4.ipfrag_time`).
-    fn sysctl(&mut self, netns: u32, key: &str) -> Option<String>;
+    fn sysctl(&mut self, _netns: u32, _key: &str) -> Option<String> {
+        None
+    }
     /// Kernel SNMP counters that moved in the namespace in the last seconds.
-    fn counters(&mut self, netns: u32) -> Counters;
+    fn counters(&mut self, _netns: u32) -> Counters {
+        Counters::default()
+    }
     /// The tunnel device of a drop: `dev` itself when it is a tunnel, else the one whose outer
     /// addresses are `src` -> `dst` (local -> remote).
     fn tunnel(
         &mut self,
-        netns: u32,
-        dev: Option<String>,
-        src: IpAddr,
-        dst: IpAddr,
-    ) -> Option<Tunnel>;
+        _netns: u32,
+        _dev: Option<String>,
+        _src: IpAddr,
+        _dst: IpAddr,
+    ) -> Option<Tunnel> {
+        None
+    }
     /// The kernel's route for a packet this namespace sends to `dst`.
-    fn route_to(&mut self, netns: u32, dst: IpAddr) -> Option<Route>;
+    fn route_to(&mut self, _netns: u32, _dst: IpAddr) -> Option<Route> {
+        None
+    }
     /// The name of interface `ifindex` in the namespace.
-    fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String>;
+    fn ifname(&mut self, _netns: u32, _ifindex: u32) -> Option<String> {
+        None
+    }
 }
 
 /// Names of namespaces and interfaces: cheap (cached reads of /run/netns, /proc and the
@@ -111,38 +134,6 @@ impl Investigator for Names {
 
     fn netns_name(&mut self, netns: u32) -> Option<String> {
         self.namespaces.name(netns)
-    }
-
-    fn netfilter(&mut self, _: &Drop, _: Option<Answer>) -> NfState {
-        NfState::default()
-    }
-
-    fn route(&mut self, _: &Drop) -> Option<Route> {
-        None
-    }
-
-    fn interfaces(&mut self, _: u32) -> Option<usize> {
-        None
-    }
-
-    fn neighbours(&mut self, _: &Drop) -> Vec<String> {
-        Vec::new()
-    }
-
-    fn sysctl(&mut self, _: u32, _: &str) -> Option<String> {
-        None
-    }
-
-    fn counters(&mut self, _: u32) -> Counters {
-        Counters::default()
-    }
-
-    fn tunnel(&mut self, _: u32, _: Option<String>, _: IpAddr, _: IpAddr) -> Option<Tunnel> {
-        None
-    }
-
-    fn route_to(&mut self, _: u32, _: IpAddr) -> Option<Route> {
-        None
     }
 
     fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String> {
