@@ -138,17 +138,7 @@ mod tests {
     use crate::changes::ChangeKind;
 
     fn change(ts_ns: u64) -> Change {
-        Change {
-            ts_ns,
-            netns: 1,
-            kind: ChangeKind::Sysctl,
-            key: "net.ipv4.ip_forward".into(),
-            old: Some("1".into()),
-            new: Some("0".into()),
-            detail: None,
-            echoes: Vec::new(),
-            process: None,
-        }
+        Change::example(1, ts_ns, ChangeKind::Sysctl, "net.ipv4.ip_forward")
     }
 
     #[test]

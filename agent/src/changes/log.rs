@@ -85,17 +85,7 @@ mod tests {
     use crate::changes::ChangeKind;
 
     fn change(netns: u32, ts: u64, key: &str) -> Arc<Change> {
-        Arc::new(Change {
-            ts_ns: ts,
-            netns,
-            kind: ChangeKind::Sysctl,
-            key: key.into(),
-            old: Some("1".into()),
-            new: Some("0".into()),
-            detail: None,
-            echoes: Vec::new(),
-            process: None,
-        })
+        Arc::new(Change::example(netns, ts, ChangeKind::Sysctl, key))
     }
 
     #[test]

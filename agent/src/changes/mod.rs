@@ -121,3 +121,21 @@ impl fmt::Display for Change {
         Ok(())
     }
 }
+
+#[cfg(test)]
+impl Change {
+    /// A change of `key` from 1 to 0, by no known process.
+    pub fn example(netns: u32, ts_ns: u64, kind: ChangeKind, key: &str) -> Change {
+        Change {
+            ts_ns,
+            netns,
+            kind,
+            key: key.into(),
+            old: Some("1".into()),
+            new: Some("0".into()),
+            detail: None,
+            echoes: Vec::new(),
+            process: None,
+        }
+    }
+}

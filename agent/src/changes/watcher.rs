@@ -244,17 +244,7 @@ mod tests {
 
     #[test]
     fn a_write_to_all_and_its_device_notifications_are_one_change() {
-        let c = |key: &str| Change {
-            ts_ns: 1,
-            netns: 7,
-            kind: ChangeKind::Netconf,
-            key: key.into(),
-            old: Some("1".into()),
-            new: Some("0".into()),
-            detail: None,
-            echoes: Vec::new(),
-            process: None,
-        };
+        let c = |key: &str| Change::example(7, 1, ChangeKind::Netconf, key);
         let grouped = group_echoes(vec![
             c("net.ipv4.conf.r0.forwarding"),
             c("net.ipv4.conf.all.forwarding"),

@@ -216,49 +216,14 @@ pub fn top<K: ToString, M: IntoIterator<Item = (K, u64)>>(map: M, n: usize) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{events::Sysctls, pods::PodRef};
+    use crate::pods::PodRef;
 
+    /// A drop with no device, no flow and no name for its namespace.
     fn record(pod: Option<PodRef>) -> DropRecord {
-        let verdict = Verdict {
-            cause: "no_listener".into(),
-            title: String::new(),
-            evidence: String::new(),
-            fix: String::new(),
-            benign: false,
-            rule: 0,
-            attribution: Default::default(),
-        };
-        let drop = Drop {
-            ts_ns: 0,
-            skb: 0,
-            reason: Arc::from("NO_SOCKET"),
-            location: Arc::from("__udp4_lib_rcv"),
-            netns: 4026532315,
-            dev: None,
-            out: None,
-            len: 60,
-            mark: None,
-            ttl: None,
-            flow: None,
-            fragment: None,
-            iif: None,
-            arrived_on: None,
-            sysctls: Sysctls::default(),
-            stack_id: None,
-            agg: Default::default(),
-            context: Default::default(),
-            pod: pod.map(Arc::new),
-        };
-        DropRecord {
-            verdict: Arc::new(verdict),
-            drop,
-            answer: None,
-            count: 1,
-            bytes: 60,
-            first: true,
-            unsent: None,
-            netns_name: None,
-        }
+        let mut r = DropRecord::example("no_listener", 1, None);
+        let d = &mut r.drop;
+        (d.netns, d.dev, d.flow, d.pod) = (4026532315, None, None, pod.map(Arc::new));
+        r
     }
 
     #[test]
