@@ -821,6 +821,7 @@ impl Pipeline {
             seconds,
             counts_exact: self.counts_exact,
             evidence_skipped: self.evidence_skipped,
+            agg_full: 0,
             stalls: Default::default(),
         }
     }

@@ -422,7 +422,7 @@ impl Session {
         summary.filtered_in_kernel = filtered_in_kernel;
         summary.stalls = stalls;
         if agg_full > 0 {
-            tracing::warn!("the kernel's aggregation table was full: some counts are not exact");
+            summary.agg_full = agg_full;
             summary.counts_exact = false;
         }
         sink.summary(&summary);

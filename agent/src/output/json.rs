@@ -305,6 +305,7 @@ pub fn summary_json(s: &Summary) -> Value {
         "lost": s.lost,
         "counts_exact": s.counts_exact,
         "evidence_skipped": s.evidence_skipped,
+        "agg_full": s.agg_full,
         "loop_stall_max_ms": (s.stalls.max.as_secs_f64() * 1e4).round() / 10.0,
         "loop_stalls": s.stalls.long,
         "seconds": (s.seconds * 1000.0).round() / 1000.0,

@@ -76,6 +76,9 @@ pub struct Summary {
     pub counts_exact: bool,
     /// Drops classified from the kernel's report alone: the evidence worker was busy.
     pub evidence_skipped: u64,
+    /// Drops whose key did not fit the kernel's aggregation table: delivered, but not in
+    /// the exact per-key counts.
+    pub agg_full: u64,
     /// How long the event loop was kept busy at most.
     pub stalls: crate::session::Stalls,
 }

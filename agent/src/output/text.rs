@@ -269,6 +269,19 @@ impl<W: Write> Sink for TextSink<W> {
                 )
             );
         }
+        if s.agg_full > 0 {
+            let _ = writeln!(
+                o,
+                "{}",
+                self.paint(
+                    &format!(
+                        "the kernel's aggregation table was full: {} drops of new kinds were reported without an exact count (their totals may be low)",
+                        s.agg_full
+                    ),
+                    red
+                )
+            );
+        }
         if s.evidence_skipped > 0 {
             let _ = writeln!(
                 o,
