@@ -26,7 +26,10 @@ const FRAG_NEEDED_WINDOW_NS: u64 = 2_000_000_000;
 /// How long an answer (ICMP error, TCP reset) waits for the drop of the same packet (ns).
 const REPLY_PAIR_WINDOW_NS: u64 = 100_000_000;
 /// Distinct drops remembered for folding before the table is flushed and restarted.
-const MAX_FOLDS: usize = 65_536;
+const MAX_FOLDS: usize = 8192;
+/// A fold with no drop for this long is forgotten (ns): a storm of ever-new flows must not
+/// keep every one of them. A flow that comes back later is reported afresh.
+const FOLD_IDLE_NS: u64 = 10_000_000_000;
 /// Distinct flows (and pods) remembered per cause for the summary.
 const MAX_FLOWS_PER_CAUSE: usize = 1024;
 /// Distinct explanations (evidence texts) remembered per cause for the summary.
@@ -185,6 +188,8 @@ pub struct Pipeline {
     pub suppressed: u64,
     pub filtered: u64,
     pub drops: u64,
+    /// The latest drop's time (kernel clock, ns).
+    newest_ns: u64,
 }
 
 impl Pipeline {
@@ -223,6 +228,7 @@ impl Pipeline {
             suppressed: 0,
             filtered: 0,
             drops: 0,
+            newest_ns: 0,
         }
     }
 
@@ -460,6 +466,7 @@ impl Pipeline {
 
     fn on_drop(&mut self, mut d: Drop, sink: &mut dyn Sink) {
         self.drops += 1;
+        self.newest_ns = self.newest_ns.max(d.ts_ns);
         let answer = self.answer_for(&d);
         d.pod = self.pods.for_drop(d.netns, d.flow.as_ref());
         self.name_arrival(&mut d);
@@ -791,6 +798,10 @@ impl Pipeline {
             rec.bytes = bytes;
             sink.drop(&rec);
         }
+        let newest = self.newest_ns;
+        self.folds.retain(|_, f| {
+            f.verdict.is_none() || newest.saturating_sub(f.sample.ts_ns) < FOLD_IDLE_NS
+        });
     }
 
     /// Final totals, ranked by count. `seen`/`lost` come from the kernel's own counters.

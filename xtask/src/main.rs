@@ -4,6 +4,7 @@
 //! the Debian tools the tests drive), installing what is missing, idempotently.
 mod bench;
 mod prereqs;
+mod soak;
 mod vm;
 
 use std::{
@@ -59,6 +60,17 @@ enum Task {
         /// Length of each storm, in seconds.
         #[arg(long, default_value_t = 4.0)]
         seconds: f64,
+    },
+    /// A long drop storm (random flows, three causes) watched by the release dropscope: memory,
+    /// descriptors and threads sampled all along, counts checked against the kernel's, then a
+    /// minute of --top; writes bench/soak.json and a section of BENCHMARKS.md.
+    Soak {
+        /// Length of the storm watched with --format json, in minutes.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Length of the --top phase that follows, in seconds.
+        #[arg(long, default_value_t = 60.0)]
+        top_seconds: f64,
     },
     /// Run the integration tests inside QEMU VMs booted with Debian kernels (TCG unless KVM works).
     VmTest {
@@ -134,6 +146,27 @@ fn run(cli: Cli) -> Result<()> {
                 &params,
                 &root.join("BENCHMARKS.md"),
                 &root.join("bench/results.json"),
+            )
+        }
+        Task::Soak {
+            minutes,
+            top_seconds,
+        } => {
+            prereqs::ensure_all()?;
+            if !nix_is_root() {
+                bail!("the soak creates network namespaces and loads eBPF programs: run as root");
+            }
+            let bin = build(&root, true)?;
+            std::fs::create_dir_all(root.join("bench"))?;
+            let (md, json) = soak::outputs(&root);
+            soak::run(
+                &bin,
+                &soak::Params {
+                    minutes,
+                    top_seconds,
+                },
+                &md,
+                &json,
             )
         }
         Task::VmTest {
