@@ -7,6 +7,7 @@ use std::{collections::HashMap, sync::Arc};
 use agent_ebpf::{AggKey, AggVal};
 
 use crate::{
+    capture::{Packet, PacketTap},
     causes::{facts, Attribution, Engine, Facts, Verdict},
     events::{Answer, Device, Drop, Flow, Record, Reply, Sysctls},
     evidence::investigator::Investigator,
@@ -125,6 +126,10 @@ pub struct Pipeline {
     pub suppressed: u64,
     pub filtered: u64,
     pub drops: u64,
+    /// Receives every reported drop with its packet bytes (`--pcap`, the flight recorder).
+    tap: Option<Box<dyn PacketTap>>,
+    /// Unsent drops whose match with the filter expression is unknown (see `Summary`).
+    pub unchecked: u64,
 }
 
 impl Pipeline {
@@ -156,6 +161,30 @@ impl Pipeline {
             suppressed: 0,
             filtered: 0,
             drops: 0,
+            tap: None,
+            unchecked: 0,
+        }
+    }
+
+    /// Hands every reported drop, with its packet, to `tap` as well.
+    pub fn set_tap(&mut self, tap: Box<dyn PacketTap>) {
+        self.tap = Some(tap);
+    }
+
+    pub fn tap_mut(&mut self) -> Option<&mut (dyn PacketTap + 'static)> {
+        self.tap.as_deref_mut()
+    }
+
+    fn tap_packet(
+        &mut self,
+        d: &Drop,
+        packet: Option<&Arc<Packet>>,
+        v: &Verdict,
+        answer: Option<Answer>,
+    ) {
+        if let Some(tap) = self.tap.as_mut() {
+            let investigator = &mut self.investigator;
+            tap.packet(d, packet, v, answer, &mut |ns| investigator.netns_name(ns));
         }
     }
 
@@ -189,6 +218,8 @@ impl Pipeline {
 
     fn on_drop(&mut self, mut d: Drop, sink: &mut dyn Sink) {
         self.drops += 1;
+        // The bytes go to the tap only; the drop is kept without them.
+        let packet = d.packet.take();
         let answer = self.answer_for(&d);
         d.pod = self.pods.for_drop(d.netns, d.flow.as_ref());
         self.name_arrival(&mut d);
@@ -218,6 +249,9 @@ impl Pipeline {
             }
             fold.sample.ts_ns = d.ts_ns;
             self.count(&verdict, &d);
+            if self.show_benign || !benign {
+                self.tap_packet(&d, packet.as_ref(), &verdict, answer);
+            }
             if let Some(k) = self.keys.get_mut(&d.agg) {
                 k.events += 1;
             }
@@ -241,6 +275,7 @@ impl Pipeline {
         }
         if self.show_benign || !verdict.benign {
             sink.drop(&self.record(&verdict, &d, answer, 1, true));
+            self.tap_packet(&d, packet.as_ref(), &verdict, answer);
         }
         self.folds.insert(
             key,
@@ -401,7 +436,8 @@ impl Pipeline {
                 }
                 let mut d = synthetic(key);
                 d.pod = self.pods.for_drop(d.netns, d.flow.as_ref());
-                if !self.filter.matches(&d) {
+                // No event: only what the kernel could not filter is checked here.
+                if !self.filter.matches_unsent(&d) {
                     continue;
                 }
                 let verdict = Arc::new(self.classify(&d, None, false));
@@ -438,6 +474,14 @@ impl Pipeline {
                     rec.unsent = Some(kind);
                     sink.drop(&rec);
                 }
+            }
+        }
+        if final_pass && !self.filter.kernel_exact() {
+            // Part of the filter runs in userspace only: drops the kernel counted but did
+            // not send were never checked against it.
+            self.unchecked = kernel.iter().map(|(_, v)| v.suppressed + v.lost).sum();
+            if self.unchecked > 0 {
+                self.counts_exact = false;
             }
         }
         if self.keys.len() > 2 * agent_ebpf::AGG_ENTRIES as usize {
@@ -495,6 +539,8 @@ impl Pipeline {
             lost,
             seconds,
             counts_exact: self.counts_exact,
+            packets: None,
+            unchecked: self.unchecked,
         }
     }
 }
