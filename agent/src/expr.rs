@@ -523,10 +523,10 @@ impl Parser {
             word = Some(self.next_word(&format!("a value after '{k}'"))?);
         }
         let value = word.expect("a word is left");
-        if UNSUPPORTED.contains(&value.as_str()) {
-            return Err(format!("'{value}' is not supported (dropscope understands host, net, port, portrange, src, dst, ip, ip6, tcp, udp, icmp, icmp6, proto, and, or, not and parentheses)"));
-        }
         if !explicit {
+            if UNSUPPORTED.contains(&value.as_str()) {
+                return Err(format!("'{value}' is not supported (dropscope understands host, net, port, portrange, src, dst, ip, ip6, tcp, udp, icmp, icmp6, proto, and, or, not and parentheses)"));
+            }
             // A bare value: the previous primitive's qualifiers (tcpdump's shorthand).
             q = self.last;
         }

@@ -130,6 +130,8 @@ pub struct Pipeline {
     tap: Option<Box<dyn PacketTap>>,
     /// Unsent drops whose match with the filter expression is unknown (see `Summary`).
     pub unchecked: u64,
+    /// Events userspace filtered out, per kernel key: they are part of the key's count.
+    rejected: HashMap<AggKey, u64>,
 }
 
 impl Pipeline {
@@ -163,6 +165,7 @@ impl Pipeline {
             drops: 0,
             tap: None,
             unchecked: 0,
+            rejected: HashMap::new(),
         }
     }
 
@@ -225,6 +228,9 @@ impl Pipeline {
         self.name_arrival(&mut d);
         if !self.filter.matches(&d) {
             self.filtered += 1;
+            if self.rejected.len() < 2 * agent_ebpf::AGG_ENTRIES as usize {
+                *self.rejected.entry(d.agg).or_default() += 1;
+            }
             return;
         }
         let frag_needed_dropped = self.track_frag_needed(&d);
@@ -461,7 +467,8 @@ impl Pipeline {
                 .saturating_sub(std::mem::replace(&mut st.reported_lost, val.lost));
             let (verdict, sample, answer, events) =
                 (st.verdict.clone(), st.sample.clone(), st.answer, st.events);
-            if final_pass && events + val.suppressed + val.lost != val.packets {
+            let rejected = self.rejected.get(key).copied().unwrap_or(0);
+            if final_pass && events + rejected + val.suppressed + val.lost != val.packets {
                 self.counts_exact = false;
             }
             for (n, kind) in [(sampled, "sampled"), (lost, "lost")] {

@@ -12,6 +12,7 @@ mod metrics;
 mod mtu;
 mod neighbor;
 mod netfilter;
+mod packets;
 mod pods;
 mod signals;
 mod sockets;
