@@ -213,6 +213,13 @@ impl PacketTap for PcapFile {
             totals.written,
             totals.text()
         );
+        if self.interfaces.is_empty() && self.error.is_none() {
+            let block = super::no_interface_block(self.snaplen);
+            if let Err(e) = self.write(&block) {
+                self.fail(e);
+            }
+            self.per_interface.push(0);
+        }
         let _ = self.flush();
         if let Some(e) = &self.error {
             comment = format!("{} Writing stopped early: {e}.", self.header);

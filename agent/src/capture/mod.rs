@@ -178,6 +178,18 @@ impl Interface {
     }
 }
 
+/// The interface block of a file without packets: libpcap (tcpdump) refuses a file that
+/// has no interface at all.
+pub fn no_interface_block(snaplen: u32) -> Vec<u8> {
+    pcapng::interface(
+        pcapng::LINKTYPE_ETHERNET,
+        snaplen + ETH_HLEN as u32,
+        "none",
+        "no dropped packet was written",
+        &os(),
+    )
+}
+
 /// One dropped packet, ready to be written.
 #[derive(Debug, Clone)]
 pub struct Entry {

@@ -113,6 +113,9 @@ impl Ring {
             };
             out.extend(e.block(id));
         }
+        if ids.is_empty() {
+            out.extend(super::no_interface_block(self.snaplen));
+        }
         out
     }
 }
