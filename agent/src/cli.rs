@@ -262,8 +262,8 @@ pub struct ObserveArgs {
     #[arg(value_name = "EXPRESSION")]
     pub expression: Vec<String>,
 
-    /// Bytes of each dropped packet to keep (--pcap, the flight recorder), from its
-    /// link-layer header, or its network header when the kernel had none.
+    /// Bytes of each dropped packet to keep (--pcap, the flight recorder), 64 to 512, from
+    /// its link-layer header, or its network header when the kernel had none.
     #[arg(long, value_name = "N", default_value_t = crate::capture::DEFAULT_SNAPLEN,
           value_parser = clap::value_parser!(u32).range(crate::capture::MIN_SNAPLEN as i64..=crate::capture::MAX_SNAPLEN as i64))]
     pub snaplen: u32,

@@ -103,7 +103,15 @@ impl Expr {
         for c in conjuncts {
             exact &= match term(c) {
                 Some((t, t_exact)) => t.apply(k) && t_exact,
-                None => false,
+                None => {
+                    // Not a list the kernel has: a superset of it still spares userspace
+                    // what cannot match (`udp port 53 or tcp port 80` needs UDP or TCP,
+                    // and port 53 or 80).
+                    for t in approx(c).unwrap_or_default() {
+                        t.apply(k);
+                    }
+                    false
+                }
             };
         }
         exact
@@ -180,7 +188,57 @@ fn term(e: &Expr) -> Option<(Term, bool)> {
     }
 }
 
+/// Kernel terms whose conjunction every packet matching `e` satisfies (a sound
+/// over-approximation), or `None` when nothing useful is known.
+fn approx(e: &Expr) -> Option<Vec<Term>> {
+    match e {
+        Expr::And(a, b) => {
+            let mut v = approx(a).unwrap_or_default();
+            v.extend(approx(b).unwrap_or_default());
+            Some(v)
+        }
+        Expr::Or(a, b) => {
+            let (a, b) = (approx(a)?, approx(b)?);
+            // A list constrains the union only where both sides constrain it.
+            let mut out = Vec::new();
+            for x in &a {
+                for y in &b {
+                    if let Some(u) = x.union(y) {
+                        out.push(u);
+                    }
+                }
+            }
+            Some(out)
+        }
+        Expr::Not(_) => None,
+        prim => term(prim).map(|(t, _)| vec![t]),
+    }
+}
+
 impl Term {
+    /// The term both `self` and `other` imply, when they constrain the same list.
+    fn union(&self, other: &Term) -> Option<Term> {
+        fn merged<T: Clone + PartialEq>(a: &[T], b: &[T]) -> Option<Vec<T>> {
+            let mut v = a.to_vec();
+            for x in b {
+                if !v.contains(x) {
+                    v.push(x.clone());
+                }
+            }
+            (v.len() <= FILTER_SLOTS).then_some(v)
+        }
+        Some(match (self, other) {
+            (Term::Families(x), Term::Families(y)) => Term::Families(x | y),
+            (Term::Protos(x, fx), Term::Protos(y, fy)) => {
+                let fam = if *fx == 0 || *fy == 0 { 0 } else { fx | fy };
+                Term::Protos(merged(x, y)?, fam)
+            }
+            (Term::Nets(dx, x), Term::Nets(dy, y)) if dx == dy => Term::Nets(*dx, merged(x, y)?),
+            (Term::Ports(dx, x), Term::Ports(dy, y)) if dx == dy => Term::Ports(*dx, merged(x, y)?),
+            _ => return None,
+        })
+    }
+
     /// Puts the term into its kernel list if that list is still free and large enough.
     fn apply(self, k: &mut Filters) -> bool {
         fn families(k: &mut Filters, m: u8) -> bool {
@@ -950,6 +1008,22 @@ mod tests {
             (1, 0),
             "the compilable part still filters"
         );
+        let mut k = Filters::NONE;
+        assert!(!parse("udp port 53 or tcp port 8080 and host 10.0.0.1").compile(&mut k));
+        assert_eq!(
+            (
+                &k.protos[..2],
+                k.n_protos,
+                &k.port_ranges[..2],
+                k.n_port_ranges,
+                k.n_addrs
+            ),
+            (&[17, 6][..], 2, &[[53, 53], [8080, 8080]][..], 2, 0),
+            "a superset: UDP or TCP, port 53 or 8080"
+        );
+        let mut k = Filters::NONE;
+        assert!(!parse("(icmp and host 10.0.0.1) or not tcp").compile(&mut k));
+        assert_eq!(k, Filters::NONE, "nothing is known of a negation");
 
         // A list the flags already use is left to userspace.
         let mut k = Filters::NONE;
