@@ -77,13 +77,13 @@ fn tcpdump_packets(file: &Path, expr: &str) -> Vec<String> {
         args.push(expr);
     }
     let text = reader("tcpdump", &args);
-    let mut packets = Vec::new();
+    let mut packets: Vec<String> = Vec::new();
     for line in text.lines() {
         if let Some(hex) = line.trim_start().strip_prefix("0x") {
             let bytes = hex.split_once(':').map_or("", |(_, b)| b);
-            packets
-                .last_mut()
-                .map(|p: &mut String| p.push_str(&bytes.replace(' ', "")));
+            if let Some(p) = packets.last_mut() {
+                p.push_str(&bytes.replace(' ', ""));
+            }
         } else {
             packets.push(String::new());
         }
@@ -222,7 +222,8 @@ fn pcap_holds_the_reported_drops_with_their_causes() {
 
     let r = &t.r.name;
     let (in_if, out_if) = (format!("r0@{r}"), format!("r1@{r}"));
-    let cases: [(&str, fn(&[String]) -> bool, &str); 7] = [
+    type Case = (&'static str, fn(&[String]) -> bool, &'static str);
+    let cases: [Case; 7] = [
         (
             "pk-udp4",
             |f| f[2] == A4 && f[3] == B4 && f[6] == "9201",

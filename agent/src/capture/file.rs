@@ -286,8 +286,10 @@ mod tests {
         }
         f.packet(&rec.drop, None, &rec.verdict, None, &mut |_| None);
         let mut summary = Summary::default();
-        let mut totals = crate::pipeline::CauseTotals::default();
-        totals.count = 10;
+        let totals = crate::pipeline::CauseTotals {
+            count: 10,
+            ..Default::default()
+        };
         summary.causes.push(("no_listener".into(), totals));
         let t = f.finish(&summary).unwrap().unwrap();
         assert_eq!((t.written, t.causes[0].1, t.causes[0].2), (3, 10, 3));

@@ -203,7 +203,7 @@ pub fn blocks(mut file: &[u8]) -> Vec<(u32, Vec<u8>)> {
         let kind = u32::from_le_bytes(file[0..4].try_into().unwrap());
         let len = u32::from_le_bytes(file[4..8].try_into().unwrap()) as usize;
         assert!(
-            len >= 12 && len % 4 == 0 && len <= file.len(),
+            len >= 12 && len.is_multiple_of(4) && len <= file.len(),
             "bad block length {len}"
         );
         let trailer = u32::from_le_bytes(file[len - 4..len].try_into().unwrap()) as usize;
