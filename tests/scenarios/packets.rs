@@ -542,12 +542,15 @@ fn filter_expressions_select_what_tcpdump_selects() {
 fn an_expression_combines_with_the_flags_and_compiles_into_the_kernel() {
     let t = Topology::new();
     mixed_setup(&t);
+    // Every list an expression fills: source, destination and either address, the three
+    // port range lists, the family; --proto fills the protocol list.
     let obs = Observer::start(&[
         "--netns",
         &t.b.name,
         "--proto",
         "udp",
-        "dst net 10.231.2.0/24 and port 5301",
+        "dst net 10.231.2.0/24 and host 10.231.1.2 and src portrange 40000-40100 \
+         and dst port 5301 and port 5301 and src host 10.231.1.2 and ip",
     ]);
     mixed_traffic(&t);
     let report = obs.stop();
@@ -557,7 +560,7 @@ fn an_expression_combines_with_the_flags_and_compiles_into_the_kernel() {
     assert!(report
         .drops()
         .iter()
-        .all(|r| r["dport"] == 5301 && r["family"] == "ipv4"));
+        .all(|r| r["dport"] == 5301 && r["sport"] == 40001 && r["family"] == "ipv4"));
     // Everything else was left out in the kernel, before any event.
     let s = report.summary();
     assert_eq!(s["filtered"], s["filtered_in_kernel"], "{s}");
