@@ -449,10 +449,11 @@ fn expression_batch(exprs: &[&str]) -> usize {
     let (r, b) = (t.r.name.clone(), t.b.name.clone());
     let mut runs: Vec<Vec<String>> = vec![vec![]];
     runs.extend(exprs.iter().map(|e| vec![e.to_string()]));
-    // Two at a time (one per core of a small test machine): attaching is CPU-bound.
+    // Two at a time (one per core of a small test machine), each given time: attaching is
+    // CPU-bound, and the machine is shared with the other tests.
+    let patience = dropscope_tests::observer::attach_timeout().max(Duration::from_secs(90));
     let mut observers: Vec<Observer> = Vec::new();
-    for pair in runs.chunks(2).enumerate() {
-        let (n, chunk) = pair;
+    for (n, chunk) in runs.chunks(2).enumerate() {
         let started: Vec<Observer> = std::thread::scope(|s| {
             let handles: Vec<_> = chunk
                 .iter()
@@ -468,7 +469,7 @@ fn expression_batch(exprs: &[&str]) -> usize {
                     s.spawn(move || {
                         let mut args = vec!["--netns", r, "--netns", b, "--pcap", file];
                         args.extend(extra.iter().map(String::as_str));
-                        Observer::start(&args)
+                        Observer::start_within(&args, patience)
                     })
                 })
                 .collect();
