@@ -406,13 +406,11 @@ fn mixed_setup(t: &Topology) {
          nft add rule inet pk post udp dport 9400 counter drop");
 }
 
-/// Expressions checked against tcpdump, in batches that watch the same traffic.
-const EXPRESSIONS: [&str; 28] = [
+/// Expressions checked against tcpdump, all watching the same traffic.
+const EXPRESSIONS: [&str; 22] = [
     "udp",
-    "tcp",
     "icmp",
     "icmp6",
-    "ip",
     "ip6",
     "host 10.231.1.3",
     "src host 10.231.1.2",
@@ -421,21 +419,17 @@ const EXPRESSIONS: [&str; 28] = [
     "dst net 10.231.2.0/24 and udp port 53",
     "port 53",
     "src port 40001",
-    "dst port 5301 or dst port 5302",
     "portrange 9300-9310",
     "udp and not port 53",
     "ip6 and udp",
-    "not icmp and not icmp6",
     "tcp or icmp",
     "host 10.231.1.2 and (port 5301 or 8081)",
     "port 9500",
     "port 9501",
     "src or dst net fd00:231:1::/64",
-    "src and dst net 10.231.0.0/16",
     "udp dst portrange 5300-5399",
     "ip proto 17 and dst port 9400",
     "not (src host 10.231.1.3 or ip6)",
-    "dst 10.231.2.2 and tcp",
 ];
 
 fn expression_batch(exprs: &[&str]) -> usize {
@@ -449,34 +443,23 @@ fn expression_batch(exprs: &[&str]) -> usize {
     let (r, b) = (t.r.name.clone(), t.b.name.clone());
     let mut runs: Vec<Vec<String>> = vec![vec![]];
     runs.extend(exprs.iter().map(|e| vec![e.to_string()]));
-    // Two at a time (one per core of a small test machine), each given time: attaching is
-    // CPU-bound, and the machine is shared with the other tests.
+    // One at a time, each given time: attaching is CPU-bound, and the machine is shared
+    // with the other tests.
     let patience = dropscope_tests::observer::attach_timeout().max(Duration::from_secs(90));
-    let mut observers: Vec<Observer> = Vec::new();
-    for (n, chunk) in runs.chunks(2).enumerate() {
-        let started: Vec<Observer> = std::thread::scope(|s| {
-            let handles: Vec<_> = chunk
-                .iter()
-                .enumerate()
-                .map(|(j, extra)| {
-                    let i = 2 * n + j;
-                    let file = if i == 0 {
-                        all.arg()
-                    } else {
-                        files[i - 1].arg()
-                    };
-                    let (r, b) = (&r, &b);
-                    s.spawn(move || {
-                        let mut args = vec!["--netns", r, "--netns", b, "--pcap", file];
-                        args.extend(extra.iter().map(String::as_str));
-                        Observer::start_within(&args, patience)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        observers.extend(started);
-    }
+    let observers: Vec<Observer> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, extra)| {
+            let file = if i == 0 {
+                all.arg()
+            } else {
+                files[i - 1].arg()
+            };
+            let mut args = vec!["--netns", &r, "--netns", &b, "--pcap", file];
+            args.extend(extra.iter().map(String::as_str));
+            Observer::start_within(&args, patience)
+        })
+        .collect();
     mixed_traffic(&t);
     let reports: Vec<Report> = observers.into_iter().map(Observer::stop).collect();
     for r in &reports {
@@ -530,9 +513,8 @@ fn expression_batch(exprs: &[&str]) -> usize {
 
 #[test]
 fn filter_expressions_select_what_tcpdump_selects() {
-    // Each batch watches one run of the traffic, with one unfiltered capture as reference.
-    let half = EXPRESSIONS.len() / 2;
-    let selecting = expression_batch(&EXPRESSIONS[..half]) + expression_batch(&EXPRESSIONS[half..]);
+    // One run of the traffic, watched unfiltered (the reference) and with each expression.
+    let selecting = expression_batch(&EXPRESSIONS);
     assert!(
         selecting >= 20,
         "only {selecting} expressions selected anything"
@@ -626,7 +608,7 @@ fn pcap_to_standard_output_feeds_tshark() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("dropscope to attach", 20.0, || ready.exists());
+    wait_for("dropscope to attach", 90.0, || ready.exists());
     Udp::to(B4, 9201).count(4).send(&t.a);
     wait_for("the drops", 5.0, || nft_rule_packets(&t.r, "pk-udp4") == 4);
     std::thread::sleep(Duration::from_millis(300));
@@ -687,7 +669,7 @@ fn the_file_is_complete_after_sigterm_and_after_duration() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("dropscope to attach", 20.0, || ready.exists());
+    wait_for("dropscope to attach", 90.0, || ready.exists());
     Udp::to(B4, 9201).count(3).send(&t.a);
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -741,7 +723,7 @@ fn a_full_disk_is_an_error_not_a_silent_truncation() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("dropscope to attach", 20.0, || ready.exists());
+    wait_for("dropscope to attach", 90.0, || ready.exists());
     let start = Instant::now();
     let mut child = child;
     let status = loop {
