@@ -235,6 +235,23 @@ pub struct Filters {
     pub n_protos: u8,
     pub n_ifnames: u8,
     pub _pad: [u8; 2],
+    // Lists only a filter expression fills (tcpdump's `host`, `net`, `port`, `portrange`,
+    // `ip`, `ip6`); the flags above never use them.
+    /// Source or destination in one of these prefixes.
+    pub addrs: [Cidr; FILTER_SLOTS],
+    /// Inclusive port ranges `[lo, hi]` the source port, the destination port, or either port
+    /// must fall in. Only TCP and UDP packets that carry ports match: not ICMP, not IPv4
+    /// fragments after the first, no IPv6 fragment (as in tcpdump).
+    pub sport_ranges: [[u16; 2]; FILTER_SLOTS],
+    pub dport_ranges: [[u16; 2]; FILTER_SLOTS],
+    pub port_ranges: [[u16; 2]; FILTER_SLOTS],
+    pub n_addrs: u8,
+    pub n_sport_ranges: u8,
+    pub n_dport_ranges: u8,
+    pub n_port_ranges: u8,
+    /// [`FLAG_IPV4`] | [`FLAG_IPV6`]: only packets of these families; 0 = any.
+    pub families: u8,
+    pub _pad2: [u8; 3],
 }
 
 impl Filters {
@@ -253,8 +270,62 @@ impl Filters {
         n_protos: 0,
         n_ifnames: 0,
         _pad: [0; 2],
+        addrs: [Cidr::NONE; FILTER_SLOTS],
+        sport_ranges: [[0; 2]; FILTER_SLOTS],
+        dport_ranges: [[0; 2]; FILTER_SLOTS],
+        port_ranges: [[0; 2]; FILTER_SLOTS],
+        n_addrs: 0,
+        n_sport_ranges: 0,
+        n_dport_ranges: 0,
+        n_port_ranges: 0,
+        families: 0,
+        _pad2: [0; 3],
     };
 }
+
+/// The most packet bytes a drop event can carry (`--snaplen`).
+pub const SNAPLEN_MAX: u32 = 512;
+
+/// What the drop probe copies of a delivered drop's packet (`--pcap`, the flight recorder),
+/// and where in `sk_buff` to find it (offsets from BTF; [`ABSENT`] if missing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capture {
+    /// Bytes to copy, at most [`SNAPLEN_MAX`]; 0 copies nothing (the event goes out alone).
+    pub snaplen: u32,
+    /// `sk_buff.data` (pointer), `sk_buff.data_len` (paged bytes), `sk_buff.mac_header`.
+    pub skb_data: u32,
+    pub skb_data_len: u32,
+    pub skb_mac_header: u32,
+}
+
+impl Capture {
+    pub const OFF: Capture = Capture {
+        snaplen: 0,
+        skb_data: ABSENT,
+        skb_data_len: ABSENT,
+        skb_mac_header: ABSENT,
+    };
+}
+
+/// Follows an [`Event`] in the same ring record when the packet was captured; `caplen`
+/// packet bytes follow it. Offsets are from `skb->head`; `u16::MAX` = header not set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PacketHead {
+    /// Where the copied bytes start: the MAC header when it was set and lies just before
+    /// the network header, else the network header, else `data`.
+    pub start: u16,
+    pub mac: u16,
+    pub network: u16,
+    pub caplen: u16,
+    /// `skb->data - skb->head`.
+    pub data: u32,
+    /// Bytes of the packet in the linear area from `data` (`len - data_len`).
+    pub headlen: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PacketHead>() == 16);
 
 /// Load-time configuration of the eBPF programs (a `.rodata` global named `CONFIG`).
 #[repr(C)]
@@ -275,6 +346,8 @@ pub struct Config {
     pub xt_skb_arg: u32,
     pub xt_table_arg: u32,
     pub filters: Filters,
+    /// Packet bytes for delivered drop events (off unless `--pcap` or `serve`'s recorder).
+    pub capture: Capture,
 }
 
 /// Which probe produced an [`Event`].
@@ -543,4 +616,5 @@ mod user {
     unsafe impl aya::Pod for super::AggVal {}
     unsafe impl aya::Pod for super::ChangeConfig {}
     unsafe impl aya::Pod for super::ChangeEvent {}
+    unsafe impl aya::Pod for super::PacketHead {}
 }

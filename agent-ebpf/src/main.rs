@@ -7,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod capture;
+#[cfg(target_arch = "bpf")]
 mod context;
 #[cfg(target_arch = "bpf")]
 mod filter;

@@ -20,6 +20,7 @@ static CONFIG: Config = Config {
     xt_skb_arg: 0,
     xt_table_arg: 0,
     filters: Filters::NONE,
+    capture: agent_ebpf::Capture::OFF,
 };
 
 /// The configuration as the verifier sees it: a read from the frozen `.rodata` map.

@@ -43,10 +43,28 @@ Nothing stays attached after exit: the programs live only as long as the process
 const AFTER_HELP: &str = "\
 Examples:
   dropscope                                   stream every drop on this node, summary on Ctrl-C
+  dropscope 'dst net 10.96.0.0/12 and udp port 53'   the same filter in tcpdump's language
+  dropscope --pcap drops.pcapng               also write each reported drop's packet (Wireshark)
+  dropscope --pcap - | tshark -r -            packets to standard output (the stream goes to stderr)
   dropscope --dst 10.96.0.0/12 --port 53      only DNS to the service range
   dropscope --netns dr-r --duration 30        one `ip netns` namespace, for 30 seconds
   dropscope --pod kube-system/coredns-7xk2p   one pod's drops, wherever they happen on the node
   dropscope --format json | jq 'select(.cause==\"netfilter_drop\")'
+
+Filter expression (tcpdump/pcap-filter syntax, common subset), AND-ed with the flags:
+  host ADDR, net CIDR (or ADDR mask MASK, or 10.231), port N, portrange LO-HI,
+  each optionally after src, dst, 'src or dst' or 'src and dst';
+  ip, ip6, tcp, udp, icmp, icmp6, ip proto N; and/&&, or/||, not/!, ( );
+  a bare value repeats the previous keywords: 'host 10.0.0.1 or 10.0.0.2'.
+  port matches TCP/UDP packets carrying ports (not later IPv4 fragments, no IPv6 fragment).
+  What the kernel filters can express runs there; the rest is checked in userspace.
+  Anything else (ether, vlan, tcp[13], len, host names, ...) is refused with one line.
+
+--pcap FILE writes pcapng: one interface per device, namespace and link-layer header
+(name@netns), each packet's drop time as its timestamp and a comment with cause, reason,
+location, hook, rule, devices, namespace, pod and evidence (tshark -e frame.comment). Drops
+sampled away in the kernel are not in the file; its section comment and the summary say, per
+cause, how many packets were written of how many dropped.
 
 Node health check without traffic: dropscope check (see dropscope check --help).
 DaemonSet mode with Prometheus metrics: dropscope serve (see dropscope serve --help).
@@ -94,7 +112,9 @@ Long-running mode for a DaemonSet: watches drops like the default mode, but inst
 stream it writes a few JSON log lines and serves Prometheus metrics.
 
 Endpoints on --metrics: /metrics (OpenMetrics for Prometheus, the classic text format for other
-clients), /healthz (200 while the process runs), /readyz (200 only while the probes are attached).
+clients), /healthz (200 while the process runs), /readyz (200 only while the probes are attached),
+/packets.pcapng (the flight recorder: the last --recorder-packets dropped packets, at most
+--recorder-bytes, as pcapng; sampled-away drops are not in it).
 The endpoint listens on loopback unless --metrics-allow-remote is given.
 
 Counts are exact: every drop the kernel counted under the filters is in
@@ -109,6 +129,7 @@ Examples:
   dropscope serve                                  metrics on 127.0.0.1:9655
   dropscope serve --metrics 0.0.0.0:9655 --metrics-allow-remote   scraped over the pod network
   curl -s localhost:9655/metrics | grep dropscope_drops_total
+  curl -s localhost:9655/packets.pcapng -o last-drops.pcapng   the recent dropped packets
 
 Log lines (stdout, one JSON object each): {\"type\":\"attach\",...,\"metrics\"} once; a
 {\"type\":\"drop\",...} record with evidence and fix for each kind of drop (cause, reason,
@@ -144,6 +165,16 @@ pub struct ServeArgs {
     /// Seconds between digest log lines (written only when something dropped).
     #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_seconds)]
     pub log_interval: f64,
+
+    /// Dropped packets the flight recorder keeps (the last ones), served as pcapng at
+    /// /packets.pcapng. 0 turns it off (and the kernel copies no packet bytes).
+    #[arg(long, value_name = "N", default_value_t = crate::capture::recorder::DEFAULT_PACKETS)]
+    pub recorder_packets: usize,
+
+    /// Memory bound of the flight recorder: packet bytes, comments and bookkeeping (K, M, G
+    /// suffixes allowed); the oldest packets go first.
+    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_bytes)]
+    pub recorder_bytes: usize,
 }
 
 impl ServeArgs {
@@ -214,11 +245,29 @@ pub struct RunArgs {
     /// Print the catalogue of causes dropscope knows (Markdown) and exit.
     #[arg(long)]
     pub causes: bool,
+
+    /// Also write every reported drop's packet (its first --snaplen bytes) to this pcapng
+    /// file, with the cause in each packet's comment. `-` writes to standard output (the text
+    /// or JSON stream then goes to standard error).
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<String>,
 }
 
 /// What to watch and how: the flags the live stream and `serve` share.
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
+    /// Only drops matching this pcap-filter expression (tcpdump's language), AND-ed with the
+    /// flags: e.g. 'dst net 10.96.0.0/12 and udp port 53'. Quote it, or give it as several
+    /// words. See the syntax below.
+    #[arg(value_name = "EXPRESSION")]
+    pub expression: Vec<String>,
+
+    /// Bytes of each dropped packet to keep (--pcap, the flight recorder), 64 to 512, from
+    /// its link-layer header, or its network header when the kernel had none.
+    #[arg(long, value_name = "N", default_value_t = crate::capture::DEFAULT_SNAPLEN,
+          value_parser = clap::value_parser!(u32).range(crate::capture::MIN_SNAPLEN as i64..=crate::capture::MAX_SNAPLEN as i64))]
+    pub snaplen: u32,
+
     /// Stop after this many seconds (default: run until Ctrl-C / SIGTERM).
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     pub duration: Option<f64>,
@@ -305,6 +354,21 @@ fn parse_dir(s: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// A size in bytes, with an optional K, M or G (binary) suffix.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let (digits, unit) = match s.trim().to_ascii_uppercase() {
+        t if t.ends_with('K') => (t[..t.len() - 1].to_string(), 1usize << 10),
+        t if t.ends_with('M') => (t[..t.len() - 1].to_string(), 1 << 20),
+        t if t.ends_with('G') => (t[..t.len() - 1].to_string(), 1 << 30),
+        t => (t, 1),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("'{s}' is not a size in bytes (e.g. 4M, 65536)"))
+}
+
 /// Seconds accepted at most (about 31 years): more does not fit a timer and panicked.
 const MAX_SECONDS: f64 = 1e9;
 
@@ -318,6 +382,14 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 }
 
 impl ObserveArgs {
+    /// The filter expression, parsed (`None` when none was given).
+    pub fn expression(&self) -> Result<Option<crate::expr::Expr>, String> {
+        if self.expression.is_empty() {
+            return Ok(None);
+        }
+        crate::expr::Expr::parse(&self.expression.join(" ")).map(Some)
+    }
+
     /// The filters, with `--netns` names resolved to inodes.
     pub fn filter(&self) -> anyhow::Result<Filter> {
         let netns = self
@@ -333,6 +405,9 @@ impl ObserveArgs {
             ifaces: self.iface.clone(),
             netns,
             pods: self.pod.clone(),
+            expr: self
+                .expression()
+                .map_err(|e| anyhow::anyhow!("filter expression: {e}"))?,
         })
     }
 }

@@ -169,6 +169,9 @@ pub struct Drop {
     pub context: Context,
     /// The pod the drop is attributed to (set by the pipeline; `None`: no pod, or unknown).
     pub pod: Option<Arc<PodRef>>,
+    /// The packet's first bytes, when the kernel sent them (`--pcap`, the flight recorder).
+    /// The pipeline takes them out before it keeps the drop.
+    pub packet: Option<Arc<crate::capture::Packet>>,
 }
 
 impl Drop {
@@ -254,6 +257,7 @@ impl Drop {
             agg: Default::default(),
             context: Default::default(),
             pod: None,
+            packet: None,
         }
     }
 }
@@ -315,7 +319,11 @@ impl Decoder {
     pub fn decode(&mut self, bytes: &[u8]) -> Option<Record> {
         let ev = parse(bytes)?;
         match ev.kind {
-            k if k == EventKind::Drop as u8 => Some(Record::Drop(self.drop(&ev))),
+            k if k == EventKind::Drop as u8 => {
+                let mut d = self.drop(&ev);
+                d.packet = crate::capture::Packet::after_event(bytes).map(Arc::new);
+                Some(Record::Drop(d))
+            }
             k if k == EventKind::IcmpSent as u8
                 || k == EventKind::Icmp6Sent as u8
                 || k == EventKind::RstSent as u8 =>
@@ -389,6 +397,7 @@ impl Decoder {
             agg: AggKey::of(ev),
             context,
             pod: None,
+            packet: None,
         }
     }
 

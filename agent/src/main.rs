@@ -1,4 +1,5 @@
 //! dropscope: tells a node operator, live, why the kernel is dropping their packets.
+mod capture;
 mod causes;
 mod changes;
 mod check;
@@ -6,6 +7,7 @@ mod classify;
 mod cli;
 mod events;
 mod evidence;
+mod expr;
 mod filter;
 #[cfg(test)]
 mod fuzz;
@@ -27,6 +29,15 @@ fn main() {
             causes::catalogue::markdown(&causes::Engine::builtin())
         );
         return;
+    }
+    let observe = match &cli.command {
+        Some(cli::Command::Serve(args)) => Some(&args.observe),
+        Some(_) => None,
+        None => Some(&cli.run.observe),
+    };
+    if let Some(Err(msg)) = observe.map(|o| o.expression()) {
+        eprintln!("dropscope: filter expression: {msg} (see --help)");
+        std::process::exit(2);
     }
     let result = match cli.command {
         Some(cli::Command::Check(args)) => check::run(&args).map(|code| std::process::exit(code)),

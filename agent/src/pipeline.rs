@@ -7,6 +7,7 @@ use std::{collections::HashMap, sync::Arc};
 use agent_ebpf::{AggKey, AggVal};
 
 use crate::{
+    capture::{Packet, PacketTap},
     causes::{facts, Verdict},
     changes::{feed::Feed, Change, ChangeKind, ChangeLog},
     classify::{Classifier, Done, Job, Runner},
@@ -63,7 +64,15 @@ struct Fold {
     pending: u64,
     /// Bytes of the pending repeats.
     pending_bytes: u64,
+    /// While waiting for the verdict: the first drops with their packets, for the tap.
+    waiting: Vec<(Drop, Option<Arc<Packet>>)>,
 }
+
+/// Drops (with packets) a fold keeps for the tap while its verdict is awaited, at most; a
+/// burst on one flow usually comes before its evidence does.
+const WAITING_PACKETS: usize = 1024;
+/// Drops (with packets) all folds keep for the tap while their verdicts are awaited, at most.
+const WAITING_TOTAL: usize = 8192;
 
 /// What a job's verdict is for.
 enum Origin {
@@ -190,6 +199,14 @@ pub struct Pipeline {
     pub drops: u64,
     /// The latest drop's time (kernel clock, ns).
     newest_ns: u64,
+    /// Receives every reported drop with its packet bytes (`--pcap`, the flight recorder).
+    tap: Option<Box<dyn PacketTap>>,
+    /// Drops held in all folds' `waiting` lists.
+    waiting_total: usize,
+    /// Unsent drops whose match with the filter expression is unknown (see `Summary`).
+    pub unchecked: u64,
+    /// Events userspace filtered out, per kernel key: they are part of the key's count.
+    rejected: HashMap<AggKey, u64>,
 }
 
 impl Pipeline {
@@ -229,6 +246,32 @@ impl Pipeline {
             filtered: 0,
             drops: 0,
             newest_ns: 0,
+            tap: None,
+            waiting_total: 0,
+            unchecked: 0,
+            rejected: HashMap::new(),
+        }
+    }
+
+    /// Hands every reported drop, with its packet, to `tap` as well.
+    pub fn set_tap(&mut self, tap: Box<dyn PacketTap>) {
+        self.tap = Some(tap);
+    }
+
+    pub fn tap_mut(&mut self) -> Option<&mut (dyn PacketTap + 'static)> {
+        self.tap.as_deref_mut()
+    }
+
+    fn tap_packet(
+        &mut self,
+        d: &Drop,
+        packet: Option<&Arc<Packet>>,
+        v: &Verdict,
+        answer: Option<Answer>,
+    ) {
+        if let Some(tap) = self.tap.as_mut() {
+            let names = self.blind.investigator();
+            tap.packet(d, packet, v, answer, &mut |ns| names.netns_name(ns));
         }
     }
 
@@ -345,6 +388,8 @@ impl Pipeline {
                     return;
                 };
                 fold.verdict = Some(verdict.clone());
+                let waiting = std::mem::take(&mut fold.waiting);
+                self.waiting_total -= waiting.len();
                 let repeats = fold.pending;
                 let shown = self.show_benign || !verdict.benign;
                 if !shown {
@@ -359,6 +404,9 @@ impl Pipeline {
                 }
                 if shown {
                     sink.drop(&self.record(&verdict, &d, answer, 1, true));
+                    for (d, packet) in waiting {
+                        self.tap_packet(&d, packet.as_ref(), &verdict, answer);
+                    }
                 }
             }
         }
@@ -467,11 +515,16 @@ impl Pipeline {
     fn on_drop(&mut self, mut d: Drop, sink: &mut dyn Sink) {
         self.drops += 1;
         self.newest_ns = self.newest_ns.max(d.ts_ns);
+        // The bytes go to the tap only; the drop is kept without them.
+        let packet = d.packet.take();
         let answer = self.answer_for(&d);
         d.pod = self.pods.for_drop(d.netns, d.flow.as_ref());
         self.name_arrival(&mut d);
         if !self.filter.matches(&d) {
             self.filtered += 1;
+            if self.rejected.len() < 2 * agent_ebpf::AGG_ENTRIES as usize {
+                *self.rejected.entry(d.agg).or_default() += 1;
+            }
             return;
         }
         let frag_needed_dropped = self.track_frag_needed(&d);
@@ -495,6 +548,13 @@ impl Pipeline {
                 // Still being classified: counted when the verdict arrives.
                 fold.pending += 1;
                 fold.pending_bytes += u64::from(d.len);
+                if self.tap.is_some()
+                    && fold.waiting.len() < WAITING_PACKETS
+                    && self.waiting_total < WAITING_TOTAL
+                {
+                    fold.waiting.push((d, packet));
+                    self.waiting_total += 1;
+                }
                 return;
             };
             if self.show_benign || !verdict.benign {
@@ -503,6 +563,9 @@ impl Pipeline {
             }
             fold.sample.ts_ns = d.ts_ns;
             self.count(&verdict, &d);
+            if self.show_benign || !verdict.benign {
+                self.tap_packet(&d, packet.as_ref(), &verdict, answer);
+            }
             return;
         }
         if self.folds.len() >= MAX_FOLDS {
@@ -528,6 +591,12 @@ impl Pipeline {
                 answer,
                 pending: 0,
                 pending_bytes: 0,
+                waiting: if self.tap.is_some() {
+                    self.waiting_total += 1;
+                    vec![(d.clone(), packet)]
+                } else {
+                    Vec::new()
+                },
             },
         );
         let job = self.new_job(&d, answer, frag_needed_dropped);
@@ -537,11 +606,19 @@ impl Pipeline {
             if let Some(k) = self.keys.get_mut(&d.agg) {
                 k.verdict = Some(verdict.clone());
             }
-            if let Some(f) = self.folds.get_mut(&key) {
-                f.verdict = Some(verdict.clone());
-            }
+            let waiting = match self.folds.get_mut(&key) {
+                Some(f) => {
+                    f.verdict = Some(verdict.clone());
+                    self.waiting_total -= f.waiting.len();
+                    std::mem::take(&mut f.waiting)
+                }
+                None => Vec::new(),
+            };
             if self.show_benign || !verdict.benign {
                 sink.drop(&self.record(&verdict, &d, answer, 1, true));
+                for (d, packet) in waiting {
+                    self.tap_packet(&d, packet.as_ref(), &verdict, answer);
+                }
             }
         }
     }
@@ -719,7 +796,8 @@ impl Pipeline {
                 }
                 let mut d = synthetic(key);
                 d.pod = self.pods.for_drop(d.netns, d.flow.as_ref());
-                if !self.filter.matches(&d) {
+                // No event: only what the kernel could not filter is checked here.
+                if !self.filter.matches_unsent(&d) {
                     continue;
                 }
                 self.keys.insert(
@@ -756,7 +834,8 @@ impl Pipeline {
                 .lost
                 .saturating_sub(std::mem::replace(&mut st.reported_lost, val.lost));
             let (sample, answer, events) = (st.sample.clone(), st.answer, st.events);
-            if final_pass && events + val.suppressed + val.lost != val.packets {
+            let rejected = self.rejected.get(key).copied().unwrap_or(0);
+            if final_pass && events + rejected + val.suppressed + val.lost != val.packets {
                 self.counts_exact = false;
             }
             for (n, kind) in [(sampled, "sampled"), (lost, "lost")] {
@@ -769,6 +848,14 @@ impl Pipeline {
                     rec.unsent = Some(kind);
                     sink.drop(&rec);
                 }
+            }
+        }
+        if final_pass && !self.filter.kernel_exact() {
+            // Part of the filter runs in userspace only: drops the kernel counted but did
+            // not send were never checked against it.
+            self.unchecked = kernel.iter().map(|(_, v)| v.suppressed + v.lost).sum();
+            if self.unchecked > 0 {
+                self.counts_exact = false;
             }
         }
         if self.keys.len() > 2 * agent_ebpf::AGG_ENTRIES as usize {
@@ -834,6 +921,8 @@ impl Pipeline {
             evidence_skipped: self.evidence_skipped,
             agg_full: 0,
             stalls: Default::default(),
+            packets: None,
+            unchecked: self.unchecked,
         }
     }
 }

@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    capture::{self, file::PcapFile, PacketTap},
     causes::Engine,
     changes::{self, feed::Feed, watcher::Watcher},
     classify::{Classifier, Runner},
@@ -39,37 +40,73 @@ pub async fn run(args: RunArgs) -> Result<()> {
         preflight::check_privileges()?;
         return null_observer(&args.observe).await;
     }
-    let mut sink = stream_sink(&args);
-    observe(&args.observe, sink.as_mut()).await
+    let tap = match &args.pcap {
+        Some(target) => {
+            let about = session_about(&args.observe);
+            Some(
+                Box::new(PcapFile::create(target, args.observe.snaplen, &about)?)
+                    as Box<dyn PacketTap>,
+            )
+        }
+        None => None,
+    };
+    // `--pcap -` owns standard output: the stream goes to standard error.
+    let mut sink = if args.pcap.as_deref() == Some("-") {
+        stream_sink(&args, std::io::stderr(), std::io::stderr().is_terminal())
+    } else {
+        stream_sink(&args, std::io::stdout(), std::io::stdout().is_terminal())
+    };
+    observe(&args.observe, sink.as_mut(), tap).await
 }
 
-/// Where the live stream goes: text, JSON lines or the `--top` view, on stdout.
-fn stream_sink(args: &RunArgs) -> Box<dyn Sink> {
+/// What a capture's section comment says about the session: filters and sampling.
+fn session_about(args: &ObserveArgs) -> String {
+    let mut parts = Vec::new();
+    if !args.expression.is_empty() {
+        parts.push(format!("Filter expression: {}.", args.expression.join(" ")));
+    }
+    if args.sample > 0 {
+        parts.push(format!(
+            "The kernel sends at most {} drops per kind and second per CPU; the rest are counted, not written.",
+            args.sample
+        ));
+    }
+    parts.join(" ")
+}
+
+/// Where the live stream goes: text, JSON lines or the `--top` view.
+fn stream_sink<W: std::io::Write + 'static>(args: &RunArgs, out: W, tty: bool) -> Box<dyn Sink> {
     let clock = Clock::new();
-    let tty = std::io::stdout().is_terminal();
     match args.format {
-        _ if args.top => Box::new(TopView::new(std::io::stdout(), tty)),
-        Format::Json => Box::new(JsonSink::new(std::io::stdout(), clock)),
+        _ if args.top => Box::new(TopView::new(out, tty)),
+        Format::Json => Box::new(JsonSink::new(out, clock)),
         Format::Text => {
             let color = match args.color {
                 Color::Always => true,
                 Color::Never => false,
                 Color::Auto => tty,
             };
-            Box::new(TextSink::new(std::io::stdout(), clock, color))
+            Box::new(TextSink::new(out, clock, color))
         }
     }
 }
 
 /// Attaches, feeds every drop into `sink` until the duration ends or SIGINT/SIGTERM arrives,
 /// then detaches and hands `sink` the summary. Every mode that watches drops runs this loop.
-pub async fn observe(args: &ObserveArgs, sink: &mut dyn Sink) -> Result<()> {
+/// With a `tap`, every reported drop's packet also goes there (the kernel then copies packet
+/// bytes for the drops it delivers); a failing tap (a full disk under `--pcap`) ends the
+/// session: the probes are detached, the summary given, and the error returned.
+pub async fn observe(
+    args: &ObserveArgs,
+    sink: &mut dyn Sink,
+    tap: Option<Box<dyn PacketTap>>,
+) -> Result<()> {
     let started = Instant::now();
     preflight::check_privileges()?;
     // Handlers first: a signal that arrives while attaching, or right after the ready file
     // appears, must still end in a summary and a clean detach.
     let mut stop = Stop::install()?;
-    let mut session = Session::start(args, started)?;
+    let mut session = Session::start(args, started, tap)?;
     let _ready = args
         .ready_file
         .as_deref()
@@ -79,6 +116,7 @@ pub async fn observe(args: &ObserveArgs, sink: &mut dyn Sink) -> Result<()> {
     stop.run_for(args.duration);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
     let verdicts = session.pipeline.verdicts_ready();
+    let mut failed = None;
     loop {
         // Only wait here; the work runs below, where its duration is measured.
         let wake = tokio::select! {
@@ -105,9 +143,16 @@ pub async fn observe(args: &ObserveArgs, sink: &mut dyn Sink) -> Result<()> {
             Wake::Tick => session.tick(sink, args.interval),
         }
         session.stalls.observe(busy.elapsed());
+        if let Err(e) = session.flush_tap() {
+            failed = Some(e);
+            break;
+        }
     }
-    session.finish(sink);
-    Ok(())
+    let finished = session.finish(sink);
+    match failed {
+        Some(e) => Err(e),
+        None => finished,
+    }
 }
 
 /// How long the event loop was kept from reading the ring: the longest turn, and how many
@@ -197,7 +242,11 @@ struct Session {
 
 impl Session {
     /// Resolves the kernel's layout, attaches the probes and builds the pipeline.
-    fn start(args: &ObserveArgs, started: Instant) -> Result<Self> {
+    fn start(
+        args: &ObserveArgs,
+        started: Instant,
+        tap: Option<Box<dyn PacketTap>>,
+    ) -> Result<Self> {
         let filter = args.filter()?;
         let kernel = KernelBtf::open(&args.btf)?;
         let reasons =
@@ -222,6 +271,10 @@ impl Session {
             xt_skb_arg: ABSENT,
             xt_table_arg: ABSENT,
             filters: filter.to_kernel(),
+            capture: match &tap {
+                Some(t) => capture::kernel_config(&kernel, t.snaplen()),
+                None => agent_ebpf::Capture::OFF,
+            },
         };
         preflight::raise_memlock();
         let mut probes = attach::attach(&kernel, &args.btf, args.attach, args.context, config)?;
@@ -255,6 +308,11 @@ impl Session {
             attach_ms,
             kernel: kernel_release(),
             reasons: reasons.len(),
+            packets: tap.as_ref().map(|t| (t.target(), t.snaplen())),
+            expression: filter
+                .expr
+                .as_ref()
+                .map(|_| (args.expression.join(" "), filter.kernel_exact())),
         };
 
         let symbols = symbols
@@ -310,6 +368,9 @@ impl Session {
         let blind = Classifier::new(Engine::builtin(), Box::new(investigator::Names::new()), traced);
         let mut pipeline = Pipeline::new(filter, args.all, runner, blind, stack_reader, pods);
         pipeline.watching(watched, feed.clone());
+        if let Some(tap) = tap {
+            pipeline.set_tap(tap);
+        }
         // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
         let ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
         Ok(Session {
@@ -378,6 +439,14 @@ impl Session {
         self.pipeline.flush(sink);
     }
 
+    /// Makes the packets written so far readable; an error (a full disk) ends the session.
+    fn flush_tap(&mut self) -> Result<()> {
+        match self.pipeline.tap_mut() {
+            Some(tap) => tap.flush(),
+            None => Ok(()),
+        }
+    }
+
     /// Once per `--interval`.
     fn tick(&mut self, sink: &mut dyn Sink, seconds: f64) {
         self.catch_up(sink, false);
@@ -393,7 +462,7 @@ impl Session {
     }
 
     /// Reports what the kernel delivered before the stop, detaches, and hands over the summary.
-    fn finish(mut self, sink: &mut dyn Sink) {
+    fn finish(mut self, sink: &mut dyn Sink) -> Result<()> {
         // Changes made just before the stop are still reported.
         self.changes.nudge();
         self.watcher.stop();
@@ -406,7 +475,7 @@ impl Session {
         );
         let Session {
             ring,
-            pipeline,
+            mut pipeline,
             ebpf,
             watcher,
             streaming,
@@ -425,7 +494,16 @@ impl Session {
             summary.agg_full = agg_full;
             summary.counts_exact = false;
         }
+        // The capture is completed (its counts written) before the summary names it.
+        let mut result = Ok(());
+        if let Some(tap) = pipeline.tap_mut() {
+            match tap.finish(&summary) {
+                Ok(totals) => summary.packets = totals,
+                Err(e) => result = Err(e),
+            }
+        }
         sink.summary(&summary);
+        result
     }
 }
 

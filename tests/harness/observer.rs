@@ -88,7 +88,22 @@ impl Observer {
         Self::spawn(Command::new(binary()), &["serve"], args)
     }
 
-    fn spawn(mut cmd: Command, leading: &[&str], args: &[&str]) -> Self {
+    /// Like `start`, waiting up to `timeout` for the attach (for tests that start many
+    /// observers on a busy machine).
+    pub fn start_within(args: &[&str], timeout: Duration) -> Self {
+        Self::spawn_within(
+            Command::new(binary()),
+            &["--format", "json", "--color", "never"],
+            args,
+            timeout,
+        )
+    }
+
+    fn spawn(cmd: Command, leading: &[&str], args: &[&str]) -> Self {
+        Self::spawn_within(cmd, leading, args, attach_timeout())
+    }
+
+    fn spawn_within(mut cmd: Command, leading: &[&str], args: &[&str], timeout: Duration) -> Self {
         let ready = temp_path("dropscope-ready");
         let mut child = cmd
             .args(leading)
@@ -99,7 +114,7 @@ impl Observer {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
-        let deadline = Instant::now() + attach_timeout();
+        let deadline = Instant::now() + timeout;
         while !ready.exists() {
             if let Some(status) = child.try_wait().unwrap() {
                 let mut err = String::new();
@@ -113,8 +128,7 @@ impl Observer {
             }
             assert!(
                 Instant::now() < deadline,
-                "dropscope did not attach within {:?}",
-                attach_timeout()
+                "dropscope did not attach within {timeout:?}"
             );
             std::thread::sleep(Duration::from_millis(10));
         }

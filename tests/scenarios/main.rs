@@ -13,6 +13,7 @@ mod metrics;
 mod mtu;
 mod neighbor;
 mod netfilter;
+mod packets;
 mod pods;
 mod policy;
 mod signals;

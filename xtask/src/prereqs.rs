@@ -23,6 +23,10 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
     ("unshare", "util-linux"),
     ("python3", "python3"),
+    // The pcapng files dropscope writes are checked with the readers operators use.
+    ("tcpdump", "tcpdump"),
+    ("tshark", "tshark"),
+    ("capinfos", "wireshark-common"),
 ];
 
 /// Packages whose Debian service must not run: the tests start their own instance.

@@ -28,7 +28,10 @@ pub fn on_drop<C: EbpfContext + StackIdContext>(ctx: &C, skb: u64, location: u64
     // the tunnel that encapsulated it, the caller of a NOT_SPECIFIED free). It is the most
     // expensive step here, paid by delivered events only, which sampling bounds per key.
     ev.stack_id = stack_id(ctx, &STACKS);
-    deliver(ev);
+    // --pcap / the flight recorder: the packet's first bytes travel with the event.
+    if !crate::capture::deliver_with_packet(ev, skb) {
+        deliver(ev);
+    }
 }
 
 #[inline(always)]

@@ -172,6 +172,7 @@ mod tests {
             attach_ms: 1,
             kernel: "6.18".into(),
             reasons: 1,
+            ..Default::default()
         };
         let causes = std::collections::HashMap::new();
         let progress = Progress {

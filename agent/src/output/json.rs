@@ -247,13 +247,23 @@ fn process_json(p: &crate::changes::Process, m: &mut Map<String, Value>) {
 
 /// The JSON object for the attach record.
 pub fn attach_json(info: &AttachInfo) -> Value {
-    json!({
+    let mut v = json!({
         "type": "attach",
         "kernel": info.kernel,
         "attach_ms": info.attach_ms,
         "drop_reasons": info.reasons,
         "probes": info.probes,
-    })
+    });
+    if let Some((target, snaplen)) = &info.packets {
+        v["pcap"] = json!({"target": target, "snaplen": snaplen});
+    }
+    if let Some((expression, exact)) = &info.expression {
+        v["filter"] = json!({
+            "expression": expression,
+            "in_kernel": if *exact { "exact" } else { "partial" },
+        });
+    }
+    v
 }
 
 /// The JSON object for the summary.
@@ -292,7 +302,7 @@ pub fn summary_json(s: &Summary) -> Value {
             })
         })
         .collect();
-    json!({
+    let mut v = json!({
         "type": "summary",
         "causes": causes,
         "reasons": s.reasons,
@@ -310,7 +320,24 @@ pub fn summary_json(s: &Summary) -> Value {
         "loop_stalls": s.stalls.long,
         "seconds": (s.seconds * 1000.0).round() / 1000.0,
         "details": details,
-    })
+    });
+    if let Some(p) = &s.packets {
+        let causes: Map<String, Value> = p
+            .causes
+            .iter()
+            .map(|(c, total, written)| (c.clone(), json!({"total": total, "written": written})))
+            .collect();
+        v["pcap"] = json!({
+            "target": p.target,
+            "snaplen": p.snaplen,
+            "written": p.written,
+            "causes": causes,
+        });
+    }
+    if s.unchecked > 0 {
+        v["filter_unchecked"] = json!(s.unchecked);
+    }
+    v
 }
 
 impl<W: Write> Sink for JsonSink<W> {

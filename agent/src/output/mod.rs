@@ -43,12 +43,18 @@ pub struct ChangeRecord {
 }
 
 /// What was attached, printed first.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AttachInfo {
     pub probes: Vec<Attached>,
     pub attach_ms: u128,
     pub kernel: String,
     pub reasons: usize,
+    /// Where the dropped packets are written (`--pcap` file, `-`, or the flight recorder)
+    /// and the bytes kept of each.
+    pub packets: Option<(String, u32)>,
+    /// The filter expression, and whether the kernel applies all of it (else part of it is
+    /// checked in userspace only).
+    pub expression: Option<(String, bool)>,
 }
 
 /// Totals at exit.
@@ -81,6 +87,11 @@ pub struct Summary {
     pub agg_full: u64,
     /// How long the event loop was kept busy at most.
     pub stalls: crate::session::Stalls,
+    /// Packets written per cause (`--pcap`, the flight recorder).
+    pub packets: Option<crate::capture::Totals>,
+    /// Drops the kernel counted but did not send (sampling, full ring) while part of the
+    /// filter expression could only be checked in userspace: whether they match is unknown.
+    pub unchecked: u64,
 }
 
 /// Running totals, handed to the sinks once per `--interval` after the repeats are flushed.

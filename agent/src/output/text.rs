@@ -141,6 +141,28 @@ impl<W: Write> Sink for TextSink<W> {
             info.reasons,
             probes
         );
+        if let Some((expression, exact)) = &info.expression {
+            let _ = writeln!(
+                self.out,
+                "filter: {expression} ({})",
+                if *exact {
+                    "applied in the kernel"
+                } else {
+                    "partly checked in userspace only: drops sampled away in the kernel cannot be checked"
+                }
+            );
+        }
+        if let Some((target, snaplen)) = &info.packets {
+            let target = if target == "-" {
+                "standard output"
+            } else {
+                target
+            };
+            let _ = writeln!(
+                self.out,
+                "writing each reported drop's packet (first {snaplen} bytes) to {target}"
+            );
+        }
         let _ = self.out.flush();
     }
 
@@ -259,6 +281,26 @@ impl<W: Write> Sink for TextSink<W> {
             s.filtered,
             s.lost
         );
+        if let Some(p) = &s.packets {
+            let target = if p.target == "-" {
+                "standard output"
+            } else {
+                &p.target
+            };
+            let _ = writeln!(
+                o,
+                "packets: {} written to {target}; per cause, written of dropped: {}",
+                p.written,
+                p.text()
+            );
+        }
+        if s.unchecked > 0 {
+            let _ = writeln!(
+                o,
+                "{} drops counted in the kernel but not sent (sampling) could not be checked against the filter expression: counts are not exact (--sample 0 sends every drop)",
+                s.unchecked
+            );
+        }
         if s.lost > 0 {
             let _ = writeln!(
                 o,

@@ -1,6 +1,11 @@
 //! The metrics endpoint: `/metrics`, `/healthz` and `/readyz`, served from a thread of its own
 //! so a scrape is answered even while the session is busy with a burst of drops.
-use std::{net::SocketAddr, sync::Arc, thread::JoinHandle, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use axum::{
@@ -14,6 +19,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use super::{exposition, metrics::Health};
+use crate::capture::recorder::Ring;
 
 /// How long requests in flight at the stop may take to finish.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -22,6 +28,8 @@ const DRAIN: Duration = Duration::from_secs(2);
 struct Shared {
     registry: Arc<Registry>,
     health: Arc<Health>,
+    /// The flight recorder's packets (`/packets.pcapng`), when it is on.
+    packets: Option<Arc<Mutex<Ring>>>,
 }
 
 /// A running endpoint; `stop` ends it.
@@ -34,7 +42,12 @@ pub struct Endpoint {
 impl Endpoint {
     /// Listens on `addr` at once (a taken port fails before anything is attached) and serves
     /// `registry` and `health` from a thread.
-    pub fn start(addr: SocketAddr, registry: Registry, health: Arc<Health>) -> Result<Self> {
+    pub fn start(
+        addr: SocketAddr,
+        registry: Registry,
+        health: Arc<Health>,
+        packets: Option<Arc<Mutex<Ring>>>,
+    ) -> Result<Self> {
         let std_listener = std::net::TcpListener::bind(addr)
             .with_context(|| format!("cannot listen on --metrics {addr}"))?;
         std_listener.set_nonblocking(true)?;
@@ -50,9 +63,11 @@ impl Endpoint {
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
+            .route("/packets.pcapng", get(recorded_packets))
             .with_state(Shared {
                 registry: Arc::new(registry),
                 health,
+                packets,
             });
         let (stop, stopped) = watch::channel(false);
         let thread = std::thread::Builder::new()
@@ -102,6 +117,35 @@ async fn metrics(State(shared): State<Shared>, headers: HeaderMap) -> Response {
         )
             .into_response(),
     }
+}
+
+/// The flight recorder's packets as a pcapng file (404 when it is off).
+async fn recorded_packets(State(shared): State<Shared>) -> Response {
+    let Some(ring) = &shared.packets else {
+        return (
+            StatusCode::NOT_FOUND,
+            "the flight recorder is off (--recorder-packets 0)\n",
+        )
+            .into_response();
+    };
+    // Rendered under the lock: a few MB at most, bounded by --recorder-bytes.
+    let body = match ring.lock() {
+        Ok(r) => r.pcapng(),
+        Err(_) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "recorder unavailable\n").into_response()
+        }
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "application/x-pcapng"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"dropscope-packets.pcapng\"",
+            ),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// 200 only while the probes are attached: before, the node's drops are not observed yet.

@@ -355,6 +355,7 @@ mod tests {
             attach_ms: 1,
             kernel: "6.18".into(),
             reasons: 1,
+            ..Default::default()
         });
         assert!(health.is_ready());
         m.drop(&DropRecord::example("netfilter_drop", 1, None));
