@@ -521,6 +521,21 @@ fn cases() -> Vec<Case> {
             )
         },
         Case {
+            sysctls: vec![("net.ipv6.icmp.echo_ignore_all", "1")],
+            ..case(
+                "ping6 with echo_ignore_all",
+                icmp(v6(drop("NOT_SPECIFIED", "icmpv6_rcv")), 128, 0),
+                "icmp_echo_ignored",
+                "net.ipv6.icmp.echo_ignore_all=1",
+            )
+        },
+        case(
+            "ping6 request freed by icmpv6_rcv (before 6.2)",
+            icmp(v6(drop("NOT_SPECIFIED", "icmpv6_rcv")), 128, 0),
+            "benign",
+            "frees it through the drop path",
+        ),
+        Case {
             sysctls: vec![("net.ipv6.icmp.echo_ignore_multicast", "1")],
             ..case(
                 "multicast ping6",

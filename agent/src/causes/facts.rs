@@ -648,11 +648,14 @@ impl<'a> Facts<'a> {
         }
     }
 
-    /// The sysctl that makes the kernel ignore an echo request to this destination.
+    /// The sysctl that makes the kernel ignore an echo request to this destination (IPv6's
+    /// echo_ignore_all first: it silences every destination).
     fn echo_ignore_key(&self) -> Option<&'static str> {
         let f = self.drop.flow?;
+        const V6_ALL: &str = "net.ipv6.icmp.echo_ignore_all";
         Some(match f.family {
             crate::events::Family::Ipv4 => "net.ipv4.icmp_echo_ignore_broadcasts",
+            crate::events::Family::Ipv6 if self.sysctl(V6_ALL).as_deref() == Some("1") => V6_ALL,
             crate::events::Family::Ipv6 if f.dst.is_multicast() => {
                 "net.ipv6.icmp.echo_ignore_multicast"
             }
