@@ -175,7 +175,7 @@ fn build_for(root: &Path, release: bool, target: Option<&str>) -> Result<PathBuf
     if release {
         cmd.arg("--release");
     }
-    let mut dir = root.join("target");
+    let mut dir = target_dir(root)?;
     if let Some(target) = target {
         cmd.args(["--target", target]);
         dir.push(target);
@@ -184,6 +184,26 @@ fn build_for(root: &Path, release: bool, target: Option<&str>) -> Result<PathBuf
     Ok(dir
         .join(if release { "release" } else { "debug" })
         .join("dropscope"))
+}
+
+/// Where cargo puts its build output: `target/` unless `CARGO_TARGET_DIR` or a cargo config
+/// (`build.target-dir`) says otherwise. Cargo itself answers, so every way of moving it counts.
+fn target_dir(root: &Path) -> Result<PathBuf> {
+    let out = cargo()
+        .current_dir(root)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed ({})", out.status);
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    let dir = meta["target_directory"]
+        .as_str()
+        .context("cargo metadata names no target_directory")?;
+    Ok(PathBuf::from(dir))
 }
 
 fn run_as_root(bin: &Path, args: &[String]) -> Result<()> {
