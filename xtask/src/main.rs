@@ -223,19 +223,62 @@ fn run_as_root(bin: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Builds and runs every test. The integration tests create network namespaces and load eBPF
+/// programs, so they run as root: started by a normal user, cargo builds everything as that
+/// user and runs each test executable through `sudo -E` (a cargo runner, as aya's template
+/// does), so nothing in the workspace or the caches becomes root's.
 fn test(root: &Path, extra: &[String]) -> Result<()> {
-    if !nix_is_root() {
-        bail!(
-            "the integration tests create network namespaces and load eBPF programs: run as root"
-        );
-    }
     let bin = build(root, false)?;
     let mut cmd = cargo();
     cmd.current_dir(root)
         .args(["test", "--workspace"])
         .env("DROPSCOPE_BIN", &bin)
         .args(extra);
+    if !nix_is_root() {
+        sudo_runner(&mut cmd)?;
+    }
     status(&mut cmd)
+}
+
+/// Makes `cargo test` run the test executables as root through sudo.
+fn sudo_runner(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: the tests need root (network namespaces, eBPF); running them through sudo");
+    // Ask for the password (if any) now, not in the middle of cargo's output.
+    let st = Command::new("sudo")
+        .arg("-v")
+        .status()
+        .context("the tests need root and sudo is not installed: run `cargo xtask test` as root")?;
+    if !st.success() {
+        bail!("sudo refused: the tests need root (network namespaces, eBPF)");
+    }
+    let host = host_triple()?;
+    let var = format!(
+        "CARGO_TARGET_{}_RUNNER",
+        host.to_uppercase().replace(['-', '.'], "_")
+    );
+    cmd.env(var, "sudo -E");
+    // sudo may give root its own HOME: the tests find the user's cache (the manifest
+    // validator that xtask installed there) through XDG_CACHE_HOME instead.
+    if std::env::var_os("XDG_CACHE_HOME").is_none() {
+        if let Some(home) = std::env::var_os("HOME") {
+            cmd.env("XDG_CACHE_HOME", PathBuf::from(home).join(".cache"));
+        }
+    }
+    Ok(())
+}
+
+/// The host's target triple, as rustc reports it.
+fn host_triple() -> Result<String> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_string)
+        .context("rustc -vV names no host")
 }
 
 /// Replaces the README section between the CAUSES markers with `dropscope --causes`.
