@@ -7,6 +7,7 @@ mod context;
 mod corpus;
 mod deploy;
 mod forwarding;
+mod licenses;
 mod lifecycle;
 mod metrics;
 mod mtu;
