@@ -600,7 +600,7 @@ const METRICS: &[(&str, &[&str])] = &[
     ("dropscope_label_sets_folded_total", &[]),
 ];
 
-/// Labels the scrape job adds to every series (README: "Deploying to a cluster").
+/// Labels the scrape job adds to every series (docs/deployment.md, "Scraping").
 const TARGET_LABELS: &[&str] = &["node", "instance", "job"];
 
 /// The `dropscope_*` metric names in a PromQL expression.

@@ -42,7 +42,7 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Regenerate the cause table in README.md from the rule table (`dropscope --causes`).
+    /// Regenerate the cause table in docs/causes.md from the rule table (`dropscope --causes`).
     Docs,
     /// Run the whole test suite: unit tests and integration tests against the real kernel.
     Test {
@@ -281,22 +281,23 @@ fn host_triple() -> Result<String> {
         .context("rustc -vV names no host")
 }
 
-/// Replaces the README section between the CAUSES markers with `dropscope --causes`.
+/// Replaces the section of docs/causes.md between the CAUSES markers with `dropscope --causes`.
 fn docs(root: &Path, bin: &Path) -> Result<()> {
     let out = Command::new(bin)
         .arg("--causes")
         .output()
         .context("running dropscope --causes")?;
     let table = String::from_utf8(out.stdout)?;
-    let path = root.join("README.md");
-    let readme = std::fs::read_to_string(&path)?;
+    let path = root.join("docs/causes.md");
+    let page = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
     let (begin, end) = ("<!-- CAUSES:BEGIN -->\n", "<!-- CAUSES:END -->");
-    let (Some(a), Some(b)) = (readme.find(begin), readme.find(end)) else {
-        bail!("README.md has no CAUSES markers");
+    let (Some(a), Some(b)) = (page.find(begin), page.find(end)) else {
+        bail!("docs/causes.md has no CAUSES markers");
     };
-    let updated = format!("{}{begin}{table}{}", &readme[..a], &readme[b..]);
+    let updated = format!("{}{begin}{table}{}", &page[..a], &page[b..]);
     std::fs::write(&path, updated)?;
-    println!("README.md cause table regenerated");
+    println!("docs/causes.md cause table regenerated");
     Ok(())
 }
 
