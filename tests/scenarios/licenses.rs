@@ -48,7 +48,13 @@ fn root() -> &'static Path {
 fn metadata() -> Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let platform = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-    let mut cmd = Command::new(cargo);
+    let mut cmd = Command::new(&cargo);
+    // Under sudo, PATH is sudo's: cargo finds rustc beside itself.
+    if let Some(bin) = Path::new(&cargo).parent().filter(|d| d.is_absolute()) {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let paths = std::iter::once(bin.to_path_buf()).chain(std::env::split_paths(&path));
+        cmd.env("PATH", std::env::join_paths(paths).expect("PATH"));
+    }
     cmd.current_dir(root()).args([
         "metadata",
         "--format-version",

@@ -289,8 +289,8 @@ fn docs(root: &Path, bin: &Path) -> Result<()> {
         .context("running dropscope --causes")?;
     let table = String::from_utf8(out.stdout)?;
     let path = root.join("docs/causes.md");
-    let page = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let page =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let (begin, end) = ("<!-- CAUSES:BEGIN -->\n", "<!-- CAUSES:END -->");
     let (Some(a), Some(b)) = (page.find(begin), page.find(end)) else {
         bail!("docs/causes.md has no CAUSES markers");
