@@ -46,7 +46,8 @@ fn root() -> &'static Path {
 /// workspace: `cargo xtask test` started by a normal user runs the tests as root through sudo,
 /// and cargo must not leave root's files in that user's cargo home.
 fn metadata() -> Value {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The cargo running the tests, else the one that built them (in a vm-test guest too).
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
     let platform = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
     let mut cmd = Command::new(&cargo);
     // Under sudo, PATH is sudo's: cargo finds rustc beside itself.
