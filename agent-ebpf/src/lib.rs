@@ -459,6 +459,80 @@ impl Event {
     }
 }
 
+/// Layouts the configuration-change programs read (a `.rodata` global `CHANGE_CONFIG`),
+/// resolved in userspace from BTF (task and namespace structs) and tracefs (the setsockopt
+/// syscall tracepoints). Separate from [`Config`]: these programs never see a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeConfig {
+    // struct task_struct, struct nsproxy, struct net
+    pub task_tgid: u32,
+    pub task_comm: u32,
+    pub task_real_parent: u32,
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
+    pub net_inum: u32,
+    // syscalls:sys_enter_setsockopt / sys_exit_setsockopt
+    pub tp_sso_level: u32,
+    pub tp_sso_optname: u32,
+    pub tp_sso_optval: u32,
+    pub tp_sso_ret: u32,
+}
+
+impl ChangeConfig {
+    pub const UNKNOWN: ChangeConfig = ChangeConfig {
+        task_tgid: ABSENT,
+        task_comm: ABSENT,
+        task_real_parent: ABSENT,
+        task_nsproxy: ABSENT,
+        nsproxy_net_ns: ABSENT,
+        net_inum: ABSENT,
+        tp_sso_level: ABSENT,
+        tp_sso_optname: ABSENT,
+        tp_sso_optval: ABSENT,
+        tp_sso_ret: ABSENT,
+    };
+}
+
+/// [`ChangeEvent::kind`]: a write to a `net.*` sysctl through /proc/sys.
+pub const CHANGE_SYSCTL: u8 = 1;
+/// [`ChangeEvent::kind`]: an x_tables (iptables-legacy) table was replaced.
+pub const CHANGE_XT_REPLACE: u8 = 2;
+
+/// Levels of the process chain recorded with a change (the writer, its parent, ...).
+pub const CHANGE_ANCESTORS: usize = 3;
+
+/// A configuration change made by a process, seen in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeEvent {
+    pub ts_ns: u64,
+    /// cgroup v2 id of the writer (its container and pod).
+    pub cgroup_id: u64,
+    /// The writer's network namespace (the namespace a `net.*` sysctl belongs to).
+    pub netns: u32,
+    /// [`CHANGE_SYSCTL`] or [`CHANGE_XT_REPLACE`].
+    pub kind: u8,
+    /// For [`CHANGE_XT_REPLACE`]: 4 (iptables) or 6 (ip6tables).
+    pub family: u8,
+    pub _pad: [u8; 2],
+    /// Process ids of the writer and its ancestors (0 past the top).
+    pub pids: [u32; CHANGE_ANCESTORS],
+    pub _pad2: u32,
+    /// Their command names.
+    pub comms: [[u8; 16]; CHANGE_ANCESTORS],
+    /// Sysctl path under /proc/sys ("net/ipv4/conf/all/forwarding"), or the table name.
+    pub name: [u8; 64],
+    /// Value before and after the write (sysctls only).
+    pub old: [u8; 32],
+    pub new: [u8; 32],
+}
+
+const _: () = assert!(core::mem::size_of::<ChangeEvent>() == 216);
+
+/// Byte size of the ring buffer carrying [`ChangeEvent`]s.
+pub const CHANGE_RING_BYTES: u32 = 1 << 16;
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, no pointers, every bit pattern valid.
@@ -467,4 +541,6 @@ mod user {
     unsafe impl aya::Pod for super::Filters {}
     unsafe impl aya::Pod for super::AggKey {}
     unsafe impl aya::Pod for super::AggVal {}
+    unsafe impl aya::Pod for super::ChangeConfig {}
+    unsafe impl aya::Pod for super::ChangeEvent {}
 }

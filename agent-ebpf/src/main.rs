@@ -115,6 +115,35 @@ mod programs {
     }
 }
 
+/// Configuration changes: who changed the settings drops depend on (no packet passes here).
+#[cfg(target_arch = "bpf")]
+mod change_programs {
+    use aya_ebpf::{
+        macros::{cgroup_sysctl, tracepoint},
+        programs::{SysctlContext, TracePointContext},
+    };
+
+    use crate::probes::config_changes;
+
+    /// Every sysctl write in the cgroup tree it is attached to (the cgroup v2 root).
+    #[cgroup_sysctl]
+    pub fn sysctl_write(ctx: SysctlContext) -> i32 {
+        config_changes::on_sysctl(&ctx)
+    }
+
+    #[tracepoint(category = "syscalls", name = "sys_enter_setsockopt")]
+    pub fn setsockopt_enter(ctx: TracePointContext) -> u32 {
+        config_changes::on_setsockopt_enter(&ctx);
+        0
+    }
+
+    #[tracepoint(category = "syscalls", name = "sys_exit_setsockopt")]
+    pub fn setsockopt_exit(ctx: TracePointContext) -> u32 {
+        config_changes::on_setsockopt_exit(&ctx);
+        0
+    }
+}
+
 /// Context probes: what the packet was going through when it was dropped.
 #[cfg(target_arch = "bpf")]
 mod context_programs {

@@ -1,5 +1,6 @@
 //! dropscope: tells a node operator, live, why the kernel is dropping their packets.
 mod causes;
+mod changes;
 mod check;
 mod cli;
 mod events;

@@ -8,10 +8,11 @@ use agent_ebpf::{AggKey, AggVal};
 
 use crate::{
     causes::{facts, Attribution, Engine, Facts, Verdict},
+    changes::{feed::Feed, Change, ChangeKind, ChangeLog},
     events::{Answer, Device, Drop, Flow, Record, Reply, Sysctls},
     evidence::investigator::Investigator,
     filter::Filter,
-    output::{DropRecord, Sink, Summary},
+    output::{ChangeRecord, Clock, DropRecord, Sink, Summary},
     pods::{self, PodRef},
 };
 
@@ -78,6 +79,43 @@ pub struct CauseTotals {
     pub pods: HashMap<Arc<PodRef>, u64>,
     /// Drops per distinct explanation (keyed by evidence text).
     pub verdicts: HashMap<String, (Arc<Verdict>, u64)>,
+    /// Configuration changes named in the evidence of this cause's drops.
+    pub changes: Vec<Arc<Change>>,
+}
+
+/// How long a drop waits for the change watcher to read what preceded it. The watcher's pass
+/// takes well under a millisecond; this bounds the stall when it is busy.
+const CATCH_UP_PATIENCE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Changes named per cause in the summary, at most.
+const MAX_CHANGES_PER_CAUSE: usize = 5;
+
+/// Which change sources are watched, so that "unchanged since dropscope started" is only
+/// said of settings a source would have seen change.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Watched {
+    /// Writes to any `net.*` sysctl (the cgroup/sysctl program).
+    pub sysctl: bool,
+    /// iptables-legacy table replacements.
+    pub xt_replace: bool,
+    /// Netlink: device forwarding and rp_filter, links, routes, addresses, nftables.
+    pub netlink: bool,
+}
+
+impl Watched {
+    /// Whether a change to `key` would have been seen.
+    pub fn covers(&self, key: &str) -> bool {
+        if key.starts_with("iptables-legacy.") {
+            self.xt_replace
+        } else if key.starts_with("net.") {
+            self.sysctl
+                || (self.netlink
+                    && key.contains(".conf.")
+                    && (key.ends_with(".forwarding") || key.ends_with(".rp_filter")))
+        } else {
+            self.netlink
+        }
+    }
 }
 
 impl CauseTotals {
@@ -122,6 +160,11 @@ pub struct Pipeline {
     pub reasons: HashMap<Arc<str>, u64>,
     /// Hidden drops (benign, or frees that are not drops), by cause.
     pub hidden: HashMap<String, u64>,
+    /// Configuration changes seen since the start, per namespace.
+    changes: ChangeLog,
+    watched: Watched,
+    feed: Option<Arc<Feed>>,
+    clock: Clock,
     pub suppressed: u64,
     pub filtered: u64,
     pub drops: u64,
@@ -137,7 +180,12 @@ impl Pipeline {
         stacks: StackReader,
         pods: pods::Resolver,
     ) -> Self {
+        let clock = Clock::new();
         Pipeline {
+            changes: ChangeLog::new(clock.now_ns()),
+            watched: Watched::default(),
+            feed: None,
+            clock,
             pods,
             investigator,
             traced,
@@ -157,6 +205,69 @@ impl Pipeline {
             filtered: 0,
             drops: 0,
         }
+    }
+
+    /// Says which change sources run (see [`Watched`]) and where their changes arrive.
+    pub fn watching(&mut self, watched: Watched, feed: Arc<Feed>) {
+        self.watched = watched;
+        self.feed = Some(feed);
+    }
+
+    /// Feeds the changes queued so far.
+    pub fn take_changes(&mut self, sink: &mut dyn Sink) {
+        if let Some(feed) = self.feed.clone() {
+            for c in feed.take() {
+                self.on_change(c, sink);
+            }
+        }
+    }
+
+    /// Feeds every change made before `ts_ns`, waiting briefly for the watcher to read them,
+    /// so that a drop's evidence names the change that preceded it.
+    fn catch_up(&mut self, ts_ns: u64, sink: &mut dyn Sink) {
+        let Some(feed) = self.feed.clone() else {
+            return;
+        };
+        if feed.behind(ts_ns) {
+            for c in feed.up_to(ts_ns, CATCH_UP_PATIENCE) {
+                self.on_change(c, sink);
+            }
+        }
+    }
+
+    /// Feeds one configuration change: it is reported, remembered for the evidence of later
+    /// drops, and the drops of its namespace are classified afresh.
+    pub fn on_change(&mut self, mut c: Change, sink: &mut dyn Sink) {
+        if let Some(p) = &mut c.process {
+            if let Some(cgroup) = &p.cgroup {
+                let (pod, container) = self.pods.for_cgroup(cgroup);
+                p.pod = pod;
+                p.container = container;
+            }
+        }
+        if !self.filter.netns.is_empty() && !self.filter.netns.contains(&c.netns) {
+            return;
+        }
+        if !self.filter.pods.is_empty() {
+            let netns_pod = self.pods.for_drop(c.netns, None);
+            let by_pod = |p: &Option<Arc<PodRef>>| {
+                p.as_ref()
+                    .is_some_and(|p| self.filter.pods.iter().any(|w| p.is(w)))
+            };
+            let process_pod = c.process.as_ref().and_then(|p| p.pod.clone());
+            if !by_pod(&netns_pod) && !by_pod(&process_pod) {
+                return;
+            }
+        }
+        let c = Arc::new(c);
+        // Drops already folded in this namespace may now have a change to name.
+        self.flush(sink);
+        self.folds.retain(|k, _| k.netns != c.netns);
+        self.changes.push(c.clone());
+        sink.change(&ChangeRecord {
+            netns_name: self.investigator.netns_name(c.netns),
+            change: c,
+        });
     }
 
     /// Feeds one decoded record.
@@ -223,7 +334,7 @@ impl Pipeline {
             }
             return;
         }
-        let verdict = Arc::new(self.classify(&d, answer, frag_needed_dropped));
+        let verdict = Arc::new(self.classify(&d, answer, frag_needed_dropped, sink));
         self.count(&verdict, &d);
         let k = self.keys.entry(d.agg).or_insert_with(|| KeyState {
             verdict: verdict.clone(),
@@ -291,7 +402,13 @@ impl Pipeline {
         }
     }
 
-    fn classify(&mut self, d: &Drop, answer: Option<Answer>, frag_needed_dropped: bool) -> Verdict {
+    fn classify(
+        &mut self,
+        d: &Drop,
+        answer: Option<Answer>,
+        frag_needed_dropped: bool,
+        sink: &mut dyn Sink,
+    ) -> Verdict {
         let stack = d.stack_id.map(|id| (self.stacks)(id)).unwrap_or_default();
         // A drop that stands for kernel counts without an event of its own was never paired
         // with an answer: whether one was sent is unknown.
@@ -304,7 +421,65 @@ impl Pipeline {
         facts.frag_needed_dropped = frag_needed_dropped;
         let mut verdict = self.engine.classify(&facts);
         verdict.attribution = attribution(d, &facts, &verdict);
+        let patterns: Vec<String> = self
+            .engine
+            .change_patterns(&verdict.cause)
+            .iter()
+            .filter_map(|p| fill_devices(p, &facts))
+            .collect();
+        drop(facts);
+        if !patterns.is_empty() && !verdict.benign {
+            self.catch_up(d.ts_ns, sink);
+            match self.changes.latest(d.netns, &patterns, d.ts_ns) {
+                Some(c) => {
+                    verdict
+                        .evidence
+                        .push_str(&format!("; {}", self.describe(&c, d.ts_ns)));
+                    verdict.attribution.change = Some(c);
+                }
+                None => verdict.evidence.push_str(&self.unchanged(&patterns)),
+            }
+        }
         verdict
+    }
+
+    /// "net.ipv4.conf.all.forwarding changed 1 -> 0 at 03:12:44 by sysctl (pid 812) <- bash
+    /// (pid 800), 11 s before this drop".
+    fn describe(&self, c: &Change, drop_ns: u64) -> String {
+        let at = self.clock.local_time(c.ts_ns);
+        let mut s = match (&c.old, &c.new) {
+            (Some(o), Some(n)) => format!("{} changed {o} -> {n} at {at}", c.key),
+            _ => format!(
+                "{} changed at {at}{}",
+                c.key,
+                c.detail
+                    .as_ref()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            ),
+        };
+        match &c.process {
+            Some(p) => s.push_str(&format!(" by {p}")),
+            None if c.kind != ChangeKind::Sysctl => {
+                s.push_str(" (the kernel does not say by which process)")
+            }
+            None => {}
+        }
+        let ago = drop_ns.saturating_sub(c.ts_ns) as f64 / 1e9;
+        s.push_str(&format!(", {} before this drop", human_secs(ago)));
+        s
+    }
+
+    /// What to say when no change to the cause's settings was seen.
+    fn unchanged(&self, patterns: &[String]) -> String {
+        let since = self.clock.local_time(self.changes.since_ns);
+        if patterns.iter().all(|p| self.watched.covers(p)) {
+            format!("; unchanged since dropscope started at {since}")
+        } else if patterns.iter().any(|p| self.watched.covers(p)) {
+            format!("; no change seen since dropscope started at {since} (not every source of change is watched on this host)")
+        } else {
+            "; changes to it are not watched on this host".to_string()
+        }
     }
 
     fn count(&mut self, v: &Arc<Verdict>, d: &Drop) {
@@ -337,6 +512,13 @@ impl Pipeline {
             .get_mut(v.cause.as_str())
             .expect("inserted above");
         t.count += n;
+        if let Some(c) = &v.attribution.change {
+            if t.changes.len() < MAX_CHANGES_PER_CAUSE
+                && !t.changes.iter().any(|x| Arc::ptr_eq(x, c))
+            {
+                t.changes.push(c.clone());
+            }
+        }
         let room = t.verdicts.len() < MAX_VERDICTS_PER_CAUSE;
         match t.verdicts.get_mut(v.evidence.as_str()) {
             Some(e) => e.1 += n,
@@ -404,7 +586,7 @@ impl Pipeline {
                 if !self.filter.matches(&d) {
                     continue;
                 }
-                let verdict = Arc::new(self.classify(&d, None, false));
+                let verdict = Arc::new(self.classify(&d, None, false, sink));
                 let st = KeyState {
                     verdict,
                     sample: d,
@@ -496,6 +678,43 @@ impl Pipeline {
             seconds,
             counts_exact: self.counts_exact,
         }
+    }
+}
+
+/// A change key pattern with the drop's devices filled in: the first alternative (`a|b`)
+/// whose placeholders the drop can fill; `None` when none can.
+fn fill_devices(pattern: &str, facts: &Facts) -> Option<String> {
+    pattern
+        .split('|')
+        .find_map(|alternative| fill_one(alternative, facts))
+}
+
+fn fill_one(pattern: &str, facts: &Facts) -> Option<String> {
+    let mut out = pattern.to_string();
+    for name in crate::causes::table::CHANGE_PLACEHOLDERS {
+        let slot = format!("{{{name}}}");
+        if out.contains(&slot) {
+            let value = match facts.get(name) {
+                Some(facts::Value::Str(v)) if !v.starts_with('<') => v.into_owned(),
+                _ => return None,
+            };
+            out = out.replace(&slot, &value);
+        }
+    }
+    Some(out)
+}
+
+/// "11 s", "3 min 20 s", "2 h 5 min".
+fn human_secs(s: f64) -> String {
+    let s = s.max(0.0);
+    if s < 10.0 {
+        return format!("{s:.1} s");
+    }
+    let s = s.round() as u64;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
     }
 }
 

@@ -6,6 +6,7 @@ use std::{
     io::IsTerminal,
     path::Path,
     rc::Rc,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,12 +20,14 @@ use tokio::{
 
 use crate::{
     causes::Engine,
+    changes::{self, feed::Feed, watcher::Watcher},
     cli::{Color, Format, ObserveArgs, RunArgs},
     events::Decoder,
     evidence::{counters, investigator, netns, rules},
     kernel::{attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
+    output::monotonic_ns,
     output::{json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, Progress, Sink},
-    pipeline::{Pipeline, StackReader, Traced},
+    pipeline::{Pipeline, StackReader, Traced, Watched},
     pods::{self, PodName},
 };
 
@@ -81,6 +84,7 @@ pub async fn observe(args: &ObserveArgs, sink: &mut dyn Sink) -> Result<()> {
                 drain(guard.get_inner_mut(), &mut session.decoder, &mut session.pipeline, sink);
                 guard.clear_ready();
             }
+            _ = session.changes.queued() => session.pipeline.take_changes(sink),
             _ = tick.tick() => session.tick(sink, args.interval),
             _ = stop.wait() => break,
         }
@@ -138,6 +142,9 @@ struct Session {
     agg: PerCpuHashMap<MapData, AggKey, AggVal>,
     /// Owns the programs: dropping it detaches them.
     ebpf: aya::Ebpf,
+    /// Configuration changes, from the change watcher's thread.
+    changes: Arc<Feed>,
+    watcher: Watcher,
     info: AttachInfo,
     streaming: Instant,
 }
@@ -186,6 +193,17 @@ impl Session {
             "attached in {attach_ms} ms (load+verify+attach {} ms)",
             probes.attach_ms
         );
+        // The netlink monitors open per namespace as namespaces appear (see changes::watcher).
+        probes.report.push(attach::Attached {
+            probe: "rtnetlink",
+            mode: "netlink",
+            note: Some("links, routes, addresses, device forwarding and rp_filter, in each watched namespace; the kernel does not say which process".into()),
+        });
+        probes.report.push(attach::Attached {
+            probe: "nftables",
+            mode: "netlink",
+            note: Some("each committed ruleset generation with the committing process, in each watched namespace".into()),
+        });
         let info = AttachInfo {
             probes: probes.report.clone(),
             attach_ms,
@@ -212,12 +230,16 @@ impl Session {
         );
         let attach::Probes {
             events,
+            changes,
             counters,
             stacks,
             agg,
             ebpf,
             ..
         } = probes;
+        let (feed, publisher) = changes::feed::feed().context("creating the change feed")?;
+        let feed = Arc::new(feed);
+        let watcher = Watcher::start(Some(changes), filter.netns.clone(), monotonic_ns, publisher);
         let stack_reader: StackReader = Box::new(move |id| match stacks.get(&id, 0) {
             Ok(trace) => symbols
                 .borrow_mut()
@@ -229,6 +251,7 @@ impl Session {
             .map_err(|_| anyhow::anyhow!("pod scanner panicked"))?;
         warn_missing_pods(&filter.pods, &pods, &args.pods_root);
         let traced = traced_answers(&info.probes);
+        let watched = watched_changes(&info.probes);
         let pipeline = Pipeline::new(
             Engine::builtin(),
             filter,
@@ -238,6 +261,8 @@ impl Session {
             stack_reader,
             pods,
         );
+        let mut pipeline = pipeline;
+        pipeline.watching(watched, feed.clone());
         // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
         let ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
         Ok(Session {
@@ -247,6 +272,8 @@ impl Session {
             counters,
             agg,
             ebpf,
+            changes: feed,
+            watcher,
             info,
             streaming: Instant::now(),
         })
@@ -321,9 +348,11 @@ impl Session {
             ring,
             pipeline,
             ebpf,
+            watcher,
             streaming,
             ..
         } = self;
+        drop(watcher);
         drop(ring);
         drop(ebpf);
         tracing::info!("detached");
@@ -335,6 +364,20 @@ impl Session {
             summary.counts_exact = false;
         }
         sink.summary(&summary);
+    }
+}
+
+/// Which configuration changes are watched, from the attach report.
+fn watched_changes(probes: &[attach::Attached]) -> Watched {
+    let attached = |name: &str| {
+        probes
+            .iter()
+            .any(|p| p.probe == name && p.mode != "unavailable")
+    };
+    Watched {
+        sysctl: attached("sysctl_write"),
+        xt_replace: attached("xt_replace"),
+        netlink: true,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Integration tests: one scenario per cause, each breaking the network the way the cause does,
 //! observing it with the real dropscope, and checking cause, interface, flow and count against
 //! a kernel counter that dropscope does not read.
+mod changes;
 mod check;
 mod conntrack;
 mod context;
@@ -14,6 +15,7 @@ mod mtu;
 mod neighbor;
 mod netfilter;
 mod pods;
+mod policy;
 mod signals;
 mod sockets;
 mod storm;

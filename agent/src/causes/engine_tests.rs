@@ -147,6 +147,30 @@ fn route(kind: &'static str, text: &str, mtu: Option<u32>) -> Option<Route> {
         mtu,
         mtu_expires: None,
         dev_mtu: None,
+        rule: None,
+        entry: None,
+        bypassed_main: None,
+    })
+}
+
+/// A refused route as the policy walk names it: the deciding rule, route and main's route.
+fn policy_route(
+    kind: &'static str,
+    rule: Option<&str>,
+    entry: Option<&str>,
+    main: Option<&str>,
+) -> Option<Route> {
+    let text = match (entry, rule) {
+        (Some(e), Some(r)) => format!("{e} (ip rule {r})"),
+        (Some(e), None) => e.to_string(),
+        (None, Some(r)) => format!("ip rule {r}"),
+        (None, None) => kind.to_string(),
+    };
+    Some(Route {
+        rule: rule.map(str::to_string),
+        entry: entry.map(str::to_string),
+        bypassed_main: main.map(str::to_string),
+        ..route(kind, &text, None).unwrap()
     })
 }
 
@@ -808,6 +832,40 @@ fn cases() -> Vec<Case> {
                 drop("NOT_SPECIFIED", "ip_error"),
                 "unreachable_route",
                 "unreachable 10.231.66.0/24 table 100",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp(3, 13)),
+            route: policy_route("prohibit", Some("110: from 10.231.1.2 prohibit"), None, None),
+            ..case(
+                "a policy rule refuses",
+                drop("NOT_SPECIFIED", "ip_error"),
+                "unreachable_route",
+                "refused by policy rule 110: from 10.231.1.2 prohibit, before any table",
+            )
+        },
+        Case {
+            route: policy_route(
+                "blackhole",
+                Some("100: from 10.231.1.0/24 lookup 100"),
+                Some("blackhole 10.231.2.0/24 table 100"),
+                Some("10.231.2.0/24 dev r1"),
+            ),
+            ..case(
+                "a policy table's blackhole shadows main",
+                drop("NOT_SPECIFIED", "ip_error"),
+                "unreachable_route",
+                "blackhole 10.231.2.0/24 table 100 (ip rule 100: from 10.231.1.0/24 lookup 100); the main table's route 10.231.2.0/24 dev r1 is never reached",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp(3, 1)),
+            route: policy_route("unreachable", None, Some("unreachable 10.231.2.0/24"), None),
+            ..case(
+                "an unreachable route in main",
+                drop("NOT_SPECIFIED", "ip_error"),
+                "unreachable_route",
+                "10.231.2.2 from 10.231.1.2: unreachable 10.231.2.0/24 (ICMP sent: host unreachable)",
             )
         },
         Case {

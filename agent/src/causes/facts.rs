@@ -41,6 +41,8 @@ pub const CONDITION_FACTS: &[&str] = &[
     "frag_needed_dropped",
     "end_host",
     "route_type",
+    "route_source",
+    "route_bypasses_main",
     "over_mtu",
     "dst_multicast",
     "dst_link_local",
@@ -79,6 +81,10 @@ pub const PLACEHOLDERS: &[&str] = &[
     "ct_max",
     "ct_drops",
     "route",
+    "route_entry",
+    "route_rule",
+    "route_rule_pref",
+    "route_main",
     "neighbours",
     "tunnel_dev",
     "tunnel_mtu",
@@ -87,6 +93,7 @@ pub const PLACEHOLDERS: &[&str] = &[
     "ipfrag_time",
     "frames",
     "echo_ignore_key",
+    "rule_table",
 ];
 
 /// A fact's value.
@@ -514,6 +521,36 @@ impl<'a> Facts<'a> {
                     .unwrap_or_else(|| "unknown (the route could not be looked up)".into()),
             ),
             "route_type" => self.route().map(|r| Value::Str(r.kind.into())),
+            // Who refused the packet: a policy rule itself, a route of a table the rule walk
+            // names, or only "a route of that kind in some table".
+            "route_source" => self.route().filter(|r| r.kind != "unicast").map(|r| {
+                Value::Str(match (&r.entry, &r.rule) {
+                    (Some(_), _) => "table".into(),
+                    (None, Some(_)) => "rule".into(),
+                    (None, None) => "any_table".into(),
+                })
+            }),
+            "route_bypasses_main" => self
+                .route()
+                .filter(|r| r.entry.is_some())
+                .map(|r| Value::Bool(r.bypassed_main.is_some())),
+            "route_entry" => self
+                .route()
+                .and_then(|r| r.entry)
+                .map(|e| Value::Str(e.into())),
+            "route_rule" => self
+                .route()
+                .and_then(|r| r.rule)
+                .map(|e| Value::Str(e.into())),
+            "route_rule_pref" => self
+                .route()
+                .and_then(|r| r.rule)
+                .and_then(|t| t.split(':').next()?.parse::<i64>().ok())
+                .map(Value::Int),
+            "route_main" => self
+                .route()
+                .and_then(|r| r.bypassed_main)
+                .map(|e| Value::Str(e.into())),
             "end_host" => self.ifaces().map(|n| Value::Bool(n <= 1)),
             "nf_verdict" => self.nf().rule.as_ref().map(|m| match m.verdict {
                 Verdict::Drop => Value::Str("drop".into()),
@@ -549,6 +586,7 @@ impl<'a> Facts<'a> {
                 None => "<tunnel device>".into(),
             }),
             "tunnel_mtu" => self.fitting_tunnel_mtu().map(|m| Value::Int(m.into())),
+            "rule_table" => self.nf().rule.and_then(|m| text(rule_table_key(&m.rule))),
             "path_mtu" => self.path_mtu().map(|m| Value::Int(m.into())),
             "moved" => Some(Value::List(
                 self.counters().moved.into_iter().map(|(n, _)| n).collect(),
@@ -663,6 +701,18 @@ impl<'a> Facts<'a> {
         self.route()
             .and_then(|r| r.mtu)
             .or_else(|| self.egress_mtu())
+    }
+}
+
+/// The change key of the ruleset a rule belongs to: `nftables.inet t1` (native nft and
+/// iptables-nft, whose tables live in nftables), `iptables-legacy.ip filter`.
+pub fn rule_table_key(r: &crate::evidence::rules::RuleId) -> String {
+    match r.engine {
+        "nftables" => format!("nftables.{}", r.table),
+        "iptables-nft" => format!("nftables.ip {}", r.table),
+        "ip6tables-nft" => format!("nftables.ip6 {}", r.table),
+        "ip6tables-legacy" => format!("iptables-legacy.ip6 {}", r.table),
+        _ => format!("iptables-legacy.ip {}", r.table),
     }
 }
 

@@ -16,6 +16,13 @@ pub const BUILTIN: &str = include_str!("rules.toml");
 pub struct Cause {
     pub title: String,
     pub meaning: String,
+    /// The configuration changes this cause depends on, as change keys (`*` matches any run
+    /// of characters; `{ifname}`, `{in_ifname}`, `{out_ifname}`, `{tunnel_dev}` are filled
+    /// from the drop, `{rule_table}` with the ruleset of the dropping rule; `a|b` takes the
+    /// first alternative that can be filled). The latest such change before a drop, in its
+    /// namespace, is named in its evidence.
+    #[serde(default)]
+    pub changes: Vec<String>,
 }
 
 /// One or several strings (TOML allows either for `reason` and `at`).
@@ -92,6 +99,15 @@ impl Table {
     /// Parses and validates a table.
     pub fn parse(text: &str) -> Result<Self> {
         let mut table: Table = toml::from_str(text).context("cause table is not valid TOML")?;
+        for (id, cause) in &table.cause {
+            for pattern in &cause.changes {
+                for name in placeholders(pattern) {
+                    if !CHANGE_PLACEHOLDERS.contains(&name) {
+                        bail!("cause {id}: unknown placeholder {{{name}}} in changes");
+                    }
+                }
+            }
+        }
         for (i, rule) in table.rule.iter_mut().enumerate() {
             let at = || format!("rule {} (cause {})", i + 1, rule.cause);
             if !table.cause.contains_key(&rule.cause) {
@@ -129,6 +145,23 @@ impl Table {
     pub fn builtin() -> Self {
         Self::parse(BUILTIN).expect("built-in cause table is valid (checked by tests)")
     }
+}
+
+/// Placeholders a cause's change keys may use: the devices of the drop.
+pub const CHANGE_PLACEHOLDERS: &[&str] = &[
+    "ifname",
+    "in_ifname",
+    "out_ifname",
+    "tunnel_dev",
+    "rule_table",
+];
+
+/// The `{name}`s of a text.
+fn placeholders(text: &str) -> Vec<&str> {
+    text.split('{')
+        .skip(1)
+        .filter_map(|s| s.split_once('}').map(|(n, _)| n))
+        .collect()
 }
 
 fn is_scalar(v: &toml::Value) -> bool {

@@ -170,6 +170,8 @@ impl Investigator for Live {
             src: Some(flow.src),
             iif,
             mark: d.mark.filter(|&m| m != 0),
+            proto: Some(flow.proto),
+            ports: flow.ports,
         };
         routes::get(path.as_deref(), query)
     }
@@ -220,6 +222,8 @@ impl Investigator for Live {
             src: None,
             iif: None,
             mark: None,
+            proto: None,
+            ports: None,
         };
         routes::get(path.as_deref(), query)
     }

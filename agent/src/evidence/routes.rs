@@ -6,7 +6,7 @@ use std::{fs, net::IpAddr, path::Path, process::Command};
 use ipnet::IpNet;
 use serde_json::Value;
 
-use super::netns::in_namespace;
+use super::{netns::in_namespace, policy};
 
 /// What to ask the kernel's route lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,9 @@ pub struct RouteQuery {
     /// Route as a packet received on this interface (input lookup); `None`: as sent locally.
     pub iif: Option<String>,
     pub mark: Option<u32>,
+    /// IP protocol and ports (policy rules may select on them).
+    pub proto: Option<u8>,
+    pub ports: Option<(u16, u16)>,
 }
 
 /// The kernel's answer for one packet.
@@ -33,6 +36,13 @@ pub struct Route {
     pub mtu_expires: Option<u64>,
     /// MTU of the route's device (what applies when the route has no MTU of its own).
     pub dev_mtu: Option<u32>,
+    /// For a refused packet: the policy rule that decided, as `ip rule` prints it, when it
+    /// is not the main table's.
+    pub rule: Option<String>,
+    /// The `ip route del` arguments that remove the deciding route, when one decided.
+    pub entry: Option<String>,
+    /// The main table's route for the destination when another table decided first.
+    pub bypassed_main: Option<String>,
 }
 
 impl Route {
@@ -54,7 +64,7 @@ pub fn get(ns: Option<&Path>, q: RouteQuery) -> Option<Route> {
                 r.dev_mtu = json[0]["dev"].as_str().and_then(device_mtu);
                 r
             }),
-            Err(kind) => Some(refusing_route(kind, q.dst)),
+            Err(kind) => Some(refusing_route(kind, &q)),
         }
     })
     .flatten()
@@ -89,6 +99,17 @@ fn route_get(q: &RouteQuery) -> Result<Value, &'static str> {
     if let Some(mark) = q.mark {
         args.extend(["mark".into(), mark.to_string()]);
     }
+    if let Some(p) = q.proto.filter(|&p| p != 0) {
+        args.extend(["ipproto".into(), p.to_string()]);
+        if let Some((sport, dport)) = q.ports {
+            args.extend([
+                "sport".into(),
+                sport.to_string(),
+                "dport".into(),
+                dport.to_string(),
+            ]);
+        }
+    }
     let out = Command::new("ip").args(&args).output().map_err(|_| "")?;
     if out.status.success() {
         return serde_json::from_slice(&out.stdout).map_err(|_| "");
@@ -111,21 +132,92 @@ pub fn kind_of_error(stderr: &str) -> &'static str {
     }
 }
 
-/// A route the kernel refused the packet with, named from the routes of that kind.
-fn refusing_route(kind: &'static str, dst: IpAddr) -> Route {
-    let text = match kind {
-        "none" => "no route to it in the tables the policy rules consult".to_string(),
-        "" => "the route lookup failed".to_string(),
-        kind => typed_route(kind, dst)
-            .unwrap_or_else(|| format!("a {kind} route (the kernel's lookup answered so)")),
-    };
-    Route {
+/// A route the kernel refused the packet with. The policy rules and tables are walked to name
+/// the rule and route that decided; when the walk cannot say (or disagrees with the kernel),
+/// the most specific route of that kind in any table is named as such.
+fn refusing_route(kind: &'static str, q: &RouteQuery) -> Route {
+    let mut route = Route {
         kind: if kind.is_empty() { "none" } else { kind },
-        text,
+        text: String::new(),
         mtu: None,
         mtu_expires: None,
         dev_mtu: None,
+        rule: None,
+        entry: None,
+        bypassed_main: None,
+    };
+    let decision = (!kind.is_empty())
+        .then(|| decide(q))
+        .flatten()
+        .filter(|d| d.kind == kind || (kind == "none" && d.kind == "none"));
+    if let Some(d) = decision {
+        let rule = d.rule.as_ref().map(|r| r.text.clone());
+        route.text = match (&d.route, &rule) {
+            (Some(r), Some(rule)) if !rule.ends_with("lookup main") => {
+                format!("{} (ip rule {rule})", r.text)
+            }
+            (Some(r), _) => r.text.clone(),
+            (None, Some(rule)) => format!("ip rule {rule}"),
+            (None, None) => format!(
+                "no route to it in the tables the policy rules consult ({})",
+                d.consulted.join(", ")
+            ),
+        };
+        route.entry = d.route.as_ref().map(|r| r.text.clone());
+        route.rule = rule.filter(|r| !r.ends_with("lookup main"));
+        if d.route.is_some() && route.rule.is_some() {
+            route.bypassed_main = main_route(q);
+        }
+        return route;
     }
+    route.text = match kind {
+        "none" => "no route to it in the tables the policy rules consult".to_string(),
+        "" => "the route lookup failed".to_string(),
+        kind => typed_route(kind, q.dst)
+            .map(|r| format!("{r} (the most specific {kind} route in any table)"))
+            .unwrap_or_else(|| format!("a {kind} route (the kernel's lookup answered so)")),
+    };
+    route
+}
+
+/// The policy walk for `q`, in the calling thread's namespace.
+fn decide(q: &RouteQuery) -> Option<policy::Decision> {
+    let v4 = q.dst.is_ipv4();
+    let family = if v4 { "-4" } else { "-6" };
+    let rules = policy::parse_rules(&ip_json(&[family, "-j", "rule", "show"])?);
+    let packet = policy::Packet {
+        dst: q.dst,
+        src: q.src.filter(|s| !s.is_unspecified()),
+        iif: q.iif.clone(),
+        mark: q.mark.unwrap_or(0),
+        proto: q.proto,
+        sport: q.ports.map(|p| p.0),
+        dport: q.ports.map(|p| p.1),
+    };
+    policy::decide(&rules, &packet, |table| {
+        ip_json(&[family, "-j", "route", "show", "table", table])
+            .map(|j| policy::parse_table(&j, table, v4))
+            .unwrap_or_default()
+    })
+}
+
+/// The main table's most specific unicast route to `q.dst`, as `ip route` prints it.
+fn main_route(q: &RouteQuery) -> Option<String> {
+    let v4 = q.dst.is_ipv4();
+    let json = ip_json(&[
+        if v4 { "-4" } else { "-6" },
+        "-j",
+        "route",
+        "show",
+        "table",
+        "main",
+    ])?;
+    policy::parse_table(&json, "main", v4)
+        .into_iter()
+        .filter(|r| r.prefix.contains(&q.dst))
+        .max_by_key(|r| r.prefix.prefix_len())
+        .filter(|r| r.kind == "unicast")
+        .map(|r| r.text)
 }
 
 /// The most specific route of `kind` containing `dst`, in any table.
@@ -136,6 +228,11 @@ fn typed_route(kind: &str, dst: IpAddr) -> Option<String> {
         .output()
         .ok()?;
     best_match(&String::from_utf8_lossy(&out.stdout), dst)
+}
+
+fn ip_json(args: &[&str]) -> Option<Value> {
+    let out = Command::new("ip").args(args).output().ok()?;
+    serde_json::from_slice(&out.stdout).ok()
 }
 
 /// The first route of `ip -d -j route get` output, as a [`Route`].
@@ -180,6 +277,9 @@ pub fn parse_route(json: &Value, dst: IpAddr) -> Option<Route> {
         mtu,
         mtu_expires,
         dev_mtu: None,
+        rule: None,
+        entry: None,
+        bypassed_main: None,
     })
 }
 

@@ -12,8 +12,8 @@ use std::{
 use serde_json::{json, Value};
 
 use super::{
-    json::{attach_json, drop_json, emit, summary_json},
-    AttachInfo, Clock, DropRecord, Progress, Sink, Summary,
+    json::{attach_json, change_json, drop_json, emit, summary_json},
+    AttachInfo, ChangeRecord, Clock, DropRecord, Progress, Sink, Summary,
 };
 
 /// Kinds of drop explained per log interval; further new kinds are only counted.
@@ -124,6 +124,12 @@ impl<W: Write> Sink for DigestLog<W> {
             return;
         }
         let v = drop_json(record, &self.clock);
+        emit(&mut self.out, &v);
+    }
+
+    /// Every change is logged: they are rare, and what an incident review needs.
+    fn change(&mut self, record: &ChangeRecord) {
+        let v = change_json(record, &self.clock);
         emit(&mut self.out, &v);
     }
 

@@ -35,6 +35,13 @@ pub struct DropRecord {
     pub netns_name: Option<String>,
 }
 
+/// A configuration change, as reported.
+#[derive(Debug, Clone)]
+pub struct ChangeRecord {
+    pub change: Arc<crate::changes::Change>,
+    pub netns_name: Option<String>,
+}
+
 /// What was attached, printed first.
 #[derive(Debug, Clone)]
 pub struct AttachInfo {
@@ -88,6 +95,8 @@ pub trait Sink {
     fn attach(&mut self, info: &AttachInfo);
     /// One record, standing for `record.count` drops.
     fn drop(&mut self, record: &DropRecord);
+    /// A configuration change in a watched namespace.
+    fn change(&mut self, _record: &ChangeRecord) {}
     /// Once per interval, after that interval's records.
     fn tick(&mut self, _progress: &Progress) {}
     /// The probes are detached; nothing follows.
@@ -105,6 +114,9 @@ impl Sink for Fanout {
         self.0
             .iter_mut()
             .for_each(|s| Sink::drop(s.as_mut(), record));
+    }
+    fn change(&mut self, record: &ChangeRecord) {
+        self.0.iter_mut().for_each(|s| s.change(record));
     }
     fn tick(&mut self, progress: &Progress) {
         self.0.iter_mut().for_each(|s| s.tick(progress));
@@ -162,7 +174,29 @@ impl Clock {
         let ns = (ktime_ns as i128 + self.offset_ns) as i64;
         DateTime::from_timestamp_nanos(ns)
     }
+
+    /// The kernel's monotonic clock now (what bpf_ktime_get_ns reads).
+    pub fn now_ns(&self) -> u64 {
+        monotonic_ns()
+    }
+
+    /// A kernel timestamp as local time of day ("03:12:44").
+    pub fn local_time(&self, ktime_ns: u64) -> String {
+        self.wall(ktime_ns)
+            .with_timezone(&chrono::Local)
+            .format("%H:%M:%S")
+            .to_string()
+    }
 }
+
+/// The kernel's monotonic clock (what bpf_ktime_get_ns reads), in ns.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+impl Clock {}
 
 /// Top `n` entries of a count map, largest first (ties by name, for stable output).
 pub fn top<K: ToString, M: IntoIterator<Item = (K, u64)>>(map: M, n: usize) -> Vec<(String, u64)> {

@@ -3,7 +3,7 @@ use std::io::Write;
 
 use owo_colors::OwoColorize;
 
-use super::{top, AttachInfo, Clock, DropRecord, Sink, Summary};
+use super::{top, AttachInfo, ChangeRecord, Clock, DropRecord, Sink, Summary};
 
 pub struct TextSink<W: Write> {
     out: W,
@@ -111,6 +111,24 @@ pub fn drop_line(r: &DropRecord, clock: &Clock) -> String {
     )
 }
 
+/// The line describing a configuration change.
+pub fn change_line(r: &ChangeRecord, clock: &Clock) -> String {
+    let c = &r.change;
+    let ns = match &r.netns_name {
+        Some(name) => format!("netns {name}"),
+        None => format!("netns {}", c.netns),
+    };
+    let by = match &c.process {
+        Some(p) => format!("  by {p}"),
+        None => String::new(),
+    };
+    format!(
+        "{}  change  {}  ({ns}){by}",
+        clock.local_time(c.ts_ns),
+        c.what()
+    )
+}
+
 impl<W: Write> Sink for TextSink<W> {
     fn attach(&mut self, info: &AttachInfo) {
         let probes = probe_summary(&info.probes);
@@ -155,6 +173,16 @@ impl<W: Write> Sink for TextSink<W> {
                 let _ = writeln!(self.out, "          {} {stack}", self.paint("stack:", dim));
             }
         }
+        let _ = self.out.flush();
+    }
+
+    fn change(&mut self, r: &ChangeRecord) {
+        let line = change_line(r, &self.clock);
+        let _ = writeln!(
+            self.out,
+            "{}",
+            line.replacen("change", &self.paint("change", bold), 1)
+        );
         let _ = self.out.flush();
     }
 
@@ -203,6 +231,9 @@ impl<W: Write> Sink for TextSink<W> {
             let pods = top(t.pod_counts(), 3);
             if !pods.is_empty() {
                 let _ = writeln!(o, "    pods: {}", list(&pods));
+            }
+            for c in &t.changes {
+                let _ = writeln!(o, "    changed: {c}");
             }
             if let Some((v, share)) = t.representative() {
                 let which = if share < 0.999 {

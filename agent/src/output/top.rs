@@ -2,7 +2,7 @@
 //! screen is redrawn in place; otherwise one line per cause per interval.
 use std::{collections::HashMap, io::Write};
 
-use super::{top, AttachInfo, DropRecord, Progress, Sink, Summary};
+use super::{top, AttachInfo, ChangeRecord, DropRecord, Progress, Sink, Summary};
 use crate::pipeline::CauseTotals;
 
 /// Renders the live view; drop records themselves are not printed.
@@ -15,11 +15,14 @@ pub struct TopView<W: Write> {
     header: Vec<String>,
     /// Columns and rows, when fixed (tests); otherwise the terminal's, read for every frame.
     screen: Option<(usize, usize)>,
+    /// The latest configuration changes, shown under the table.
+    changes: Vec<String>,
 }
 
-/// Lines of a frame above the cause rows besides the header's: the time, a blank line and the
-/// column titles.
-const FIXED_LINES: usize = 3;
+/// Changes listed under the table, at most.
+const SHOWN_CHANGES: usize = 3;
+/// A cause whose linked change is this recent is marked (its rate may have moved with it).
+const RECENT_CHANGE_NS: u64 = 30_000_000_000;
 
 impl<W: Write> TopView<W> {
     pub fn new(out: W, tty: bool) -> Self {
@@ -29,6 +32,7 @@ impl<W: Write> TopView<W> {
             last: HashMap::new(),
             header: Vec::new(),
             screen: None,
+            changes: Vec::new(),
         }
     }
 
@@ -48,55 +52,75 @@ impl<W: Write> TopView<W> {
             .collect();
         rows.sort_by(|a, b| b.2.total_cmp(&a.2).then(b.1.count.cmp(&a.1.count)));
         let now = chrono::Local::now().format("%H:%M:%S");
-        let (columns, lines) = self.screen();
-        let mut o = Vec::new();
-        let mut shown = rows.len();
-        if self.tty {
-            // One screen: the header and every row cut to the width, as many rows as fit.
-            let _ = write!(o, "\x1b[H\x1b[2J");
-            for line in &self.header {
-                let _ = writeln!(o, "{}", fit(line, columns));
-            }
-            let _ = writeln!(
-                o,
-                "{}\n",
-                fit(&format!("{now}  lost events: {lost}"), columns)
-            );
-            let title = format!(
-                "{:>10}  {:>10}  {:<22} top reason @ location, interface",
-                "drops/s", "total", "cause"
-            );
-            let _ = writeln!(o, "{}", fit(&title, columns));
-            // Rows that fit; when some do not, the last line says how many.
-            let room = lines.saturating_sub(self.header.len() + FIXED_LINES).max(2);
-            if rows.len() > room {
-                shown = room - 1;
-            }
-        }
-        for (id, t, rate) in rows.iter().take(shown) {
+        let now_ns = super::monotonic_ns();
+        let lines_of = |(id, t, rate): &(&String, &CauseTotals, f64)| {
+            // A cause whose evidence names a recent change: its rate may have moved with it.
+            let changed = t
+                .changes
+                .iter()
+                .any(|c| now_ns.saturating_sub(c.ts_ns) < RECENT_CHANGE_NS);
+            let id = if changed {
+                format!("{id} *")
+            } else {
+                id.to_string()
+            };
             let reason = top(t.reasons.iter().map(|(k, v)| (k, *v)), 1);
             let loc = top(t.locations.iter().map(|(k, v)| (k, *v)), 1);
             let iface = top(t.ifaces.iter().map(|(k, v)| (k, *v)), 1);
             let first = |v: &[(String, u64)]| v.first().map(|x| x.0.clone()).unwrap_or_default();
             let what = format!("{} @ {}, {}", first(&reason), first(&loc), first(&iface));
-            if self.tty {
-                let row = format!("{rate:>10.1}  {:>10}  {id:<22} {what}", t.count);
-                let _ = writeln!(o, "{}", fit(&row, columns));
-            } else {
-                let _ = writeln!(o, "{now} {id} rate={rate:.1}/s total={} {what}", t.count);
+            (id, *rate, t.count, what)
+        };
+        let mut o = Vec::new();
+        if !self.tty {
+            for row in &rows {
+                let (id, rate, count, what) = lines_of(row);
+                let _ = writeln!(o, "{now} {id} rate={rate:.1}/s total={count} {what}");
             }
-        }
-        if rows.is_empty() && self.tty {
-            let _ = writeln!(o, "{:>10}  {:>10}  no drops yet", "-", "-");
-        }
-        if shown < rows.len() {
-            let more = format!(
-                "{:>10}  {:>10}  ... and {} more causes (Ctrl-C for the summary)",
-                "",
-                "",
-                rows.len() - shown
-            );
-            let _ = write!(o, "{}", fit(&more, columns));
+        } else {
+            // One screen: the header, the table and the latest changes, every line cut to the
+            // width, as many rows as fit (the last line says how many did not).
+            let (columns, height) = self.screen();
+            let mut screen: Vec<String> = self.header.clone();
+            screen.push(format!("{now}  lost events: {lost}"));
+            screen.push(String::new());
+            screen.push(format!(
+                "{:>10}  {:>10}  {:<22} top reason @ location, interface",
+                "drops/s", "total", "cause"
+            ));
+            let mut tail = Vec::new();
+            if !self.changes.is_empty() {
+                tail.push(String::new());
+                tail.push(
+                    "latest changes (* marks a cause whose evidence names one of the last 30 s):"
+                        .to_string(),
+                );
+                tail.extend(self.changes.iter().map(|c| format!("  {c}")));
+            }
+            let room = height.saturating_sub(screen.len() + tail.len()).max(2);
+            let shown = if rows.len() > room {
+                room - 1
+            } else {
+                rows.len()
+            };
+            for row in rows.iter().take(shown) {
+                let (id, rate, count, what) = lines_of(row);
+                screen.push(format!("{rate:>10.1}  {count:>10}  {id:<22} {what}"));
+            }
+            if rows.is_empty() {
+                screen.push(format!("{:>10}  {:>10}  no drops yet", "-", "-"));
+            }
+            if shown < rows.len() {
+                screen.push(format!(
+                    "{:>10}  {:>10}  ... and {} more causes (Ctrl-C for the summary)",
+                    "",
+                    "",
+                    rows.len() - shown
+                ));
+            }
+            screen.extend(tail);
+            let fitted: Vec<String> = screen.iter().map(|l| fit(l, columns)).collect();
+            let _ = write!(o, "\x1b[H\x1b[2J{}", fitted.join("\n"));
         }
         let _ = self.out.write_all(&o);
         let _ = self.out.flush();
@@ -116,6 +140,17 @@ impl<W: Write> Sink for TopView<W> {
     }
 
     fn drop(&mut self, _record: &DropRecord) {}
+
+    fn change(&mut self, record: &ChangeRecord) {
+        let line = super::text::change_line(record, &super::Clock::new());
+        if !self.tty {
+            let _ = writeln!(self.out, "{line}");
+        }
+        if self.changes.len() >= SHOWN_CHANGES {
+            self.changes.remove(0);
+        }
+        self.changes.push(line);
+    }
 
     fn tick(&mut self, progress: &Progress) {
         self.frame(progress.causes, progress.seconds, progress.lost);
@@ -224,6 +259,20 @@ mod tests {
             screen.contains("cause_29"),
             "the fastest cause first: {screen}"
         );
+
+        // The latest changes take their lines from the table, not from the screen's height.
+        let mut buf = Vec::new();
+        let mut view = TopView::new(&mut buf, true);
+        view.screen = Some((140, 12));
+        view.changes = (0..SHOWN_CHANGES)
+            .map(|i| format!("10:07:3{i}  change  net.ipv4.ip_forward 1 -> 0  (netns gw)"))
+            .collect();
+        view.frame(&causes, 1.0, 0);
+        let text = String::from_utf8(buf).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 12, "{text}");
+        assert!(lines.last().unwrap().contains("change"), "{text}");
+        assert!(text.contains("more causes"), "{text}");
     }
 
     #[test]

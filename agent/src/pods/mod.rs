@@ -115,6 +115,8 @@ pub struct Resolver {
     scanned: Option<Instant>,
     /// Namespaces seen in drops that the last scan found no pod in.
     not_pods: HashSet<u32>,
+    /// Kubelet's pod directories as the last scan read them (for cgroup lookups).
+    logs: PodLogs,
 }
 
 impl Resolver {
@@ -131,6 +133,7 @@ impl Resolver {
             snap: Snapshot::default(),
             scanned: None,
             not_pods: HashSet::new(),
+            logs: PodLogs::default(),
         }
     }
 
@@ -143,6 +146,7 @@ impl Resolver {
             let own_addrs = addrs::of_process(std::process::id());
             build(procs::scan(self.own), &logs, &own_addrs, addrs::of_process)
         };
+        self.logs = logs;
         self.scanned = Some(Instant::now());
         self.not_pods.clear();
     }
@@ -177,6 +181,33 @@ impl Resolver {
             }
         }
         None
+    }
+
+    /// The pod and container of a process in cgroup `path` (a cgroup v2 path as
+    /// /proc/PID/cgroup gives it): `(None, None)` outside kubelet's tree.
+    pub fn for_cgroup(&mut self, path: &str) -> (Option<Arc<PodRef>>, Option<String>) {
+        let Some(pc) = cgroup::parse_path(path) else {
+            return (None, None);
+        };
+        if !self.logs.pods.contains_key(&pc.uid) && self.may_rescan() {
+            self.scan();
+        }
+        let container = pc.container_id.as_ref().map(|id| {
+            self.logs
+                .container_names
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| id[..id.len().min(12)].to_string())
+        });
+        let pod = self.logs.pods.get(&pc.uid).map(|dir| {
+            Arc::new(PodRef {
+                namespace: dir.namespace.clone(),
+                name: dir.name.clone(),
+                uid: dir.uid.clone(),
+                container: container.clone(),
+            })
+        });
+        (pod, container)
     }
 
     fn by_address(&mut self, flow: &Flow) -> Option<Arc<PodRef>> {

@@ -12,7 +12,7 @@ use prometheus_client::{
 };
 
 use super::bounded::{BoundedFamily, Fold};
-use crate::output::{AttachInfo, DropRecord, Progress, Sink, Summary};
+use crate::output::{AttachInfo, ChangeRecord, DropRecord, Progress, Sink, Summary};
 
 /// The label value that stands for every label set beyond the cardinality bound.
 const OTHER: &str = "other";
@@ -79,6 +79,11 @@ struct UnsentLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ChangeLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ProbeLabels {
     probe: &'static str,
     mode: &'static str,
@@ -98,6 +103,7 @@ pub struct Metrics {
     events_lost: Counter,
     suppressed: Counter,
     probes: Family<ProbeLabels, Gauge>,
+    changes: Family<ChangeLabels, Counter>,
     /// Kernel totals already added to `events_lost` and `suppressed` (they are cumulative).
     seen_lost: u64,
     seen_suppressed: u64,
@@ -116,6 +122,7 @@ impl Metrics {
             (Counter::default(), Counter::default(), Counter::default());
         let probes = Family::<ProbeLabels, Gauge>::default();
         let build = Family::<BuildLabels, Gauge>::default();
+        let changes = Family::<ChangeLabels, Counter>::default();
         // Counters get their `_total` suffix from the encoder.
         registry.register(
             "drops",
@@ -141,6 +148,11 @@ impl Metrics {
             "drops_suppressed",
             "Benign drops counted but not reported (see --all)",
             suppressed.clone(),
+        );
+        registry.register(
+            "changes",
+            "Configuration changes seen in the watched namespaces, by kind (sysctl, netconf, link, route, address, nftables, iptables_legacy)",
+            changes.clone(),
         );
         registry.register(
             "probe_info",
@@ -174,6 +186,7 @@ impl Metrics {
             events_lost,
             suppressed,
             probes,
+            changes,
             seen_lost: 0,
             seen_suppressed: 0,
             health,
@@ -246,6 +259,14 @@ impl Sink for Metrics {
                 .get_or_create(&UnsentLabels { kind })
                 .inc_by(record.count);
         }
+    }
+
+    fn change(&mut self, record: &ChangeRecord) {
+        self.changes
+            .get_or_create(&ChangeLabels {
+                kind: record.change.kind.as_str(),
+            })
+            .inc();
     }
 
     fn tick(&mut self, progress: &Progress) {
