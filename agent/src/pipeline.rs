@@ -225,9 +225,7 @@ impl Pipeline {
     /// Feeds every change made before `ts_ns`, waiting briefly for the watcher to read them,
     /// so that a drop's evidence names the change that preceded it.
     fn catch_up(&mut self, ts_ns: u64, sink: &mut dyn Sink) {
-        let Some(feed) = self.feed.clone() else {
-            return;
-        };
+        let Some(feed) = self.feed.clone() else { return };
         if feed.behind(ts_ns) {
             for c in feed.up_to(ts_ns, CATCH_UP_PATIENCE) {
                 self.on_change(c, sink);
@@ -432,9 +430,7 @@ impl Pipeline {
             self.catch_up(d.ts_ns, sink);
             match self.changes.latest(d.netns, &patterns, d.ts_ns) {
                 Some(c) => {
-                    verdict
-                        .evidence
-                        .push_str(&format!("; {}", self.describe(&c, d.ts_ns)));
+                    verdict.evidence.push_str(&format!("; {}", self.describe(&c, d.ts_ns)));
                     verdict.attribution.change = Some(c);
                 }
                 None => verdict.evidence.push_str(&self.unchanged(&patterns)),
@@ -452,10 +448,7 @@ impl Pipeline {
             _ => format!(
                 "{} changed at {at}{}",
                 c.key,
-                c.detail
-                    .as_ref()
-                    .map(|d| format!(" ({d})"))
-                    .unwrap_or_default()
+                c.detail.as_ref().map(|d| format!(" ({d})")).unwrap_or_default()
             ),
         };
         match &c.process {
@@ -513,8 +506,7 @@ impl Pipeline {
             .expect("inserted above");
         t.count += n;
         if let Some(c) = &v.attribution.change {
-            if t.changes.len() < MAX_CHANGES_PER_CAUSE
-                && !t.changes.iter().any(|x| Arc::ptr_eq(x, c))
+            if t.changes.len() < MAX_CHANGES_PER_CAUSE && !t.changes.iter().any(|x| Arc::ptr_eq(x, c))
             {
                 t.changes.push(c.clone());
             }

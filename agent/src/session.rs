@@ -25,8 +25,8 @@ use crate::{
     events::Decoder,
     evidence::{counters, investigator, netns, rules},
     kernel::{attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
-    output::monotonic_ns,
     output::{json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, Progress, Sink},
+    output::monotonic_ns,
     pipeline::{Pipeline, StackReader, Traced, Watched},
     pods::{self, PodName},
 };

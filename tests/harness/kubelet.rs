@@ -112,10 +112,8 @@ impl Kubelet {
         for (i, container) in containers.iter().enumerate() {
             let cid = id(i + 1);
             self.spawn_in(ns, container, &container_cgroup(&cid));
-            pod.cgroups.push((
-                container.to_string(),
-                self.cgroups.join(container_cgroup(&cid)),
-            ));
+            pod.cgroups
+                .push((container.to_string(), self.cgroups.join(container_cgroup(&cid))));
             let log = logs.join(container).join("0.log");
             fs::create_dir_all(log.parent().unwrap()).unwrap();
             fs::write(&log, "").unwrap();

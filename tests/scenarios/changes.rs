@@ -10,8 +10,11 @@ use std::{
 };
 
 use dropscope_tests::{
-    iptables_rule_packets, kubelet::Driver, nft_rule_packets, observer::temp_path, topology::B4,
-    traffic::Udp, Kubelet, Netns, Nstat, Observer, Report, Topology,
+    kubelet::Driver,
+    iptables_rule_packets, nft_rule_packets, observer::temp_path,
+    topology::B4,
+    traffic::Udp,
+    Kubelet, Netns, Nstat, Observer, Report, Topology,
 };
 use serde_json::Value;
 
@@ -95,10 +98,7 @@ fn forwarding_turned_off_names_the_process_that_did_it() {
     let decoy = bin.link("decoy", "sysctl");
     let obs = Observer::start(&["--netns", &t.r.name]);
     let before = Nstat::read(&t.r);
-    t.r.sh(&format!(
-        "{} -qw net.ipv4.ip_forward=0",
-        fwdkiller.display()
-    ));
+    t.r.sh(&format!("{} -qw net.ipv4.ip_forward=0", fwdkiller.display()));
     // Changed later, but in another namespace and a setting these drops do not depend on.
     decoy_ns.sh(&format!("{} -qw net.ipv4.ip_forward=0", decoy.display()));
     t.r.sh(&format!(
@@ -112,11 +112,7 @@ fn forwarding_turned_off_names_the_process_that_did_it() {
     let counted = Expect::routed(&t, "forwarding_disabled", 9500).check(&report);
     assert_eq!((counted, kernel), (3, 3));
     let c = change(&report, "net.ipv4.ip_forward", &t.r);
-    assert_eq!(
-        (&c["kind"], &c["old"], &c["new"]),
-        (&"sysctl".into(), &"1".into(), &"0".into()),
-        "{c:#}"
-    );
+    assert_eq!((&c["kind"], &c["old"], &c["new"]), (&"sysctl".into(), &"1".into(), &"0".into()), "{c:#}");
     assert_eq!(c["process"]["comm"], "fwdkiller", "{c:#}");
     assert_eq!(c["netns_name"], t.r.name.as_str(), "{c:#}");
     // Writing ip_forward rewrites every device's forwarding: one change, not one per device.
@@ -171,10 +167,7 @@ fn rp_filter_written_by_a_shell_names_the_shell() {
     let t = Topology::new();
     t.a.sh("ip addr add 10.231.9.2/32 dev a0");
     t.r.sh("ip route add 10.231.9.0/24 via 10.231.2.2");
-    let old =
-        t.r.sh("cat /proc/sys/net/ipv4/conf/all/rp_filter")
-            .trim()
-            .to_string();
+    let old = t.r.sh("cat /proc/sys/net/ipv4/conf/all/rp_filter").trim().to_string();
     assert_ne!(old, "1", "namespace starts in strict mode");
     let bin = Aliases::new();
     let script = bin.script(
@@ -198,9 +191,8 @@ fn rp_filter_written_by_a_shell_names_the_shell() {
     assert_eq!((&c["old"], &c["new"]), (&old.as_str().into(), &"1".into()));
     let ev = evidence(&report, "rp_filter");
     assert!(
-        ev.contains(&format!(
-            "net.ipv4.conf.all.rp_filter changed {old} -> 1 at "
-        )) && ev.contains("by tighten-rpf (pid "),
+        ev.contains(&format!("net.ipv4.conf.all.rp_filter changed {old} -> 1 at "))
+            && ev.contains("by tighten-rpf (pid "),
         "{ev}"
     );
 }
@@ -304,11 +296,7 @@ fn mtu_lowered_is_dated_with_old_and_new() {
         (2, 2)
     );
     let c = change(&report, "link.r1.mtu", &t.r);
-    assert_eq!(
-        (&c["kind"], &c["old"], &c["new"]),
-        (&"link".into(), &"1500".into(), &"1280".into()),
-        "{c:#}"
-    );
+    assert_eq!((&c["kind"], &c["old"], &c["new"]), (&"link".into(), &"1500".into(), &"1280".into()), "{c:#}");
     let ev = evidence(&report, "mtu_exceeded");
     assert!(ev.contains("link.r1.mtu changed 1500 -> 1280 at "), "{ev}");
 }
@@ -318,24 +306,11 @@ fn sysctl_written_from_a_pod_names_the_pod() {
     let t = Topology::new();
     let mut k = Kubelet::new();
     // A privileged agent pod sharing R's network namespace, like a CNI or proxy DaemonSet.
-    let pod = k.run_pod(
-        &t.r,
-        "kube-system",
-        "net-tuner",
-        &["tuner"],
-        Driver::Systemd,
-        true,
-    );
+    let pod = k.run_pod(&t.r, "kube-system", "net-tuner", &["tuner"], Driver::Systemd, true);
     let bin = Aliases::new();
     let tuner = bin.link("tuner", "sysctl");
     let obs = Observer::start(&["--netns", &t.r.name, "--pods-root", k.root_arg()]);
-    k.exec(
-        &t.r,
-        &pod,
-        "tuner",
-        &tuner,
-        &["-qw", "net.ipv4.ip_forward=0"],
-    );
+    k.exec(&t.r, &pod, "tuner", &tuner, &["-qw", "net.ipv4.ip_forward=0"]);
     Udp::to(B4, 9506).count(2).send(&t.a);
     let report = obs.stop();
     Expect::routed(&t, "forwarding_disabled", 9506).check(&report);
@@ -370,10 +345,5 @@ fn serve_counts_and_logs_changes() {
         .filter(|r| r["type"] == "change")
         .map(|r| r["key"].as_str().unwrap_or_default().to_string())
         .collect();
-    assert_eq!(
-        logged,
-        ["net.ipv4.conf.all.rp_filter", "link.r1.mtu"],
-        "{:#?}",
-        report.records
-    );
+    assert_eq!(logged, ["net.ipv4.conf.all.rp_filter", "link.r1.mtu"], "{:#?}", report.records);
 }

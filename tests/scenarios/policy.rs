@@ -9,10 +9,12 @@ use crate::{evidence, Expect};
 fn topology() -> Topology {
     let t = Topology::new();
     t.a.sh("ip addr add 10.231.9.2/32 dev a0");
-    t.r.sh("ip route add 10.231.9.0/24 via 10.231.1.2; \
+    t.r.sh(
+        "ip route add 10.231.9.0/24 via 10.231.1.2; \
          nft add table inet seen; \
          nft add chain inet seen pre '{ type filter hook prerouting priority -300; }'; \
-         nft add rule inet seen pre udp dport 9600-9699 counter comment '\"arrived\"'");
+         nft add rule inet seen pre udp dport 9600-9699 counter comment '\"arrived\"'",
+    );
     t
 }
 
@@ -20,10 +22,7 @@ fn topology() -> Topology {
 /// and how many of them reached R (its prerouting counter).
 fn observe(t: &Topology, dport: u16, count: usize) -> (dropscope_tests::Report, u64) {
     let obs = Observer::start(&["--netns", &t.r.name]);
-    Udp::to(B4, dport)
-        .from("10.231.9.2")
-        .count(count)
-        .send(&t.a);
+    Udp::to(B4, dport).from("10.231.9.2").count(count).send(&t.a);
     let report = obs.stop();
     (report, nft_rule_packets(&t.r, "arrived"))
 }
@@ -46,16 +45,10 @@ fn a_source_rule_to_a_blackhole_table_is_named_over_main() {
     let before = Nstat::read(&t.b);
     let (report, arrived) = observe(&t, 9600, 3);
     assert_eq!((expect(&t, 9600).check(&report), arrived), (3, 3));
-    assert_eq!(
-        Nstat::delta(&t.b, &before, "UdpNoPorts"),
-        0,
-        "nothing reached B"
-    );
+    assert_eq!(Nstat::delta(&t.b, &before, "UdpNoPorts"), 0, "nothing reached B");
     let ev = evidence(&report, "unreachable_route");
     assert!(
-        ev.contains(
-            "blackhole 10.231.2.0/24 table 100 (ip rule 100: from 10.231.9.0/24 lookup 100)"
-        ),
+        ev.contains("blackhole 10.231.2.0/24 table 100 (ip rule 100: from 10.231.9.0/24 lookup 100)"),
         "{ev}"
     );
     assert!(
@@ -87,9 +80,8 @@ fn a_mark_rule_to_an_unreachable_table_is_named() {
     assert_eq!((expect(&t, 9601).check(&report), arrived, sent), (4, 4, 4));
     let ev = evidence(&report, "unreachable_route");
     assert!(
-        ev.contains(
-            "unreachable 10.231.0.0/16 table 200 (ip rule 200: from all fwmark 0x42 lookup 200)"
-        ) && ev.contains("ICMP sent: host unreachable"),
+        ev.contains("unreachable 10.231.0.0/16 table 200 (ip rule 200: from all fwmark 0x42 lookup 200)")
+            && ev.contains("ICMP sent: host unreachable"),
         "{ev}"
     );
 }
@@ -121,11 +113,7 @@ fn a_rule_to_a_table_that_routes_is_no_drop() {
     let before = Nstat::read(&t.b);
     let (report, arrived) = observe(&t, 9603, 2);
     report.assert_consistent();
-    assert!(
-        report.drops().iter().all(|d| d["dport"] != 9603),
-        "{:#?}",
-        report.drops()
-    );
+    assert!(report.drops().iter().all(|d| d["dport"] != 9603), "{:#?}", report.drops());
     assert_eq!(arrived, 2);
     // B has no listener: the datagrams arrived there.
     assert_eq!(Nstat::delta(&t.b, &before, "UdpNoPorts"), 2);

@@ -534,14 +534,8 @@ impl<'a> Facts<'a> {
                 .route()
                 .filter(|r| r.entry.is_some())
                 .map(|r| Value::Bool(r.bypassed_main.is_some())),
-            "route_entry" => self
-                .route()
-                .and_then(|r| r.entry)
-                .map(|e| Value::Str(e.into())),
-            "route_rule" => self
-                .route()
-                .and_then(|r| r.rule)
-                .map(|e| Value::Str(e.into())),
+            "route_entry" => self.route().and_then(|r| r.entry).map(|e| Value::Str(e.into())),
+            "route_rule" => self.route().and_then(|r| r.rule).map(|e| Value::Str(e.into())),
             "route_rule_pref" => self
                 .route()
                 .and_then(|r| r.rule)

@@ -159,10 +159,7 @@ mod tests {
         assert!(!f.behind(10) && f.behind(11));
         let publisher = std::thread::spawn(move || {
             // The watcher's poll wakes on the pipeline's request.
-            let mut fds = [nix::poll::PollFd::new(
-                p.wake_fd(),
-                nix::poll::PollFlags::POLLIN,
-            )];
+            let mut fds = [nix::poll::PollFd::new(p.wake_fd(), nix::poll::PollFlags::POLLIN)];
             nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).unwrap();
             p.woken();
             p.publish(vec![change(15)], 20);

@@ -104,14 +104,8 @@ mod tests {
     #[test]
     fn globs() {
         assert!(glob("nftables.*", "nftables.inet drt"));
-        assert!(glob(
-            "net.ipv4.conf.*.forwarding",
-            "net.ipv4.conf.r0.forwarding"
-        ));
-        assert!(!glob(
-            "net.ipv4.conf.*.forwarding",
-            "net.ipv4.conf.r0.rp_filter"
-        ));
+        assert!(glob("net.ipv4.conf.*.forwarding", "net.ipv4.conf.r0.forwarding"));
+        assert!(!glob("net.ipv4.conf.*.forwarding", "net.ipv4.conf.r0.rp_filter"));
         assert!(glob("link.r1.mtu", "link.r1.mtu"));
         assert!(!glob("link.r1.mtu", "link.r10.mtu"));
     }
@@ -124,20 +118,10 @@ mod tests {
         log.push(change(2, 30, "net.ipv4.conf.all.forwarding"));
         log.push(change(1, 50, "net.ipv4.conf.all.forwarding"));
         let fwd = vec!["net.ipv4.conf.all.forwarding".to_string()];
-        assert_eq!(
-            log.latest(1, &fwd, 40).unwrap().ts_ns,
-            10,
-            "before the drop"
-        );
+        assert_eq!(log.latest(1, &fwd, 40).unwrap().ts_ns, 10, "before the drop");
         assert_eq!(log.latest(1, &fwd, 60).unwrap().ts_ns, 50);
-        assert!(
-            log.latest(3, &fwd, 60).is_none(),
-            "another namespace is never blamed"
-        );
+        assert!(log.latest(3, &fwd, 60).is_none(), "another namespace is never blamed");
         let rp = vec!["net.ipv4.conf.r1.rp_filter".to_string()];
-        assert!(
-            log.latest(1, &rp, 60).is_none(),
-            "another device is never blamed"
-        );
+        assert!(log.latest(1, &rp, 60).is_none(), "another device is never blamed");
     }
 }

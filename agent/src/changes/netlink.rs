@@ -333,10 +333,7 @@ impl NsMonitor {
                 } else {
                     "removed"
                 };
-                self.note(
-                    format!("chain {} {verb}", text(3)),
-                    format!("{family} {}", text(1)),
-                );
+                self.note(format!("chain {} {verb}", text(3)), format!("{family} {}", text(1)));
             }
             NFT_MSG_NEWRULE | NFT_MSG_DELRULE => {
                 let (table, chain) = (text(1), text(2));
@@ -486,10 +483,7 @@ fn read_conf() -> HashMap<String, String> {
             let dev = e.file_name().to_string_lossy().into_owned();
             for key in keys {
                 if let Ok(v) = std::fs::read_to_string(e.path().join(key)) {
-                    conf.insert(
-                        format!("net.{family}.conf.{dev}.{key}"),
-                        v.trim().to_string(),
-                    );
+                    conf.insert(format!("net.{family}.conf.{dev}.{key}"), v.trim().to_string());
                 }
             }
         }
@@ -549,10 +543,7 @@ pub fn parse_link(p: &[u8]) -> Option<(u32, String, u32, bool)> {
 
 /// An RTM_NEWROUTE/DELROUTE body: (table, "10.0.0.0/24 via 10.1.1.1 dev r1"), or `None` for
 /// routes the kernel makes for itself (cloned, cache, and the `local` table's entries).
-pub fn parse_route(
-    p: &[u8],
-    links: &HashMap<u32, (String, u32, bool)>,
-) -> Option<(String, String)> {
+pub fn parse_route(p: &[u8], links: &HashMap<u32, (String, u32, bool)>) -> Option<(String, String)> {
     // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
     let family = *p.first()?;
     let dst_len = *p.get(1)?;
@@ -576,12 +567,8 @@ pub fn parse_route(
     };
     let addr = |v: &Vec<u8>| -> Option<String> {
         match family {
-            AF_INET => {
-                Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(v.get(..4)?).ok()?).to_string())
-            }
-            AF_INET6 => {
-                Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(v.get(..16)?).ok()?).to_string())
-            }
+            AF_INET => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(v.get(..4)?).ok()?).to_string()),
+            AF_INET6 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(v.get(..16)?).ok()?).to_string()),
             _ => None,
         }
     };
@@ -617,19 +604,18 @@ pub fn parse_addr(p: &[u8], links: &HashMap<u32, (String, u32, bool)>) -> Option
     let raw = a.get(&IFA_LOCAL).or(a.get(&IFA_ADDRESS))?;
     let addr = match family {
         AF_INET => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(raw.get(..4)?).ok()?).to_string(),
-        AF_INET6 => {
-            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(raw.get(..16)?).ok()?).to_string()
-        }
+        AF_INET6 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(raw.get(..16)?).ok()?).to_string(),
         _ => return None,
     };
-    let dev = links
-        .get(&idx)
-        .map_or_else(|| format!("if{idx}"), |l| l.0.clone());
+    let dev = links.get(&idx).map_or_else(|| format!("if{idx}"), |l| l.0.clone());
     Some((dev, format!("{addr}/{prefix}")))
 }
 
 /// An RTM_NEWNETCONF body: the settings it carries, as (sysctl name, value).
-pub fn parse_netconf(p: &[u8], links: &HashMap<u32, (String, u32, bool)>) -> Vec<(String, String)> {
+pub fn parse_netconf(
+    p: &[u8],
+    links: &HashMap<u32, (String, u32, bool)>,
+) -> Vec<(String, String)> {
     // struct netconfmsg: family (padded to 4 bytes).
     let Some(&family) = p.first() else {
         return Vec::new();
@@ -660,10 +646,7 @@ pub fn parse_netconf(p: &[u8], links: &HashMap<u32, (String, u32, bool)>) -> Vec
         (NETCONFA_RP_FILTER, "rp_filter"),
     ] {
         if let Some(v) = u32_of(a.get(&attr)) {
-            out.push((
-                format!("net.{fam}.conf.{dev}.{name}"),
-                (v as i32).to_string(),
-            ));
+            out.push((format!("net.{fam}.conf.{dev}.{name}"), (v as i32).to_string()));
         }
     }
     out

@@ -45,8 +45,11 @@ impl Process {
             return None;
         }
         let alive = same_process(pid, comm);
-        let mut parents: Vec<(u32, String)> =
-            rest.iter().take_while(|(p, _)| *p != 0).cloned().collect();
+        let mut parents: Vec<(u32, String)> = rest
+            .iter()
+            .take_while(|(p, _)| *p != 0)
+            .cloned()
+            .collect();
         // Beyond what the kernel recorded, while the ancestors are still there.
         while parents.len() < MAX_PARENTS {
             let Some(&(top, ref name)) = parents.last() else {
@@ -286,9 +289,7 @@ mod tests {
         let p = Process::from_pid(me, comm.trim_end());
         assert!(p.exe.is_some(), "{p:?}");
         assert!(!p.parents.is_empty(), "{p:?}");
-        assert!(p
-            .to_string()
-            .starts_with(&format!("{} (pid {me}) <- ", comm.trim_end())));
+        assert!(p.to_string().starts_with(&format!("{} (pid {me}) <- ", comm.trim_end())));
         let mut idx = CgroupIndex::new();
         if let Some(path) = &p.cgroup {
             let root = idx.root.clone().unwrap();

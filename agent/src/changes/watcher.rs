@@ -16,7 +16,11 @@ use aya::maps::{MapData, RingBuf};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::{
-    feed::Publisher, kernel, netlink::NsMonitor, process::CgroupIndex, Change, ChangeKind,
+    feed::Publisher,
+    kernel,
+    netlink::NsMonitor,
+    process::CgroupIndex,
+    Change, ChangeKind,
 };
 use crate::evidence::netns::Registry;
 
@@ -261,18 +265,9 @@ mod tests {
     #[test]
     fn a_write_to_all_and_its_per_device_echoes_are_one_setting() {
         assert_eq!(setting("net.ipv4.ip_forward"), "net.ipv4.forwarding");
-        assert_eq!(
-            setting("net.ipv4.conf.all.forwarding"),
-            "net.ipv4.forwarding"
-        );
-        assert_eq!(
-            setting("net.ipv4.conf.r0.forwarding"),
-            "net.ipv4.forwarding"
-        );
+        assert_eq!(setting("net.ipv4.conf.all.forwarding"), "net.ipv4.forwarding");
+        assert_eq!(setting("net.ipv4.conf.r0.forwarding"), "net.ipv4.forwarding");
         assert_eq!(setting("net.ipv4.conf.r0.rp_filter"), "net.ipv4.rp_filter");
-        assert_ne!(
-            setting("net.ipv6.conf.r0.forwarding"),
-            "net.ipv4.forwarding"
-        );
+        assert_ne!(setting("net.ipv6.conf.r0.forwarding"), "net.ipv4.forwarding");
     }
 }

@@ -89,26 +89,9 @@ pub fn parse_rules(json: &Value) -> Vec<PolicyRule> {
 
 fn parse_rule(r: &Value) -> Option<PolicyRule> {
     const KNOWN: &[&str] = &[
-        "priority",
-        "not",
-        "src",
-        "srclen",
-        "dst",
-        "dstlen",
-        "iif",
-        "iif_detached",
-        "fwmark",
-        "fwmask",
-        "table",
-        "action",
-        "goto",
-        "nop",
-        "suppress_prefixlen",
-        "protocol",
-        "ipproto",
-        "sport",
-        "dport",
-        "flags",
+        "priority", "not", "src", "srclen", "dst", "dstlen", "iif", "iif_detached", "fwmark",
+        "fwmask", "table", "action", "goto", "nop", "suppress_prefixlen", "protocol", "ipproto",
+        "sport", "dport", "flags",
     ];
     let obj = r.as_object()?;
     let pref = u32::try_from(obj.get("priority")?.as_u64()?).ok()?;
@@ -127,19 +110,11 @@ fn parse_rule(r: &Value) -> Option<PolicyRule> {
             .and_then(Value::as_str)
             .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok())
     };
-    let port = |k: &str| {
-        obj.get(k)
-            .and_then(Value::as_u64)
-            .and_then(|p| u16::try_from(p).ok())
-    };
+    let port = |k: &str| obj.get(k).and_then(Value::as_u64).and_then(|p| u16::try_from(p).ok());
     let mut opaque = obj.keys().any(|k| !KNOWN.contains(&k.as_str()));
     let proto = match obj.get("ipproto") {
         None => None,
-        Some(v) => match v
-            .as_str()
-            .and_then(proto_number)
-            .or(v.as_u64().map(|n| n as u8))
-        {
+        Some(v) => match v.as_str().and_then(proto_number).or(v.as_u64().map(|n| n as u8)) {
             Some(p) => Some(p),
             None => {
                 opaque = true;
@@ -417,9 +392,7 @@ mod tests {
 
     fn tables(t: &str) -> Vec<TableRoute> {
         let json = match t {
-            "main" => {
-                json!([{"dst":"10.77.2.0/24","dev":"r1","protocol":"kernel"},{"dst":"default","gateway":"10.77.1.9","dev":"r0"}])
-            }
+            "main" => json!([{"dst":"10.77.2.0/24","dev":"r1","protocol":"kernel"},{"dst":"default","gateway":"10.77.1.9","dev":"r0"}]),
             "100" => json!([{"type":"blackhole","dst":"10.77.2.0/24","flags":[]}]),
             "120" => json!([{"type":"throw","dst":"10.77.0.0/16"}]),
             _ => json!([]),
@@ -465,11 +438,7 @@ mod tests {
             {"priority":2,"src":"all","table":"51820"}
         ]));
         let t = |name: &str| match name {
-            "main" => parse_table(
-                &json!([{"dst":"default","gateway":"10.0.0.1","dev":"eth0"}]),
-                name,
-                true,
-            ),
+            "main" => parse_table(&json!([{"dst":"default","gateway":"10.0.0.1","dev":"eth0"}]), name, true),
             _ => parse_table(&json!([{"type":"unreachable","dst":"default"}]), name, true),
         };
         let d = decide(&r, &packet("192.0.2.1", "10.0.0.5"), t).unwrap();

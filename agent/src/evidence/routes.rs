@@ -102,12 +102,7 @@ fn route_get(q: &RouteQuery) -> Result<Value, &'static str> {
     if let Some(p) = q.proto.filter(|&p| p != 0) {
         args.extend(["ipproto".into(), p.to_string()]);
         if let Some((sport, dport)) = q.ports {
-            args.extend([
-                "sport".into(),
-                sport.to_string(),
-                "dport".into(),
-                dport.to_string(),
-            ]);
+            args.extend(["sport".into(), sport.to_string(), "dport".into(), dport.to_string()]);
         }
     }
     let out = Command::new("ip").args(&args).output().map_err(|_| "")?;
@@ -204,14 +199,7 @@ fn decide(q: &RouteQuery) -> Option<policy::Decision> {
 /// The main table's most specific unicast route to `q.dst`, as `ip route` prints it.
 fn main_route(q: &RouteQuery) -> Option<String> {
     let v4 = q.dst.is_ipv4();
-    let json = ip_json(&[
-        if v4 { "-4" } else { "-6" },
-        "-j",
-        "route",
-        "show",
-        "table",
-        "main",
-    ])?;
+    let json = ip_json(&[if v4 { "-4" } else { "-6" }, "-j", "route", "show", "table", "main"])?;
     policy::parse_table(&json, "main", v4)
         .into_iter()
         .filter(|r| r.prefix.contains(&q.dst))

@@ -144,9 +144,7 @@ pub fn attach(
     config.xt_table_arg = position(&["priv", "table"]).unwrap_or(ABSENT);
 
     // The change watchers' programs need the setsockopt layout: tracefs, mounted if need be.
-    let change_tracefs = tracefs_root
-        .clone()
-        .or_else(|| tracefs::find_or_mount().ok());
+    let change_tracefs = tracefs_root.clone().or_else(|| tracefs::find_or_mount().ok());
     let change_config = crate::changes::kernel::config(kernel, change_tracefs.as_deref());
 
     let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())

@@ -196,7 +196,8 @@ pub fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
-impl Clock {}
+impl Clock {
+}
 
 /// Top `n` entries of a count map, largest first (ties by name, for stable output).
 pub fn top<K: ToString, M: IntoIterator<Item = (K, u64)>>(map: M, n: usize) -> Vec<(String, u64)> {
