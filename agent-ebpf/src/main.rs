@@ -352,7 +352,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 /// On the host this crate only provides the ABI library; the programs build for `bpfel`.
 #[cfg(not(target_arch = "bpf"))]

@@ -1,7 +1,7 @@
 //! Command-line interface. Bad input dies here with one clear line (clap's exit code 2).
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::{
@@ -68,12 +68,21 @@ cause, how many packets were written of how many dropped.
 
 Node health check without traffic: dropscope check (see dropscope check --help).
 DaemonSet mode with Prometheus metrics: dropscope serve (see dropscope serve --help).
+Shell completions: dropscope completions bash|zsh|fish|elvish|powershell.
 
 JSON records (one per line): {\"type\":\"attach\",...} first, then {\"type\":\"drop\",\"cause\",\"reason\",
 \"location\",\"family\",\"proto\",\"src\",\"dst\",\"sport\",\"dport\",\"len\",\"ifname\",\"ifindex\",\"netns\",
 \"pod_namespace\",\"pod\",\"pod_uid\",\"container\",\"count\",\"evidence\",\"hint\",...}, and
 {\"type\":\"summary\",\"causes\":{..},\"reasons\":{..},\"suppressed\",\"lost\",...} at exit. `count` is
-how many identical drops a record stands for; the pod fields are absent for drops of no known pod.";
+how many identical drops a record stands for; the pod fields are absent for drops of no known pod.
+
+Exit status: 0 after a normal stop (Ctrl-C, SIGTERM, --duration), 1 for a runtime error (one
+line on stderr), 2 for bad flags; `dropscope check` exits 3 when it finds problems.
+
+Environment:
+  DROPSCOPE_LOG   diagnostics on stderr, as a tracing filter: warn (default), info, debug,
+                  or per module (DROPSCOPE_LOG=dropscope::evidence=debug); overrides -v
+  NO_COLOR        when set and not empty, text output is not coloured (--color always wins)";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -96,6 +105,29 @@ pub struct Cli {
     pub verbose: u8,
 }
 
+impl Cli {
+    /// Parses the command line and applies the environment's conventions (`NO_COLOR`).
+    pub fn parse_env() -> Result<Self, clap::Error> {
+        let mut cli = Cli::try_parse()?;
+        if no_color() && cli.run.color == Color::Auto {
+            cli.run.color = Color::Never;
+        }
+        Ok(cli)
+    }
+
+    /// The completion script for `shell`.
+    pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "dropscope", &mut out);
+        out
+    }
+}
+
+/// Whether `NO_COLOR` asks for no colour (https://no-color.org: set and not empty).
+pub fn no_color() -> bool {
+    std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Node health snapshot, no traffic needed: forwarding, rp_filter, rules split between
@@ -105,6 +137,13 @@ pub enum Command {
     /// Long-running mode for a DaemonSet: JSON log lines and a Prometheus endpoint, no live stream.
     #[command(long_about = SERVE_ABOUT, after_help = SERVE_AFTER_HELP)]
     Serve(Box<ServeArgs>),
+    /// Print a completion script for a shell, e.g. `dropscope completions bash >
+    /// /etc/bash_completion.d/dropscope` (zsh: a file `_dropscope` on $fpath; fish:
+    /// ~/.config/fish/completions/dropscope.fish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 const SERVE_ABOUT: &str = "\
@@ -194,10 +233,11 @@ impl ServeArgs {
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
-    /// Only these network namespaces (inode or `ip netns` name). Repeatable. Default: all.
+    /// Only these network namespaces (inode, `ip netns` name, or a file such as
+    /// /proc/PID/ns/net). Repeatable. Default: all.
     #[arg(long, value_name = "NETNS")]
     pub netns: Vec<String>,
 }
@@ -223,7 +263,7 @@ pub enum Color {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
     #[command(flatten)]
@@ -251,6 +291,10 @@ pub struct RunArgs {
     /// or JSON stream then goes to standard error).
     #[arg(long, value_name = "FILE")]
     pub pcap: Option<String>,
+
+    /// Print the licenses of dropscope and of the code built into it, and exit.
+    #[arg(long)]
+    pub licenses: bool,
 }
 
 /// What to watch and how: the flags the live stream and `serve` share.
@@ -301,8 +345,9 @@ pub struct ObserveArgs {
     #[arg(long, value_name = "NAME")]
     pub iface: Vec<String>,
 
-    /// Only drops in this network namespace: an inode number (see `ls -l /proc/PID/ns/net`)
-    /// or an `ip netns` name. Repeatable.
+    /// Only drops in this network namespace: an inode number (see `ls -l /proc/PID/ns/net`),
+    /// an `ip netns` name, or a namespace file such as /proc/PID/ns/net (a container's: its
+    /// PID from `crictl inspect` or `docker inspect`). Repeatable.
     #[arg(long, value_name = "NETNS")]
     pub netns: Vec<String>,
 
@@ -420,6 +465,31 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn conventions_operators_expect() {
+        let run = Cli::try_parse_from(["dropscope", "-o", "json"]).unwrap();
+        assert_eq!(run.run.format, Format::Json);
+        match Cli::try_parse_from(["dropscope", "check", "-o", "json"])
+            .unwrap()
+            .command
+        {
+            Some(Command::Check(c)) => assert_eq!(c.format, Format::Json),
+            other => panic!("{other:?}"),
+        }
+        let help = Cli::command().render_long_help().to_string();
+        for needle in [
+            "Exit status",
+            "DROPSCOPE_LOG",
+            "NO_COLOR",
+            "/proc/PID/ns/net",
+            "completions",
+        ] {
+            assert!(help.contains(needle), "--help does not mention {needle}");
+        }
+        let bash = String::from_utf8(Cli::completions(clap_complete::Shell::Bash)).unwrap();
+        assert!(bash.contains("--netns") && bash.contains("serve"), "{bash}");
     }
 
     #[test]

@@ -11,15 +11,16 @@ use serde_json::Value;
 
 use crate::netns::Netns;
 
-/// Path of the binary under test (set by `cargo xtask test`).
+/// Path of the binary under test (set by `cargo xtask test`; otherwise the debug build in
+/// `CARGO_TARGET_DIR` or the workspace's `target/`).
 pub fn binary() -> PathBuf {
-    match std::env::var_os("DROPSCOPE_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../target/debug/dropscope"
-        )),
+    if let Some(p) = std::env::var_os("DROPSCOPE_BIN") {
+        return PathBuf::from(p);
     }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")));
+    target.join("debug").join("dropscope")
 }
 
 /// How long dropscope may take to attach: 20 s, or `DROPSCOPE_ATTACH_TIMEOUT` seconds (emulated

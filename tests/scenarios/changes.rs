@@ -2,6 +2,8 @@
 //! it. The change is reported on its own (key, old -> new, process and its parents) and the
 //! drops it explains carry it in their evidence; changes elsewhere are not blamed, and with no
 //! change the evidence says the setting has not moved since dropscope started.
+//!
+//! vm-test: core
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},

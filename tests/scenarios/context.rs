@@ -6,6 +6,8 @@
 //! kprobes, so a probe that silently fails to attach there fails these tests. On a kernel that
 //! allows neither (like the development host: lockdown, no kprobes) they check the degraded
 //! answer instead.
+//!
+//! vm-test: core
 use dropscope_tests::{
     iptables_rule_packets, nft_rule_packets, topology::B4, traffic::Udp, Observer, Report, Topology,
 };

@@ -4,6 +4,8 @@
 //! multicast housekeeping. For every drop dropscope reports: the cause, the evidence fields,
 //! no false "ICMP sent: none" where the kernel does not let dropscope see ICMP errors, frees
 //! that are not drops hidden, and the unclassified share.
+//!
+//! vm-test: core
 use dropscope_tests::{
     nft_rule_packets,
     packets::{self, Fragment},

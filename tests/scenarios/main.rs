@@ -8,6 +8,7 @@ mod context;
 mod corpus;
 mod deploy;
 mod forwarding;
+mod licenses;
 mod lifecycle;
 mod metrics;
 mod mtu;

@@ -170,6 +170,8 @@ fn router_rules(r: &Netns) {
 }
 
 #[test]
+// The capture and the kernel filter lists must pass older verifiers.
+// vm-test: core
 fn pcap_holds_the_reported_drops_with_their_causes() {
     let t = Topology::new();
     router_rules(&t.r);
@@ -522,6 +524,8 @@ fn filter_expressions_select_what_tcpdump_selects() {
 }
 
 #[test]
+// The capture and the kernel filter lists must pass older verifiers.
+// vm-test: core
 fn an_expression_combines_with_the_flags_and_compiles_into_the_kernel() {
     let t = Topology::new();
     mixed_setup(&t);
