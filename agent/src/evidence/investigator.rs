@@ -91,20 +91,34 @@ impl Live {
     }
 
     /// How to enter `netns`: `Some(None)` for dropscope's own namespace, `None` if it cannot
-    /// be entered (gone, or no handle found).
+    /// be entered (gone, or no handle found). What was cached for namespaces that are gone
+    /// is forgotten first: their inodes are given to new namespaces.
     fn path(&mut self, netns: u32) -> Option<Option<PathBuf>> {
         if netns == self.namespaces.own() {
             return Some(None);
         }
-        self.namespaces.get(netns).map(|r| Some(r.path.clone()))
+        let path = self.namespaces.get(netns).map(|r| r.path.clone());
+        self.forget_gone();
+        path.map(Some)
+    }
+
+    /// Drops the state kept for namespaces the registry found gone (or replaced).
+    fn forget_gone(&mut self) {
+        for netns in self.namespaces.take_gone() {
+            self.rules.forget(netns);
+            self.counters.forget(netns);
+            self.nf_tables.remove(&netns);
+            self.ifnames.retain(|(ns, _), _| *ns != netns);
+        }
     }
 
     /// Registered x_tables tables of a namespace, read once.
     fn legacy_tables(&mut self, netns: u32) -> Vec<String> {
+        let path = self.path(netns);
         if let Some(t) = self.nf_tables.get(&netns) {
             return t.clone();
         }
-        let tables = match self.path(netns) {
+        let tables = match path {
             Some(path) => netfilter::legacy_tables(path.as_deref()),
             None => return Vec::new(),
         };
@@ -115,11 +129,15 @@ impl Live {
 
 impl Investigator for Live {
     fn exec_prefix(&mut self, netns: u32) -> String {
-        self.namespaces.exec_prefix(netns)
+        let prefix = self.namespaces.exec_prefix(netns);
+        self.forget_gone();
+        prefix
     }
 
     fn netns_name(&mut self, netns: u32) -> Option<String> {
-        self.namespaces.name(netns)
+        let name = self.namespaces.name(netns);
+        self.forget_gone();
+        name
     }
 
     fn netfilter(&mut self, d: &Drop, answer: Option<Answer>) -> NfState {
@@ -225,10 +243,11 @@ impl Investigator for Live {
     }
 
     fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String> {
+        // The path first: it forgets the names of a namespace whose inode was reused.
+        let path = self.path(netns)?;
         if let Some(name) = self.ifnames.get(&(netns, ifindex)) {
             return Some(name.to_string());
         }
-        let path = self.path(netns)?;
         let name = netns::ifname(path.as_deref(), ifindex)?;
         if self.ifnames.len() >= MAX_IFNAMES {
             self.ifnames.clear();

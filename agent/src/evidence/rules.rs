@@ -523,6 +523,15 @@ impl Tracker {
         t
     }
 
+    /// Forgets a namespace that is gone (its inode may come back as another namespace).
+    pub fn forget(&mut self, netns: u32) {
+        self.baselines.remove(&netns);
+        self.looked.remove(&netns);
+        self.history.remove(&netns);
+        self.ct_history.remove(&netns);
+        self.read.remove(&netns);
+    }
+
     /// What moved in `netns` in the last [`HISTORY`]: DROP/REJECT rules (most recent first)
     /// and conntrack's counters. The namespace is read again unless it was read within
     /// `MIN_INTERVAL` (one read per namespace per interval) and `fresh` does not ask for it
