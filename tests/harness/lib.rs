@@ -7,6 +7,7 @@ pub mod kubelet;
 pub mod netns;
 pub mod observer;
 pub mod packets;
+pub mod process;
 pub mod prometheus;
 pub mod topology;
 pub mod traffic;

@@ -3,6 +3,7 @@ use std::{
     io::Read,
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -45,6 +46,18 @@ pub fn temp_path(prefix: &str) -> PathBuf {
 pub struct Observer {
     child: Option<Child>,
     ready: PathBuf,
+    /// Read while it runs: a long run must never block on a full pipe.
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn collect(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        buf
+    })
 }
 
 /// What dropscope printed, parsed.
@@ -99,16 +112,12 @@ impl Observer {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
         let deadline = Instant::now() + attach_timeout();
         while !ready.exists() {
             if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
+                let err = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
                 panic!("dropscope exited before attaching ({status}): {err}");
             }
             assert!(
@@ -121,6 +130,8 @@ impl Observer {
         Observer {
             child: Some(child),
             ready,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
         }
     }
 
@@ -135,9 +146,14 @@ impl Observer {
     }
 
     pub fn stop_with(mut self, sig: Signal) -> Report {
-        let child = self.child.take().unwrap();
+        let mut child = self.child.take().unwrap();
         nix::sys::signal::kill(Pid::from_raw(child.id() as i32), sig).expect("signal dropscope");
-        let out = child.wait_with_output().expect("wait for dropscope");
+        let status = child.wait().expect("wait for dropscope");
+        let out = std::process::Output {
+            status,
+            stdout: self.stdout.take().unwrap().join().unwrap(),
+            stderr: self.stderr.take().unwrap().join().unwrap(),
+        };
         let stdout = String::from_utf8_lossy(&out.stdout);
         let records = stdout
             .lines()
