@@ -3,6 +3,7 @@
 //! a kernel counter that dropscope does not read.
 mod changes;
 mod check;
+mod churn;
 mod conntrack;
 mod context;
 mod corpus;
