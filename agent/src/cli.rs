@@ -305,9 +305,17 @@ fn parse_dir(s: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// Bounds of a number of seconds: below a millisecond a timer period is zero, and beyond a
+/// few decades a deadline no longer fits the clock (both would panic once attached).
+const SECONDS_MIN: f64 = 0.001;
+const SECONDS_MAX: f64 = 1e9;
+
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        Ok(v) if (SECONDS_MIN..=SECONDS_MAX).contains(&v) => Ok(v),
+        Ok(v) if v > 0.0 && v.is_finite() => Err(format!(
+            "'{s}' seconds is out of range ({SECONDS_MIN} to {SECONDS_MAX:e})"
+        )),
         _ => Err(format!("'{s}' is not a positive number of seconds")),
     }
 }
@@ -347,6 +355,11 @@ mod tests {
         for args in [
             &["dropscope", "--format", "yaml"][..],
             &["dropscope", "--duration", "-1"],
+            // Accepted once, these panicked after attaching.
+            &["dropscope", "--duration", "1e300"],
+            &["dropscope", "--interval", "1e-12"],
+            &["dropscope", "--interval", "NaN"],
+            &["dropscope", "serve", "--log-interval", "1e30"],
             &["dropscope", "--src", "10.0.0.0/40"],
             &["dropscope", "--port", "70000"],
             &["dropscope", "--proto", "nope"],
