@@ -669,6 +669,7 @@ impl Pipeline {
             lost,
             seconds,
             counts_exact: self.counts_exact,
+            ..Default::default()
         }
     }
 }

@@ -63,6 +63,7 @@ fn stream_sink(args: &RunArgs) -> Box<dyn Sink> {
 /// Attaches, feeds every drop into `sink` until the duration ends or SIGINT/SIGTERM arrives,
 /// then detaches and hands `sink` the summary. Every mode that watches drops runs this loop.
 pub async fn observe(args: &ObserveArgs, sink: &mut dyn Sink) -> Result<()> {
+    let sink = &mut crate::output::LostByCause::new(sink);
     let started = Instant::now();
     preflight::check_privileges()?;
     // Handlers first: a signal that arrives while attaching, or right after the ready file

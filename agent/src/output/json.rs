@@ -303,6 +303,7 @@ pub fn summary_json(s: &Summary) -> Value {
         "seen": s.seen,
         "decoded": s.decoded,
         "lost": s.lost,
+        "lost_by_cause": s.lost_by_cause,
         "counts_exact": s.counts_exact,
         "seconds": (s.seconds * 1000.0).round() / 1000.0,
         "details": details,
