@@ -5,6 +5,7 @@ mod check;
 mod cli;
 mod events;
 mod evidence;
+mod fault;
 mod filter;
 mod kernel;
 mod output;

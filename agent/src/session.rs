@@ -78,6 +78,7 @@ pub async fn observe(args: &ObserveArgs, sink: &mut dyn Sink) -> Result<()> {
     sink.attach(&session.info);
     stop.run_for(args.duration);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
+    let mut fault = crate::fault::Fault::from_env();
     loop {
         tokio::select! {
             guard = session.ring.readable_mut() => {
@@ -86,7 +87,10 @@ pub async fn observe(args: &ObserveArgs, sink: &mut dyn Sink) -> Result<()> {
                 guard.clear_ready();
             }
             _ = session.changes.queued() => session.pipeline.take_changes(sink),
-            _ = tick.tick() => session.tick(sink, args.interval),
+            _ = tick.tick() => {
+                session.tick(sink, args.interval);
+                fault.strike();
+            }
             _ = stop.wait() => break,
         }
     }

@@ -48,7 +48,7 @@ impl Endpoint {
         };
         let app = Router::new()
             .route("/metrics", get(metrics))
-            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .with_state(Shared {
                 registry: Arc::new(registry),
@@ -101,6 +101,22 @@ async fn metrics(State(shared): State<Shared>, headers: HeaderMap) -> Response {
             "cannot encode the metrics\n",
         )
             .into_response(),
+    }
+}
+
+/// 200 while the observe loop ticks (or is still attaching); 503 once it has missed its ticks
+/// for longer than the health's threshold: the process runs but observes nothing.
+async fn healthz(State(shared): State<Shared>) -> (StatusCode, String) {
+    match shared.health.alive() {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(since) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stalled: the observe loop has not ticked for {:.1} s (limit {:.1} s)\n",
+                since.as_secs_f64(),
+                shared.health.stale_after().as_secs_f64()
+            ),
+        ),
     }
 }
 
