@@ -29,6 +29,9 @@ pub struct NfState {
     pub counters_read: bool,
     /// x_tables (iptables-legacy) tables registered in the namespace.
     pub legacy_tables: Vec<String>,
+    /// Rules that may have dropped this packet but could not be read, and why ("nft not
+    /// found"): no rule found then proves nothing.
+    pub unread: Vec<String>,
 }
 
 /// Live state of a drop's namespace, read on demand. Every method may be slow (it enters the
@@ -166,11 +169,21 @@ impl Investigator for Live {
             }
             None => found.moved.iter().find(|m| !is_reject(m)),
         };
+        // nftables frees what its rules drop in nft_do_chain, so only nf_tables rules can
+        // explain such a drop; any other place may be any engine's.
+        let in_nft = &*d.location == "nft_do_chain";
+        let unread = found
+            .unread
+            .into_iter()
+            .filter(|(store, _)| !in_nft || *store == rules::Store::NfTables)
+            .map(|(_, why)| why)
+            .collect();
         NfState {
             rule: preferred.or(found.moved.first()).cloned(),
             ct: found.ct,
             counters_read: found.read,
             legacy_tables,
+            unread,
         }
     }
 
