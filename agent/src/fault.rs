@@ -82,7 +82,9 @@ mod tests {
         let stall = f("stall=1.5@0.5");
         assert_eq!(stall.kind, Some(Kind::Stall(Duration::from_millis(1500))));
         assert_eq!(stall.after, Duration::from_millis(500));
-        for other in ["", "stall", "stall=-1", "stall=x", "panic=1", "panic@x", "crash"] {
+        for other in [
+            "", "stall", "stall=-1", "stall=x", "panic=1", "panic@x", "crash",
+        ] {
             assert_eq!(f(other).kind, None, "{other}");
         }
         let mut once = f("stall=0");

@@ -635,7 +635,11 @@ impl<'a> Facts<'a> {
     fn unnamed_rule(&self) -> String {
         let nf = self.nf();
         if !nf.unread.is_empty() {
-            let how = if nf.counters_read { "only partly" } else { "not" };
+            let how = if nf.counters_read {
+                "only partly"
+            } else {
+                "not"
+            };
             return format!(
                 "not identified: {} (the rule sets of this namespace could {how} be read)",
                 nf.unread.join(", ")

@@ -257,10 +257,13 @@ impl Snapshot {
 
 /// A tool's output, or why there is none ("nft not found", "nft failed: ...").
 fn output(tool: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(tool).args(args).output().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => format!("{tool} not found"),
-        _ => format!("{tool} could not run: {e}"),
-    })?;
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!("{tool} not found"),
+            _ => format!("{tool} could not run: {e}"),
+        })?;
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }

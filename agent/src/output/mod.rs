@@ -325,7 +325,10 @@ mod tests {
         assert_eq!(s.lost, 12);
         assert_eq!(
             s.lost_by_cause.into_iter().collect::<Vec<_>>(),
-            [("netfilter_drop".to_string(), 8), ("no_listener".to_string(), 2)]
+            [
+                ("netfilter_drop".to_string(), 8),
+                ("no_listener".to_string(), 2)
+            ]
         );
     }
 

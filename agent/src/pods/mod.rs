@@ -545,7 +545,10 @@ mod tests {
             &[],
             |_| vec![],
         );
-        assert_eq!(snap.witness[&100], 10, "the sandbox vouches for the namespace");
+        assert_eq!(
+            snap.witness[&100], 10,
+            "the sandbox vouches for the namespace"
+        );
         let mut r = Resolver::new(Path::new("/nonexistent"), vec![]);
         r.snap = snap;
         r.scanned = Some(Instant::now());

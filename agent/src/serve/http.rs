@@ -139,7 +139,11 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, mut stopped: watc
 }
 
 /// Serves one connection within the limits; at the stop, it finishes the request in flight.
-async fn connection(stream: tokio::net::TcpStream, app: Router, mut closing: watch::Receiver<bool>) {
+async fn connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    mut closing: watch::Receiver<bool>,
+) {
     let service = TowerToHyperService::new(app);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
