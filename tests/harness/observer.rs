@@ -101,6 +101,14 @@ impl Observer {
         Self::spawn(Command::new(binary()), &["serve"], args)
     }
 
+    /// `dropscope serve` run through `wrapper` (see `start_wrapped`).
+    pub fn serve_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
+        let (program, rest) = wrapper.split_first().expect("a wrapper command");
+        let mut cmd = Command::new(program);
+        cmd.args(rest).arg(binary());
+        Self::spawn(cmd, &["serve"], args)
+    }
+
     fn spawn(mut cmd: Command, leading: &[&str], args: &[&str]) -> Self {
         let ready = temp_path("dropscope-ready");
         let mut child = cmd
@@ -174,6 +182,40 @@ impl Observer {
         };
         assert!(!self.ready.exists(), "ready file left behind");
         report
+    }
+}
+
+impl Observer {
+    /// SIGKILL: dropscope gets no chance to clean up (the ready file it leaves is removed
+    /// here). Returns how it ended.
+    pub fn kill(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        child.kill().expect("kill dropscope");
+        let status = child.wait().expect("wait for dropscope");
+        let _ = std::fs::remove_file(&self.ready);
+        status
+    }
+
+    /// Waits at most `secs` for dropscope to exit by itself (it is killed after that, and
+    /// the test fails): (how it ended, stdout, stderr).
+    pub fn wait_exit(mut self, secs: f64) -> (ExitStatus, String, String) {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for dropscope") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dropscope did not exit within {secs} s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let text = |h: Option<JoinHandle<Vec<u8>>>| {
+            String::from_utf8_lossy(&h.unwrap().join().unwrap()).into_owned()
+        };
+        (status, text(self.stdout.take()), text(self.stderr.take()))
     }
 }
 

@@ -8,6 +8,7 @@ mod conntrack;
 mod context;
 mod corpus;
 mod deploy;
+mod faults;
 mod forwarding;
 mod lifecycle;
 mod metrics;
