@@ -7,7 +7,7 @@ use std::{collections::HashSet, fs, net::UdpSocket, os::unix::fs::MetadataExt, t
 
 use dropscope_tests::{
     http::{free_port, get, sample},
-    nft_rule_packets, process, wait_for, Netns, Observer, Report,
+    nft_rule_packets, process, udp_no_ports, wait_for, Netns, Observer, Report,
 };
 use nix::sys::signal::Signal;
 
@@ -41,18 +41,6 @@ struct Usage {
     fds: usize,
     threads: usize,
     rss_kib: u64,
-}
-
-/// UdpNoPorts of the calling thread's namespace, straight from the kernel.
-fn udp_no_ports() -> u64 {
-    let text = fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
-    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "NoPorts")
-        .unwrap();
-    values.split_whitespace().nth(at).unwrap().parse().unwrap()
 }
 
 /// One namespace of the churn: an nftables rule dropping UDP to `drop_port`.

@@ -16,7 +16,7 @@ use dropscope_tests::{
     http::{free_port, get},
     iptables_rule_packets, nft_rule_packets,
     observer::{binary, temp_path},
-    process, wait_for, Netns, Observer,
+    process, udp_no_ports, wait_for, Netns, Observer,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -231,17 +231,6 @@ fn closed_port_drops(ns: &Netns, port: u16, count: usize) -> u64 {
     grew
 }
 
-fn udp_no_ports() -> u64 {
-    let text = fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
-    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "NoPorts")
-        .unwrap();
-    values.split_whitespace().nth(at).unwrap().parse().unwrap()
-}
-
 fn probe<'a>(attach: &'a Value, name: &str) -> &'a Value {
     attach["probes"]
         .as_array()
@@ -426,10 +415,34 @@ fn records_to<'a>(report: &'a dropscope_tests::Report, port: u16) -> Vec<&'a Val
         .collect()
 }
 
+/// Packets the records stand for.
+fn packets(records: &[Value]) -> u64 {
+    records.iter().map(|r| r["count"].as_u64().unwrap()).sum()
+}
+
+/// Watches `two_engines` with a PATH that has no program whose name starts with one of
+/// `without`: the records of the drops to 9711 (native nftables) and to 9712
+/// (iptables-legacy), each adding up to the rule's 3 packets.
+fn observe_without(without: &[&str]) -> (Vec<Value>, Vec<Value>) {
+    let ns = two_engines();
+    let path = path_without(without);
+    let env_path = format!("PATH={}", path.display());
+    let obs = Observer::start_wrapped(&["env", &env_path], &["--netns", &ns.name]);
+    send_to_both(&ns);
+    let report = obs.stop();
+    let _ = fs::remove_dir_all(path);
+    report.assert_consistent();
+    assert!(report.stderr.is_empty(), "{}", report.stderr);
+    let to = |port| -> Vec<Value> { records_to(&report, port).into_iter().cloned().collect() };
+    let (native, legacy) = (to(9711), to(9712));
+    assert_eq!(packets(&native), 3, "{native:#?}");
+    assert_eq!(packets(&legacy), 3, "{legacy:#?}");
+    (native, legacy)
+}
+
 #[test]
 fn without_the_firewall_tools_causes_are_named_and_the_rule_says_what_was_not_read() {
-    let ns = two_engines();
-    let path = path_without(&[
+    let (native, legacy) = observe_without(&[
         "nft",
         "iptables",
         "ip6tables",
@@ -437,18 +450,6 @@ fn without_the_firewall_tools_causes_are_named_and_the_rule_says_what_was_not_re
         "arptables",
         "ebtables",
     ]);
-    let env_path = format!("PATH={}", path.display());
-    let obs = Observer::start_wrapped(&["env", &env_path], &["--netns", &ns.name]);
-    send_to_both(&ns);
-    let report = obs.stop();
-    report.assert_consistent();
-    assert!(report.stderr.is_empty(), "{}", report.stderr);
-
-    let native = records_to(&report, 9711);
-    let legacy = records_to(&report, 9712);
-    let count = |rs: &[&Value]| rs.iter().map(|r| r["count"].as_u64().unwrap()).sum::<u64>();
-    assert_eq!(count(&native), 3, "{native:#?}");
-    assert_eq!(count(&legacy), 3, "{legacy:#?}");
     for r in native.iter().chain(&legacy) {
         // No rule is named: none could be read.
         assert!(r["rule"].is_null(), "{r:#}");
@@ -465,35 +466,14 @@ fn without_the_firewall_tools_causes_are_named_and_the_rule_says_what_was_not_re
     }
     for r in &legacy {
         assert_eq!(r["cause"], "netfilter_unidentified", "{r:#}");
-        assert!(
-            r["evidence"]
-                .as_str()
-                .unwrap()
-                .contains("iptables-legacy-save not found"),
-            "{r:#}"
-        );
+        let evidence = r["evidence"].as_str().unwrap();
+        assert!(evidence.contains("iptables-legacy-save not found"), "{r:#}");
     }
-    let _ = fs::remove_dir_all(path);
 }
 
 #[test]
 fn without_nft_a_native_rule_is_not_called_a_policy_and_legacy_rules_are_still_named() {
-    let ns = two_engines();
-    let path = path_without(&["nft"]);
-    let env_path = format!("PATH={}", path.display());
-    let obs = Observer::start_wrapped(&["env", &env_path], &["--netns", &ns.name]);
-    send_to_both(&ns);
-    let report = obs.stop();
-    report.assert_consistent();
-
-    let native = records_to(&report, 9711);
-    assert_eq!(
-        native
-            .iter()
-            .map(|r| r["count"].as_u64().unwrap())
-            .sum::<u64>(),
-        3
-    );
+    let (native, legacy) = observe_without(&["nft"]);
     for r in &native {
         assert_eq!(r["cause"], "netfilter_drop", "{r:#}");
         assert!(r["rule"].is_null(), "{r:#}");
@@ -502,25 +482,11 @@ fn without_nft_a_native_rule_is_not_called_a_policy_and_legacy_rules_are_still_n
         assert!(!evidence.contains("no rule counter moved"), "{r:#}");
         assert!(evidence.contains("nft not found"), "{r:#}");
     }
-    let legacy = records_to(&report, 9712);
-    assert_eq!(
-        legacy
-            .iter()
-            .map(|r| r["count"].as_u64().unwrap())
-            .sum::<u64>(),
-        3
-    );
     for r in &legacy {
         assert_eq!(r["cause"], "netfilter_drop", "{r:#}");
-        assert!(
-            r["rule"]
-                .as_str()
-                .unwrap_or("")
-                .contains("--dport 9712 -j DROP"),
-            "{r:#}"
-        );
+        let rule = r["rule"].as_str().unwrap_or("");
+        assert!(rule.contains("--dport 9712 -j DROP"), "{r:#}");
     }
-    let _ = fs::remove_dir_all(path);
 }
 
 // ---- Ring buffer overflow ----
