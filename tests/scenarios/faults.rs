@@ -407,7 +407,7 @@ fn send_to_both(ns: &Netns) {
     });
 }
 
-fn records_to<'a>(report: &'a dropscope_tests::Report, port: u16) -> Vec<&'a Value> {
+fn records_to(report: &dropscope_tests::Report, port: u16) -> Vec<&Value> {
     report
         .drops()
         .into_iter()
