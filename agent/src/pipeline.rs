@@ -428,11 +428,17 @@ impl Pipeline {
         drop(facts);
         if !patterns.is_empty() && !verdict.benign {
             self.catch_up(d.ts_ns, sink);
+            // The watcher did not catch up in time (busy, or starved of CPU): a change just
+            // before the drop may still be unread.
+            let behind = self.feed.as_ref().is_some_and(|f| f.behind(d.ts_ns));
             match self.changes.latest(d.netns, &patterns, d.ts_ns) {
                 Some(c) => {
                     verdict.evidence.push_str(&format!("; {}", self.describe(&c, d.ts_ns)));
                     verdict.attribution.change = Some(c);
                 }
+                None if behind => verdict.evidence.push_str(
+                    "; changes just before this drop not read yet (the change watcher is behind)",
+                ),
                 None => verdict.evidence.push_str(&self.unchanged(&patterns)),
             }
         }
@@ -872,6 +878,38 @@ mod tests {
         let (v, share) = totals.representative().unwrap();
         assert!(v.evidence.contains("port 80"), "{}", v.evidence);
         assert!((share - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_drop_is_not_called_unchanged_while_the_change_watcher_is_behind() {
+        let mut p = pipeline(false);
+        let (feed, publisher) = crate::changes::feed::feed().unwrap();
+        p.watching(
+            Watched {
+                sysctl: true,
+                xt_replace: true,
+                netlink: true,
+            },
+            Arc::new(feed),
+        );
+        let mut sink = Collect::default();
+        // The watcher has read nothing yet: after a short wait the drop is explained without
+        // a claim about the settings it depends on.
+        p.push(
+            Record::Drop(drop_at("IP_INADDRERRORS", "ip_error", 1, 53)),
+            &mut sink,
+        );
+        let ev = &sink.records[0].verdict.evidence;
+        assert!(!ev.contains("unchanged"), "{ev}");
+        assert!(ev.contains("not read yet"), "{ev}");
+        // Once it has read past the drop, "unchanged" is true.
+        publisher.publish(Vec::new(), u64::MAX);
+        p.push(
+            Record::Drop(drop_at("IP_INADDRERRORS", "ip_error", 2, 54)),
+            &mut sink,
+        );
+        let ev = &sink.records[1].verdict.evidence;
+        assert!(ev.contains("unchanged since dropscope started"), "{ev}");
     }
 
     #[test]
