@@ -45,6 +45,9 @@ pub struct Done {
     pub verdict: Verdict,
     /// The change keys the cause depends on, filled from the drop (see rules.toml `changes`).
     pub patterns: Vec<String>,
+    /// False when the change watcher had not read up to the drop in time (busy, or starved
+    /// of CPU): a change just before it may still be unread.
+    pub changes_read: bool,
 }
 
 /// The cause table and an investigator, with what the probes can see.
@@ -110,13 +113,15 @@ impl Classifier {
                 .filter_map(|p| fill_devices(p, &facts))
                 .collect()
         };
-        if let (Some(feed), false) = (&self.changes, patterns.is_empty()) {
-            feed.wait_for(d.ts_ns, CHANGE_PATIENCE);
-        }
+        let changes_read = match (&self.changes, patterns.is_empty()) {
+            (Some(feed), false) => feed.wait_for(d.ts_ns, CHANGE_PATIENCE),
+            _ => true,
+        };
         Done {
             id: job.id,
             verdict,
             patterns,
+            changes_read,
         }
     }
 }

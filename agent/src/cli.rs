@@ -414,15 +414,18 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("'{s}' is not a size in bytes (e.g. 4M, 65536)"))
 }
 
-/// Seconds accepted at most (about 31 years): more does not fit a timer and panicked.
-const MAX_SECONDS: f64 = 1e9;
+/// Bounds of a number of seconds: below a millisecond a timer period is zero, and beyond a
+/// few decades a deadline no longer fits the clock (both would panic once attached).
+const SECONDS_MIN: f64 = 0.001;
+const SECONDS_MAX: f64 = 1e9;
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= MAX_SECONDS => Ok(v),
-        _ => Err(format!(
-            "'{s}' is not a positive number of seconds (at most {MAX_SECONDS})"
+        Ok(v) if (SECONDS_MIN..=SECONDS_MAX).contains(&v) => Ok(v),
+        Ok(v) if v > 0.0 && v.is_finite() => Err(format!(
+            "'{s}' seconds is out of range ({SECONDS_MIN} to {SECONDS_MAX:e})"
         )),
+        _ => Err(format!("'{s}' is not a positive number of seconds")),
     }
 }
 
@@ -497,8 +500,12 @@ mod tests {
         for args in [
             &["dropscope", "--format", "yaml"][..],
             &["dropscope", "--duration", "-1"],
-            // Past what a timer holds: Duration::from_secs_f64 and Instant + panicked.
+            // Accepted once, these panicked after attaching.
             &["dropscope", "--duration", "1e300"],
+            &["dropscope", "--interval", "1e-12"],
+            &["dropscope", "--interval", "NaN"],
+            &["dropscope", "serve", "--log-interval", "1e30"],
+            // Past what a timer holds.
             &["dropscope", "--interval", "1e19"],
             &["dropscope", "--duration", "NaN"],
             &["dropscope", "--src", "10.0.0.0/40"],

@@ -8,6 +8,7 @@ mod cli;
 mod events;
 mod evidence;
 mod expr;
+mod fault;
 mod filter;
 #[cfg(test)]
 mod fuzz;

@@ -428,6 +428,9 @@ impl Pipeline {
                     .push_str(&format!("; {}", self.describe(&c, d.ts_ns)));
                 verdict.attribution.change = Some(c);
             }
+            None if !done.changes_read => verdict.evidence.push_str(
+                "; changes just before this drop not read yet (the change watcher is behind)",
+            ),
             None => verdict.evidence.push_str(&self.unchanged(&done.patterns)),
         }
         verdict
@@ -923,6 +926,7 @@ impl Pipeline {
             stalls: Default::default(),
             packets: None,
             unchecked: self.unchecked,
+            ..Default::default()
         }
     }
 }
@@ -1037,6 +1041,52 @@ mod tests {
         let (v, share) = totals.representative().unwrap();
         assert!(v.evidence.contains("port 80"), "{}", v.evidence);
         assert!((share - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_drop_is_not_called_unchanged_while_the_change_watcher_is_behind() {
+        let (feed, publisher) = crate::changes::feed::feed().unwrap();
+        let feed = Arc::new(feed);
+        let traced = Traced {
+            icmp: true,
+            icmp6: false,
+            rst: true,
+        };
+        let classifier = || Classifier::new(Engine::builtin(), Box::new(Silent), traced);
+        let mut p = Pipeline::new(
+            Filter::default(),
+            false,
+            Runner::inline(classifier().with_changes(feed.clone())),
+            classifier(),
+            Box::new(|_| Vec::new()),
+            pods::Resolver::new(std::path::Path::new("/nonexistent-pods-root"), Vec::new()),
+        );
+        p.watching(
+            Watched {
+                sysctl: true,
+                xt_replace: true,
+                netlink: true,
+            },
+            feed,
+        );
+        let mut sink = Collect::default();
+        // The watcher has read nothing yet: after a short wait the drop is explained without
+        // a claim about the settings it depends on.
+        p.push(
+            Record::Drop(drop_at("IP_INADDRERRORS", "ip_error", 1, 53)),
+            &mut sink,
+        );
+        let ev = &sink.records[0].verdict.evidence;
+        assert!(!ev.contains("unchanged"), "{ev}");
+        assert!(ev.contains("not read yet"), "{ev}");
+        // Once it has read past the drop, "unchanged" is true.
+        publisher.publish(Vec::new(), u64::MAX);
+        p.push(
+            Record::Drop(drop_at("IP_INADDRERRORS", "ip_error", 2, 54)),
+            &mut sink,
+        );
+        let ev = &sink.records[1].verdict.evidence;
+        assert!(ev.contains("unchanged since dropscope started"), "{ev}");
     }
 
     #[test]

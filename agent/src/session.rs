@@ -101,6 +101,7 @@ pub async fn observe(
     sink: &mut dyn Sink,
     tap: Option<Box<dyn PacketTap>>,
 ) -> Result<()> {
+    let sink = &mut crate::output::LostByCause::new(sink);
     let started = Instant::now();
     preflight::check_privileges()?;
     // Handlers first: a signal that arrives while attaching, or right after the ready file
@@ -117,6 +118,7 @@ pub async fn observe(
     let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
     let verdicts = session.pipeline.verdicts_ready();
     let mut failed = None;
+    let mut fault = crate::fault::Fault::from_env();
     loop {
         // Only wait here; the work runs below, where its duration is measured.
         let wake = tokio::select! {
@@ -140,7 +142,10 @@ pub async fn observe(
             ),
             Wake::Changes => session.pipeline.take_changes(sink),
             Wake::Verdicts => session.pipeline.take_verdicts(sink),
-            Wake::Tick => session.tick(sink, args.interval),
+            Wake::Tick => {
+                session.tick(sink, args.interval);
+                fault.strike();
+            }
         }
         session.stalls.observe(busy.elapsed());
         if let Err(e) = session.flush_tap() {

@@ -7,11 +7,14 @@ pub mod kubelet;
 pub mod netns;
 pub mod observer;
 pub mod packets;
+pub mod process;
 pub mod prometheus;
 pub mod topology;
 pub mod traffic;
 
-pub use counters::{iptables_rule_packets, nft_rule_counter, nft_rule_packets, tc_stat, Nstat};
+pub use counters::{
+    iptables_rule_packets, nft_rule_counter, nft_rule_packets, tc_stat, udp_no_ports, Nstat,
+};
 pub use kubelet::Kubelet;
 pub use netns::Netns;
 pub use observer::{Observer, Report};

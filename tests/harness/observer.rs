@@ -3,6 +3,7 @@ use std::{
     io::Read,
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -46,6 +47,18 @@ pub fn temp_path(prefix: &str) -> PathBuf {
 pub struct Observer {
     child: Option<Child>,
     ready: PathBuf,
+    /// Read while it runs: a long run must never block on a full pipe.
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn collect(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        buf
+    })
 }
 
 /// What dropscope printed, parsed.
@@ -100,8 +113,23 @@ impl Observer {
         )
     }
 
+    /// `dropscope serve` run through `wrapper` (see `start_wrapped`).
+    pub fn serve_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
+        let (program, rest) = wrapper.split_first().expect("a wrapper command");
+        let mut cmd = Command::new(program);
+        cmd.args(rest).arg(binary());
+        Self::spawn(cmd, &["serve"], args)
+    }
+
     fn spawn(cmd: Command, leading: &[&str], args: &[&str]) -> Self {
-        Self::spawn_within(cmd, leading, args, attach_timeout())
+        // Watching every namespace, dropscope reads the rule counters of each before it is
+        // ready: on a host busy with other tests' namespaces that takes longer.
+        let timeout = if args.contains(&"--netns") {
+            attach_timeout()
+        } else {
+            attach_timeout() * 3
+        };
+        Self::spawn_within(cmd, leading, args, timeout)
     }
 
     fn spawn_within(mut cmd: Command, leading: &[&str], args: &[&str], timeout: Duration) -> Self {
@@ -115,27 +143,27 @@ impl Observer {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
         let deadline = Instant::now() + timeout;
         while !ready.exists() {
             if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
+                let err = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
                 panic!("dropscope exited before attaching ({status}): {err}");
             }
-            assert!(
-                Instant::now() < deadline,
-                "dropscope did not attach within {timeout:?}"
-            );
+            if Instant::now() >= deadline {
+                // Not left running (and attached) after the test gives up on it.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dropscope did not attach within {timeout:?}");
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
         Observer {
             child: Some(child),
             ready,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
         }
     }
 
@@ -150,9 +178,14 @@ impl Observer {
     }
 
     pub fn stop_with(mut self, sig: Signal) -> Report {
-        let child = self.child.take().unwrap();
+        let mut child = self.child.take().unwrap();
         nix::sys::signal::kill(Pid::from_raw(child.id() as i32), sig).expect("signal dropscope");
-        let out = child.wait_with_output().expect("wait for dropscope");
+        let status = child.wait().expect("wait for dropscope");
+        let out = std::process::Output {
+            status,
+            stdout: self.stdout.take().unwrap().join().unwrap(),
+            stderr: self.stderr.take().unwrap().join().unwrap(),
+        };
         let stdout = String::from_utf8_lossy(&out.stdout);
         let records = stdout
             .lines()
@@ -165,6 +198,40 @@ impl Observer {
         };
         assert!(!self.ready.exists(), "ready file left behind");
         report
+    }
+}
+
+impl Observer {
+    /// SIGKILL: dropscope gets no chance to clean up (the ready file it leaves is removed
+    /// here). Returns how it ended.
+    pub fn kill(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        child.kill().expect("kill dropscope");
+        let status = child.wait().expect("wait for dropscope");
+        let _ = std::fs::remove_file(&self.ready);
+        status
+    }
+
+    /// Waits at most `secs` for dropscope to exit by itself (it is killed after that, and
+    /// the test fails): (how it ended, stdout, stderr).
+    pub fn wait_exit(mut self, secs: f64) -> (ExitStatus, String, String) {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for dropscope") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dropscope did not exit within {secs} s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let text = |h: Option<JoinHandle<Vec<u8>>>| {
+            String::from_utf8_lossy(&h.unwrap().join().unwrap()).into_owned()
+        };
+        (status, text(self.stdout.take()), text(self.stderr.take()))
     }
 }
 

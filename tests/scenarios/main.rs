@@ -3,10 +3,12 @@
 //! a kernel counter that dropscope does not read.
 mod changes;
 mod check;
+mod churn;
 mod conntrack;
 mod context;
 mod corpus;
 mod deploy;
+mod faults;
 mod forwarding;
 mod licenses;
 mod lifecycle;

@@ -94,6 +94,7 @@ struct Case {
     traced: Traced,
     rule: Option<Moved>,
     counters_read: bool,
+    unread: &'static [&'static str],
     ct: Option<CtStats>,
     stack: &'static [&'static str],
     frag_needed_dropped: bool,
@@ -114,6 +115,7 @@ fn case(name: &'static str, drop: Drop, cause: &'static str, evidence_has: &'sta
         traced: Traced::ALL,
         rule: None,
         counters_read: true,
+        unread: &[],
         ct: None,
         stack: &[],
         frag_needed_dropped: false,
@@ -191,6 +193,7 @@ impl Investigator for Fake<'_> {
             counters_read: self.0.counters_read,
             legacy_tables: Vec::new(),
             before_baseline: false,
+            unread: self.0.unread.iter().map(|w| w.to_string()).collect(),
         }
     }
     fn route(&mut self, _d: &Drop) -> Option<Route> {
@@ -746,6 +749,38 @@ fn cases() -> Vec<Case> {
                 drop("NETFILTER_DROP", "nf_hook_slow"),
                 "netfilter_unidentified",
                 "an unidentified hook (called from some_caller)",
+            )
+        },
+        Case {
+            // nft is missing: the iptables-nft rules were read, native nftables rules not.
+            unread: &["nft not found"],
+            ..case(
+                "nftables drop, nft missing",
+                drop("NETFILTER_DROP", "nft_do_chain"),
+                "netfilter_drop",
+                "rule: not identified: nft not found (the rule sets of this namespace could only partly be read)",
+            )
+        },
+        Case {
+            counters_read: false,
+            unread: &["iptables-legacy-save not found"],
+            stack: HOOK_FORWARD,
+            ..case(
+                "hook drop, iptables-legacy-save missing",
+                drop("NETFILTER_DROP", "nf_hook_slow"),
+                "netfilter_unidentified",
+                "rule: not identified: iptables-legacy-save not found (the rule sets of this namespace could not be read), so",
+            )
+        },
+        Case {
+            // Read in part: no rule found is no proof that none dropped it.
+            unread: &["nft not found"],
+            stack: HOOK_FORWARD,
+            ..case(
+                "hook drop, nft missing",
+                drop("NETFILTER_DROP", "nf_hook_slow"),
+                "netfilter_unidentified",
+                "nft not found",
             )
         },
         // --- MTU

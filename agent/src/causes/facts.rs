@@ -476,9 +476,10 @@ impl<'a> Facts<'a> {
                 .map(|m| Value::Bool(m.matcher.ct_invalid)),
             "nf_rule_found" => {
                 let nf = self.nf();
-                match (&nf.rule, nf.counters_read) {
+                match (&nf.rule, nf.counters_read && nf.unread.is_empty()) {
                     (Some(_), _) => Some(Value::Bool(true)),
                     (None, true) => Some(Value::Bool(false)),
+                    // Rules that could have dropped it were not read.
                     (None, false) => None,
                 }
             }
@@ -668,6 +669,17 @@ impl<'a> Facts<'a> {
         let nf = self.nf();
         if nf.before_baseline {
             return "not identified (dropped while dropscope was still reading the starting rule counters)".into();
+        }
+        if !nf.unread.is_empty() {
+            let how = if nf.counters_read {
+                "only partly"
+            } else {
+                "not"
+            };
+            return format!(
+                "not identified: {} (the rule sets of this namespace could {how} be read)",
+                nf.unread.join(", ")
+            );
         }
         if !nf.counters_read {
             return "not identified (the rule sets of this namespace could not be read)".into();

@@ -186,6 +186,8 @@ impl State {
             .filter(|r| self.watched.is_empty() || self.watched.contains(&r.inode))
             .map(|r| (r.inode, r))
             .collect();
+        // Monitors follow the scan itself; the registry's list of gone inodes is not needed.
+        self.registry.take_gone();
         self.monitors.retain(|netns, _| live.contains_key(netns));
         for (netns, r) in live {
             if self.monitors.contains_key(&netns) || self.monitors.len() >= MAX_MONITORS {

@@ -102,6 +102,12 @@ impl Tracker {
         Counters { moved }
     }
 
+    /// Forgets a namespace that is gone (its inode may come back as another namespace).
+    pub fn forget(&mut self, netns: u32) {
+        self.last.remove(&netns);
+        self.history.remove(&netns);
+    }
+
     /// Takes the first look at a namespace (so the next look reports what moved after it).
     pub fn baseline(&mut self, netns: u32, ns: Option<&Path>) {
         if let Some(now) = in_namespace(ns, read) {

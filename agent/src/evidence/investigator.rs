@@ -32,6 +32,9 @@ pub struct NfState {
     /// The drop happened while the starting counters were being read, so they may already
     /// count it: no counter moving proves nothing.
     pub before_baseline: bool,
+    /// Rules that may have dropped this packet but could not be read, and why ("nft not
+    /// found"): no rule found then proves nothing.
+    pub unread: Vec<String>,
 }
 
 /// Live state of a drop's namespace, read on demand. Every method may be slow (it enters the
@@ -98,6 +101,9 @@ pub trait Investigator {
 pub struct Names {
     namespaces: Registry,
     ifnames: HashMap<(u32, u32), Arc<str>>,
+    /// Namespaces found gone, for an owner that caches more per namespace (see [`Live`]);
+    /// `None` when nobody asks.
+    forgotten: Option<Vec<u32>>,
 }
 
 /// Bound of the interface-name cache (names are looked up per distinct drop).
@@ -108,16 +114,43 @@ impl Names {
         Names {
             namespaces: Registry::new(),
             ifnames: HashMap::new(),
+            forgotten: None,
         }
     }
 
+    /// Names that also remember which namespaces were found gone (see [`Names::take_forgotten`]).
+    fn tracking() -> Self {
+        Names {
+            forgotten: Some(Vec::new()),
+            ..Names::new()
+        }
+    }
+
+    /// The namespaces found gone since the last call.
+    fn take_forgotten(&mut self) -> Vec<u32> {
+        self.forgotten.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     /// How to enter `netns`: `Some(None)` for dropscope's own namespace, `None` if it cannot
-    /// be entered (gone, or no handle found).
+    /// be entered (gone, or no handle found). What was cached for namespaces that are gone
+    /// is forgotten first: their inodes are given to new namespaces.
     fn path(&mut self, netns: u32) -> Option<Option<PathBuf>> {
         if netns == self.namespaces.own() {
             return Some(None);
         }
-        self.namespaces.get(netns).map(|r| Some(r.path.clone()))
+        let path = self.namespaces.get(netns).map(|r| r.path.clone());
+        self.forget_gone();
+        path.map(Some)
+    }
+
+    /// Drops the names kept for namespaces the registry found gone (or replaced).
+    fn forget_gone(&mut self) {
+        for netns in self.namespaces.take_gone() {
+            self.ifnames.retain(|(ns, _), _| *ns != netns);
+            if let Some(f) = self.forgotten.as_mut() {
+                f.push(netns);
+            }
+        }
     }
 }
 
@@ -129,18 +162,23 @@ impl Default for Names {
 
 impl Investigator for Names {
     fn exec_prefix(&mut self, netns: u32) -> String {
-        self.namespaces.exec_prefix(netns)
+        let prefix = self.namespaces.exec_prefix(netns);
+        self.forget_gone();
+        prefix
     }
 
     fn netns_name(&mut self, netns: u32) -> Option<String> {
-        self.namespaces.name(netns)
+        let name = self.namespaces.name(netns);
+        self.forget_gone();
+        name
     }
 
     fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String> {
+        // The path first: it forgets the names of a namespace whose inode was reused.
+        let path = self.path(netns)?;
         if let Some(name) = self.ifnames.get(&(netns, ifindex)) {
             return Some(name.to_string());
         }
-        let path = self.path(netns)?;
         let name = netns::ifname(path.as_deref(), ifindex)?;
         if self.ifnames.len() >= MAX_IFNAMES {
             self.ifnames.clear();
@@ -166,7 +204,7 @@ impl Live {
     /// An investigator starting from the rule and counter baselines read at attach time.
     pub fn new(rules: rules::Tracker, counters: counters::Tracker) -> Self {
         Live {
-            names: Names::new(),
+            names: Names::tracking(),
             rules,
             counters,
             nf_tables: HashMap::new(),
@@ -181,15 +219,28 @@ impl Live {
     }
 
     fn path(&mut self, netns: u32) -> Option<Option<PathBuf>> {
-        self.names.path(netns)
+        let path = self.names.path(netns);
+        self.forget_gone();
+        path
+    }
+
+    /// Drops the state kept for namespaces found gone (or replaced): their inodes are given
+    /// to new namespaces.
+    fn forget_gone(&mut self) {
+        for netns in self.names.take_forgotten() {
+            self.rules.forget(netns);
+            self.counters.forget(netns);
+            self.nf_tables.remove(&netns);
+        }
     }
 
     /// Registered x_tables tables of a namespace, read once.
     fn legacy_tables(&mut self, netns: u32) -> Vec<String> {
+        let path = self.path(netns);
         if let Some(t) = self.nf_tables.get(&netns) {
             return t.clone();
         }
-        let tables = match self.path(netns) {
+        let tables = match path {
             Some(path) => netfilter::legacy_tables(path.as_deref()),
             None => return Vec::new(),
         };
@@ -200,11 +251,15 @@ impl Live {
 
 impl Investigator for Live {
     fn exec_prefix(&mut self, netns: u32) -> String {
-        self.names.exec_prefix(netns)
+        let prefix = self.names.exec_prefix(netns);
+        self.forget_gone();
+        prefix
     }
 
     fn netns_name(&mut self, netns: u32) -> Option<String> {
-        self.names.netns_name(netns)
+        let name = self.names.netns_name(netns);
+        self.forget_gone();
+        name
     }
 
     fn netfilter(&mut self, d: &Drop, answer: Option<Answer>) -> NfState {
@@ -236,12 +291,22 @@ impl Investigator for Live {
         // Dropped while the baselines were being read: its rule's counter may already be in
         // them.
         let before_baseline = found.moved.is_empty() && d.ts_ns < self.baselines_at;
+        // nftables frees what its rules drop in nft_do_chain, so only nf_tables rules can
+        // explain such a drop; any other place may be any engine's.
+        let in_nft = &*d.location == "nft_do_chain";
+        let unread = found
+            .unread
+            .into_iter()
+            .filter(|(store, _)| !in_nft || *store == rules::Store::NfTables)
+            .map(|(_, why)| why)
+            .collect();
         NfState {
             rule: preferred.or(found.moved.first()).cloned(),
             ct: found.ct,
             counters_read: found.read && !before_baseline,
             legacy_tables,
             before_baseline,
+            unread,
         }
     }
 
@@ -318,6 +383,8 @@ impl Investigator for Live {
     }
 
     fn ifname(&mut self, netns: u32, ifindex: u32) -> Option<String> {
-        self.names.ifname(netns, ifindex)
+        let name = self.names.ifname(netns, ifindex);
+        self.forget_gone();
+        name
     }
 }

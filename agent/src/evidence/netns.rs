@@ -37,10 +37,17 @@ impl NetnsRef {
 }
 
 /// Known namespaces, rescanned (at most once a second) when an unknown inode shows up.
+///
+/// An inode is only unique among namespaces alive at the same time: the kernel gives a
+/// deleted namespace's inode to the next one created. A remembered handle is therefore
+/// checked before it is used, and an inode whose namespace may have changed is reported by
+/// [`Registry::take_gone`], so that whatever was cached for it can be forgotten.
 pub struct Registry {
     own: u32,
     known: HashMap<u32, NetnsRef>,
     last_scan: Option<Instant>,
+    /// Inodes whose namespace is gone, or may have been replaced, since the last `take_gone`.
+    gone: Vec<u32>,
 }
 
 impl Registry {
@@ -50,7 +57,14 @@ impl Registry {
             own,
             known: HashMap::new(),
             last_scan: None,
+            gone: Vec::new(),
         }
+    }
+
+    /// Inodes whose namespace went away (or whose handle now leads to a new namespace that
+    /// reuses the inode) since the last call: state cached per inode is stale for them.
+    pub fn take_gone(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.gone)
     }
 
     /// The inode of dropscope's own (normally the host's) namespace.
@@ -62,6 +76,16 @@ impl Registry {
     /// among the named namespaces at once (a few files), and among processes at most once a
     /// second (a walk of /proc).
     pub fn get(&mut self, inode: u32) -> Option<&NetnsRef> {
+        // A handle whose namespace was deleted (its name removed, its process gone) must not
+        // stand for a new namespace that got the same inode.
+        if self
+            .known
+            .get(&inode)
+            .is_some_and(|r| !leads_to(&r.path, inode))
+        {
+            self.known.remove(&inode);
+            self.gone.push(inode);
+        }
         if !self.known.contains_key(&inode) {
             if self
                 .last_scan
@@ -70,7 +94,9 @@ impl Registry {
                 self.scan();
             } else {
                 for r in named() {
-                    self.known.entry(r.inode).or_insert(r);
+                    if !self.known.contains_key(&r.inode) {
+                        self.remember(r);
+                    }
                 }
             }
         }
@@ -99,7 +125,7 @@ impl Registry {
     pub fn name(&mut self, inode: u32) -> Option<String> {
         if self.known.get(&inode).is_some_and(|r| r.name.is_none()) {
             if let Some(r) = named().into_iter().find(|r| r.inode == inode) {
-                self.known.insert(inode, r);
+                self.remember(r);
             }
         }
         self.get(inode).and_then(|r| r.name.clone())
@@ -132,8 +158,31 @@ impl Registry {
                     });
             }
         }
+        let previous = std::mem::take(&mut self.known);
+        for (inode, old) in previous {
+            if found.get(&inode).is_none_or(|r| r.path != old.path) && !leads_to(&old.path, inode) {
+                self.gone.push(inode);
+            }
+        }
         self.known = found;
     }
+
+    /// Remembers a handle, replacing the one for the same inode; if the old handle no longer
+    /// leads to that inode, the namespace may be another one now, and the inode is reported
+    /// gone.
+    fn remember(&mut self, r: NetnsRef) {
+        if let Some(old) = self.known.insert(r.inode, r) {
+            let inode = old.inode;
+            if self.known[&inode].path != old.path && !leads_to(&old.path, inode) {
+                self.gone.push(inode);
+            }
+        }
+    }
+}
+
+/// Whether `path` still opens the namespace with `inode`.
+fn leads_to(path: &Path, inode: u32) -> bool {
+    inode_of(path).ok() == Some(inode)
 }
 
 /// The namespaces `ip netns` named (bind mounts in /run/netns).
@@ -245,6 +294,34 @@ mod tests {
         })
         .unwrap();
         assert_eq!(inode, own);
+    }
+
+    #[test]
+    fn a_handle_that_no_longer_leads_to_its_inode_is_not_used() {
+        // Namespace 7 was known by a name that has since been deleted: the next namespace
+        // the kernel creates may get inode 7, so the old name must not be given for it.
+        let mut r = Registry::new();
+        let stale = NetnsRef {
+            inode: 7,
+            name: Some("deleted".into()),
+            pid: None,
+            path: "/run/netns/dropscope-test-deleted-namespace".into(),
+        };
+        r.known.insert(7, stale.clone());
+        assert_eq!(r.name(7), None);
+        assert!(r.get(7).is_none());
+        assert_eq!(r.take_gone(), vec![7]);
+        assert!(r.take_gone().is_empty(), "reported once");
+
+        // A scan that no longer finds a namespace reports it too.
+        r.known.insert(7, stale);
+        r.scan();
+        assert_eq!(r.take_gone(), vec![7]);
+        // The namespaces that are still there are not.
+        let own = r.own();
+        r.scan();
+        assert!(r.known.contains_key(&own));
+        assert!(!r.take_gone().contains(&own));
     }
 
     #[test]

@@ -125,6 +125,14 @@ struct Counted {
     packets: u64,
 }
 
+/// Where the kernel keeps a kind of rule: nf_tables (nftables and iptables-nft) or x_tables
+/// (iptables-legacy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    NfTables,
+    XTables,
+}
+
 /// Counters of every DROP/REJECT rule, and conntrack's, in one namespace at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -132,6 +140,8 @@ pub struct Snapshot {
     ct: Option<CtStats>,
     /// Whether the rule sets could be read (the tools ran in the namespace).
     read: bool,
+    /// Rules that exist, or may, but could not be read, and why ("nft not found").
+    unread: Vec<(Store, String)>,
 }
 
 /// What a look at a namespace found: the rules that moved and conntrack's deltas.
@@ -142,6 +152,9 @@ pub struct Attribution {
     /// Whether the namespace's rule counters were read: without them, an empty `moved`
     /// proves nothing.
     pub read: bool,
+    /// What could not be read in the latest look, and why: an empty `moved` does not clear
+    /// the rules of that store.
+    pub unread: Vec<(Store, String)>,
 }
 
 impl Snapshot {
@@ -154,20 +167,33 @@ impl Snapshot {
             };
             let mut seen_tables = HashSet::new();
             let mut read_any = false;
+            let mut nf_failed = Vec::new();
             for (tool, engine, family) in [
                 ("iptables-nft-save", "iptables-nft", "ip"),
                 ("ip6tables-nft-save", "ip6tables-nft", "ip6"),
             ] {
-                if let Some(text) = output(tool, &["-c"]) {
-                    read_any = true;
-                    for table in parse_iptables_save(&text, engine, &mut snap) {
-                        seen_tables.insert((family.to_string(), table));
+                match output(tool, &["-c"]) {
+                    Ok(text) => {
+                        read_any = true;
+                        for table in parse_iptables_save(&text, engine, &mut snap) {
+                            seen_tables.insert((family.to_string(), table));
+                        }
                     }
+                    Err(why) => nf_failed.push(why),
                 }
             }
-            if let Some(text) = output("nft", &["-j", "list", "ruleset"]) {
-                read_any = true;
-                parse_nft_json(&text, &seen_tables, &mut snap);
+            match output("nft", &["-j", "list", "ruleset"]) {
+                Ok(text) => {
+                    read_any = true;
+                    parse_nft_json(&text, &seen_tables, &mut snap);
+                }
+                // nft alone lists every nf_tables rule; without it, native nftables rules
+                // (and whatever the iptables-nft tools could not list) are unseen.
+                Err(why) => {
+                    nf_failed.insert(0, why);
+                    snap.unread
+                        .extend(nf_failed.into_iter().map(|w| (Store::NfTables, w)));
+                }
             }
             for (names, tool, engine) in [
                 (
@@ -184,11 +210,14 @@ impl Snapshot {
                 // Only ask x_tables when it has tables here (asking could load modules).
                 if std::fs::read_to_string(names).is_ok_and(|t| !t.trim().is_empty()) {
                     match output(tool, &["-c"]) {
-                        Some(text) => {
+                        Ok(text) => {
                             parse_iptables_save(&text, engine, &mut snap);
                         }
                         // x_tables has tables here but they could not be read.
-                        None => read_any = false,
+                        Err(why) => {
+                            read_any = false;
+                            snap.unread.push((Store::XTables, why));
+                        }
                     }
                 }
             }
@@ -226,11 +255,23 @@ impl Snapshot {
     }
 }
 
-fn output(tool: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(tool).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+/// A tool's output, or why there is none ("nft not found", "nft failed: ...").
+fn output(tool: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!("{tool} not found"),
+            _ => format!("{tool} could not run: {e}"),
+        })?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let why = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    Err(format!("{tool} failed ({}): {}", out.status, why.trim())
+        .trim_end_matches([':', ' '])
+        .to_string())
 }
 
 /// Parses `iptables-save -c` into `snap`; returns the tables it listed.
@@ -493,6 +534,7 @@ pub struct Tracker {
     history: HashMap<u32, Vec<(Instant, Moved)>>,
     ct_history: HashMap<u32, Vec<(Instant, CtStats)>>,
     read: HashMap<u32, bool>,
+    unread: HashMap<u32, Vec<(Store, String)>>,
 }
 
 /// How often one namespace may be re-read while drops keep coming.
@@ -508,6 +550,7 @@ impl Tracker {
             history: HashMap::new(),
             ct_history: HashMap::new(),
             read: HashMap::new(),
+            unread: HashMap::new(),
         }
     }
 
@@ -521,6 +564,16 @@ impl Tracker {
             }
         }
         t
+    }
+
+    /// Forgets a namespace that is gone (its inode may come back as another namespace).
+    pub fn forget(&mut self, netns: u32) {
+        self.baselines.remove(&netns);
+        self.looked.remove(&netns);
+        self.history.remove(&netns);
+        self.ct_history.remove(&netns);
+        self.read.remove(&netns);
+        self.unread.remove(&netns);
     }
 
     /// What moved in `netns` in the last [`HISTORY`]: DROP/REJECT rules (most recent first)
@@ -556,6 +609,7 @@ impl Tracker {
         }
         cts.retain(|(t, _)| t.elapsed() < HISTORY);
         self.read.insert(netns, now.read);
+        self.unread.insert(netns, now.unread.clone());
         self.looked.insert(netns, at);
         self.baselines.insert(netns, now);
     }
@@ -586,6 +640,7 @@ impl Tracker {
             moved: merged.into_iter().map(|(_, m)| m).collect(),
             ct,
             read: self.read.get(&netns).copied().unwrap_or(false),
+            unread: self.unread.get(&netns).cloned().unwrap_or_default(),
         }
     }
 }
@@ -606,6 +661,17 @@ mod tests {
 [1:60] -A FORWARD -j ACCEPT
 COMMIT
 ";
+
+    #[test]
+    fn a_tool_that_cannot_run_says_why() {
+        assert_eq!(
+            output("dropscope-test-no-such-tool", &["-c"]).unwrap_err(),
+            "dropscope-test-no-such-tool not found"
+        );
+        let failed = output("sh", &["-c", "echo 'no table here' >&2; exit 3"]).unwrap_err();
+        assert_eq!(failed, "sh failed (exit status: 3): no table here");
+        assert_eq!(output("sh", &["-c", "echo ok"]).unwrap(), "ok\n");
+    }
 
     #[test]
     fn iptables_save_rules_and_policies() {

@@ -313,6 +313,7 @@ pub fn summary_json(s: &Summary) -> Value {
         "seen": s.seen,
         "decoded": s.decoded,
         "lost": s.lost,
+        "lost_by_cause": s.lost_by_cause,
         "counts_exact": s.counts_exact,
         "evidence_skipped": s.evidence_skipped,
         "agg_full": s.agg_full,

@@ -77,6 +77,8 @@ pub struct Summary {
     pub seen: u64,
     /// Drops the ring buffer had no room for.
     pub lost: u64,
+    /// Of those, the drops of each reported cause (filled in by [`LostByCause`]).
+    pub lost_by_cause: std::collections::BTreeMap<String, u64>,
     pub seconds: f64,
     /// Whether the kernel's exact per-key counts equal what was reported.
     pub counts_exact: bool,
@@ -143,6 +145,45 @@ impl Sink for Fanout {
     }
     fn summary(&mut self, summary: &Summary) {
         self.0.iter_mut().for_each(|s| s.summary(summary));
+    }
+}
+
+/// Counts, per cause, the drops whose events found no room in the ring buffer (the records
+/// that stand for them say `unsent: lost`), and adds the counts to the summary it passes on.
+pub struct LostByCause<'a> {
+    inner: &'a mut dyn Sink,
+    lost: std::collections::BTreeMap<String, u64>,
+}
+
+impl<'a> LostByCause<'a> {
+    pub fn new(inner: &'a mut dyn Sink) -> Self {
+        LostByCause {
+            inner,
+            lost: Default::default(),
+        }
+    }
+}
+
+impl Sink for LostByCause<'_> {
+    fn attach(&mut self, info: &AttachInfo) {
+        self.inner.attach(info);
+    }
+    fn drop(&mut self, record: &DropRecord) {
+        if record.unsent == Some("lost") {
+            *self.lost.entry(record.verdict.cause.clone()).or_default() += record.count;
+        }
+        self.inner.drop(record);
+    }
+    fn change(&mut self, record: &ChangeRecord) {
+        self.inner.change(record);
+    }
+    fn tick(&mut self, progress: &Progress) {
+        self.inner.tick(progress);
+    }
+    fn summary(&mut self, summary: &Summary) {
+        let mut summary = summary.clone();
+        summary.lost_by_cause = std::mem::take(&mut self.lost);
+        self.inner.summary(&summary);
     }
 }
 
@@ -238,6 +279,42 @@ mod tests {
         let d = &mut r.drop;
         (d.netns, d.dev, d.flow, d.pod) = (4026532315, None, None, pod.map(Arc::new));
         r
+    }
+
+    #[test]
+    fn lost_drops_are_counted_per_cause_in_the_summary() {
+        #[derive(Default)]
+        struct Last(Option<Summary>, u64);
+        impl Sink for Last {
+            fn attach(&mut self, _: &AttachInfo) {}
+            fn drop(&mut self, r: &DropRecord) {
+                self.1 += r.count;
+            }
+            fn summary(&mut self, s: &Summary) {
+                self.0 = Some(s.clone());
+            }
+        }
+        let mut last = Last::default();
+        let mut sink = LostByCause::new(&mut last);
+        sink.drop(&DropRecord::example("netfilter_drop", 5, None));
+        sink.drop(&DropRecord::example("netfilter_drop", 7, Some("lost")));
+        sink.drop(&DropRecord::example("netfilter_drop", 9, Some("sampled")));
+        sink.drop(&DropRecord::example("no_listener", 2, Some("lost")));
+        sink.drop(&DropRecord::example("netfilter_drop", 1, Some("lost")));
+        sink.summary(&Summary {
+            lost: 12,
+            ..Default::default()
+        });
+        assert_eq!(last.1, 24, "every record is passed on");
+        let s = last.0.unwrap();
+        assert_eq!(s.lost, 12);
+        assert_eq!(
+            s.lost_by_cause.into_iter().collect::<Vec<_>>(),
+            [
+                ("netfilter_drop".to_string(), 8),
+                ("no_listener".to_string(), 2)
+            ]
+        );
     }
 
     #[test]

@@ -301,7 +301,25 @@ impl<W: Write> Sink for TextSink<W> {
                 s.unchecked
             );
         }
-        if s.lost > 0 {
+        if s.lost > 0 && s.counts_exact {
+            // The kernel counted the drops whose events were lost: only their details are
+            // missing (each kind keeps the cause of its latest event).
+            let per_cause: Vec<String> = s
+                .lost_by_cause
+                .iter()
+                .map(|(c, n)| format!("{c} {n}"))
+                .collect();
+            let _ = writeln!(
+                o,
+                "{} events did not fit the ring buffer ({}); the kernel counted their drops, so the counts above are exact",
+                s.lost,
+                if per_cause.is_empty() {
+                    "no reported drops among them".to_string()
+                } else {
+                    format!("drops: {}", per_cause.join(", "))
+                }
+            );
+        } else if s.lost > 0 {
             let _ = writeln!(
                 o,
                 "{}",

@@ -21,7 +21,7 @@ use metrics::{Health, Metrics};
 
 /// Serves metrics and logs drops until SIGTERM/SIGINT (or `--duration`).
 pub async fn run(args: ServeArgs) -> Result<()> {
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(Duration::from_secs_f64(args.observe.interval)));
     let max_series = usize::try_from(args.max_series).unwrap_or(usize::MAX);
     let (metrics, registry) = Metrics::new(max_series, session::kernel_release(), health.clone());
     // The flight recorder: the last dropped packets, served as pcapng.
