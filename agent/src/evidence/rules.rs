@@ -7,8 +7,10 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
+    io::{BufRead, BufReader, Read},
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,6 +18,13 @@ use ipnet::IpNet;
 use std::net::IpAddr;
 
 use super::{conntrack::CtStats, netns::run_in};
+
+mod nft_json;
+mod nft_netlink;
+mod save;
+
+use nft_netlink::Nl;
+use save::SaveParser;
 
 /// A terminal verdict a rule (or chain policy) can give.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +134,18 @@ struct Counted {
     packets: u64,
 }
 
+/// How to re-read the counters of the nftables rules a snapshot keeps (native ones and
+/// iptables-nft's) without the tools: their handles, per chain. Valid while the ruleset
+/// generation stays `gen` (no rule added, deleted or moved since).
+#[derive(Debug, Default)]
+struct NftIndex {
+    gen: u32,
+    /// (family, table, chain) -> handle -> the rule.
+    chains: HashMap<(u8, String, String), HashMap<u64, RuleId>>,
+    /// Base chains of iptables-nft tables whose DROP policy is kept: (family, table, chain).
+    policies: HashMap<(u8, String, String), RuleId>,
+}
+
 /// Counters of every DROP/REJECT rule, and conntrack's, in one namespace at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -132,6 +153,9 @@ pub struct Snapshot {
     ct: Option<CtStats>,
     /// Whether the rule sets could be read (the tools ran in the namespace).
     read: bool,
+    /// Set when the nftables rules were read over netlink: a later read can then ask the
+    /// kernel for just the chains holding kept rules.
+    nft: Option<Arc<NftIndex>>,
 }
 
 /// What a look at a namespace found: the rules that moved and conntrack's deltas.
@@ -144,59 +168,45 @@ pub struct Attribution {
     pub read: bool,
 }
 
+/// The iptables-legacy tools, per family: (x_tables names file, tool, engine).
+const LEGACY: [(&str, &str, &str); 2] = [
+    (
+        "/proc/thread-self/net/ip_tables_names",
+        "iptables-legacy-save",
+        "iptables-legacy",
+    ),
+    (
+        "/proc/thread-self/net/ip6_tables_names",
+        "ip6tables-legacy-save",
+        "ip6tables-legacy",
+    ),
+];
+
 impl Snapshot {
-    /// Reads all engines inside the namespace at `ns` (`None`: dropscope's own).
+    /// Reads all engines inside the namespace at `ns` (`None`: dropscope's own): every
+    /// table of iptables-nft and iptables-legacy (`*-save -c`, read line by line) and of
+    /// nftables (over netlink; `nft -j` read as a stream where netlink fails).
     pub fn take(ns: Option<&Path>) -> Self {
-        let read = move || {
-            let mut snap = Snapshot {
-                ct: CtStats::read(),
-                ..Default::default()
-            };
-            let mut seen_tables = HashSet::new();
-            let mut read_any = false;
-            for (tool, engine, family) in [
-                ("iptables-nft-save", "iptables-nft", "ip"),
-                ("ip6tables-nft-save", "ip6tables-nft", "ip6"),
-            ] {
-                if let Some(text) = output(tool, &["-c"]) {
-                    read_any = true;
-                    for table in parse_iptables_save(&text, engine, &mut snap) {
-                        seen_tables.insert((family.to_string(), table));
-                    }
-                }
-            }
-            if let Some(text) = output("nft", &["-j", "list", "ruleset"]) {
-                read_any = true;
-                parse_nft_json(&text, &seen_tables, &mut snap);
-            }
-            for (names, tool, engine) in [
-                (
-                    "/proc/thread-self/net/ip_tables_names",
-                    "iptables-legacy-save",
-                    "iptables-legacy",
-                ),
-                (
-                    "/proc/thread-self/net/ip6_tables_names",
-                    "ip6tables-legacy-save",
-                    "ip6tables-legacy",
-                ),
-            ] {
-                // Only ask x_tables when it has tables here (asking could load modules).
-                if std::fs::read_to_string(names).is_ok_and(|t| !t.trim().is_empty()) {
-                    match output(tool, &["-c"]) {
-                        Some(text) => {
-                            parse_iptables_save(&text, engine, &mut snap);
-                        }
-                        // x_tables has tables here but they could not be read.
-                        None => read_any = false,
-                    }
-                }
-            }
-            snap.read = read_any;
-            snap
-        };
         match ns {
-            Some(path) => run_in(path, read).unwrap_or_default(),
+            Some(path) => run_in(path, read_all).unwrap_or_default(),
+            None => read_all(),
+        }
+    }
+
+    /// Reads again only what can hold a kept rule: the nftables chains with one (over
+    /// netlink, when the ruleset generation has not changed since `self` was taken, which
+    /// also proves that no nftables rule was added), and the iptables-legacy tables with one
+    /// (`iptables-legacy-save -t TABLE`; every legacy table with `all_legacy`, since
+    /// x_tables has no generation to tell a new rule by). `None` when that cannot be done
+    /// (the ruleset changed, or `self` was not read over netlink): take a full snapshot.
+    pub fn reread(&self, ns: Option<&Path>, all_legacy: bool) -> Option<Snapshot> {
+        if !self.read {
+            return None;
+        }
+        let before = self.clone();
+        let read = move || reread(before, all_legacy);
+        match ns {
+            Some(path) => run_in(path, read).ok().flatten(),
             None => read(),
         }
     }
@@ -224,172 +234,384 @@ impl Snapshot {
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty() && self.ct.is_none() && !self.read
     }
+
+    /// How many DROP/REJECT rules and policies it keeps.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
 }
 
-fn output(tool: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(tool).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+/// A full read, in the calling thread's namespace. iptables-legacy is read on a second
+/// thread meanwhile (its tool waits on the kernel and on its own parsing, not on ours).
+fn read_all() -> Snapshot {
+    let ct = CtStats::read();
+    let (nft, legacy) = std::thread::scope(|s| {
+        // A thread started here is in this thread's namespace too.
+        let legacy = s.spawn(|| read_legacy(None));
+        (read_nftables(), legacy.join().unwrap_or(None))
+    });
+    let mut snap = Snapshot {
+        ct,
+        read: nft.read && legacy.is_some(),
+        nft: nft.index.map(Arc::new),
+        ..Default::default()
+    };
+    snap.rules.extend(nft.rules);
+    snap.rules.extend(legacy.into_iter().flatten());
+    snap
 }
 
-/// Parses `iptables-save -c` into `snap`; returns the tables it listed.
-pub fn parse_iptables_save(text: &str, engine: &'static str, snap: &mut Snapshot) -> Vec<String> {
-    let mut tables = Vec::new();
-    let mut table = String::new();
-    for line in text.lines() {
-        if let Some(t) = line.strip_prefix('*') {
-            table = t.to_string();
-            tables.push(table.clone());
-        } else if let Some(policy) = line.strip_prefix(':') {
-            // ":FORWARD DROP [5:300]"
-            let mut it = policy.split_whitespace();
-            let (Some(chain), Some(target), Some(counts)) = (it.next(), it.next(), it.next())
-            else {
+/// Kept iptables-nft rules per chain (family, table, chain): the chain's length and each
+/// rule's place in it.
+type Places = HashMap<(u8, String, String), (usize, Vec<(usize, RuleId)>)>;
+
+/// What the nftables side of a full read found.
+#[derive(Default)]
+struct NftRead {
+    rules: Vec<(RuleId, Counted)>,
+    /// Whether any of iptables-nft-save, ip6tables-nft-save, netlink or nft could be read.
+    read: bool,
+    index: Option<NftIndex>,
+}
+
+/// iptables-nft (both families) through its tools, for the rules' text, then every nftables
+/// rule over netlink: native rules are decoded, iptables-nft rules matched to their text by
+/// their place in their chain to learn their handles. The ruleset generation before and
+/// after tells whether the places still held; a read that raced with a change is tried once
+/// more, and otherwise keeps its rules without the index.
+fn read_nftables() -> NftRead {
+    let mut nl = Nl::open().ok();
+    let mut last = NftRead::default();
+    for _ in 0..2 {
+        let gen = nl.as_mut().and_then(|n| n.generation().ok());
+        let mut out = NftRead::default();
+        let mut seen: HashSet<(String, String)> = HashSet::new();
+        // Kept iptables-nft rules by chain: (place in chain, id); and chain lengths.
+        let mut places: Places = HashMap::new();
+        let mut policies = HashMap::new();
+        for (tool, engine, family) in [
+            ("iptables-nft-save", "iptables-nft", 2u8),
+            ("ip6tables-nft-save", "ip6tables-nft", 10u8),
+        ] {
+            let mut parser = SaveParser::new(engine);
+            let mut kept = Vec::new();
+            if !each_line(tool, &["-c"], |l| kept.extend(parser.line(l))) {
                 continue;
-            };
-            if let (Some(verdict), Some(packets)) =
-                (verdict_of_target(target, ""), packets_of(counts))
-            {
-                let id = RuleId {
-                    engine,
-                    table: table.clone(),
-                    chain: chain.into(),
-                    text: format!("policy {target}"),
-                };
-                snap.rules.insert(
-                    id,
-                    Counted {
-                        verdict,
-                        matcher: Matcher::default(),
-                        packets,
-                    },
-                );
             }
-        } else if line.starts_with('[') {
-            // "[2:120] -A FORWARD -p tcp ... -j REJECT --reject-with tcp-reset"
-            let Some((counts, rule)) = line.split_once(' ') else {
-                continue;
-            };
-            let chain = rule.split_whitespace().nth(1).unwrap_or("").to_string();
-            let target = rule
-                .split(" -j ")
-                .nth(1)
-                .and_then(|t| t.split_whitespace().next())
-                .unwrap_or("");
-            let with = rule
-                .split("--reject-with ")
-                .nth(1)
-                .and_then(|t| t.split_whitespace().next())
-                .unwrap_or("");
-            if let (Some(verdict), Some(packets)) =
-                (verdict_of_target(target, with), packets_of(counts))
-            {
-                let id = RuleId {
-                    engine,
-                    table: table.clone(),
-                    chain,
-                    text: rule.to_string(),
-                };
-                snap.rules.insert(
-                    id,
-                    Counted {
-                        verdict,
-                        matcher: iptables_matcher(rule),
-                        packets,
-                    },
-                );
+            out.read = true;
+            let fam = nft_netlink::family_name(family);
+            for t in &parser.tables {
+                seen.insert((fam.to_string(), t.clone()));
+            }
+            for k in kept {
+                let key = (family, k.id.table.clone(), k.id.chain.clone());
+                match k.index {
+                    Some(i) => {
+                        let len = parser.chain_len(&k.id.table, &k.id.chain);
+                        let e = places.entry(key).or_insert((len, Vec::new()));
+                        e.1.push((i, k.id.clone()));
+                    }
+                    None => {
+                        policies.insert(key, k.id.clone());
+                    }
+                }
+                out.rules.push((k.id, k.counted));
             }
         }
+        let native = match nl.as_mut() {
+            Some(nl) => netlink_rules(nl, &seen, &places),
+            None => None,
+        };
+        match native {
+            Some((rules, chains)) => {
+                out.read = true;
+                out.rules.extend(rules);
+                let after = nl.as_mut().and_then(|n| n.generation().ok());
+                if gen.is_some() && gen == after {
+                    out.index = Some(NftIndex {
+                        gen: gen.unwrap_or_default(),
+                        chains,
+                        policies,
+                    });
+                    return out;
+                }
+            }
+            None => {
+                // No netlink (or it failed): nft's JSON, read as a stream.
+                let mut rules = Vec::new();
+                let ok = each_json("nft", &["-j", "list", "ruleset"], |r| {
+                    nft_json::read(r, &seen, &mut |id, c| rules.push((id, c)))
+                });
+                if ok {
+                    out.read = true;
+                    out.rules.extend(rules);
+                }
+                return out;
+            }
+        }
+        last = out;
     }
-    tables
+    last
 }
 
-fn verdict_of_target(target: &str, with: &str) -> Option<Verdict> {
-    match target {
-        "DROP" => Some(Verdict::Drop),
-        "REJECT" => Some(Verdict::Reject(if with.is_empty() {
-            "icmp-port-unreachable".into()
+/// Every nftables rule over netlink: the native ones kept (counter and drop/reject), and the
+/// handles of the kept iptables-nft rules (`places`) found by their place in their chain.
+/// `None` when the dump failed, or a chain's length differs from what iptables-nft-save
+/// listed (the places would not hold).
+#[allow(clippy::type_complexity)]
+fn netlink_rules(
+    nl: &mut Nl,
+    iptables: &HashSet<(String, String)>,
+    places: &Places,
+) -> Option<(
+    Vec<(RuleId, Counted)>,
+    HashMap<(u8, String, String), HashMap<u64, RuleId>>,
+)> {
+    let mut native = Vec::new();
+    let mut chains: HashMap<(u8, String, String), HashMap<u64, RuleId>> = HashMap::new();
+    // The dump gives each chain's rules in order, one chain after another.
+    let mut cur: Option<(u8, String, String)> = None;
+    let mut place = 0usize;
+    let mut lengths: HashMap<(u8, String, String), usize> = HashMap::new();
+    let mut is_iptables = false;
+    let mut ct_sets = Vec::new();
+    nl.rules(0, None, None, |r| {
+        let same = cur
+            .as_ref()
+            .is_some_and(|(f, t, c)| *f == r.family && t == r.table && c == r.chain);
+        if !same {
+            let key = (r.family, r.table.to_string(), r.chain.to_string());
+            is_iptables = iptables.contains(&(
+                nft_netlink::family_name(r.family).to_string(),
+                key.1.clone(),
+            ));
+            cur = Some(key);
+            place = 0;
         } else {
-            with.into()
-        })),
-        _ => None,
+            place += 1;
+        }
+        let key = cur.as_ref().expect("set above");
+        if is_iptables {
+            if let Some((_, wanted)) = places.get(key) {
+                *lengths.entry(key.clone()).or_default() = place + 1;
+                if let Some((_, id)) = wanted.iter().find(|(i, _)| *i == place) {
+                    chains
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(r.handle, id.clone());
+                }
+            }
+        } else if let Some((id, counted, ct_set)) = r.decode() {
+            chains
+                .entry(key.clone())
+                .or_default()
+                .insert(r.handle, id.clone());
+            if let Some(set) = ct_set {
+                ct_sets.push((native.len(), r.family, key.1.clone(), set));
+            }
+            native.push((id, counted));
+        }
+    })
+    .ok()?;
+    for (i, family, table, set) in ct_sets {
+        native[i].1.matcher.ct_invalid = nl.ct_set_has_invalid(family, &table, &set).ok()?;
     }
+    // Every chain with a kept iptables-nft rule has the length iptables-nft-save listed.
+    places
+        .iter()
+        .all(|(k, (len, _))| lengths.get(k) == Some(len))
+        .then_some((native, chains))
 }
 
-fn packets_of(counts: &str) -> Option<u64> {
-    counts
-        .trim_start_matches('[')
-        .split(':')
-        .next()?
-        .parse()
+/// The targeted read of [`Snapshot::reread`], in the namespace: `snap` (a copy of the
+/// previous snapshot) with the counters read again.
+fn reread(mut snap: Snapshot, all_legacy: bool) -> Option<Snapshot> {
+    let index = snap.nft.clone()?;
+    let mut nl = Nl::open().ok()?;
+    if nl.generation().ok()? != index.gen {
+        return None;
+    }
+    snap.ct = CtStats::read();
+    let legacy = std::thread::scope(|s| {
+        let only: HashSet<(&'static str, String)> = snap
+            .rules
+            .keys()
+            .filter(|id| id.engine.ends_with("-legacy"))
+            .map(|id| (id.engine, id.table.clone()))
+            .collect();
+        let legacy = s.spawn(move || {
+            let read = if all_legacy {
+                read_legacy(None)
+            } else {
+                read_legacy(Some(&only))
+            };
+            read.map(|rules| (only, rules))
+        });
+        for ((family, table, chain), handles) in &index.chains {
+            let rules = &mut snap.rules;
+            nl.rules(*family, Some(table), Some(chain), |r| {
+                if let (Some(id), Some(p)) = (handles.get(&r.handle), r.packets()) {
+                    if let Some(c) = rules.get_mut(id) {
+                        c.packets = p;
+                    }
+                }
+            })
+            .ok()?;
+        }
+        let tables: HashSet<(u8, &str)> = index
+            .policies
+            .keys()
+            .map(|(f, t, _)| (*f, t.as_str()))
+            .collect();
+        for (family, table) in tables {
+            for c in nl.chains(family, Some(table)).ok()? {
+                let key = (family, table.to_string(), c.name);
+                if let (Some(id), Some(p)) = (index.policies.get(&key), c.packets) {
+                    if let Some(r) = snap.rules.get_mut(id) {
+                        r.packets = p;
+                    }
+                }
+            }
+        }
+        legacy.join().ok().flatten()
+    });
+    // The counters are only those of generation `index.gen` if it still is.
+    if nl.generation().ok()? != index.gen {
+        return None;
+    }
+    let (only, rules) = legacy?;
+    // The legacy tables read replace what was kept of them (rules may have gone).
+    snap.rules.retain(|id, _| {
+        !id.engine.ends_with("-legacy")
+            || !(all_legacy || only.contains(&(id.engine, id.table.clone())))
+    });
+    snap.rules.extend(rules);
+    Some(snap)
+}
+
+/// iptables-legacy, both families: every table x_tables has (`only` None) or just the
+/// given (engine, table) pairs (`-t TABLE`). `None` when x_tables has tables here but one
+/// could not be read. x_tables is only asked when it has tables (asking could load modules).
+fn read_legacy(only: Option<&HashSet<(&'static str, String)>>) -> Option<Vec<(RuleId, Counted)>> {
+    let mut rules = Vec::new();
+    for (names, tool, engine) in LEGACY {
+        let registered = std::fs::read_to_string(names).unwrap_or_default();
+        if registered.trim().is_empty() {
+            continue;
+        }
+        let tables: Vec<Option<&str>> = match only {
+            None => vec![None],
+            Some(only) => registered
+                .split_whitespace()
+                .filter(|t| only.contains(&(engine, t.to_string())))
+                .map(Some)
+                .collect(),
+        };
+        for table in tables {
+            let mut parser = SaveParser::new(engine);
+            let mut kept = Vec::new();
+            let mut args = vec!["-c"];
+            args.extend(table.map(|t| ["-t", t]).into_iter().flatten());
+            if !each_line(tool, &args, |l| kept.extend(parser.line(l))) {
+                return None;
+            }
+            rules.extend(kept.into_iter().map(|k| (k.id, k.counted)));
+        }
+    }
+    Some(rules)
+}
+
+/// Starts `tool args` with its output piped (no input, errors discarded).
+fn spawn(tool: &str, args: &[&str]) -> Option<std::process::Child> {
+    Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
         .ok()
 }
 
-/// Parses `nft -j list ruleset` into `snap`, skipping tables already read through iptables-nft.
-pub fn parse_nft_json(text: &str, skip: &HashSet<(String, String)>, snap: &mut Snapshot) {
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else {
-        return;
+/// Runs `tool args` and hands each line of its output to `each` as it arrives (never the
+/// whole output in memory). False when the tool could not run or failed.
+fn each_line(tool: &str, args: &[&str], mut each: impl FnMut(&str)) -> bool {
+    let Some(mut child) = spawn(tool, args) else {
+        return false;
     };
-    for item in json["nftables"].as_array().into_iter().flatten() {
-        let rule = &item["rule"];
-        let (Some(family), Some(table), Some(chain)) = (
-            rule["family"].as_str(),
-            rule["table"].as_str(),
-            rule["chain"].as_str(),
-        ) else {
-            continue;
-        };
-        if skip.contains(&(family.to_string(), table.to_string())) {
-            continue;
-        }
-        let exprs = rule["expr"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let packets = exprs.iter().find_map(|e| e["counter"]["packets"].as_u64());
-        let verdict = exprs.iter().find_map(|e| {
-            if e.get("drop").is_some() {
-                Some(Verdict::Drop)
-            } else if let Some(r) = e.get("reject") {
-                let with = match (r["type"].as_str(), r["expr"].as_str()) {
-                    (Some("tcp reset"), _) => "tcp-reset".to_string(),
-                    (_, Some(code)) => code.to_string(),
-                    _ => "icmp-port-unreachable".to_string(),
-                };
-                Some(Verdict::Reject(with))
-            } else {
-                None
+    let Some(stdout) = child.stdout.take() else {
+        return false;
+    };
+    let mut reader = BufReader::with_capacity(64 * 1024, stdout);
+    let mut line = Vec::with_capacity(512);
+    let ok = loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => break true,
+            Ok(_) => {
+                let l = line.strip_suffix(b"\n").unwrap_or(&line);
+                match std::str::from_utf8(l) {
+                    Ok(s) => each(s),
+                    Err(_) => each(&String::from_utf8_lossy(l)),
+                }
             }
-        });
-        if let (Some(verdict), Some(packets)) = (verdict, packets) {
-            let handle = rule["handle"].as_u64().unwrap_or(0);
-            let comment = rule["comment"]
-                .as_str()
-                .map(|c| format!(" comment \"{c}\""))
-                .unwrap_or_default();
-            let id = RuleId {
-                engine: "nftables",
-                table: format!("{family} {table}"),
-                chain: chain.to_string(),
-                text: format!("handle {handle}{comment}"),
-            };
-            snap.rules.insert(
-                id,
-                Counted {
-                    verdict,
-                    matcher: nft_matcher(exprs),
-                    packets,
-                },
-            );
+            Err(_) => break false,
         }
+    };
+    finish(child, ok)
+}
+
+/// Runs `tool args` and hands its output to `parse` as a stream.
+fn each_json<E>(
+    tool: &str,
+    args: &[&str],
+    parse: impl FnOnce(&mut dyn Read) -> Result<(), E>,
+) -> bool {
+    let Some(mut child) = spawn(tool, args) else {
+        return false;
+    };
+    let Some(stdout) = child.stdout.take() else {
+        return false;
+    };
+    let mut reader = BufReader::with_capacity(64 * 1024, stdout);
+    let ok = parse(&mut reader).is_ok();
+    finish(child, ok)
+}
+
+/// Waits for a tool (stopping it first if its output was not read to the end).
+fn finish(mut child: std::process::Child, read_all: bool) -> bool {
+    if !read_all {
+        let _ = child.kill();
+    }
+    let status = child.wait();
+    read_all && status.is_ok_and(|s| s.success())
+}
+
+/// Parses `iptables-save -c` into `snap`; returns the tables it listed.
+#[cfg(test)]
+pub fn parse_iptables_save(text: &str, engine: &'static str, snap: &mut Snapshot) -> Vec<String> {
+    let mut parser = SaveParser::new(engine);
+    for line in text.lines() {
+        if let Some(k) = parser.line(line) {
+            snap.rules.insert(k.id, k.counted);
+        }
+    }
+    parser.tables
+}
+
+/// Parses `nft -j list ruleset` into `snap`, skipping tables already read through
+/// iptables-nft. Text that is not nft JSON adds nothing.
+#[cfg(test)]
+pub fn parse_nft_json(text: &str, skip: &HashSet<(String, String)>, snap: &mut Snapshot) {
+    let mut rules = Vec::new();
+    if nft_json::read_str(text, skip, &mut |id, c| rules.push((id, c))).is_ok() {
+        snap.rules.extend(rules);
     }
 }
 
 /// Simple match fields of an `iptables-save` rule line.
 pub fn iptables_matcher(rule: &str) -> Matcher {
     let mut m = Matcher::default();
-    let tokens: Vec<&str> = rule.split_whitespace().collect();
+    let tokens = tokens(rule);
     for (i, pair) in tokens.windows(2).enumerate() {
         if i > 0 && tokens[i - 1] == "!" {
             continue; // negated: not reasoned about
@@ -412,11 +634,41 @@ pub fn iptables_matcher(rule: &str) -> Matcher {
     m
 }
 
+/// The words of a rule line; a double-quoted string (a comment) is one word, so nothing in
+/// it is taken for an option.
+fn tokens(rule: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = rule.trim_start();
+    while !rest.is_empty() {
+        let end = if let Some(q) = rest.strip_prefix('"') {
+            // To the closing quote (iptables escapes inner quotes as \").
+            let mut esc = false;
+            q.char_indices()
+                .find(|&(_, c)| {
+                    let close = c == '"' && !esc;
+                    esc = c == '\\' && !esc;
+                    close
+                })
+                .map_or(rest.len(), |(i, _)| i + 2)
+        } else {
+            rest.find(char::is_whitespace).unwrap_or(rest.len())
+        };
+        out.push(&rest[..end]);
+        rest = rest[end..].trim_start();
+    }
+    out
+}
+
 /// Simple match fields of an nftables rule's JSON expressions.
+#[cfg(test)]
 pub fn nft_matcher(exprs: &[serde_json::Value]) -> Matcher {
+    matches_matcher(exprs.iter().map(|e| &e["match"]))
+}
+
+/// Simple match fields of the `match` objects of an nftables rule's JSON expressions.
+fn matches_matcher<'a>(matches: impl Iterator<Item = &'a serde_json::Value>) -> Matcher {
     let mut m = Matcher::default();
-    for e in exprs {
-        let mt = &e["match"];
+    for mt in matches {
         if mt["op"].as_str().is_some_and(|op| op != "==" && op != "in") {
             continue;
         }
@@ -442,23 +694,39 @@ pub fn nft_matcher(exprs: &[serde_json::Value]) -> Matcher {
         ) {
             (Some(proto), Some("dport"), _) => {
                 m.proto = proto_number(proto);
-                m.dport = right.as_u64().map(|p| (p as u16, p as u16));
+                m.dport = nft_ports(right);
             }
             (Some(proto), Some("sport"), _) => {
                 m.proto = proto_number(proto);
-                m.sport = right.as_u64().map(|p| (p as u16, p as u16));
+                m.sport = nft_ports(right);
             }
             (Some(_), Some("saddr"), _) => m.src = nft_net(right),
             (Some(_), Some("daddr"), _) => m.dst = nft_net(right),
             (Some("ip" | "ip6"), Some("protocol" | "nexthdr"), _) | (_, _, Some("l4proto")) => {
                 m.proto = right.as_str().and_then(proto_number)
             }
-            (_, _, Some("iifname")) => m.iif = right.as_str().map(str::to_string),
-            (_, _, Some("oifname")) => m.oif = right.as_str().map(str::to_string),
+            // A wildcard ("eth*") names no one interface.
+            (_, _, Some("iifname")) => m.iif = nft_ifname(right),
+            (_, _, Some("oifname")) => m.oif = nft_ifname(right),
             _ => {}
         }
     }
     m
+}
+fn nft_ifname(right: &serde_json::Value) -> Option<String> {
+    right
+        .as_str()
+        .filter(|n| !n.ends_with('*'))
+        .map(str::to_string)
+}
+
+/// A port or a port range (`{"range": [1000, 2000]}`) of nft's JSON.
+fn nft_ports(right: &serde_json::Value) -> Option<(u16, u16)> {
+    let port = |v: &serde_json::Value| v.as_u64().and_then(|p| u16::try_from(p).ok());
+    match right["range"].as_array().map(Vec::as_slice) {
+        Some([lo, hi]) => Some((port(lo)?, port(hi)?)),
+        _ => port(right).map(|p| (p, p)),
+    }
 }
 
 fn proto_number(name: &str) -> Option<u8> {
@@ -493,6 +761,17 @@ pub struct Tracker {
     history: HashMap<u32, Vec<(Instant, Moved)>>,
     ct_history: HashMap<u32, Vec<(Instant, CtStats)>>,
     read: HashMap<u32, bool>,
+}
+
+/// The moment a time of the kernel's monotonic clock (a drop's `ts_ns`) stands for, as an
+/// [`Instant`] (the same clock on Linux); `None` for 0 (no time) or a time not yet reached.
+fn instant_of(mono_ns: u64) -> Option<Instant> {
+    if mono_ns == 0 {
+        return None;
+    }
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    Instant::now().checked_sub(Duration::from_nanos(now_ns.checked_sub(mono_ns)?))
 }
 
 /// How often one namespace may be re-read while drops keep coming.
@@ -533,16 +812,54 @@ impl Tracker {
             .get(&netns)
             .is_some_and(|at| at.elapsed() < MIN_INTERVAL);
         if fresh || !recently {
-            self.look(netns, path);
+            self.look(netns, path, fresh);
         }
-        self.recent(netns)
+        self.recent(netns, None)
     }
 
-    /// Reads the namespace and adds what moved since the previous read to its history.
-    fn look(&mut self, netns: u32, path: Option<&Path>) {
-        let now = Snapshot::take(path);
-        let at = Instant::now();
+    /// What moved in `netns` with a drop at `dropped_ns` (the kernel's monotonic clock): only
+    /// the movements seen by reads that started after the drop can be its own, so the
+    /// namespace is read again unless such a read was already made (for another drop), or
+    /// `fresh` asks for it. Reads of an unchanged ruleset cost milliseconds (see
+    /// [`Snapshot::reread`]), so there is no minimum interval here: a rule that moved for an
+    /// earlier drop never explains a later one. Rules are listed from the earliest read after
+    /// the drop (the one that saw its counter move) on. A drop without a time (0) is
+    /// attributed as by [`Tracker::attribute`].
+    pub fn attribute_after(
+        &mut self,
+        netns: u32,
+        path: Option<&Path>,
+        fresh: bool,
+        dropped_ns: u64,
+    ) -> Attribution {
+        let Some(dropped) = instant_of(dropped_ns) else {
+            return self.attribute(netns, path, fresh);
+        };
+        let seen = self.looked.get(&netns).is_some_and(|&at| at >= dropped);
+        if fresh || !seen {
+            self.look(netns, path, fresh);
+        }
+        self.recent(netns, Some(dropped))
+    }
+
+    /// Reads the namespace and adds what moved since the previous read to its history. Only
+    /// what can hold a kept rule is read again while the nftables ruleset is unchanged (every
+    /// iptables-legacy table when `fresh`: x_tables cannot tell that a rule was added);
+    /// otherwise everything.
+    fn look(&mut self, netns: u32, path: Option<&Path>, fresh: bool) {
         let before = self.baselines.remove(&netns).unwrap_or_default();
+        // A counter that moved before this moment is seen by this read.
+        let at = Instant::now();
+        let started = at;
+        let (now, how) = match before.reread(path, fresh) {
+            Some(now) => (now, "kept rules' chains and tables"),
+            None => (Snapshot::take(path), "everything"),
+        };
+        tracing::debug!(
+            "netns {netns}: firewall counters read ({how}) in {} ms, {} DROP/REJECT rules",
+            started.elapsed().as_millis(),
+            now.len()
+        );
         let history = self.history.entry(netns).or_default();
         history.extend(now.moved_since(&before).into_iter().map(|m| (at, m)));
         history.retain(|(t, _)| t.elapsed() < HISTORY);
@@ -560,20 +877,30 @@ impl Tracker {
         self.baselines.insert(netns, now);
     }
 
-    /// The rules that moved in the window, merged per rule, most recent first; conntrack's
+    /// The rules that moved in the window, merged per rule: most recent first, or, `after` a
+    /// drop, only those seen by reads that started after it, earliest first. Conntrack's
     /// counters summed over the window, with the latest fill level.
-    fn recent(&self, netns: u32) -> Attribution {
+    fn recent(&self, netns: u32, after: Option<Instant>) -> Attribution {
         let mut merged: Vec<(Instant, Moved)> = Vec::new();
-        for (at, m) in self.history.get(&netns).into_iter().flatten() {
+        let entries = self.history.get(&netns).into_iter().flatten();
+        for (at, m) in entries.filter(|(at, _)| after.is_none_or(|d| *at >= d)) {
             match merged.iter_mut().find(|(_, x)| x.rule == m.rule) {
                 Some((t, x)) => {
                     x.packets += m.packets;
-                    *t = (*t).max(*at);
+                    *t = if after.is_some() {
+                        (*t).min(*at)
+                    } else {
+                        (*t).max(*at)
+                    };
                 }
                 None => merged.push((*at, m.clone())),
             }
         }
-        merged.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.packets.cmp(&a.1.packets)));
+        if after.is_some() {
+            merged.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.packets.cmp(&a.1.packets)));
+        } else {
+            merged.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.packets.cmp(&a.1.packets)));
+        }
         let ct = self.ct_history.get(&netns).and_then(|h| {
             h.iter().map(|(_, c)| *c).reduce(|a, b| CtStats {
                 drop: a.drop + b.drop,
@@ -718,7 +1045,7 @@ COMMIT
             .entry(1)
             .or_default()
             .extend(after.moved_since(&after).into_iter().map(|m| (at, m)));
-        let found = t.recent(1);
+        let found = t.recent(1, None);
         assert_eq!(found.moved.len(), 2, "{found:?}");
         assert!(found
             .moved
@@ -751,5 +1078,223 @@ COMMIT
             "nftables table inet drt chain fw: handle 3 comment \"ds\""
         );
         assert_eq!(moved[1].verdict, Verdict::Reject("tcp-reset".into()));
+    }
+
+    /// Timing of the reads of a namespace with a large ruleset, run by hand:
+    /// `DROPSCOPE_RULES_NETNS=/run/netns/NAME cargo test -p dropscope rules_read_timing --
+    /// --ignored --nocapture` (prints the times and this process's peak memory).
+    #[test]
+    #[ignore]
+    fn rules_read_timing() {
+        let Some(ns) = std::env::var_os("DROPSCOPE_RULES_NETNS") else {
+            eprintln!("set DROPSCOPE_RULES_NETNS");
+            return;
+        };
+        let path = std::path::PathBuf::from(ns);
+        let hwm = || {
+            std::fs::read_to_string("/proc/self/status")
+                .unwrap()
+                .lines()
+                .find(|l| l.starts_with("VmHWM"))
+                .unwrap()
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .to_string()
+        };
+        let mut snap = Snapshot::default();
+        for _ in 0..3 {
+            let t = Instant::now();
+            snap = Snapshot::take(Some(&path));
+            println!(
+                "take: {} ms, {} rules, read {}, netlink index {}, VmHWM {} kB",
+                t.elapsed().as_millis(),
+                snap.len(),
+                snap.read,
+                snap.nft.is_some(),
+                hwm()
+            );
+        }
+        for all_legacy in [false, false, false, true, true, true] {
+            let t = Instant::now();
+            let again = snap.reread(Some(&path), all_legacy);
+            println!(
+                "reread (all legacy tables: {all_legacy}): {} ms, {:?} rules, VmHWM {} kB",
+                t.elapsed().as_millis(),
+                again.as_ref().map(Snapshot::len),
+                hwm()
+            );
+            assert_eq!(again.map(|a| a.len()), Some(snap.len()));
+        }
+    }
+
+    /// A network namespace of a unit test, deleted afterwards. `None` unless root with the
+    /// `ip` and `nft` tools (the unit tests may run anywhere; the netns ones only as root).
+    struct TestNs(String);
+
+    impl TestNs {
+        fn new(tag: &str) -> Option<TestNs> {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                eprintln!("skipped: not root");
+                return None;
+            }
+            let name = format!("dsunit{}{tag}", std::process::id());
+            let ok = Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(TestNs(name))
+        }
+
+        fn path(&self) -> std::path::PathBuf {
+            format!("/run/netns/{}", self.0).into()
+        }
+
+        fn sh(&self, script: &str) -> String {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.0, "sh", "-ec", script])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    }
+
+    impl Drop for TestNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    /// Native rules of every family and shape that dropscope reasons about.
+    const NFT_RULESET: &str = r#"
+table inet t {
+  chain c { type filter hook forward priority 0;
+    ip daddr 10.231.2.2 udp dport 9100 counter drop comment "a rule"
+    counter reject
+    ip protocol tcp counter reject with icmpx type admin-prohibited
+    iifname "r0" oifname "r1" meta l4proto icmp counter drop
+    iifname "eth*" counter drop
+    ip6 daddr fd00:231::/32 tcp sport 443 counter reject with tcp reset
+    ip saddr != 10.0.0.0/8 counter drop
+    ip saddr { 1.2.3.4, 5.6.7.8 } counter drop
+    ct state invalid counter drop
+    udp dport 53 drop
+    udp dport 54 counter accept
+  }
+}
+table ip k {
+  chain f { type filter hook input priority 0;
+    counter reject
+    counter reject with icmp type host-unreachable
+    tcp dport 1000-2000 counter drop
+    ct state { invalid, new } counter drop
+    ip daddr 10.96.0.0/12 counter drop
+    ip saddr 192.168.7.0/24 ip daddr 172.16.0.0/16 counter drop
+  }
+}
+table ip6 x {
+  chain f { type filter hook input priority 0;
+    counter reject
+    ip6 nexthdr udp ip6 saddr fd00:1::/64 counter reject with icmpv6 type admin-prohibited
+  }
+}
+"#;
+
+    /// The rules read over netlink are the ones nft's JSON shows, named and matched alike.
+    #[test]
+    fn netlink_reads_what_nft_json_says() {
+        let Some(ns) = TestNs::new("nl") else { return };
+        ns.sh(&format!("nft -f - <<'EOF'\n{NFT_RULESET}\nEOF"));
+        ns.sh("iptables-nft -A FORWARD -p udp --dport 9 -j DROP");
+        let snap = Snapshot::take(Some(&ns.path()));
+        assert!(snap.read && snap.nft.is_some(), "{snap:?}");
+        let mut json = Snapshot::default();
+        let text = ns.sh("nft -j list ruleset");
+        let skip = HashSet::from([("ip".to_string(), "filter".to_string())]);
+        parse_nft_json(&text, &skip, &mut json);
+        assert_eq!(json.rules.len(), 17, "{:#?}", json.rules.keys());
+        for (id, want) in &json.rules {
+            let got = snap
+                .rules
+                .get(id)
+                .unwrap_or_else(|| panic!("{id} not read"));
+            assert_eq!(
+                (&got.verdict, &got.matcher, got.packets),
+                (&want.verdict, &want.matcher, want.packets),
+                "{id}"
+            );
+        }
+        let ipt = snap.rules.keys().filter(|id| id.engine == "iptables-nft");
+        assert_eq!(ipt.count(), 1);
+        assert_eq!(snap.rules.len(), json.rules.len() + 1);
+        // A few by hand, against what the rules say.
+        let find = |text: &str| {
+            let (id, c) = snap
+                .rules
+                .iter()
+                .find(|(id, _)| id.text.contains(text))
+                .unwrap();
+            (id.clone(), c.clone())
+        };
+        let (id, c) = find("comment \"a rule\"");
+        assert_eq!((id.table.as_str(), id.chain.as_str()), ("inet t", "c"));
+        assert_eq!(c.matcher.dst, Some("10.231.2.2/32".parse().unwrap()));
+        assert_eq!(
+            (c.matcher.proto, c.matcher.dport),
+            (Some(17), Some((9100, 9100)))
+        );
+        let m =
+            |f: &dyn Fn(&Matcher) -> bool| snap.rules.values().filter(|c| f(&c.matcher)).count();
+        assert_eq!(m(&|m| m.dport == Some((1000, 2000))), 1);
+        assert_eq!(m(&|m| m.dst == Some("10.96.0.0/12".parse().unwrap())), 1);
+        assert_eq!(m(&|m| m.src == Some("fd00:1::/64".parse().unwrap())), 1);
+        assert_eq!(m(&|m| m.ct_invalid), 2);
+        assert_eq!(
+            m(&|m| m.iif.as_deref() == Some("r0") && m.oif.as_deref() == Some("r1")),
+            1
+        );
+        assert_eq!(m(&|m| m.iif.is_some()), 1, "a wildcard is no interface");
+    }
+
+    /// A re-read follows the counters of the chains with kept rules, and gives up (for a full
+    /// read) once the ruleset changed.
+    #[test]
+    fn reread_follows_counters_until_the_ruleset_changes() {
+        let Some(ns) = TestNs::new("rr") else { return };
+        ns.sh("ip link set lo up; nft add table inet t; nft add chain inet t c '{ type filter hook output priority 0; }'; \
+               nft add rule inet t c udp dport 9 counter drop comment '\"nine\"'; \
+               iptables-nft -A OUTPUT -p udp --dport 10 -j REJECT; \
+               iptables-nft -P FORWARD DROP; \
+               iptables-legacy -A OUTPUT -p udp --dport 11 -j DROP");
+        let before = Snapshot::take(Some(&ns.path()));
+        assert_eq!(before.len(), 4, "{:#?}", before.rules.keys());
+        for port in [9, 10, 11, 9] {
+            let _ = ns.sh(&format!(
+                "bash -c 'echo x > /dev/udp/127.0.0.1/{port}' || true"
+            ));
+        }
+        let after = before
+            .reread(Some(&ns.path()), false)
+            .expect("a targeted read");
+        let moved = after.moved_since(&before);
+        let by = |t: &str| {
+            moved
+                .iter()
+                .find(|m| m.rule.text.contains(t))
+                .map(|m| m.packets)
+        };
+        assert_eq!(by("nine"), Some(2), "{moved:#?}");
+        assert_eq!(by("--dport 10"), Some(1), "{moved:#?}");
+        assert_eq!(by("--dport 11"), Some(1), "{moved:#?}");
+        assert_eq!(moved.len(), 3);
+        ns.sh("nft add rule inet t c udp dport 12 counter drop");
+        assert!(after.reread(Some(&ns.path()), false).is_none());
+        assert_eq!(Snapshot::take(Some(&ns.path())).len(), 5);
     }
 }
