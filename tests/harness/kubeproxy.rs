@@ -26,6 +26,8 @@ pub struct Probe {
     pub proto: &'static str,
     /// The comment of the rule that drops or rejects its traffic.
     pub comment: String,
+    /// The chain of that rule.
+    pub chain: String,
 }
 
 /// kube-proxy's iptables mode.
@@ -184,6 +186,7 @@ impl Iptables {
             port: s.port,
             proto: s.proto,
             comment: format!("{} has no endpoints", s.id()),
+            chain: "KUBE-SERVICES".into(),
         }
     }
 
@@ -342,12 +345,13 @@ impl Nft {
         i % 20 == 3
     }
 
-    /// A firewalled load balancer from the middle of the ruleset (TCP), and the comment of
-    /// the counted rule that drops traffic from outside its source ranges.
+    /// A firewalled load balancer from the middle of the ruleset (UDP: nothing retransmits),
+    /// and the comment and chain of the counted rule that drops traffic from outside its
+    /// source ranges.
     pub fn firewalled_probe(&self) -> Probe {
         let n = self.services();
         let i = (n / 2..n)
-            .find(|&i| Self::firewalled(i) && Svc::nth(i, self.octet).proto == "tcp")
+            .find(|&i| Self::firewalled(i) && Svc::nth(i, self.octet).proto == "udp")
             .expect("a firewalled service");
         let s = Svc::nth(i, self.octet);
         Probe {
@@ -355,7 +359,16 @@ impl Nft {
             port: s.port,
             proto: s.proto,
             comment: format!("{} source ranges", s.id()),
+            chain: Self::firewall_chain(&s),
         }
+    }
+
+    fn firewall_chain(s: &Svc) -> String {
+        let short = &hash(&[&s.id(), s.proto])[..8];
+        format!(
+            "firewall-{short}-{}/{}/{}/{}",
+            s.ns, s.name, s.proto, s.port_name
+        )
     }
 
     /// The `nft -f` input (one table; it is created fresh).
@@ -373,7 +386,7 @@ impl Nft {
             let key = format!("{}/{}/{p}/{}", s.ns, s.name, s.port_name);
             cluster_ips.push(s.ip.clone());
             if Self::firewalled(i) {
-                let fw = format!("firewall-{short}-{key}");
+                let fw = Self::firewall_chain(&s);
                 let _ = writeln!(
                     chains,
                     "add chain ip {t} {fw}\nadd rule ip {t} {fw} ip saddr != {{ {ALLOWED_SOURCES} }} counter drop comment \"{id} source ranges\""

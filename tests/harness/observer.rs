@@ -1,8 +1,10 @@
 //! The real `dropscope` binary, started with a ready file and stopped with a signal.
 use std::{
-    io::Read,
+    io::{BufRead, BufReader, Read},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -45,7 +47,13 @@ pub fn temp_path(prefix: &str) -> PathBuf {
 pub struct Observer {
     child: Option<Child>,
     ready: PathBuf,
+    /// When started with [`Observer::streaming`]: the output lines so far, each with the
+    /// moment it was read, and the thread reading them.
+    stream: Option<(Lines, JoinHandle<()>)>,
 }
+
+/// Output lines with the moment each was read.
+type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
 
 /// What dropscope printed, parsed.
 #[derive(Debug)]
@@ -121,7 +129,60 @@ impl Observer {
         Observer {
             child: Some(child),
             ready,
+            stream: None,
         }
+    }
+
+    /// Like `start`, reading the output while dropscope runs: [`Observer::wait_for`] sees
+    /// each record when it is printed, with the moment it was.
+    pub fn streaming(args: &[&str]) -> Self {
+        let mut obs = Self::start(args);
+        let stdout = obs.child.as_mut().unwrap().stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        obs.stream = Some((lines, reader));
+        obs
+    }
+
+    /// Waits (up to `secs`) for a printed record that `pred` accepts; returns it and when it
+    /// was read. Needs [`Observer::streaming`].
+    pub fn wait_for(&self, secs: f64, pred: impl Fn(&Value) -> bool) -> Option<(Value, Instant)> {
+        let (lines, _) = self
+            .stream
+            .as_ref()
+            .expect("started with Observer::streaming");
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let mut seen = 0;
+        loop {
+            let batch: Vec<(Instant, String)> = lines.lock().unwrap()[seen..].to_vec();
+            seen += batch.len();
+            for (at, line) in batch {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if pred(&v) {
+                        return Some((v, at));
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A line of `/proc/PID/status` of the running dropscope, in kB (`VmHWM`, `VmRSS`).
+    pub fn status_kb(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/PID/status"))
     }
 
     /// The process id (for signal tests).
@@ -138,7 +199,15 @@ impl Observer {
         let child = self.child.take().unwrap();
         nix::sys::signal::kill(Pid::from_raw(child.id() as i32), sig).expect("signal dropscope");
         let out = child.wait_with_output().expect("wait for dropscope");
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout: std::borrow::Cow<str> = match self.stream.take() {
+            Some((lines, reader)) => {
+                reader.join().expect("output reader");
+                let lines = lines.lock().unwrap();
+                let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+                text.join("\n").into()
+            }
+            None => String::from_utf8_lossy(&out.stdout),
+        };
         let records = stdout
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))

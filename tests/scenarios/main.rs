@@ -15,6 +15,7 @@ mod neighbor;
 mod netfilter;
 mod pods;
 mod policy;
+mod scale;
 mod signals;
 mod sockets;
 mod storm;
