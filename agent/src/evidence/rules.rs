@@ -21,6 +21,8 @@ use super::{conntrack::CtStats, netns::run_in};
 
 mod nft_json;
 mod nft_netlink;
+#[cfg(test)]
+mod old_parsers;
 mod save;
 
 use nft_netlink::Nl;
@@ -1296,5 +1298,376 @@ table ip6 x {
         ns.sh("nft add rule inet t c udp dport 12 counter drop");
         assert!(after.reread(Some(&ns.path()), false).is_none());
         assert_eq!(Snapshot::take(Some(&ns.path())).len(), 5);
+    }
+
+    const KP_FILTER: &str = include_str!("rules/testdata/kube-proxy-filter.save");
+    const KP_NAT: &str = include_str!("rules/testdata/kube-proxy-nat.save");
+    const KP_NFT: &str = include_str!("rules/testdata/kube-proxy-nft.json");
+    const NFT_SAMPLE: &str = r#"{"nftables": [{"metainfo": {}},
+      {"rule": {"family": "inet", "table": "drt", "chain": "fw", "handle": 3, "comment": "ds",
+        "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}}, {"counter": {"packets": 5, "bytes": 300}}, {"drop": null}]}},
+      {"rule": {"family": "inet", "table": "drt", "chain": "fw", "handle": 4,
+        "expr": [{"counter": {"packets": 1, "bytes": 60}}, {"reject": {"type": "tcp reset"}}]}},
+      {"rule": {"family": "inet", "table": "drt", "chain": "fw", "handle": 5, "expr": [{"drop": null}]}},
+      {"rule": {"family": "ip", "table": "filter", "chain": "FORWARD", "handle": 2,
+        "expr": [{"counter": {"packets": 8, "bytes": 0}}, {"xt": {"type": "target", "name": "REJECT"}}]}}
+    ]}"#;
+
+    fn same(new: &HashMap<RuleId, Counted>, old: &old_parsers::Rules, what: &str) {
+        let mut a: Vec<_> = new.keys().collect();
+        let mut b: Vec<_> = old.keys().collect();
+        a.sort_by_key(|id| id.to_string());
+        b.sort_by_key(|id| id.to_string());
+        assert_eq!(a, b, "{what}: the same rules");
+        for (id, n) in new {
+            let o = &old[id];
+            assert_eq!(
+                (&n.verdict, &n.matcher, n.packets),
+                (&o.verdict, &o.matcher, o.packets),
+                "{what}: {id}"
+            );
+        }
+    }
+
+    fn save_both(text: &str, engine: &'static str) -> (Snapshot, old_parsers::Rules) {
+        let mut new = Snapshot::default();
+        let tables = parse_iptables_save(text, engine, &mut new);
+        let mut old = HashMap::new();
+        assert_eq!(
+            tables,
+            old_parsers::parse_iptables_save(text, engine, &mut old)
+        );
+        (new, old)
+    }
+
+    fn json_both(text: &str, skip: &HashSet<(String, String)>) -> (Snapshot, old_parsers::Rules) {
+        let mut new = Snapshot::default();
+        parse_nft_json(text, skip, &mut new);
+        let mut old = HashMap::new();
+        old_parsers::parse_nft_json(text, skip, &mut old);
+        (new, old)
+    }
+
+    #[test]
+    fn streaming_save_reader_agrees_with_the_old_parser() {
+        for (text, engine, kept) in [
+            (SAVE, "iptables-nft", 4),
+            (KP_FILTER, "iptables-nft", 12),
+            (KP_NAT, "iptables-legacy", 0),
+        ] {
+            let (new, old) = save_both(text, engine);
+            same(&new.rules, &old, engine);
+            assert_eq!(new.len(), kept);
+        }
+        let (snap, _) = save_both(KP_FILTER, "iptables-nft");
+        let (id, c) = snap
+            .rules
+            .iter()
+            .find(|(id, _)| id.text.contains("svc1257:http has no endpoints"))
+            .unwrap();
+        assert_eq!(
+            id.to_string(),
+            "iptables-nft table filter chain KUBE-SERVICES: -A KUBE-SERVICES -d 10.96.5.8/32 -p tcp \
+             -m comment --comment \"ns17/svc1257:http has no endpoints\" -m tcp --dport 80 -j REJECT \
+             --reject-with icmp-port-unreachable"
+        );
+        assert_eq!(c.verdict, Verdict::Reject("icmp-port-unreachable".into()));
+        assert_eq!(
+            (c.packets, c.matcher.proto, c.matcher.dport),
+            (2, Some(6), Some((80, 80)))
+        );
+        let (_, c) = snap
+            .rules
+            .iter()
+            .find(|(id, _)| id.chain == "KUBE-FORWARD")
+            .unwrap();
+        assert!(c.matcher.ct_invalid && c.packets == 7 && c.verdict == Verdict::Drop);
+    }
+
+    #[test]
+    fn a_comment_is_no_option_and_the_target_is_the_last() {
+        let line =
+            "[4:240] -A X -p tcp -m comment --comment \"was: -p udp --dport 9 -j DROP\" -j ACCEPT";
+        let mut snap = Snapshot::default();
+        parse_iptables_save(
+            &format!("*filter\n{line}\nCOMMIT\n"),
+            "iptables-nft",
+            &mut snap,
+        );
+        assert!(snap.rules.is_empty(), "an ACCEPT rule: {snap:?}");
+        let m = iptables_matcher(
+            "-A X -p tcp -m comment --comment \"not -p udp --dport 9\" --dport 80 -j DROP",
+        );
+        assert_eq!((m.proto, m.dport), (Some(6), Some((80, 80))));
+    }
+
+    #[test]
+    fn streaming_nft_json_reader_agrees_with_the_old_parser() {
+        let none = HashSet::new();
+        let ipt = HashSet::from([("ip".to_string(), "filter".to_string())]);
+        for (text, skip, kept) in [
+            (NFT_SAMPLE, &none, 2),
+            (NFT_SAMPLE, &ipt, 2),
+            (KP_NFT, &none, 4),
+        ] {
+            let (new, old) = json_both(text, skip);
+            same(&new.rules, &old, "nft json");
+            assert_eq!(new.len(), kept, "{:#?}", new.rules.keys());
+        }
+        // kube-proxy's nftables mode: the counted firewall drop and the ClusterIP rules.
+        let (snap, _) = json_both(KP_NFT, &none);
+        let names: Vec<String> = snap.rules.keys().map(|id| id.to_string()).collect();
+        assert!(
+            names.iter().any(|n| n.starts_with(
+                "nftables table ip kube-proxy chain firewall-OPXO4WWF-ns3/svc3/tcp/http: handle "
+            ) && n.ends_with("comment \"ns3/svc3:http source ranges\"")),
+            "{names:#?}"
+        );
+        let drop_unallocated = snap
+            .rules
+            .iter()
+            .find(|(id, _)| id.text.contains("unallocated"))
+            .unwrap();
+        assert_eq!(
+            drop_unallocated.1.matcher.dst,
+            Some("10.104.0.0/16".parse().unwrap())
+        );
+    }
+
+    /// A small deterministic generator (xorshift) for the robustness tests.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// `text` damaged the way a truncated, interleaved or corrupted output could be.
+    fn mangle(rng: &mut Rng, text: &[u8]) -> Vec<u8> {
+        const BITS: [&[u8]; 14] = [
+            b"[",
+            b"]",
+            b":",
+            b"*",
+            b"\"",
+            b" -j ",
+            b"REJECT",
+            b"DROP",
+            b"{",
+            b"}",
+            b",",
+            b"\n",
+            b"\xff\xfe",
+            b"--reject-with ",
+        ];
+        let mut out = text.to_vec();
+        for _ in 0..1 + rng.below(6) {
+            let at = rng.below(out.len() + 1);
+            match rng.below(4) {
+                0 => out.truncate(at),
+                1 => {
+                    let bit = BITS[rng.below(BITS.len())];
+                    out.splice(at..at, bit.iter().copied());
+                }
+                2 => {
+                    let end = (at + rng.below(40)).min(out.len());
+                    out.drain(at..end);
+                }
+                _ => {
+                    if let Some(b) = out.get_mut(at) {
+                        *b = rng.next() as u8;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Garbage never panics a reader; damaged nft JSON that is still JSON reads as the old
+    /// parser read it.
+    #[test]
+    fn damaged_outputs_never_panic() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let saves = [SAVE, KP_FILTER, KP_NAT];
+        let jsons = [NFT_SAMPLE, KP_NFT];
+        let skip = HashSet::from([("ip".to_string(), "filter".to_string())]);
+        for _ in 0..3000 {
+            let pick = saves[rng.below(saves.len())];
+            let text = mangle(&mut rng, pick.as_bytes());
+            let mut parser = SaveParser::new("iptables-nft");
+            for line in text.split(|&b| b == b'\n') {
+                let _ = parser.line(&String::from_utf8_lossy(line));
+            }
+            let pick = jsons[rng.below(jsons.len())];
+            let text = mangle(&mut rng, pick.as_bytes());
+            let mut new = Vec::new();
+            let streamed = nft_json::read(&text[..], &skip, &mut |id, c| new.push((id, c)));
+            if let Ok(valid) = std::str::from_utf8(&text) {
+                if serde_json::from_str::<serde_json::Value>(valid).is_ok() {
+                    assert!(streamed.is_ok(), "{valid}");
+                    let (new, old) = json_both(valid, &skip);
+                    same(&new.rules, &old, valid);
+                }
+            }
+        }
+    }
+
+    /// A netlink attribute (value padded to 4 bytes).
+    fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(value);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out
+    }
+
+    fn expr(name: &str, attrs: &[Vec<u8>]) -> Vec<u8> {
+        let mut n = name.as_bytes().to_vec();
+        n.push(0);
+        nla(1, &[nla(1, &n), nla(2, &attrs.concat())].concat())
+    }
+
+    fn be(v: u32) -> Vec<u8> {
+        v.to_be_bytes().to_vec()
+    }
+
+    fn data(v: &[u8]) -> Vec<u8> {
+        nla(1, v)
+    }
+
+    /// An NFT_MSG_NEWRULE body: ip t c handle 7 "ip daddr 10.1.2.0/24 tcp dport 8080 counter
+    /// packets 42 drop comment "x"", as the kernel sends it.
+    fn rule_message() -> Vec<u8> {
+        let exprs = [
+            expr(
+                "payload",
+                &[
+                    nla(1, &be(1)),
+                    nla(2, &be(1)),
+                    nla(3, &be(16)),
+                    nla(4, &be(3)),
+                ],
+            ),
+            expr(
+                "cmp",
+                &[nla(1, &be(1)), nla(2, &be(0)), nla(3, &data(&[10, 1, 2]))],
+            ),
+            expr("meta", &[nla(2, &be(16)), nla(1, &be(1))]),
+            expr(
+                "cmp",
+                &[nla(1, &be(1)), nla(2, &be(0)), nla(3, &data(&[6]))],
+            ),
+            expr(
+                "payload",
+                &[
+                    nla(1, &be(1)),
+                    nla(2, &be(2)),
+                    nla(3, &be(2)),
+                    nla(4, &be(2)),
+                ],
+            ),
+            expr(
+                "cmp",
+                &[
+                    nla(1, &be(1)),
+                    nla(2, &be(0)),
+                    nla(3, &data(&8080u16.to_be_bytes())),
+                ],
+            ),
+            expr(
+                "counter",
+                &[nla(1, &900u64.to_be_bytes()), nla(2, &42u64.to_be_bytes())],
+            ),
+            expr(
+                "immediate",
+                &[nla(1, &be(0)), nla(2, &nla(2, &nla(1, &be(0))))],
+            ),
+        ]
+        .concat();
+        let mut body = vec![2, 0, 0, 0];
+        body.extend(nla(1, b"t\0"));
+        body.extend(nla(2, b"c\0"));
+        body.extend(nla(3, &7u64.to_be_bytes()));
+        body.extend(nla(4, &exprs));
+        body.extend(nla(7, &[0, 2, b'x', 0]));
+        body
+    }
+
+    #[test]
+    fn netlink_rule_messages_decode_and_damaged_ones_never_panic() {
+        let body = rule_message();
+        let rule = nft_netlink::parse_rule(&body).unwrap();
+        let (id, c, ct_set) = rule.decode().unwrap();
+        assert_eq!(
+            id.to_string(),
+            "nftables table ip t chain c: handle 7 comment \"x\""
+        );
+        assert_eq!(
+            (c.verdict.clone(), c.packets, ct_set),
+            (Verdict::Drop, 42, None)
+        );
+        assert_eq!(c.matcher.dst, Some("10.1.2.0/24".parse().unwrap()));
+        assert_eq!(
+            (c.matcher.proto, c.matcher.dport),
+            (Some(6), Some((8080, 8080)))
+        );
+        let mut rng = Rng(42);
+        for _ in 0..5000 {
+            let damaged = mangle(&mut rng, &body);
+            if let Some(r) = nft_netlink::parse_rule(&damaged) {
+                let _ = (r.decode(), r.packets(), r.comment());
+            }
+            let mut noise = vec![0u8; rng.below(200)];
+            noise.iter_mut().for_each(|b| *b = rng.next() as u8);
+            if let Some(r) = nft_netlink::parse_rule(&noise) {
+                let _ = (r.decode(), r.packets(), r.comment());
+            }
+        }
+    }
+
+    /// A drop is explained by what reads after it saw, the earliest first; what moved before
+    /// it (for another drop) never explains it.
+    #[test]
+    fn only_reads_after_a_drop_explain_it() {
+        let mut t = Tracker::new();
+        let moved = |text: &str| Moved {
+            rule: RuleId {
+                engine: "iptables-nft",
+                table: "filter".into(),
+                chain: "X".into(),
+                text: text.into(),
+            },
+            verdict: Verdict::Drop,
+            matcher: Matcher::default(),
+            packets: 1,
+        };
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(10);
+        let t2 = t0 + Duration::from_millis(20);
+        t.history.insert(
+            1,
+            vec![
+                (t0, moved("invalid")),
+                (t2, moved("firewall")),
+                (t2 + Duration::from_millis(5), moved("later")),
+            ],
+        );
+        let texts =
+            |a: Attribution| -> Vec<String> { a.moved.into_iter().map(|m| m.rule.text).collect() };
+        assert_eq!(texts(t.recent(1, Some(t1))), ["firewall", "later"]);
+        assert_eq!(
+            texts(t.recent(1, Some(t0))),
+            ["invalid", "firewall", "later"]
+        );
+        assert_eq!(texts(t.recent(1, None)), ["later", "firewall", "invalid"]);
     }
 }
