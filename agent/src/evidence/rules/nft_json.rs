@@ -20,7 +20,12 @@ pub fn read(
     keep: &mut dyn FnMut(RuleId, Counted),
 ) -> serde_json::Result<()> {
     let mut de = serde_json::Deserializer::from_reader(reader);
-    Root { skip, keep }.deserialize(&mut de)?;
+    Walk {
+        skip,
+        keep,
+        level: Level::Root,
+    }
+    .deserialize(&mut de)?;
     de.end()
 }
 
@@ -32,7 +37,12 @@ pub fn read_str(
     keep: &mut dyn FnMut(RuleId, Counted),
 ) -> serde_json::Result<()> {
     let mut de = serde_json::Deserializer::from_str(text);
-    Root { skip, keep }.deserialize(&mut de)?;
+    Walk {
+        skip,
+        keep,
+        level: Level::Root,
+    }
+    .deserialize(&mut de)?;
     de.end()
 }
 
@@ -108,107 +118,58 @@ macro_rules! ignore_scalars {
     };
 }
 
-struct Root<'a> {
-    skip: &'a HashSet<(String, String)>,
-    keep: &'a mut dyn FnMut(RuleId, Counted),
+/// Where the walk is: the top object, the `"nftables": [...]` array (one object per table,
+/// chain, set, rule, ...), or one of its objects (`{"rule": {...}}` is read, anything else
+/// skipped).
+#[derive(Clone, Copy, PartialEq)]
+enum Level {
+    Root,
+    Items,
+    Item,
 }
 
-impl<'de> DeserializeSeed<'de> for Root<'_> {
+struct Walk<'a, 'k> {
+    skip: &'a HashSet<(String, String)>,
+    keep: &'k mut dyn FnMut(RuleId, Counted),
+    level: Level,
+}
+
+impl Walk<'_, '_> {
+    fn down(&mut self, level: Level) -> Walk<'_, '_> {
+        Walk {
+            skip: self.skip,
+            keep: &mut *self.keep,
+            level,
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Walk<'_, '_> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Root<'_> {
+impl<'de> Visitor<'de> for Walk<'_, '_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("nft JSON output")
     }
     ignore_scalars!();
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<Key>()? {
-            match key {
-                Key::Nftables => map.next_value_seed(Items {
-                    skip: self.skip,
-                    keep: &mut *self.keep,
-                })?,
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        if self.level == Level::Items {
+            while seq.next_element_seed(self.down(Level::Item))?.is_some() {}
+        } else {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
         }
         Ok(())
     }
-}
-
-/// The `"nftables": [...]` array: one object per table, chain, set, rule, ...
-struct Items<'a, 'k> {
-    skip: &'a HashSet<(String, String)>,
-    keep: &'k mut dyn FnMut(RuleId, Counted),
-}
-
-impl<'de> DeserializeSeed<'de> for Items<'_, '_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Items<'_, '_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("the nftables array")
-    }
-    ignore_scalars!();
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        loop {
-            let item = Item {
-                skip: self.skip,
-                keep: &mut *self.keep,
-            };
-            if seq.next_element_seed(item)?.is_none() {
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// One element of the array: `{"rule": {...}}` is read, anything else skipped.
-struct Item<'a, 'k> {
-    skip: &'a HashSet<(String, String)>,
-    keep: &'k mut dyn FnMut(RuleId, Counted),
-}
-
-impl<'de> DeserializeSeed<'de> for Item<'_, '_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Item<'_, '_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an nftables object")
-    }
-    ignore_scalars!();
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
         while let Some(key) = map.next_key::<Key>()? {
-            match key {
-                Key::Rule => {
+            match (self.level, key) {
+                (Level::Root, Key::Nftables) => map.next_value_seed(self.down(Level::Items))?,
+                (Level::Item, Key::Rule) => {
                     if let Some((id, counted)) =
                         map.next_value_seed(RuleSeed { skip: self.skip })?
                     {
