@@ -175,6 +175,19 @@ impl Observer {
         }
     }
 
+    /// The records printed so far. Needs [`Observer::streaming`].
+    pub fn printed(&self) -> Vec<Value> {
+        let (lines, _) = self
+            .stream
+            .as_ref()
+            .expect("started with Observer::streaming");
+        let lines = lines.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|(_, l)| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// A line of `/proc/PID/status` of the running dropscope, in kB (`VmHWM`, `VmRSS`).
     pub fn status_kb(&self, key: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();

@@ -10,7 +10,7 @@ use dropscope_tests::{
     kubeproxy::Scale,
     topology::{A4, B4},
     traffic::{tcp_bare_ack, tcp_connect, Udp},
-    Netns, Observer, Report, Topology,
+    wait_for, Netns, Observer, Report, Topology,
 };
 use serde_json::Value;
 
@@ -37,15 +37,23 @@ fn scale_topology() -> (Topology, Scale) {
 }
 
 /// Sends `traffic` while `obs` watches and waits for the first record of `cause`; returns
-/// it, after printing the time from the packet to that line.
-fn first_line(obs: &Observer, cause: &str, traffic: impl FnOnce()) -> Value {
+/// it, after printing the time from the packet to that line. Then waits until drops to `dst`
+/// standing for `total` packets were printed (whatever their cause), so that the next
+/// traffic's counters cannot be read before this traffic's drops are explained: counters
+/// that move in the same read as a drop's are candidates for it.
+fn first_line(
+    obs: &Observer,
+    cause: &str,
+    (dst, total): (&str, u64),
+    traffic: impl FnOnce(),
+) -> Value {
     let sent = Instant::now();
     traffic();
     let (first, at) = obs
         .wait_for(FIRST_LINE_SECS + 30.0, |r| {
             r["type"] == "drop" && r["cause"] == cause
         })
-        .unwrap_or_else(|| panic!("no {cause} record printed"));
+        .unwrap_or_else(|| panic!("no {cause} record printed: {:#?}", obs.printed()));
     let secs = at.duration_since(sent).as_secs_f64();
     eprintln!(
         "scale {cause}: packet -> first line {:.0} ms",
@@ -55,6 +63,16 @@ fn first_line(obs: &Observer, cause: &str, traffic: impl FnOnce()) -> Value {
         secs < FIRST_LINE_SECS,
         "first {cause} line {secs:.1} s after the packet"
     );
+    wait_for(&format!("{total} drops to {dst} printed"), 30.0, || {
+        let printed = obs.printed();
+        let to_dst = printed
+            .iter()
+            .filter(|r| r["type"] == "drop" && r["dst"] == dst);
+        to_dst
+            .map(|r| r["count"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            >= total
+    });
     first
 }
 
@@ -92,9 +110,32 @@ fn nft_chain_rule(ns: &Netns, table: &str, chain: &str, comment: &str) -> (u64, 
 fn check_all(report: &Report, cause: &str, rule: &str) -> u64 {
     for r in report.of(cause) {
         let ev = r["evidence"].as_str().unwrap();
-        assert!(ev.contains(rule), "evidence does not name {rule}: {ev}");
+        assert!(
+            ev.contains(rule),
+            "evidence does not name {rule}: {ev}\nall drops:\n{}",
+            drops(report)
+        );
     }
     report.count(cause)
+}
+
+/// The drop records, one line each (for failure messages).
+fn drops(report: &Report) -> String {
+    let line = |r: &&Value| {
+        format!(
+            "{} {} {}:{} -> {}:{} x{} {}",
+            r["time"],
+            r["cause"],
+            r["src"],
+            r["sport"],
+            r["dst"],
+            r["dport"],
+            r["count"],
+            r["evidence"]
+        )
+    };
+    let lines: Vec<String> = report.drops().iter().map(line).collect();
+    format!("{}\nstderr: {}", lines.join("\n"), report.stderr)
 }
 
 /// One router with all three rulesets, one dropscope watching it, three drops:
@@ -115,14 +156,14 @@ fn scale_kube_proxy_rulesets_name_the_dropping_rule() {
     // (a)
     let svc = scale.nft_iptables.no_endpoints();
     assert_eq!(svc.proto, "tcp");
-    let reject = first_line(&obs, "netfilter_reject", || {
+    let reject = first_line(&obs, "netfilter_reject", (&svc.ip, 2), || {
         for _ in 0..2 {
             let err = tcp_connect(&t.a, &svc.ip, svc.port).unwrap_err();
             assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
         }
     });
     // (b)
-    let invalid = first_line(&obs, "conntrack_invalid", || {
+    let invalid = first_line(&obs, "conntrack_invalid", (B4, 3), || {
         for sport in [40011, 40012, 40013] {
             tcp_bare_ack(&t.a, A4, B4, sport, 80);
         }
@@ -130,7 +171,7 @@ fn scale_kube_proxy_rulesets_name_the_dropping_rule() {
     // (c)
     let lb = scale.nft.firewalled_probe();
     assert_eq!(lb.proto, "udp");
-    let dropped = first_line(&obs, "netfilter_drop", || {
+    let dropped = first_line(&obs, "netfilter_drop", (&lb.ip, 1), || {
         Udp::to(&lb.ip, lb.port).count(4).send(&t.a);
     });
     // (d)
@@ -149,8 +190,8 @@ fn scale_kube_proxy_rulesets_name_the_dropping_rule() {
     assert_eq!(
         causes,
         ["conntrack_invalid", "netfilter_drop", "netfilter_reject"],
-        "{:#?}",
-        report.drops()
+        "{}",
+        drops(&report)
     );
 
     // (a) The KUBE-SERVICES rule of that service (its NodePort has a KUBE-EXTERNAL-SERVICES
@@ -174,17 +215,24 @@ fn scale_kube_proxy_rulesets_name_the_dropping_rule() {
     let counted = check_all(&report, "netfilter_reject", &rule);
     assert_eq!(
         counted,
-        iptables_rule_packets(&t.r, "iptables-nft", &needle)
+        iptables_rule_packets(&t.r, "iptables-nft", &needle),
+        "{}",
+        drops(&report)
     );
-    assert_eq!(counted, 2);
+    assert_eq!(counted, 2, "{}", drops(&report));
 
     // (b)
     let needle = "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP";
     let rule = format!("[iptables-nft table filter chain KUBE-FORWARD: {needle}]");
     assert_eq!(invalid["engine"], "iptables-nft", "{invalid:#}");
     let counted = check_all(&report, "conntrack_invalid", &rule);
-    assert_eq!(counted, iptables_rule_packets(&t.r, "iptables-nft", needle));
-    assert_eq!(counted, 3);
+    assert_eq!(
+        counted,
+        iptables_rule_packets(&t.r, "iptables-nft", needle),
+        "{}",
+        drops(&report)
+    );
+    assert_eq!(counted, 3, "{}", drops(&report));
 
     // (c)
     let table = format!("ip {}", scale.nft.table);
@@ -196,6 +244,6 @@ fn scale_kube_proxy_rulesets_name_the_dropping_rule() {
     assert_eq!(dropped["engine"], "nftables", "{dropped:#}");
     assert_eq!(dropped["dst"], lb.ip.as_str());
     let counted = check_all(&report, "netfilter_drop", &rule);
-    assert_eq!(counted, packets);
-    assert_eq!(counted, 4);
+    assert_eq!(counted, packets, "{}", drops(&report));
+    assert_eq!(counted, 4, "{}", drops(&report));
 }

@@ -819,14 +819,15 @@ impl Tracker {
         self.recent(netns, None)
     }
 
-    /// What moved in `netns` with a drop at `dropped_ns` (the kernel's monotonic clock): only
-    /// the movements seen by reads that started after the drop can be its own, so the
-    /// namespace is read again unless such a read was already made (for another drop), or
-    /// `fresh` asks for it. Reads of an unchanged ruleset cost milliseconds (see
-    /// [`Snapshot::reread`]), so there is no minimum interval here: a rule that moved for an
-    /// earlier drop never explains a later one. Rules are listed from the earliest read after
-    /// the drop (the one that saw its counter move) on. A drop without a time (0) is
-    /// attributed as by [`Tracker::attribute`].
+    /// What moved in `netns` with a drop at `dropped_ns` (the kernel's monotonic clock). A
+    /// read that started after the drop has seen its counter move, so the namespace is read
+    /// again unless such a read was already made (for another drop), or `fresh` asks for it;
+    /// reads of an unchanged ruleset cost milliseconds (see [`Snapshot::reread`]), so there is
+    /// no minimum interval here. Only movements seen by reads that ended after the drop can be
+    /// its own (a read that started just before it may have reached the counter after it): a
+    /// rule that moved for an earlier drop never explains a later one. Rules are listed from
+    /// the earliest such read on. A drop without a time (0) is attributed as by
+    /// [`Tracker::attribute`].
     pub fn attribute_after(
         &mut self,
         netns: u32,
@@ -850,9 +851,9 @@ impl Tracker {
     /// otherwise everything.
     fn look(&mut self, netns: u32, path: Option<&Path>, fresh: bool) {
         let before = self.baselines.remove(&netns).unwrap_or_default();
-        // A counter that moved before this moment is seen by this read.
-        let at = Instant::now();
-        let started = at;
+        // A counter that moved before this moment is seen by this read; one that moved before
+        // it ends may be.
+        let started = Instant::now();
         let (now, how) = match before.reread(path, fresh) {
             Some(now) => (now, "kept rules' chains and tables"),
             None => (Snapshot::take(path), "everything"),
@@ -862,6 +863,7 @@ impl Tracker {
             started.elapsed().as_millis(),
             now.len()
         );
+        let at = Instant::now();
         let history = self.history.entry(netns).or_default();
         history.extend(now.moved_since(&before).into_iter().map(|m| (at, m)));
         history.retain(|(t, _)| t.elapsed() < HISTORY);
@@ -875,12 +877,12 @@ impl Tracker {
         }
         cts.retain(|(t, _)| t.elapsed() < HISTORY);
         self.read.insert(netns, now.read);
-        self.looked.insert(netns, at);
+        self.looked.insert(netns, started);
         self.baselines.insert(netns, now);
     }
 
     /// The rules that moved in the window, merged per rule: most recent first, or, `after` a
-    /// drop, only those seen by reads that started after it, earliest first. Conntrack's
+    /// drop, only those seen by reads that ended after it, earliest first. Conntrack's
     /// counters summed over the window, with the latest fill level.
     fn recent(&self, netns: u32, after: Option<Instant>) -> Attribution {
         let mut merged: Vec<(Instant, Moved)> = Vec::new();
