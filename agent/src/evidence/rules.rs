@@ -329,7 +329,7 @@ fn read_nftables() -> NftRead {
                 out.read = true;
                 out.rules.extend(rules);
                 let after = nl.as_mut().and_then(|n| n.generation().ok());
-                if gen.is_some() && gen == after {
+                if let (Some(chains), true) = (chains, gen.is_some() && gen == after) {
                     out.index = Some(NftIndex {
                         gen: gen.unwrap_or_default(),
                         chains,
@@ -356,10 +356,11 @@ fn read_nftables() -> NftRead {
     last
 }
 
-/// Every nftables rule over netlink: the native ones kept (counter and drop/reject), and the
-/// handles of the kept iptables-nft rules (`places`) found by their place in their chain.
-/// `None` when the dump failed, or a chain's length differs from what iptables-nft-save
-/// listed (the places would not hold).
+/// The nftables rules over netlink: every rule of the native tables (kept: counter and
+/// drop/reject), and of the iptables-nft tables only the chains with a kept rule (`places`),
+/// whose handles are found by their place in their chain: the handles of kept rules per
+/// chain, `None` when a chain's length differs from what iptables-nft-save listed (the
+/// places would not hold). `None` when a dump failed.
 #[allow(clippy::type_complexity)]
 fn netlink_rules(
     nl: &mut Nl,
@@ -367,62 +368,49 @@ fn netlink_rules(
     places: &Places,
 ) -> Option<(
     Vec<(RuleId, Counted)>,
-    HashMap<(u8, String, String), HashMap<u64, RuleId>>,
+    Option<HashMap<(u8, String, String), HashMap<u64, RuleId>>>,
 )> {
     let mut native = Vec::new();
     let mut chains: HashMap<(u8, String, String), HashMap<u64, RuleId>> = HashMap::new();
-    // The dump gives each chain's rules in order, one chain after another.
-    let mut cur: Option<(u8, String, String)> = None;
-    let mut place = 0usize;
-    let mut lengths: HashMap<(u8, String, String), usize> = HashMap::new();
-    let mut is_iptables = false;
     let mut ct_sets = Vec::new();
-    nl.rules(0, None, None, |r| {
-        let same = cur
-            .as_ref()
-            .is_some_and(|(f, t, c)| *f == r.family && t == r.table && c == r.chain);
-        if !same {
-            let key = (r.family, r.table.to_string(), r.chain.to_string());
-            is_iptables = iptables.contains(&(
-                nft_netlink::family_name(r.family).to_string(),
-                key.1.clone(),
-            ));
-            cur = Some(key);
-            place = 0;
-        } else {
-            place += 1;
+    for (family, table) in nl.tables().ok()? {
+        let name = (nft_netlink::family_name(family).to_string(), table.clone());
+        if iptables.contains(&name) {
+            continue;
         }
-        let key = cur.as_ref().expect("set above");
-        if is_iptables {
-            if let Some((_, wanted)) = places.get(key) {
-                *lengths.entry(key.clone()).or_default() = place + 1;
-                if let Some((_, id)) = wanted.iter().find(|(i, _)| *i == place) {
-                    chains
-                        .entry(key.clone())
-                        .or_default()
-                        .insert(r.handle, id.clone());
+        nl.rules(family, Some(&table), None, |r| {
+            if let Some((id, counted, ct_set)) = r.decode() {
+                let key = (r.family, r.table.to_string(), r.chain.to_string());
+                chains.entry(key).or_default().insert(r.handle, id.clone());
+                if let Some(set) = ct_set {
+                    ct_sets.push((native.len(), r.family, r.table.to_string(), set));
                 }
+                native.push((id, counted));
             }
-        } else if let Some((id, counted, ct_set)) = r.decode() {
-            chains
-                .entry(key.clone())
-                .or_default()
-                .insert(r.handle, id.clone());
-            if let Some(set) = ct_set {
-                ct_sets.push((native.len(), r.family, key.1.clone(), set));
-            }
-            native.push((id, counted));
-        }
-    })
-    .ok()?;
+        })
+        .ok()?;
+    }
     for (i, family, table, set) in ct_sets {
         native[i].1.matcher.ct_invalid = nl.ct_set_has_invalid(family, &table, &set).ok()?;
     }
-    // Every chain with a kept iptables-nft rule has the length iptables-nft-save listed.
-    places
-        .iter()
-        .all(|(k, (len, _))| lengths.get(k) == Some(len))
-        .then_some((native, chains))
+    for ((family, table, chain), (len, wanted)) in places {
+        let mut place = 0;
+        let handles = chains
+            .entry((*family, table.clone(), chain.clone()))
+            .or_default();
+        nl.rules(*family, Some(table), Some(chain), |r| {
+            if let Some((_, id)) = wanted.iter().find(|(i, _)| *i == place) {
+                handles.insert(r.handle, id.clone());
+            }
+            place += 1;
+        })
+        .ok()?;
+        // The chain has the length iptables-nft-save listed.
+        if place != *len {
+            return Some((native, None));
+        }
+    }
+    Some((native, Some(chains)))
 }
 
 /// The targeted read of [`Snapshot::reread`], in the namespace: `snap` (a copy of the

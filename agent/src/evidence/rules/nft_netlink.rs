@@ -111,6 +111,22 @@ impl Nl {
         })
     }
 
+    /// The tables: (family, name).
+    pub fn tables(&mut self) -> io::Result<Vec<(u8, String)>> {
+        const NFT_MSG_NEWTABLE: u16 = 0;
+        const NFT_MSG_GETTABLE: u16 = 1;
+        let mut out = Vec::new();
+        self.request(NFT_MSG_GETTABLE, NLM_F_DUMP, 0, &[], |ty, body| {
+            if ty != NFT_MSG_NEWTABLE || body.len() < 4 {
+                return;
+            }
+            if let Some((_, name)) = attrs(&body[4..]).find(|(k, _)| *k == 1) {
+                out.push((body[0], c_str(name).to_string()));
+            }
+        })?;
+        Ok(out)
+    }
+
     /// Dumps the chains of `family` (0: all), with the policy and counters of base chains.
     pub fn chains(&mut self, family: u8, table: Option<&str>) -> io::Result<Vec<NlChain>> {
         let mut filter = Vec::new();
@@ -374,6 +390,18 @@ impl NlRule<'_> {
     /// the anonymous set its `ct state { ... }` looks up, if any (its elements say whether
     /// it matches INVALID: see [`Nl::ct_set_has_invalid`]).
     pub fn decode(&self) -> Option<(RuleId, Counted, Option<String>)> {
+        // Most rules jump, go to, NAT or accept: pass them over before looking closer.
+        let (mut counter, mut verdict_expr) = (false, false);
+        for (name, _) in exprs(self) {
+            match name {
+                "counter" => counter = true,
+                "immediate" | "reject" => verdict_expr = true,
+                _ => {}
+            }
+        }
+        if !(counter && verdict_expr) {
+            return None;
+        }
         let mut packets = None;
         let mut verdict = None;
         let mut m = MatchState::new(self.family);

@@ -11,8 +11,14 @@ pub struct SaveParser {
     table: String,
     /// The tables the output listed (`*filter`), in order.
     pub tables: Vec<String>,
-    /// Rules seen so far in each chain, per table.
-    positions: HashMap<String, HashMap<String, usize>>,
+    /// The chain of the last rule line and how many rules it had so far (the tools print
+    /// each chain's rules together, in order).
+    chain: String,
+    place: usize,
+    /// Lengths of the chains that have a kept rule: (table, chain).
+    lengths: HashMap<(String, String), usize>,
+    /// Whether the current chain has a kept rule.
+    chain_kept: bool,
 }
 
 /// A DROP/REJECT rule or DROP policy the output listed.
@@ -29,8 +35,22 @@ impl SaveParser {
             engine,
             table: String::new(),
             tables: Vec::new(),
-            positions: HashMap::new(),
+            chain: String::new(),
+            place: 0,
+            lengths: HashMap::new(),
+            chain_kept: false,
         }
+    }
+
+    /// Notes the length of the chain just finished, if it has a kept rule.
+    fn end_chain(&mut self) {
+        if self.chain_kept {
+            self.lengths
+                .insert((self.table.clone(), self.chain.clone()), self.place);
+        }
+        self.chain.clear();
+        self.place = 0;
+        self.chain_kept = false;
     }
 
     /// Reads one line (without its newline); returns the rule it keeps, if any.
@@ -38,6 +58,7 @@ impl SaveParser {
         let line = line.strip_suffix('\r').unwrap_or(line);
         match line.as_bytes().first()? {
             b'*' => {
+                self.end_chain();
                 self.table = line[1..].trim().to_string();
                 self.tables.push(self.table.clone());
                 None
@@ -50,35 +71,31 @@ impl SaveParser {
             b'[' => {
                 // Every rule counts for the place of the next one in its chain.
                 let chain = line.split_whitespace().nth(2).unwrap_or("");
-                if !self.positions.contains_key(&self.table) {
-                    self.positions.insert(self.table.clone(), HashMap::new());
+                if chain != self.chain {
+                    self.end_chain();
+                    self.chain.push_str(chain);
                 }
-                let chains = self.positions.get_mut(&self.table).expect("inserted above");
-                let index = match chains.get_mut(chain) {
-                    Some(n) => {
-                        *n += 1;
-                        *n - 1
-                    }
-                    None => {
-                        chains.insert(chain.to_string(), 1);
-                        0
-                    }
-                };
-                self.rule(line).map(|(id, counted)| Kept {
+                let index = self.place;
+                self.place += 1;
+                let kept = self.rule(line).map(|(id, counted)| Kept {
                     id,
                     counted,
                     index: Some(index),
-                })
+                });
+                self.chain_kept |= kept.is_some();
+                kept
             }
             _ => None,
         }
     }
 
-    /// How many rules a chain of a table listed.
+    /// How many rules a chain with a kept rule listed (0 for any other chain).
     pub fn chain_len(&self, table: &str, chain: &str) -> usize {
-        self.positions
-            .get(table)
-            .and_then(|c| c.get(chain))
+        if self.chain_kept && table == self.table && chain == self.chain {
+            return self.place;
+        }
+        self.lengths
+            .get(&(table.to_string(), chain.to_string()))
             .copied()
             .unwrap_or(0)
     }
