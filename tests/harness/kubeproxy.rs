@@ -515,37 +515,35 @@ impl Scale {
         }
     }
 
-    /// Writes the three inputs once per test process (generating them is cheap, but three
-    /// scale tests need the same files) and returns their paths: iptables-nft, legacy, nft.
+    /// Writes the three inputs to the temporary directory and returns their paths:
+    /// iptables-nft, legacy, nft. Generating them takes milliseconds; a file that already
+    /// holds the same text (from an earlier test or run) is not written again, and one
+    /// directory per size serves every run.
     pub fn files(&self) -> [PathBuf; 3] {
         let dir = std::env::temp_dir().join(format!(
-            "dropscope-kubeproxy-{}-{}-{}-{}",
-            std::process::id(),
-            self.nft_iptables.rules,
-            self.legacy.rules,
-            self.nft.rules
+            "dropscope-kubeproxy-{}-{}-{}",
+            self.nft_iptables.rules, self.legacy.rules, self.nft.rules
         ));
-        let paths = [
-            dir.join("iptables-nft.rules"),
-            dir.join("iptables-legacy.rules"),
-            dir.join("nft.rules"),
-        ];
-        if paths.iter().all(|p| p.exists()) {
-            return paths;
-        }
         std::fs::create_dir_all(&dir).expect("temp dir");
         let texts = [
-            self.nft_iptables.restore(),
-            self.legacy.restore(),
-            self.nft.ruleset(),
+            ("iptables-nft.rules", self.nft_iptables.restore()),
+            ("iptables-legacy.rules", self.legacy.restore()),
+            ("nft.rules", self.nft.ruleset()),
         ];
-        for (path, text) in paths.iter().zip(texts) {
-            // Written aside and renamed: tests running in parallel never read half a file.
-            let tmp = path.with_extension(format!("tmp{:?}", std::thread::current().id()));
-            std::fs::write(&tmp, text).expect("write ruleset");
-            std::fs::rename(&tmp, path).expect("rename ruleset");
-        }
-        paths
+        texts.map(|(name, text)| {
+            let path = dir.join(name);
+            if std::fs::read(&path).ok().as_deref() != Some(text.as_bytes()) {
+                // Written aside and renamed: tests running in parallel never read half a file.
+                let tmp = path.with_extension(format!(
+                    "tmp{}{:?}",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
+                std::fs::write(&tmp, &text).expect("write ruleset");
+                std::fs::rename(&tmp, &path).expect("rename ruleset");
+            }
+            path
+        })
     }
 
     /// Loads all three into `ns` (iptables-nft-restore, iptables-legacy-restore, nft -f).
