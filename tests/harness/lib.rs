@@ -4,6 +4,7 @@ pub mod counters;
 pub mod http;
 pub mod kube_validate;
 pub mod kubelet;
+pub mod kubeproxy;
 pub mod netns;
 pub mod observer;
 pub mod packets;

@@ -1,8 +1,9 @@
 //! The real `dropscope` binary, started with a ready file and stopped with a signal.
 use std::{
-    io::Read,
+    io::{BufRead, BufReader, Read},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -47,9 +48,33 @@ pub fn temp_path(prefix: &str) -> PathBuf {
 pub struct Observer {
     child: Option<Child>,
     ready: PathBuf,
-    /// Read while it runs: a long run must never block on a full pipe.
-    stdout: Option<JoinHandle<Vec<u8>>>,
+    /// Read while it runs (a long run must never block on a full pipe): the output lines so
+    /// far, each with the moment it was read, and the thread reading them.
+    stdout: Option<(Lines, JoinHandle<()>)>,
     stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+/// Output lines with the moment each was read.
+type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
+
+/// Reads a child's output line by line on a thread of its own, noting when each came.
+fn collect_lines(pipe: impl Read + Send + 'static) -> (Lines, JoinHandle<()>) {
+    let lines: Lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push((Instant::now(), line));
+        }
+    });
+    (lines, reader)
+}
+
+/// Everything read by a line reader, once its pipe has closed.
+fn all_lines((lines, reader): (Lines, JoinHandle<()>)) -> String {
+    reader.join().expect("output reader");
+    let lines = lines.lock().unwrap();
+    let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    text.join("\n")
 }
 
 /// Reads a child's pipe to its end on a thread of its own.
@@ -143,7 +168,7 @@ impl Observer {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
-        let stdout = collect(child.stdout.take().unwrap());
+        let stdout = collect_lines(child.stdout.take().unwrap());
         let stderr = collect(child.stderr.take().unwrap());
         let deadline = Instant::now() + timeout;
         while !ready.exists() {
@@ -167,6 +192,55 @@ impl Observer {
         }
     }
 
+    /// Like `start`; named for tests that watch the records as they are printed
+    /// ([`Observer::wait_for`], [`Observer::printed`]).
+    pub fn streaming(args: &[&str]) -> Self {
+        Self::start(args)
+    }
+
+    /// Waits (up to `secs`) for a printed record that `pred` accepts; returns it and when it
+    /// was read.
+    pub fn wait_for(&self, secs: f64, pred: impl Fn(&Value) -> bool) -> Option<(Value, Instant)> {
+        let (lines, _) = self.stdout.as_ref().expect("running");
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let mut seen = 0;
+        loop {
+            let batch: Vec<(Instant, String)> = lines.lock().unwrap()[seen..].to_vec();
+            seen += batch.len();
+            for (at, line) in batch {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if pred(&v) {
+                        return Some((v, at));
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The records printed so far.
+    pub fn printed(&self) -> Vec<Value> {
+        let (lines, _) = self.stdout.as_ref().expect("running");
+        let lines = lines.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|(_, l)| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// A line of `/proc/PID/status` of the running dropscope, in kB (`VmHWM`, `VmRSS`).
+    pub fn status_kb(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/PID/status"))
+    }
+
     /// The process id (for signal tests).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
@@ -183,7 +257,7 @@ impl Observer {
         let status = child.wait().expect("wait for dropscope");
         let out = std::process::Output {
             status,
-            stdout: self.stdout.take().unwrap().join().unwrap(),
+            stdout: all_lines(self.stdout.take().unwrap()).into_bytes(),
             stderr: self.stderr.take().unwrap().join().unwrap(),
         };
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -228,10 +302,8 @@ impl Observer {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let text = |h: Option<JoinHandle<Vec<u8>>>| {
-            String::from_utf8_lossy(&h.unwrap().join().unwrap()).into_owned()
-        };
-        (status, text(self.stdout.take()), text(self.stderr.take()))
+        let stderr = String::from_utf8_lossy(&self.stderr.take().unwrap().join().unwrap()).into_owned();
+        (status, all_lines(self.stdout.take().unwrap()), stderr)
     }
 }
 

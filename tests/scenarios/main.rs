@@ -19,6 +19,7 @@ mod netfilter;
 mod packets;
 mod pods;
 mod policy;
+mod scale;
 mod signals;
 mod sockets;
 mod storm;

@@ -273,7 +273,9 @@ impl Investigator for Live {
         let fields = rules::PacketFields::of(d);
         let mut found = rules::Attribution::default();
         for fresh in [false, true] {
-            found = self.rules.attribute(d.netns, path.as_deref(), fresh);
+            found = self
+                .rules
+                .attribute_after(d.netns, path.as_deref(), fresh, d.ts_ns);
             found.moved.retain(|m| m.matcher.could_match(&fields));
             if !found.moved.is_empty() {
                 break;
