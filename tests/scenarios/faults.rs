@@ -583,6 +583,9 @@ fn a_namespace_deleted_while_its_evidence_is_read_keeps_its_drops() {
     let env_path = format!("PATH={}:{}", dir.display(), std::env::var("PATH").unwrap());
     let obs = Observer::start_wrapped(&["env", &env_path], &["--netns", &name]);
     fs::write(&armed, b"").unwrap();
+    // A new ruleset generation: the next read is a full one, through the stand-in (an
+    // unchanged nftables ruleset is re-read over netlink, without the tools).
+    ns.sh("nft add table inet bump");
     // A firewall drop: reading its rule counters blocks in the stand-in...
     ns.run(|| {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
