@@ -183,7 +183,8 @@ impl AggKey {
 pub struct AggVal {
     pub packets: u64,
     pub bytes: u64,
-    pub suppressed: u64,
+    /// Drops not sent as events because the sampling budget was spent (not "benign").
+    pub sampled_out: u64,
     pub lost: u64,
     /// Start of the current one-second sampling window (ktime ns) and events sent in it.
     pub window_ns: u64,

@@ -119,7 +119,7 @@ fn output(ev: &Event) -> bool {
 
 /// For drops that passed the filters: counts the drop under its key (exactly) and says
 /// whether its event fits the per-key sampling budget; what does not fit is counted, per key,
-/// as suppressed.
+/// as sampled out.
 #[inline(always)]
 pub fn admit(ev: &Event) -> bool {
     let key = AggKey::of(ev);
@@ -148,7 +148,7 @@ pub fn admit(ev: &Event) -> bool {
             val.sent = 0;
         }
         if val.sent >= budget {
-            val.suppressed += 1;
+            val.sampled_out += 1;
             return false;
         }
         val.sent += 1;

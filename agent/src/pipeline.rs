@@ -794,7 +794,7 @@ impl Pipeline {
     ) {
         for (key, val) in kernel {
             if !self.keys.contains_key(key) {
-                if val.suppressed + val.lost == 0 {
+                if val.sampled_out + val.lost == 0 {
                     continue;
                 }
                 let mut d = synthetic(key);
@@ -829,16 +829,16 @@ impl Pipeline {
                 }
                 continue;
             };
-            let sampled = val.suppressed.saturating_sub(std::mem::replace(
+            let sampled = val.sampled_out.saturating_sub(std::mem::replace(
                 &mut st.reported_suppressed,
-                val.suppressed,
+                val.sampled_out,
             ));
             let lost = val
                 .lost
                 .saturating_sub(std::mem::replace(&mut st.reported_lost, val.lost));
             let (sample, answer, events) = (st.sample.clone(), st.answer, st.events);
             let rejected = self.rejected.get(key).copied().unwrap_or(0);
-            if final_pass && events + rejected + val.suppressed + val.lost != val.packets {
+            if final_pass && events + rejected + val.sampled_out + val.lost != val.packets {
                 self.counts_exact = false;
             }
             for (n, kind) in [(sampled, "sampled"), (lost, "lost")] {
@@ -856,7 +856,7 @@ impl Pipeline {
         if final_pass && !self.filter.kernel_exact() {
             // Part of the filter runs in userspace only: drops the kernel counted but did
             // not send were never checked against it.
-            self.unchecked = kernel.iter().map(|(_, v)| v.suppressed + v.lost).sum();
+            self.unchecked = kernel.iter().map(|(_, v)| v.sampled_out + v.lost).sum();
             if self.unchecked > 0 {
                 self.counts_exact = false;
             }
@@ -1167,7 +1167,7 @@ mod tests {
         let val = AggVal {
             packets: 10,
             bytes: 600,
-            suppressed: 9,
+            sampled_out: 9,
             ..Default::default()
         };
         p.reconcile(

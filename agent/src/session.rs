@@ -410,7 +410,7 @@ impl Session {
                 let sum = per_cpu.iter().fold(AggVal::default(), |mut a, v| {
                     a.packets += v.packets;
                     a.bytes += v.bytes;
-                    a.suppressed += v.suppressed;
+                    a.sampled_out += v.sampled_out;
                     a.lost += v.lost;
                     a
                 });

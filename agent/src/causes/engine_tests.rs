@@ -12,7 +12,7 @@ use crate::{
         counters::Counters,
         investigator::{Investigator, NfState},
         routes::Route,
-        rules::{Matcher, Moved, RuleId, Verdict as NfVerdict},
+        rules::{Matcher, Moved, RuleId, Target as NfVerdict},
         tunnels::Tunnel,
     },
 };

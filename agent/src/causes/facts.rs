@@ -9,7 +9,7 @@ use crate::{
         investigator::{Investigator, NfState},
         netfilter,
         routes::Route,
-        rules::{Moved, Verdict},
+        rules::{Moved, Target},
         tunnels::Tunnel,
     },
 };
@@ -548,12 +548,12 @@ impl<'a> Facts<'a> {
                 .map(|e| Value::Str(e.into())),
             "end_host" => self.ifaces().map(|n| Value::Bool(n <= 1)),
             "nf_verdict" => self.nf().rule.as_ref().map(|m| match m.verdict {
-                Verdict::Drop => Value::Str("drop".into()),
-                Verdict::Reject(_) => Value::Str("reject".into()),
+                Target::Drop => Value::Str("drop".into()),
+                Target::Reject(_) => Value::Str("reject".into()),
             }),
             "nf_reject_with" => self.nf().rule.and_then(|m| match m.verdict {
-                Verdict::Reject(with) => Some(Value::Str(Cow::Owned(with))),
-                Verdict::Drop => None,
+                Target::Reject(with) => Some(Value::Str(Cow::Owned(with))),
+                Target::Drop => None,
             }),
             "nf_rule" => text(match &self.nf().rule {
                 Some(m) => format!("[{}] (+{} packets)", m.rule, m.packets),

@@ -283,7 +283,7 @@ impl Investigator for Live {
         }
         // An ICMP error sent with the drop prefers a REJECT rule, its absence a DROP rule;
         // otherwise the rule that moved most.
-        let is_reject = |m: &&Moved| matches!(m.verdict, rules::Verdict::Reject(_));
+        let is_reject = |m: &&Moved| matches!(m.verdict, rules::Target::Reject(_));
         let preferred = match answer {
             Some(Answer::Icmp(..) | Answer::Icmp6(..) | Answer::TcpReset) => {
                 found.moved.iter().find(is_reject)

@@ -28,9 +28,10 @@ mod save;
 use nft_netlink::Nl;
 use save::SaveParser;
 
-/// A terminal verdict a rule (or chain policy) can give.
+/// A firewall rule's target (what iptables calls it; nftables says verdict): drop or reject.
+/// Not the cause table's [`crate::causes::Verdict`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Target {
     Drop,
     /// REJECT, with what it answers ("tcp-reset", "icmp-port-unreachable", ...).
     Reject(String),
@@ -61,7 +62,7 @@ impl fmt::Display for RuleId {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Moved {
     pub rule: RuleId,
-    pub verdict: Verdict,
+    pub verdict: Target,
     pub matcher: Matcher,
     pub packets: u64,
 }
@@ -131,7 +132,7 @@ impl PacketFields {
 
 #[derive(Debug, Clone)]
 struct Counted {
-    verdict: Verdict,
+    verdict: Target,
     matcher: Matcher,
     packets: u64,
 }
@@ -1063,7 +1064,7 @@ COMMIT
         ];
 
         /// A rule as the snapshot keys it, whitespace aside: what a changed layout must keep.
-        type Seen = Vec<(String, String, String, Verdict, Matcher, u64)>;
+        type Seen = Vec<(String, String, String, Target, Matcher, u64)>;
         fn seen(snap: &Snapshot) -> Seen {
             let mut v: Seen = snap
                 .rules
@@ -1229,13 +1230,13 @@ COMMIT
         assert_eq!(snap.rules.len(), 4, "ACCEPT rules are not tracked");
         let moved = snap.moved_since(&Snapshot::default());
         assert_eq!(moved[0].packets, 9);
-        assert_eq!(moved[0].verdict, Verdict::Drop);
+        assert_eq!(moved[0].verdict, Target::Drop);
         let reset = moved.iter().find(|m| m.rule.text.contains("8080")).unwrap();
-        assert_eq!(reset.verdict, Verdict::Reject("tcp-reset".into()));
+        assert_eq!(reset.verdict, Target::Reject("tcp-reset".into()));
         let icmp = moved.iter().find(|m| m.rule.text.contains("5353")).unwrap();
         assert_eq!(
             icmp.verdict,
-            Verdict::Reject("icmp-port-unreachable".into())
+            Target::Reject("icmp-port-unreachable".into())
         );
         let policy = moved.iter().find(|m| m.rule.text == "policy DROP").unwrap();
         assert_eq!((policy.rule.chain.as_str(), policy.packets), ("FORWARD", 7));
@@ -1362,7 +1363,7 @@ COMMIT
             moved[0].rule.to_string(),
             "nftables table inet drt chain fw: handle 3 comment \"ds\""
         );
-        assert_eq!(moved[1].verdict, Verdict::Reject("tcp-reset".into()));
+        assert_eq!(moved[1].verdict, Target::Reject("tcp-reset".into()));
     }
 
     /// Timing of the reads of a namespace with a large ruleset, run by hand:
@@ -1654,7 +1655,7 @@ table ip6 x {
              -m comment --comment \"ns17/svc1257:http has no endpoints\" -m tcp --dport 80 -j REJECT \
              --reject-with icmp-port-unreachable"
         );
-        assert_eq!(c.verdict, Verdict::Reject("icmp-port-unreachable".into()));
+        assert_eq!(c.verdict, Target::Reject("icmp-port-unreachable".into()));
         assert_eq!(
             (c.packets, c.matcher.proto, c.matcher.dport),
             (2, Some(6), Some((80, 80)))
@@ -1664,7 +1665,7 @@ table ip6 x {
             .iter()
             .find(|(id, _)| id.chain == "KUBE-FORWARD")
             .unwrap();
-        assert!(c.matcher.ct_invalid && c.packets == 7 && c.verdict == Verdict::Drop);
+        assert!(c.matcher.ct_invalid && c.packets == 7 && c.verdict == Target::Drop);
     }
 
     #[test]
@@ -1896,7 +1897,7 @@ table ip6 x {
         );
         assert_eq!(
             (c.verdict.clone(), c.packets, ct_set),
-            (Verdict::Drop, 42, None)
+            (Target::Drop, 42, None)
         );
         assert_eq!(c.matcher.dst, Some("10.1.2.0/24".parse().unwrap()));
         assert_eq!(
@@ -1929,7 +1930,7 @@ table ip6 x {
                 chain: "X".into(),
                 text: text.into(),
             },
-            verdict: Verdict::Drop,
+            verdict: Target::Drop,
             matcher: Matcher::default(),
             packets: 1,
         };

@@ -8,7 +8,7 @@ use std::{collections::HashSet, fmt, io::Read};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
-use super::{matches_matcher, Counted, RuleId, Verdict};
+use super::{matches_matcher, Counted, RuleId, Target};
 
 /// Reads `nft -j` output from `reader`, handing each kept rule to `keep`. Rules of the
 /// `(family, table)` pairs in `skip` are passed over (their expressions are not even looked at).
@@ -281,7 +281,7 @@ impl<'de> Visitor<'de> for RuleSeed<'_> {
 #[derive(Default)]
 struct Exprs {
     packets: Option<u64>,
-    verdict: Option<Verdict>,
+    verdict: Option<Target>,
     matches: Vec<Value>,
 }
 
@@ -344,7 +344,7 @@ impl<'de> Visitor<'de> for ExprSeed<'_> {
                 }
                 Key::Drop => {
                     map.next_value::<IgnoredAny>()?;
-                    e.verdict.get_or_insert(Verdict::Drop);
+                    e.verdict.get_or_insert(Target::Drop);
                 }
                 Key::Reject => {
                     let r: Value = map.next_value()?;
@@ -353,7 +353,7 @@ impl<'de> Visitor<'de> for ExprSeed<'_> {
                         (_, Some(code)) => code.to_string(),
                         _ => "icmp-port-unreachable".to_string(),
                     };
-                    e.verdict.get_or_insert(Verdict::Reject(with));
+                    e.verdict.get_or_insert(Target::Reject(with));
                 }
                 Key::Match => e.matches.push(map.next_value()?),
                 _ => {

@@ -11,7 +11,7 @@ use std::{io, os::fd::AsRawFd};
 use ipnet::IpNet;
 use netlink_sys::{protocols, Socket, SocketAddr};
 
-use super::{Counted, Matcher, RuleId, Verdict};
+use super::{Counted, Matcher, RuleId, Target};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWCHAIN: u16 = 3;
@@ -423,7 +423,7 @@ impl NlRule<'_> {
                         .and_then(|(_, v)| attrs(v).find(|(k, _)| *k == 1))
                         .and_then(|(_, v)| be_u32(v));
                     if dreg == Some(0) && code == Some(0) {
-                        verdict.get_or_insert(Verdict::Drop);
+                        verdict.get_or_insert(Target::Drop);
                     }
                 }
                 "reject" => {
@@ -433,7 +433,7 @@ impl NlRule<'_> {
                     let code = attrs(data)
                         .find(|(k, _)| *k == 2)
                         .and_then(|(_, v)| v.first().copied());
-                    verdict.get_or_insert(Verdict::Reject(reject_with(
+                    verdict.get_or_insert(Target::Reject(reject_with(
                         m.v6 == Some(true),
                         ty,
                         code,

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use ipnet::IpNet;
 
-use super::{Counted, Matcher, RuleId, Verdict};
+use super::{Counted, Matcher, RuleId, Target};
 
 pub type Rules = HashMap<RuleId, Counted>;
 
@@ -80,10 +80,10 @@ pub fn parse_iptables_save(text: &str, engine: &'static str, snap: &mut Rules) -
     tables
 }
 
-fn verdict_of_target(target: &str, with: &str) -> Option<Verdict> {
+fn verdict_of_target(target: &str, with: &str) -> Option<Target> {
     match target {
-        "DROP" => Some(Verdict::Drop),
-        "REJECT" => Some(Verdict::Reject(if with.is_empty() {
+        "DROP" => Some(Target::Drop),
+        "REJECT" => Some(Target::Reject(if with.is_empty() {
             "icmp-port-unreachable".into()
         } else {
             with.into()
@@ -125,14 +125,14 @@ pub fn parse_nft_json(text: &str, skip: &HashSet<(String, String)>, snap: &mut R
         let packets = exprs.iter().find_map(|e| e["counter"]["packets"].as_u64());
         let verdict = exprs.iter().find_map(|e| {
             if e.get("drop").is_some() {
-                Some(Verdict::Drop)
+                Some(Target::Drop)
             } else if let Some(r) = e.get("reject") {
                 let with = match (r["type"].as_str(), r["expr"].as_str()) {
                     (Some("tcp reset"), _) => "tcp-reset".to_string(),
                     (_, Some(code)) => code.to_string(),
                     _ => "icmp-port-unreachable".to_string(),
                 };
-                Some(Verdict::Reject(with))
+                Some(Target::Reject(with))
             } else {
                 None
             }

@@ -3,7 +3,7 @@
 //! its target, so a ruleset of tens of thousands of NAT rules costs no memory.
 use std::collections::HashMap;
 
-use super::{iptables_matcher, Counted, RuleId, Verdict};
+use super::{iptables_matcher, Counted, RuleId, Target};
 
 /// A parser fed one line at a time.
 pub struct SaveParser {
@@ -157,10 +157,10 @@ impl SaveParser {
     }
 }
 
-pub(super) fn verdict_of_target(target: &str, with: &str) -> Option<Verdict> {
+pub(super) fn verdict_of_target(target: &str, with: &str) -> Option<Target> {
     match target {
-        "DROP" => Some(Verdict::Drop),
-        "REJECT" => Some(Verdict::Reject(if with.is_empty() {
+        "DROP" => Some(Target::Drop),
+        "REJECT" => Some(Target::Reject(if with.is_empty() {
             "icmp-port-unreachable".into()
         } else {
             with.into()
