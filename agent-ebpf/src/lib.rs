@@ -199,7 +199,8 @@ impl AggKey {
 pub struct AggVal {
     pub packets: u64,
     pub bytes: u64,
-    pub suppressed: u64,
+    /// Drops not sent as events because the sampling budget was spent (not "benign").
+    pub sampled_out: u64,
     pub lost: u64,
     /// Start of the current one-second sampling window (ktime ns) and events sent in it.
     pub window_ns: u64,
@@ -307,6 +308,23 @@ pub struct Filters {
     pub n_protos: u8,
     pub n_ifnames: u8,
     pub _pad: [u8; 2],
+    // Lists only a filter expression fills (tcpdump's `host`, `net`, `port`, `portrange`,
+    // `ip`, `ip6`); the flags above never use them.
+    /// Source or destination in one of these prefixes.
+    pub addrs: [Cidr; FILTER_SLOTS],
+    /// Inclusive port ranges `[lo, hi]` the source port, the destination port, or either port
+    /// must fall in. Only TCP and UDP packets that carry ports match: not ICMP, not IPv4
+    /// fragments after the first, no IPv6 fragment (as in tcpdump).
+    pub sport_ranges: [[u16; 2]; FILTER_SLOTS],
+    pub dport_ranges: [[u16; 2]; FILTER_SLOTS],
+    pub port_ranges: [[u16; 2]; FILTER_SLOTS],
+    pub n_addrs: u8,
+    pub n_sport_ranges: u8,
+    pub n_dport_ranges: u8,
+    pub n_port_ranges: u8,
+    /// [`FLAG_IPV4`] | [`FLAG_IPV6`]: only packets of these families; 0 = any.
+    pub families: u8,
+    pub _pad2: [u8; 3],
 }
 
 impl Filters {
@@ -325,8 +343,62 @@ impl Filters {
         n_protos: 0,
         n_ifnames: 0,
         _pad: [0; 2],
+        addrs: [Cidr::NONE; FILTER_SLOTS],
+        sport_ranges: [[0; 2]; FILTER_SLOTS],
+        dport_ranges: [[0; 2]; FILTER_SLOTS],
+        port_ranges: [[0; 2]; FILTER_SLOTS],
+        n_addrs: 0,
+        n_sport_ranges: 0,
+        n_dport_ranges: 0,
+        n_port_ranges: 0,
+        families: 0,
+        _pad2: [0; 3],
     };
 }
+
+/// The most packet bytes a drop event can carry (`--snaplen`).
+pub const SNAPLEN_MAX: u32 = 512;
+
+/// What the drop probe copies of a delivered drop's packet (`--pcap`, the flight recorder),
+/// and where in `sk_buff` to find it (offsets from BTF; [`ABSENT`] if missing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capture {
+    /// Bytes to copy, at most [`SNAPLEN_MAX`]; 0 copies nothing (the event goes out alone).
+    pub snaplen: u32,
+    /// `sk_buff.data` (pointer), `sk_buff.data_len` (paged bytes), `sk_buff.mac_header`.
+    pub skb_data: u32,
+    pub skb_data_len: u32,
+    pub skb_mac_header: u32,
+}
+
+impl Capture {
+    pub const OFF: Capture = Capture {
+        snaplen: 0,
+        skb_data: ABSENT,
+        skb_data_len: ABSENT,
+        skb_mac_header: ABSENT,
+    };
+}
+
+/// Follows an [`Event`] in the same ring record when the packet was captured; `caplen`
+/// packet bytes follow it. Offsets are from `skb->head`; `u16::MAX` = header not set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PacketHead {
+    /// Where the copied bytes start: the MAC header when it was set and lies just before
+    /// the network header, else the network header, else `data`.
+    pub start: u16,
+    pub mac: u16,
+    pub network: u16,
+    pub caplen: u16,
+    /// `skb->data - skb->head`.
+    pub data: u32,
+    /// Bytes of the packet in the linear area from `data` (`len - data_len`).
+    pub headlen: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PacketHead>() == 16);
 
 /// Load-time configuration of the eBPF programs (a `.rodata` global named `CONFIG`).
 #[repr(C)]
@@ -347,6 +419,8 @@ pub struct Config {
     pub xt_skb_arg: u32,
     pub xt_table_arg: u32,
     pub filters: Filters,
+    /// Packet bytes for delivered drop events (off unless `--pcap` or `serve`'s recorder).
+    pub capture: Capture,
 }
 
 /// Which probe produced an [`Event`].
@@ -549,6 +623,80 @@ impl Event {
     }
 }
 
+/// Layouts the configuration-change programs read (a `.rodata` global `CHANGE_CONFIG`),
+/// resolved in userspace from BTF (task and namespace structs) and tracefs (the setsockopt
+/// syscall tracepoints). Separate from [`Config`]: these programs never see a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeConfig {
+    // struct task_struct, struct nsproxy, struct net
+    pub task_tgid: u32,
+    pub task_comm: u32,
+    pub task_real_parent: u32,
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
+    pub net_inum: u32,
+    // syscalls:sys_enter_setsockopt / sys_exit_setsockopt
+    pub tp_sso_level: u32,
+    pub tp_sso_optname: u32,
+    pub tp_sso_optval: u32,
+    pub tp_sso_ret: u32,
+}
+
+impl ChangeConfig {
+    pub const UNKNOWN: ChangeConfig = ChangeConfig {
+        task_tgid: ABSENT,
+        task_comm: ABSENT,
+        task_real_parent: ABSENT,
+        task_nsproxy: ABSENT,
+        nsproxy_net_ns: ABSENT,
+        net_inum: ABSENT,
+        tp_sso_level: ABSENT,
+        tp_sso_optname: ABSENT,
+        tp_sso_optval: ABSENT,
+        tp_sso_ret: ABSENT,
+    };
+}
+
+/// [`ChangeEvent::kind`]: a write to a `net.*` sysctl through /proc/sys.
+pub const CHANGE_SYSCTL: u8 = 1;
+/// [`ChangeEvent::kind`]: an x_tables (iptables-legacy) table was replaced.
+pub const CHANGE_XT_REPLACE: u8 = 2;
+
+/// Levels of the process chain recorded with a change (the writer, its parent, ...).
+pub const CHANGE_ANCESTORS: usize = 3;
+
+/// A configuration change made by a process, seen in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeEvent {
+    pub ts_ns: u64,
+    /// cgroup v2 id of the writer (its container and pod).
+    pub cgroup_id: u64,
+    /// The writer's network namespace (the namespace a `net.*` sysctl belongs to).
+    pub netns: u32,
+    /// [`CHANGE_SYSCTL`] or [`CHANGE_XT_REPLACE`].
+    pub kind: u8,
+    /// For [`CHANGE_XT_REPLACE`]: 4 (iptables) or 6 (ip6tables).
+    pub family: u8,
+    pub _pad: [u8; 2],
+    /// Process ids of the writer and its ancestors (0 past the top).
+    pub pids: [u32; CHANGE_ANCESTORS],
+    pub _pad2: u32,
+    /// Their command names.
+    pub comms: [[u8; 16]; CHANGE_ANCESTORS],
+    /// Sysctl path under /proc/sys ("net/ipv4/conf/all/forwarding"), or the table name.
+    pub name: [u8; 64],
+    /// Value before and after the write (sysctls only).
+    pub old: [u8; 32],
+    pub new: [u8; 32],
+}
+
+const _: () = assert!(core::mem::size_of::<ChangeEvent>() == 216);
+
+/// Byte size of the ring buffer carrying [`ChangeEvent`]s.
+pub const CHANGE_RING_BYTES: u32 = 1 << 16;
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, no pointers, every bit pattern valid.
@@ -561,4 +709,7 @@ mod user {
     unsafe impl aya::Pod for super::AggBucket {}
     unsafe impl aya::Pod for super::CpuState {}
     unsafe impl aya::Pod for super::Knobs {}
+    unsafe impl aya::Pod for super::ChangeConfig {}
+    unsafe impl aya::Pod for super::ChangeEvent {}
+    unsafe impl aya::Pod for super::PacketHead {}
 }

@@ -7,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod capture;
+#[cfg(target_arch = "bpf")]
 mod context;
 #[cfg(target_arch = "bpf")]
 mod filter;
@@ -113,6 +115,35 @@ mod programs {
             let skb: u64 = unsafe { ctx.read_at(o.tp_rst_skbaddr as usize) }.unwrap_or(0);
             probes::tcp_send_reset::on_reset(skb);
         }
+        0
+    }
+}
+
+/// Configuration changes: who changed the settings drops depend on (no packet passes here).
+#[cfg(target_arch = "bpf")]
+mod change_programs {
+    use aya_ebpf::{
+        macros::{cgroup_sysctl, tracepoint},
+        programs::{SysctlContext, TracePointContext},
+    };
+
+    use crate::probes::config_changes;
+
+    /// Every sysctl write in the cgroup tree it is attached to (the cgroup v2 root).
+    #[cgroup_sysctl]
+    pub fn sysctl_write(ctx: SysctlContext) -> i32 {
+        config_changes::on_sysctl(&ctx)
+    }
+
+    #[tracepoint(category = "syscalls", name = "sys_enter_setsockopt")]
+    pub fn setsockopt_enter(ctx: TracePointContext) -> u32 {
+        config_changes::on_setsockopt_enter(&ctx);
+        0
+    }
+
+    #[tracepoint(category = "syscalls", name = "sys_exit_setsockopt")]
+    pub fn setsockopt_exit(ctx: TracePointContext) -> u32 {
+        config_changes::on_setsockopt_exit(&ctx);
         0
     }
 }
@@ -323,7 +354,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 /// On the host this crate only provides the ABI library; the programs build for `bpfel`.
 #[cfg(not(target_arch = "bpf"))]

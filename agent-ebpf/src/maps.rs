@@ -22,6 +22,7 @@ static CONFIG: Config = Config {
     xt_skb_arg: 0,
     xt_table_arg: 0,
     filters: Filters::NONE,
+    capture: agent_ebpf::Capture::OFF,
 };
 
 /// The configuration as the verifier sees it: a read from the frozen `.rodata` map.
@@ -140,7 +141,7 @@ pub fn agg_slot(key: &AggKey) -> Option<&'static mut AggSlot> {
 }
 
 /// Counts a drop that passed the filters under its slot (exactly) and says whether its event
-/// fits the per-key sampling budget; what does not fit is counted, per key, as suppressed.
+/// fits the per-key sampling budget; what does not fit is counted, per key, as sampled out.
 /// Without a slot (table full) the event is sent, uncounted by key.
 #[inline(always)]
 pub fn admit(slot: &mut Option<&'static mut AggSlot>, len: u32) -> bool {
@@ -162,7 +163,7 @@ pub fn admit(slot: &mut Option<&'static mut AggSlot>, len: u32) -> bool {
         // SAFETY: no preconditions (inlined by the verifier on 64-bit).
         let tick = unsafe { aya_ebpf::helpers::bpf_jiffies64() } as u32;
         if tick == val.tick {
-            val.suppressed += 1;
+            val.sampled_out += 1;
             return false;
         }
         val.tick = tick;
@@ -173,7 +174,7 @@ pub fn admit(slot: &mut Option<&'static mut AggSlot>, len: u32) -> bool {
         val.sent = 0;
     }
     if val.sent >= budget {
-        val.suppressed += 1;
+        val.sampled_out += 1;
         return false;
     }
     val.sent += 1;
@@ -187,7 +188,8 @@ pub fn now() -> u64 {
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
 }
 
-/// A zeroed event reserved in the ring buffer, or `None` (counted as lost) when it is full.
+/// A blank event reserved in the ring buffer (see [`blank`]), or `None` (counted as lost) when
+/// it is full.
 #[inline(always)]
 pub fn reserve() -> Option<RingBufEntry<Event>> {
     let mut entry = match EVENTS.reserve::<Event>(0) {
@@ -197,15 +199,21 @@ pub fn reserve() -> Option<RingBufEntry<Event>> {
             return None;
         }
     };
-    // Zeroed word by word (a bulk fill is a byte loop in BPF), then the fields whose
-    // "unknown" is not zero.
-    let at = entry.as_mut_ptr() as *mut u64;
+    blank(entry.as_mut_ptr());
+    Some(entry)
+}
+
+/// Writes an event with nothing known into `at`: zeroed word by word (a bulk fill is a byte
+/// loop in BPF), then the fields whose "unknown" is not zero.
+#[inline(always)]
+pub fn blank(at: *mut Event) {
+    let words = at as *mut u64;
     for i in 0..core::mem::size_of::<Event>() / 8 {
-        // SAFETY: inside the reserved record, which is 8-aligned and a multiple of 8 long.
-        unsafe { at.add(i).write_volatile(0) };
+        // SAFETY: inside the caller's record, which is 8-aligned and a multiple of 8 long.
+        unsafe { words.add(i).write_volatile(0) };
     }
     // SAFETY: every byte is initialised now, and zero is a valid Event.
-    let ev = unsafe { entry.assume_init_mut() };
+    let ev = unsafe { &mut *at };
     ev.stack_id = -1;
     ev.dev_forwarding = -1;
     ev.all_forwarding = -1;
@@ -213,7 +221,6 @@ pub fn reserve() -> Option<RingBufEntry<Event>> {
     ev.all_rp_filter = -1;
     ev.dev6_forwarding = -1;
     ev.all6_forwarding = -1;
-    Some(entry)
 }
 
 /// The event inside a reserved entry (written by [`reserve`]).

@@ -1,7 +1,7 @@
 //! Command-line interface. Bad input dies here with one clear line (clap's exit code 2).
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::{
@@ -43,19 +43,46 @@ Nothing stays attached after exit: the programs live only as long as the process
 const AFTER_HELP: &str = "\
 Examples:
   dropscope                                   stream every drop on this node, summary on Ctrl-C
+  dropscope 'dst net 10.96.0.0/12 and udp port 53'   the same filter in tcpdump's language
+  dropscope --pcap drops.pcapng               also write each reported drop's packet (Wireshark)
+  dropscope --pcap - | tshark -r -            packets to standard output (the stream goes to stderr)
   dropscope --dst 10.96.0.0/12 --port 53      only DNS to the service range
   dropscope --netns dr-r --duration 30        one `ip netns` namespace, for 30 seconds
   dropscope --pod kube-system/coredns-7xk2p   one pod's drops, wherever they happen on the node
   dropscope --format json | jq 'select(.cause==\"netfilter_drop\")'
 
+Filter expression (tcpdump/pcap-filter syntax, common subset), AND-ed with the flags:
+  host ADDR, net CIDR (or ADDR mask MASK, or 10.231), port N, portrange LO-HI,
+  each optionally after src, dst, 'src or dst' or 'src and dst';
+  ip, ip6, tcp, udp, icmp, icmp6, ip proto N; and/&&, or/||, not/!, ( );
+  a bare value repeats the previous keywords: 'host 10.0.0.1 or 10.0.0.2'.
+  port matches TCP/UDP packets carrying ports (not later IPv4 fragments, no IPv6 fragment).
+  What the kernel filters can express runs there; the rest is checked in userspace.
+  Anything else (ether, vlan, tcp[13], len, host names, ...) is refused with one line.
+
+--pcap FILE writes pcapng: one interface per device, namespace and link-layer header
+(name@netns), each packet's drop time as its timestamp and a comment with cause, reason,
+location, hook, rule, devices, namespace, pod and evidence (tshark -e frame.comment). Drops
+sampled away in the kernel are not in the file; its section comment and the summary say, per
+cause, how many packets were written of how many dropped.
+
 Node health check without traffic: dropscope check (see dropscope check --help).
 DaemonSet mode with Prometheus metrics: dropscope serve (see dropscope serve --help).
+Shell completions: dropscope completions bash|zsh|fish|elvish|powershell.
 
 JSON records (one per line): {\"type\":\"attach\",...} first, then {\"type\":\"drop\",\"cause\",\"reason\",
 \"location\",\"family\",\"proto\",\"src\",\"dst\",\"sport\",\"dport\",\"len\",\"ifname\",\"ifindex\",\"netns\",
 \"pod_namespace\",\"pod\",\"pod_uid\",\"container\",\"count\",\"evidence\",\"hint\",...}, and
 {\"type\":\"summary\",\"causes\":{..},\"reasons\":{..},\"suppressed\",\"lost\",...} at exit. `count` is
-how many identical drops a record stands for; the pod fields are absent for drops of no known pod.";
+how many identical drops a record stands for; the pod fields are absent for drops of no known pod.
+
+Exit status: 0 after a normal stop (Ctrl-C, SIGTERM, --duration), 1 for a runtime error (one
+line on stderr), 2 for bad flags; `dropscope check` exits 3 when it finds problems.
+
+Environment:
+  DROPSCOPE_LOG   diagnostics on stderr, as a tracing filter: warn (default), info, debug,
+                  or per module (DROPSCOPE_LOG=dropscope::evidence=debug); overrides -v
+  NO_COLOR        when set and not empty, text output is not coloured (--color always wins)";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -78,6 +105,29 @@ pub struct Cli {
     pub verbose: u8,
 }
 
+impl Cli {
+    /// Parses the command line and applies the environment's conventions (`NO_COLOR`).
+    pub fn parse_env() -> Result<Self, clap::Error> {
+        let mut cli = Cli::try_parse()?;
+        if no_color() && cli.run.color == Color::Auto {
+            cli.run.color = Color::Never;
+        }
+        Ok(cli)
+    }
+
+    /// The completion script for `shell`.
+    pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "dropscope", &mut out);
+        out
+    }
+}
+
+/// Whether `NO_COLOR` asks for no colour (https://no-color.org: set and not empty).
+pub fn no_color() -> bool {
+    std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Node health snapshot, no traffic needed: forwarding, rp_filter, rules split between
@@ -87,6 +137,13 @@ pub enum Command {
     /// Long-running mode for a DaemonSet: JSON log lines and a Prometheus endpoint, no live stream.
     #[command(long_about = SERVE_ABOUT, after_help = SERVE_AFTER_HELP)]
     Serve(Box<ServeArgs>),
+    /// Print a completion script for a shell, e.g. `dropscope completions bash >
+    /// /etc/bash_completion.d/dropscope` (zsh: a file `_dropscope` on $fpath; fish:
+    /// ~/.config/fish/completions/dropscope.fish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 const SERVE_ABOUT: &str = "\
@@ -94,7 +151,9 @@ Long-running mode for a DaemonSet: watches drops like the default mode, but inst
 stream it writes a few JSON log lines and serves Prometheus metrics.
 
 Endpoints on --metrics: /metrics (OpenMetrics for Prometheus, the classic text format for other
-clients), /healthz (200 while the process runs), /readyz (200 only while the probes are attached).
+clients), /healthz (200 while the process runs), /readyz (200 only while the probes are attached),
+/packets.pcapng (the flight recorder: the last --recorder-packets dropped packets, at most
+--recorder-bytes, as pcapng; sampled-away drops are not in it).
 The endpoint listens on loopback unless --metrics-allow-remote is given.
 
 Counts are exact: every drop the kernel counted under the filters is in
@@ -109,6 +168,7 @@ Examples:
   dropscope serve                                  metrics on 127.0.0.1:9655
   dropscope serve --metrics 0.0.0.0:9655 --metrics-allow-remote   scraped over the pod network
   curl -s localhost:9655/metrics | grep dropscope_drops_total
+  curl -s localhost:9655/packets.pcapng -o last-drops.pcapng   the recent dropped packets
 
 Log lines (stdout, one JSON object each): {\"type\":\"attach\",...,\"metrics\"} once; a
 {\"type\":\"drop\",...} record with evidence and fix for each kind of drop (cause, reason,
@@ -144,6 +204,16 @@ pub struct ServeArgs {
     /// Seconds between digest log lines (written only when something dropped).
     #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_seconds)]
     pub log_interval: f64,
+
+    /// Dropped packets the flight recorder keeps (the last ones), served as pcapng at
+    /// /packets.pcapng. 0 turns it off (and the kernel copies no packet bytes).
+    #[arg(long, value_name = "N", default_value_t = crate::capture::recorder::DEFAULT_PACKETS)]
+    pub recorder_packets: usize,
+
+    /// Memory bound of the flight recorder: packet bytes, comments and bookkeeping (K, M, G
+    /// suffixes allowed); the oldest packets go first.
+    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_bytes)]
+    pub recorder_bytes: usize,
 }
 
 impl ServeArgs {
@@ -163,10 +233,11 @@ impl ServeArgs {
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
-    /// Only these network namespaces (inode or `ip netns` name). Repeatable. Default: all.
+    /// Only these network namespaces (inode, `ip netns` name, or a file such as
+    /// /proc/PID/ns/net). Repeatable. Default: all.
     #[arg(long, value_name = "NETNS")]
     pub netns: Vec<String>,
 }
@@ -192,7 +263,7 @@ pub enum Color {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
     #[command(flatten)]
@@ -214,11 +285,33 @@ pub struct RunArgs {
     /// Print the catalogue of causes dropscope knows (Markdown) and exit.
     #[arg(long)]
     pub causes: bool,
+
+    /// Also write every reported drop's packet (its first --snaplen bytes) to this pcapng
+    /// file, with the cause in each packet's comment. `-` writes to standard output (the text
+    /// or JSON stream then goes to standard error).
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<String>,
+
+    /// Print the licenses of dropscope and of the code built into it, and exit.
+    #[arg(long)]
+    pub licenses: bool,
 }
 
 /// What to watch and how: the flags the live stream and `serve` share.
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
+    /// Only drops matching this pcap-filter expression (tcpdump's language), AND-ed with the
+    /// flags: e.g. 'dst net 10.96.0.0/12 and udp port 53'. Quote it, or give it as several
+    /// words. See the syntax below.
+    #[arg(value_name = "EXPRESSION")]
+    pub expression: Vec<String>,
+
+    /// Bytes of each dropped packet to keep (--pcap, the flight recorder), 64 to 512, from
+    /// its link-layer header, or its network header when the kernel had none.
+    #[arg(long, value_name = "N", default_value_t = crate::capture::DEFAULT_SNAPLEN,
+          value_parser = clap::value_parser!(u32).range(crate::capture::MIN_SNAPLEN as i64..=crate::capture::MAX_SNAPLEN as i64))]
+    pub snaplen: u32,
+
     /// Stop after this many seconds (default: run until Ctrl-C / SIGTERM).
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     pub duration: Option<f64>,
@@ -252,8 +345,9 @@ pub struct ObserveArgs {
     #[arg(long, value_name = "NAME")]
     pub iface: Vec<String>,
 
-    /// Only drops in this network namespace: an inode number (see `ls -l /proc/PID/ns/net`)
-    /// or an `ip netns` name. Repeatable.
+    /// Only drops in this network namespace: an inode number (see `ls -l /proc/PID/ns/net`),
+    /// an `ip netns` name, or a namespace file such as /proc/PID/ns/net (a container's: its
+    /// PID from `crictl inspect` or `docker inspect`). Repeatable.
     #[arg(long, value_name = "NETNS")]
     pub netns: Vec<String>,
 
@@ -305,14 +399,45 @@ fn parse_dir(s: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// A size in bytes, with an optional K, M or G (binary) suffix.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let (digits, unit) = match s.trim().to_ascii_uppercase() {
+        t if t.ends_with('K') => (t[..t.len() - 1].to_string(), 1usize << 10),
+        t if t.ends_with('M') => (t[..t.len() - 1].to_string(), 1 << 20),
+        t if t.ends_with('G') => (t[..t.len() - 1].to_string(), 1 << 30),
+        t => (t, 1),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("'{s}' is not a size in bytes (e.g. 4M, 65536)"))
+}
+
+/// Bounds of a number of seconds: below a millisecond a timer period is zero, and beyond a
+/// few decades a deadline no longer fits the clock (both would panic once attached).
+const SECONDS_MIN: f64 = 0.001;
+const SECONDS_MAX: f64 = 1e9;
+
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        Ok(v) if (SECONDS_MIN..=SECONDS_MAX).contains(&v) => Ok(v),
+        Ok(v) if v > 0.0 && v.is_finite() => Err(format!(
+            "'{s}' seconds is out of range ({SECONDS_MIN} to {SECONDS_MAX:e})"
+        )),
         _ => Err(format!("'{s}' is not a positive number of seconds")),
     }
 }
 
 impl ObserveArgs {
+    /// The filter expression, parsed (`None` when none was given).
+    pub fn expression(&self) -> Result<Option<crate::expr::Expr>, String> {
+        if self.expression.is_empty() {
+            return Ok(None);
+        }
+        crate::expr::Expr::parse(&self.expression.join(" ")).map(Some)
+    }
+
     /// The filters, with `--netns` names resolved to inodes.
     pub fn filter(&self) -> anyhow::Result<Filter> {
         let netns = self
@@ -328,6 +453,9 @@ impl ObserveArgs {
             ifaces: self.iface.clone(),
             netns,
             pods: self.pod.clone(),
+            expr: self
+                .expression()
+                .map_err(|e| anyhow::anyhow!("filter expression: {e}"))?,
         })
     }
 }
@@ -343,10 +471,43 @@ mod tests {
     }
 
     #[test]
+    fn conventions_operators_expect() {
+        let run = Cli::try_parse_from(["dropscope", "-o", "json"]).unwrap();
+        assert_eq!(run.run.format, Format::Json);
+        match Cli::try_parse_from(["dropscope", "check", "-o", "json"])
+            .unwrap()
+            .command
+        {
+            Some(Command::Check(c)) => assert_eq!(c.format, Format::Json),
+            other => panic!("{other:?}"),
+        }
+        let help = Cli::command().render_long_help().to_string();
+        for needle in [
+            "Exit status",
+            "DROPSCOPE_LOG",
+            "NO_COLOR",
+            "/proc/PID/ns/net",
+            "completions",
+        ] {
+            assert!(help.contains(needle), "--help does not mention {needle}");
+        }
+        let bash = String::from_utf8(Cli::completions(clap_complete::Shell::Bash)).unwrap();
+        assert!(bash.contains("--netns") && bash.contains("serve"), "{bash}");
+    }
+
+    #[test]
     fn bad_values_are_rejected() {
         for args in [
             &["dropscope", "--format", "yaml"][..],
             &["dropscope", "--duration", "-1"],
+            // Accepted once, these panicked after attaching.
+            &["dropscope", "--duration", "1e300"],
+            &["dropscope", "--interval", "1e-12"],
+            &["dropscope", "--interval", "NaN"],
+            &["dropscope", "serve", "--log-interval", "1e30"],
+            // Past what a timer holds.
+            &["dropscope", "--interval", "1e19"],
+            &["dropscope", "--duration", "NaN"],
             &["dropscope", "--src", "10.0.0.0/40"],
             &["dropscope", "--port", "70000"],
             &["dropscope", "--proto", "nope"],

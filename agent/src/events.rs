@@ -169,6 +169,9 @@ pub struct Drop {
     pub context: Context,
     /// The pod the drop is attributed to (set by the pipeline; `None`: no pod, or unknown).
     pub pod: Option<Arc<PodRef>>,
+    /// The packet's first bytes, when the kernel sent them (`--pcap`, the flight recorder).
+    /// The pipeline takes them out before it keeps the drop.
+    pub packet: Option<Arc<crate::capture::Packet>>,
 }
 
 impl Drop {
@@ -254,6 +257,7 @@ impl Drop {
             agg: Default::default(),
             context: Default::default(),
             pod: None,
+            packet: None,
         }
     }
 }
@@ -315,7 +319,11 @@ impl Decoder {
     pub fn decode(&mut self, bytes: &[u8]) -> Option<Record> {
         let ev = parse(bytes)?;
         match ev.kind {
-            k if k == EventKind::Drop as u8 => Some(Record::Drop(self.drop(&ev))),
+            k if k == EventKind::Drop as u8 => {
+                let mut d = self.drop(&ev);
+                d.packet = crate::capture::Packet::after_event(bytes).map(Arc::new);
+                Some(Record::Drop(d))
+            }
             k if k == EventKind::IcmpSent as u8
                 || k == EventKind::Icmp6Sent as u8
                 || k == EventKind::RstSent as u8 =>
@@ -389,6 +397,7 @@ impl Decoder {
             agg: AggKey::of(ev),
             context,
             pod: None,
+            packet: None,
         }
     }
 
@@ -665,5 +674,115 @@ mod tests {
     fn short_or_unknown_records_are_rejected() {
         assert!(decoder().decode(&[0u8; 10]).is_none());
         assert!(decoder().decode(&raw(|e| e.kind = 99)).is_none());
+    }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const SIZE: usize = std::mem::size_of::<Event>();
+
+        /// Any bit pattern of a whole record, as the ring buffer could deliver it.
+        fn record() -> impl Strategy<Value = Vec<u8>> {
+            prop::collection::vec(any::<u8>(), SIZE)
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_bytes_of_any_length_never_panic(bytes in fuzz::bytes(SIZE + 64)) {
+                let decoded = decoder().decode(&bytes);
+                if bytes.len() < SIZE {
+                    prop_assert!(decoded.is_none(), "a short record decoded");
+                }
+            }
+
+            #[test]
+            fn prop_every_truncation_of_a_record_is_rejected(
+                bytes in record(),
+                cut in 0..SIZE,
+            ) {
+                prop_assert!(decoder().decode(&bytes[..cut]).is_none());
+                prop_assert!(parse(&bytes[..cut]).is_none());
+            }
+
+            #[test]
+            fn prop_a_record_decodes_to_its_own_fields(mut bytes in record(), kind in 0u8..8) {
+                // `kind` sits at a fixed offset; set it so every kind is tried often.
+                bytes[std::mem::offset_of!(Event, kind)] = kind;
+                let ev = parse(&bytes).unwrap();
+                let decoded = decoder().decode(&bytes);
+                let ip = ev.flags & (FLAG_IPV4 | FLAG_IPV6) != 0;
+                let check_flow = |flow: Option<Flow>| -> Result<(), TestCaseError> {
+                    prop_assert_eq!(flow.is_some(), ip);
+                    if let Some(f) = flow {
+                        prop_assert_eq!(f.proto, ev.l4_proto);
+                        if ev.flags & FLAG_IPV4 != 0 {
+                            prop_assert_eq!(f.family, Family::Ipv4);
+                            let v4: [u8; 4] = ev.saddr[..4].try_into().unwrap();
+                            prop_assert_eq!(f.src, IpAddr::from(v4));
+                        } else {
+                            prop_assert_eq!(f.family, Family::Ipv6);
+                            prop_assert_eq!(f.dst, IpAddr::from(ev.daddr));
+                        }
+                        let l4 = ev.flags & FLAG_L4 != 0;
+                        prop_assert_eq!(f.ports.is_some() || f.icmp.is_some(), l4);
+                        if let Some(p) = f.ports {
+                            prop_assert_eq!(p, (ev.sport, ev.dport));
+                        }
+                        // Displaying any flow works.
+                        let _ = f.to_string();
+                    }
+                    Ok(())
+                };
+                match decoded {
+                    Some(Record::Drop(d)) => {
+                        prop_assert_eq!(kind, EventKind::Drop as u8);
+                        prop_assert_eq!((d.ts_ns, d.skb, d.netns, d.len), (ev.ts_ns, ev.skb, ev.netns, ev.len));
+                        let reason = decoder().reasons.name(ev.reason);
+                        prop_assert_eq!(&*d.reason, reason.as_str());
+                        prop_assert_eq!(d.dev.map(|d| d.ifindex), (ev.flags & FLAG_DEV != 0).then_some(ev.ifindex));
+                        prop_assert_eq!(d.sysctls.all_rp_filter, u8::try_from(ev.all_rp_filter).ok());
+                        prop_assert_eq!(d.stack_id, u32::try_from(ev.stack_id).ok());
+                        prop_assert_eq!(d.fragment, (ev.flags & FLAG_FRAG != 0).then_some(ev.frag_off));
+                        prop_assert_eq!(d.context.route_error, (ev.context & CTX_ROUTE_ERROR != 0).then_some(ev.route_error));
+                        if let Some(rs) = &d.context.ruleset {
+                            prop_assert!(rs.table.len() <= 3 * ev.rs_table.len());
+                        }
+                        if let Some(dev) = d.dev {
+                            let _ = dev.name();
+                        }
+                        check_flow(d.flow)?;
+                    }
+                    Some(Record::Reply(r)) => {
+                        prop_assert!(matches!(kind, 2..=4), "kind {} is no reply", kind);
+                        prop_assert_eq!((r.ts_ns, r.skb), (ev.ts_ns, ev.skb));
+                        let want = match kind {
+                            2 => Answer::Icmp(ev.icmp_type, ev.icmp_code),
+                            4 => Answer::Icmp6(ev.icmp_type, ev.icmp_code),
+                            _ => Answer::TcpReset,
+                        };
+                        prop_assert_eq!(r.answer, want);
+                        check_flow(r.flow)?;
+                    }
+                    None => prop_assert!(!matches!(kind, 1..=4), "kind {} was dropped", kind),
+                }
+            }
+
+            #[test]
+            fn prop_synthetic_drops_of_any_key_never_panic(
+                location in any::<u64>(),
+                reason in any::<u32>(),
+                netns in any::<u32>(),
+                ifindex in any::<u32>(),
+                l4_proto in any::<u8>(),
+            ) {
+                let key = AggKey { location, reason, netns, ifindex, l4_proto, ..Default::default() };
+                let d = decoder().synthetic(&key, 1);
+                prop_assert_eq!((d.netns, d.flow.is_none()), (netns, true));
+            }
+        }
     }
 }

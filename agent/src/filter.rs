@@ -1,9 +1,14 @@
 //! Which drops the operator asked to see (`--src`, `--dst`, `--port`, `--proto`, `--iface`,
-//! `--netns`, `--pod`). Within one flag values are alternatives; different flags must all match.
-use agent_ebpf::{Cidr, Filters, FILTER_SLOTS, FLAG_IPV4, FLAG_IPV6};
+//! `--netns`, `--pod`, and a pcap-filter expression). Within one flag values are
+//! alternatives; different flags, and the expression, must all match.
+use agent_ebpf::{Filters, FILTER_SLOTS};
 use ipnet::IpNet;
 
-use crate::{events::Drop, pods::PodName};
+use crate::{
+    events::Drop,
+    expr::{cidr, Expr},
+    pods::PodName,
+};
 
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -16,13 +21,51 @@ pub struct Filter {
     /// Pods, matched against the drop's attribution (userspace only: the kernel knows no names,
     /// and a pod's namespace changes when it restarts).
     pub pods: Vec<PodName>,
+    /// A pcap-filter expression (the positional argument), AND-ed with the flags.
+    pub expr: Option<Expr>,
 }
 
 impl Filter {
     /// The same filters for the kernel, so unwanted drops never reach userspace. A list longer
     /// than the kernel's capacity is left empty there (userspace still applies it).
     pub fn to_kernel(&self) -> Filters {
+        self.compile().0
+    }
+
+    /// Whether the kernel filters exactly what the flags and the expression select (pods
+    /// aside, which only userspace knows): then every drop the kernel counts matches.
+    pub fn kernel_exact(&self) -> bool {
+        self.compile().1
+    }
+
+    /// For drops the kernel counted without sending an event (only the key of the count is
+    /// known): what the kernel did not already filter. Where the kernel filters exactly,
+    /// only the pods are left; otherwise the whole filter, on what the key tells.
+    pub fn matches_unsent(&self, d: &Drop) -> bool {
+        if self.kernel_exact() {
+            Filter {
+                pods: self.pods.clone(),
+                ..Default::default()
+            }
+            .matches(d)
+        } else {
+            self.matches(d)
+        }
+    }
+
+    /// The kernel filters, and whether they are exact.
+    fn compile(&self) -> (Filters, bool) {
         let mut k = Filters::NONE;
+        let fits = [
+            self.src.len(),
+            self.dst.len(),
+            self.netns.len(),
+            self.ports.len(),
+            self.protos.len(),
+            self.ifaces.len(),
+        ]
+        .iter()
+        .all(|&n| n <= FILTER_SLOTS);
         fn fill<T: Copy, U>(
             src: &[T],
             dst: &mut [U; FILTER_SLOTS],
@@ -43,7 +86,8 @@ impl Filter {
         fill(&self.protos, &mut k.protos, &mut k.n_protos, |v| v);
         let names: Vec<[u8; 16]> = self.ifaces.iter().map(|n| ifname_bytes(n)).collect();
         fill(&names, &mut k.ifnames, &mut k.n_ifnames, |v| v);
-        k
+        let expr_exact = self.expr.as_ref().is_none_or(|e| e.compile(&mut k));
+        (k, fits && expr_exact)
     }
 
     /// Whether `d` passes. A drop without the field a filter needs (e.g. no parsed address)
@@ -77,23 +121,8 @@ impl Filter {
                     .as_ref()
                     .is_some_and(|p| self.pods.iter().any(|w| p.is(w))),
             )
+            && self.expr.as_ref().is_none_or(|e| e.matches(d))
     }
-}
-
-fn cidr(net: IpNet) -> Cidr {
-    let mut c = Cidr::NONE;
-    match net {
-        IpNet::V4(n) => {
-            c.addr[..4].copy_from_slice(&n.network().octets());
-            c.family = FLAG_IPV4;
-        }
-        IpNet::V6(n) => {
-            c.addr = n.network().octets();
-            c.family = FLAG_IPV6;
-        }
-    }
-    c.prefix_len = net.prefix_len();
-    c
 }
 
 /// An interface name as the kernel stores it (`char name[16]`, NUL-padded).
@@ -133,6 +162,7 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
 mod tests {
     use super::*;
     use crate::pods::PodRef;
+    use agent_ebpf::{FLAG_IPV4, FLAG_IPV6};
     use std::sync::Arc;
 
     fn sample() -> Drop {

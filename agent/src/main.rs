@@ -1,21 +1,29 @@
 //! dropscope: tells a node operator, live, why the kernel is dropping their packets.
+mod capture;
 mod causes;
+mod changes;
 mod check;
+mod classify;
 mod cli;
 mod events;
 mod evidence;
+mod expr;
+mod fault;
 mod filter;
+#[cfg(test)]
+mod fuzz;
 mod kernel;
+mod licenses;
 mod output;
 mod pipeline;
 mod pods;
 mod serve;
 mod session;
 
-use clap::{error::ErrorKind, Parser};
+use clap::error::ErrorKind;
 
 fn main() {
-    let cli = cli::Cli::try_parse().unwrap_or_else(|e| usage_error(e));
+    let cli = cli::Cli::parse_env().unwrap_or_else(|e| usage_error(e));
     init_logging(cli.verbose);
     if cli.run.causes {
         print!(
@@ -24,7 +32,26 @@ fn main() {
         );
         return;
     }
+    if cli.run.licenses {
+        print!("{}", licenses::TEXT);
+        return;
+    }
+    let observe = match &cli.command {
+        Some(cli::Command::Serve(args)) => Some(&args.observe),
+        Some(_) => None,
+        None => Some(&cli.run.observe),
+    };
+    if let Some(Err(msg)) = observe.map(|o| o.expression()) {
+        eprintln!("dropscope: filter expression: {msg} (see --help)");
+        std::process::exit(2);
+    }
     let result = match cli.command {
+        Some(cli::Command::Completions { shell }) => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&cli::Cli::completions(shell))
+                .map_err(anyhow::Error::from)
+        }
         Some(cli::Command::Check(args)) => check::run(&args).map(|code| std::process::exit(code)),
         Some(cli::Command::Serve(args)) => {
             if let Err(msg) = args.check() {
@@ -58,7 +85,7 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DROPSCOPE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !cli::no_color();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

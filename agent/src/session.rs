@@ -6,6 +6,7 @@ use std::{
     io::IsTerminal,
     path::Path,
     rc::Rc,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -18,13 +19,17 @@ use tokio::{
 };
 
 use crate::{
+    capture::{self, file::PcapFile, PacketTap},
     causes::Engine,
+    changes::{self, feed::Feed, watcher::Watcher},
+    classify::{Classifier, Runner},
     cli::{Color, Format, ObserveArgs, RunArgs},
     events::Decoder,
     evidence::{counters, investigator, netns, rules},
     kernel::{agg::AggTable, attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
     output::{json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, Progress, Sink},
-    pipeline::{Pipeline, StackReader, Traced},
+    output::monotonic_ns,
+    pipeline::{Pipeline, StackReader, Traced, Watched},
     pods::{self, PodName},
 };
 
@@ -35,37 +40,74 @@ pub async fn run(args: RunArgs) -> Result<()> {
         preflight::check_privileges()?;
         return null_observer(&args.observe).await;
     }
-    let mut sink = stream_sink(&args);
-    observe(&args.observe, sink.as_mut()).await
+    let tap = match &args.pcap {
+        Some(target) => {
+            let about = session_about(&args.observe);
+            Some(
+                Box::new(PcapFile::create(target, args.observe.snaplen, &about)?)
+                    as Box<dyn PacketTap>,
+            )
+        }
+        None => None,
+    };
+    // `--pcap -` owns standard output: the stream goes to standard error.
+    let mut sink = if args.pcap.as_deref() == Some("-") {
+        stream_sink(&args, std::io::stderr(), std::io::stderr().is_terminal())
+    } else {
+        stream_sink(&args, std::io::stdout(), std::io::stdout().is_terminal())
+    };
+    observe(&args.observe, sink.as_mut(), tap).await
 }
 
-/// Where the live stream goes: text, JSON lines or the `--top` view, on stdout.
-fn stream_sink(args: &RunArgs) -> Box<dyn Sink> {
+/// What a capture's section comment says about the session: filters and sampling.
+fn session_about(args: &ObserveArgs) -> String {
+    let mut parts = Vec::new();
+    if !args.expression.is_empty() {
+        parts.push(format!("Filter expression: {}.", args.expression.join(" ")));
+    }
+    if args.sample > 0 {
+        parts.push(format!(
+            "The kernel sends at most {} drops per kind and second per CPU; the rest are counted, not written.",
+            args.sample
+        ));
+    }
+    parts.join(" ")
+}
+
+/// Where the live stream goes: text, JSON lines or the `--top` view.
+fn stream_sink<W: std::io::Write + 'static>(args: &RunArgs, out: W, tty: bool) -> Box<dyn Sink> {
     let clock = Clock::new();
-    let tty = std::io::stdout().is_terminal();
     match args.format {
-        _ if args.top => Box::new(TopView::new(std::io::stdout(), tty)),
-        Format::Json => Box::new(JsonSink::new(std::io::stdout(), clock)),
+        _ if args.top => Box::new(TopView::new(out, tty)),
+        Format::Json => Box::new(JsonSink::new(out, clock)),
         Format::Text => {
             let color = match args.color {
                 Color::Always => true,
                 Color::Never => false,
                 Color::Auto => tty,
             };
-            Box::new(TextSink::new(std::io::stdout(), clock, color))
+            Box::new(TextSink::new(out, clock, color))
         }
     }
 }
 
 /// Attaches, feeds every drop into `sink` until the duration ends or SIGINT/SIGTERM arrives,
 /// then detaches and hands `sink` the summary. Every mode that watches drops runs this loop.
-pub async fn observe(args: &ObserveArgs, sink: &mut dyn Sink) -> Result<()> {
+/// With a `tap`, every reported drop's packet also goes there (the kernel then copies packet
+/// bytes for the drops it delivers); a failing tap (a full disk under `--pcap`) ends the
+/// session: the probes are detached, the summary given, and the error returned.
+pub async fn observe(
+    args: &ObserveArgs,
+    sink: &mut dyn Sink,
+    tap: Option<Box<dyn PacketTap>>,
+) -> Result<()> {
+    let sink = &mut crate::output::LostByCause::new(sink);
     let started = Instant::now();
     preflight::check_privileges()?;
     // Handlers first: a signal that arrives while attaching, or right after the ready file
     // appears, must still end in a summary and a clean detach.
     let mut stop = Stop::install()?;
-    let mut session = Session::start(args, started)?;
+    let mut session = Session::start(args, started, tap)?;
     let _ready = args
         .ready_file
         .as_deref()
@@ -74,19 +116,76 @@ pub async fn observe(args: &ObserveArgs, sink: &mut dyn Sink) -> Result<()> {
     sink.attach(&session.info);
     stop.run_for(args.duration);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(args.interval));
+    let verdicts = session.pipeline.verdicts_ready();
+    let mut failed = None;
+    let mut fault = crate::fault::Fault::from_env();
     loop {
-        tokio::select! {
+        // Only wait here; the work runs below, where its duration is measured.
+        let wake = tokio::select! {
             guard = session.ring.readable_mut() => {
-                let mut guard = guard.context("ring buffer poll")?;
-                drain(guard.get_inner_mut(), &mut session.decoder, &mut session.pipeline, sink);
-                guard.clear_ready();
+                // Cleared before draining: a record that arrives meanwhile wakes us again.
+                guard.context("ring buffer poll")?.clear_ready();
+                Wake::Ring
             }
-            _ = tick.tick() => session.tick(sink, args.interval),
+            _ = session.changes.queued() => Wake::Changes,
+            _ = verdicts.notified() => Wake::Verdicts,
+            _ = tick.tick() => Wake::Tick,
             _ = stop.wait() => break,
+        };
+        let busy = Instant::now();
+        match wake {
+            Wake::Ring => drain(
+                session.ring.get_mut(),
+                &mut session.decoder,
+                &mut session.pipeline,
+                sink,
+            ),
+            Wake::Changes => session.pipeline.take_changes(sink),
+            Wake::Verdicts => session.pipeline.take_verdicts(sink),
+            Wake::Tick => {
+                session.tick(sink, args.interval);
+                fault.strike();
+            }
+        }
+        session.stalls.observe(busy.elapsed());
+        if let Err(e) = session.flush_tap() {
+            failed = Some(e);
+            break;
         }
     }
-    session.finish(sink);
-    Ok(())
+    let finished = session.finish(sink);
+    match failed {
+        Some(e) => Err(e),
+        None => finished,
+    }
+}
+
+/// How long the event loop was kept from reading the ring: the longest turn, and how many
+/// turns took longer than [`Stalls::LONG`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stalls {
+    pub max: Duration,
+    pub long: u64,
+}
+
+impl Stalls {
+    /// A turn longer than this is a stall worth reporting.
+    pub const LONG: Duration = Duration::from_millis(100);
+
+    fn observe(&mut self, turn: Duration) {
+        self.max = self.max.max(turn);
+        if turn > Self::LONG {
+            self.long += 1;
+        }
+    }
+}
+
+/// What woke the event loop.
+enum Wake {
+    Ring,
+    Changes,
+    Verdicts,
+    Tick,
 }
 
 /// What ends a session: SIGINT, SIGTERM or the end of `--duration`.
@@ -142,13 +241,21 @@ struct Session {
     agg_seen: Option<u64>,
     /// Owns the programs: dropping it detaches them.
     ebpf: aya::Ebpf,
+    /// Configuration changes, from the change watcher's thread.
+    changes: Arc<Feed>,
+    stalls: Stalls,
+    watcher: Watcher,
     info: AttachInfo,
     streaming: Instant,
 }
 
 impl Session {
     /// Resolves the kernel's layout, attaches the probes and builds the pipeline.
-    fn start(args: &ObserveArgs, started: Instant) -> Result<Self> {
+    fn start(
+        args: &ObserveArgs,
+        started: Instant,
+        tap: Option<Box<dyn PacketTap>>,
+    ) -> Result<Self> {
         let filter = args.filter()?;
         let kernel = KernelBtf::open(&args.btf)?;
         let reasons =
@@ -178,6 +285,10 @@ impl Session {
             xt_skb_arg: ABSENT,
             xt_table_arg: ABSENT,
             filters: filter.to_kernel(),
+            capture: match &tap {
+                Some(t) => capture::kernel_config(&kernel, t.snaplen()),
+                None => agent_ebpf::Capture::OFF,
+            },
         };
         preflight::raise_memlock();
         let mut probes = attach::attach(&kernel, &args.btf, args.attach, args.context, config)?;
@@ -195,11 +306,27 @@ impl Session {
             "attached in {attach_ms} ms (load+verify+attach {} ms)",
             probes.attach_ms
         );
+        // The netlink monitors open per namespace as namespaces appear (see changes::watcher).
+        probes.report.push(attach::Attached {
+            probe: "rtnetlink",
+            mode: "netlink",
+            note: Some("links, routes, addresses, device forwarding and rp_filter, in each watched namespace; the kernel does not say which process".into()),
+        });
+        probes.report.push(attach::Attached {
+            probe: "nftables",
+            mode: "netlink",
+            note: Some("each committed ruleset generation with the committing process, in each watched namespace".into()),
+        });
         let info = AttachInfo {
             probes: probes.report.clone(),
             attach_ms,
             kernel: kernel_release(),
             reasons: reasons.len(),
+            packets: tap.as_ref().map(|t| (t.target(), t.snaplen())),
+            expression: filter
+                .expr
+                .as_ref()
+                .map(|_| (args.expression.join(" "), filter.kernel_exact())),
         };
 
         let symbols = symbols
@@ -214,21 +341,18 @@ impl Session {
             .set_no_dev_range(symbols.range("inet_frag_rbtree_purge"));
         let symbols = Rc::new(RefCell::new(symbols));
         let decoder = Decoder::new(reasons, symbols.clone()).with_netfilter_names(netfilter_names);
-        let (rules, snmp) = rule_baseline
-            .join()
-            .map_err(|_| anyhow::anyhow!("rule counter reader panicked"))?;
-        tracing::info!(
-            "firewall rule counters read ({} ms since start)",
-            started.elapsed().as_millis()
-        );
         let attach::Probes {
             events,
+            changes,
             counters,
             stacks,
             agg,
             ebpf,
             ..
         } = probes;
+        let (feed, publisher) = changes::feed::feed().context("creating the change feed")?;
+        let feed = Arc::new(feed);
+        let watcher = Watcher::start(Some(changes), filter.netns.clone(), monotonic_ns, publisher);
         let stack_reader: StackReader = Box::new(move |id| match stacks.get(&id, 0) {
             Ok(trace) => symbols
                 .borrow_mut()
@@ -240,15 +364,29 @@ impl Session {
             .map_err(|_| anyhow::anyhow!("pod scanner panicked"))?;
         warn_missing_pods(&filter.pods, &pods, &args.pods_root);
         let traced = traced_answers(&info.probes);
-        let pipeline = Pipeline::new(
-            Engine::builtin(),
-            filter,
-            args.all,
-            Box::new(investigator::Live::new(rules, snmp)),
-            traced,
-            stack_reader,
-            pods,
-        );
+        let watched = watched_changes(&info.probes);
+        // The evidence worker starts from the rule and counter baselines, which may still be
+        // being read: drops are counted meanwhile, and classified once it is ready.
+        let worker_feed = feed.clone();
+        let runner = Runner::spawn(move || {
+            let (rules, snmp) = rule_baseline.join().unwrap_or_else(|_| {
+                tracing::warn!("rule counter reader panicked: rules will not be named");
+                (rules::Tracker::new(), counters::Tracker::default())
+            });
+            tracing::info!(
+                "firewall rule counters read ({} ms since start)",
+                started.elapsed().as_millis()
+            );
+            let live = investigator::Live::new(rules, snmp).baselines_at(clock_ns());
+            Classifier::new(Engine::builtin(), Box::new(live), traced).with_changes(worker_feed)
+        })
+        .context("starting the evidence worker")?;
+        let blind = Classifier::new(Engine::builtin(), Box::new(investigator::Names::new()), traced);
+        let mut pipeline = Pipeline::new(filter, args.all, runner, blind, stack_reader, pods);
+        pipeline.watching(watched, feed.clone());
+        if let Some(tap) = tap {
+            pipeline.set_tap(tap);
+        }
         // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
         let ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
         Ok(Session {
@@ -260,6 +398,9 @@ impl Session {
             agg_cache: Vec::new(),
             agg_seen: None,
             ebpf,
+            changes: feed,
+            stalls: Stalls::default(),
+            watcher,
             info,
             streaming: Instant::now(),
         })
@@ -305,8 +446,23 @@ impl Session {
         );
         let decoder = &mut self.decoder;
         self.pipeline
-            .reconcile(&kernel, |k| decoder.synthetic(k, now), sink, final_pass);
+            .reconcile(&kernel, |k| decoder.synthetic(k, now), sink, false);
+        if final_pass {
+            // Every drop gets its verdict before the last count.
+            self.pipeline.settle(sink);
+            let decoder = &mut self.decoder;
+            self.pipeline
+                .reconcile(&kernel, |k| decoder.synthetic(k, now), sink, true);
+        }
         self.pipeline.flush(sink);
+    }
+
+    /// Makes the packets written so far readable; an error (a full disk) ends the session.
+    fn flush_tap(&mut self) -> Result<()> {
+        match self.pipeline.tap_mut() {
+            Some(tap) => tap.flush(),
+            None => Ok(()),
+        }
     }
 
     /// Once per `--interval`.
@@ -319,34 +475,66 @@ impl Session {
             seconds,
             lost,
             suppressed,
+            stalls: self.stalls,
         });
     }
 
     /// Reports what the kernel delivered before the stop, detaches, and hands over the summary.
-    fn finish(mut self, sink: &mut dyn Sink) {
-        // Stop the kernel side first, so that what it counted and what it sent agree exactly.
+    fn finish(mut self, sink: &mut dyn Sink) -> Result<()> {
+        // Changes made just before the stop are still reported.
+        self.changes.nudge();
+        self.watcher.stop();
+        self.pipeline.take_changes(sink);
+        // Stop the kernel side, so that what it counted and what it sent agree exactly.
         unload_programs(&mut self.ebpf);
         self.catch_up(sink, true);
         let c = self.counters();
         let (seen, lost, filtered_in_kernel, agg_full) = (c.seen, c.lost, c.filtered, c.agg_full);
         let Session {
             ring,
-            pipeline,
+            mut pipeline,
             ebpf,
+            watcher,
             streaming,
+            stalls,
             ..
         } = self;
+        drop(watcher);
         drop(ring);
         drop(ebpf);
         tracing::info!("detached");
         let mut summary = pipeline.summary(seen, lost, streaming.elapsed().as_secs_f64());
         summary.filtered += filtered_in_kernel;
         summary.filtered_in_kernel = filtered_in_kernel;
+        summary.stalls = stalls;
         if agg_full > 0 {
-            tracing::warn!("the kernel's aggregation table was full: some counts are not exact");
+            summary.agg_full = agg_full;
             summary.counts_exact = false;
         }
+        // The capture is completed (its counts written) before the summary names it.
+        let mut result = Ok(());
+        if let Some(tap) = pipeline.tap_mut() {
+            match tap.finish(&summary) {
+                Ok(totals) => summary.packets = totals,
+                Err(e) => result = Err(e),
+            }
+        }
         sink.summary(&summary);
+        result
+    }
+}
+
+/// Which configuration changes are watched, from the attach report.
+fn watched_changes(probes: &[attach::Attached]) -> Watched {
+    let attached = |name: &str| {
+        probes
+            .iter()
+            .any(|p| p.probe == name && p.mode != "unavailable")
+    };
+    Watched {
+        sysctl: attached("sysctl_write"),
+        xt_replace: attached("xt_replace"),
+        netlink: true,
     }
 }
 

@@ -33,6 +33,19 @@ impl Nstat {
     }
 }
 
+/// UdpNoPorts (datagrams to a port nothing listens on) of the calling thread's namespace,
+/// straight from the kernel: cheap enough to read in a loop (see `Netns::run`).
+pub fn udp_no_ports() -> u64 {
+    let text = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "NoPorts")
+        .expect("Udp NoPorts");
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
 /// Packets counted by the nftables rule carrying `comment "<tag>"`.
 pub fn nft_rule_packets(ns: &Netns, tag: &str) -> u64 {
     nft_rule_counter(ns, tag).0

@@ -31,6 +31,8 @@ pub struct Pod {
     pub uid: String,
     /// Container name -> container id.
     pub containers: Vec<(String, String)>,
+    /// Container name -> its cgroup directory (absolute).
+    cgroups: Vec<(String, PathBuf)>,
 }
 
 /// The fake node. Dropping it stops the pods' processes and removes their cgroups and the root.
@@ -105,10 +107,13 @@ impl Kubelet {
             name: name.into(),
             uid: uid.clone(),
             containers: Vec::new(),
+            cgroups: Vec::new(),
         };
         for (i, container) in containers.iter().enumerate() {
             let cid = id(i + 1);
             self.spawn_in(ns, container, &container_cgroup(&cid));
+            pod.cgroups
+                .push((container.to_string(), self.cgroups.join(container_cgroup(&cid))));
             let log = logs.join(container).join("0.log");
             fs::create_dir_all(log.parent().unwrap()).unwrap();
             fs::write(&log, "").unwrap();
@@ -120,6 +125,47 @@ impl Kubelet {
             pod.containers.push((container.to_string(), cid));
         }
         pod
+    }
+
+    /// Runs `program ARGS` to completion as a process of `container` in `pod`: inside `ns`
+    /// and in the container's cgroup, as `kubectl exec` would. Panics if it fails.
+    pub fn exec(&self, ns: &Netns, pod: &Pod, container: &str, program: &Path, args: &[&str]) {
+        let (_, dir) = pod
+            .cgroups
+            .iter()
+            .find(|(c, _)| c == container)
+            .unwrap_or_else(|| panic!("{} has no container {container}", pod.name));
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))
+            .expect("cgroup.procs");
+        let netns = fs::File::open(ns.path()).expect("netns file");
+        let (procs_fd, ns_fd) = (procs.as_raw_fd(), netns.as_raw_fd());
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        // SAFETY: only setns(2) and write(2) run between fork and exec; both fds stay open
+        // until output() returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                // "0" moves the writing process itself.
+                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1
+                    || libc::setns(ns_fd, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        assert!(
+            out.status.success(),
+            "{} {args:?} in {}/{container}: {}",
+            program.display(),
+            pod.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Starts a long sleep called `comm` inside `ns` and moves it into `cgroup` (relative to

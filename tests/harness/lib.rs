@@ -4,13 +4,18 @@ pub mod counters;
 pub mod http;
 pub mod kube_validate;
 pub mod kubelet;
+pub mod kubeproxy;
 pub mod netns;
 pub mod observer;
+pub mod packets;
+pub mod process;
 pub mod prometheus;
 pub mod topology;
 pub mod traffic;
 
-pub use counters::{iptables_rule_packets, nft_rule_counter, nft_rule_packets, tc_stat, Nstat};
+pub use counters::{
+    iptables_rule_packets, nft_rule_counter, nft_rule_packets, tc_stat, udp_no_ports, Nstat,
+};
 pub use kubelet::Kubelet;
 pub use netns::Netns;
 pub use observer::{Observer, Report};

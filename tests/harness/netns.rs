@@ -29,9 +29,10 @@ impl Netns {
         ns
     }
 
-    /// Runs a shell command inside the namespace; panics with its output if it fails.
+    /// Runs a shell command inside the namespace; panics with its output if it, or any
+    /// command of it, fails (`set -e`: a set-up step that failed must not go unnoticed).
     pub fn sh(&self, cmd: &str) -> String {
-        let out = self.try_sh(cmd);
+        let out = self.try_sh(&format!("set -e; {cmd}"));
         if !out.status.success() {
             panic!(
                 "in netns {}: `{cmd}` failed ({}): {}{}",

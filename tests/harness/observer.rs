@@ -1,8 +1,10 @@
 //! The real `dropscope` binary, started with a ready file and stopped with a signal.
 use std::{
-    io::Read,
+    io::{BufRead, BufReader, Read},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -11,15 +13,16 @@ use serde_json::Value;
 
 use crate::netns::Netns;
 
-/// Path of the binary under test (set by `cargo xtask test`).
+/// Path of the binary under test (set by `cargo xtask test`; otherwise the debug build in
+/// `CARGO_TARGET_DIR` or the workspace's `target/`).
 pub fn binary() -> PathBuf {
-    match std::env::var_os("DROPSCOPE_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../target/debug/dropscope"
-        )),
+    if let Some(p) = std::env::var_os("DROPSCOPE_BIN") {
+        return PathBuf::from(p);
     }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")));
+    target.join("debug").join("dropscope")
 }
 
 /// How long dropscope may take to attach: 20 s, or `DROPSCOPE_ATTACH_TIMEOUT` seconds (emulated
@@ -45,6 +48,42 @@ pub fn temp_path(prefix: &str) -> PathBuf {
 pub struct Observer {
     child: Option<Child>,
     ready: PathBuf,
+    /// Read while it runs (a long run must never block on a full pipe): the output lines so
+    /// far, each with the moment it was read, and the thread reading them.
+    stdout: Option<(Lines, JoinHandle<()>)>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+/// Output lines with the moment each was read.
+type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
+
+/// Reads a child's output line by line on a thread of its own, noting when each came.
+fn collect_lines(pipe: impl Read + Send + 'static) -> (Lines, JoinHandle<()>) {
+    let lines: Lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push((Instant::now(), line));
+        }
+    });
+    (lines, reader)
+}
+
+/// Everything read by a line reader, once its pipe has closed.
+fn all_lines((lines, reader): (Lines, JoinHandle<()>)) -> String {
+    reader.join().expect("output reader");
+    let lines = lines.lock().unwrap();
+    let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+    text.join("\n")
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn collect(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        buf
+    })
 }
 
 /// What dropscope printed, parsed.
@@ -88,7 +127,37 @@ impl Observer {
         Self::spawn(Command::new(binary()), &["serve"], args)
     }
 
-    fn spawn(mut cmd: Command, leading: &[&str], args: &[&str]) -> Self {
+    /// Like `start`, waiting up to `timeout` for the attach (for tests that start many
+    /// observers on a busy machine).
+    pub fn start_within(args: &[&str], timeout: Duration) -> Self {
+        Self::spawn_within(
+            Command::new(binary()),
+            &["--format", "json", "--color", "never"],
+            args,
+            timeout,
+        )
+    }
+
+    /// `dropscope serve` run through `wrapper` (see `start_wrapped`).
+    pub fn serve_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
+        let (program, rest) = wrapper.split_first().expect("a wrapper command");
+        let mut cmd = Command::new(program);
+        cmd.args(rest).arg(binary());
+        Self::spawn(cmd, &["serve"], args)
+    }
+
+    fn spawn(cmd: Command, leading: &[&str], args: &[&str]) -> Self {
+        // Watching every namespace, dropscope reads the rule counters of each before it is
+        // ready: on a host busy with other tests' namespaces that takes longer.
+        let timeout = if args.contains(&"--netns") {
+            attach_timeout()
+        } else {
+            attach_timeout() * 3
+        };
+        Self::spawn_within(cmd, leading, args, timeout)
+    }
+
+    fn spawn_within(mut cmd: Command, leading: &[&str], args: &[&str], timeout: Duration) -> Self {
         let ready = temp_path("dropscope-ready");
         let mut child = cmd
             .args(leading)
@@ -99,29 +168,77 @@ impl Observer {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
-        let deadline = Instant::now() + attach_timeout();
+        let stdout = collect_lines(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        let deadline = Instant::now() + timeout;
         while !ready.exists() {
             if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
+                let err = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
                 panic!("dropscope exited before attaching ({status}): {err}");
             }
-            assert!(
-                Instant::now() < deadline,
-                "dropscope did not attach within {:?}",
-                attach_timeout()
-            );
+            if Instant::now() >= deadline {
+                // Not left running (and attached) after the test gives up on it.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dropscope did not attach within {timeout:?}");
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
         Observer {
             child: Some(child),
             ready,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
         }
+    }
+
+    /// Like `start`; named for tests that watch the records as they are printed
+    /// ([`Observer::wait_for`], [`Observer::printed`]).
+    pub fn streaming(args: &[&str]) -> Self {
+        Self::start(args)
+    }
+
+    /// Waits (up to `secs`) for a printed record that `pred` accepts; returns it and when it
+    /// was read.
+    pub fn wait_for(&self, secs: f64, pred: impl Fn(&Value) -> bool) -> Option<(Value, Instant)> {
+        let (lines, _) = self.stdout.as_ref().expect("running");
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let mut seen = 0;
+        loop {
+            let batch: Vec<(Instant, String)> = lines.lock().unwrap()[seen..].to_vec();
+            seen += batch.len();
+            for (at, line) in batch {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if pred(&v) {
+                        return Some((v, at));
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The records printed so far.
+    pub fn printed(&self) -> Vec<Value> {
+        let (lines, _) = self.stdout.as_ref().expect("running");
+        let lines = lines.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|(_, l)| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// A line of `/proc/PID/status` of the running dropscope, in kB (`VmHWM`, `VmRSS`).
+    pub fn status_kb(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/PID/status"))
     }
 
     /// The process id (for signal tests).
@@ -135,9 +252,14 @@ impl Observer {
     }
 
     pub fn stop_with(mut self, sig: Signal) -> Report {
-        let child = self.child.take().unwrap();
+        let mut child = self.child.take().unwrap();
         nix::sys::signal::kill(Pid::from_raw(child.id() as i32), sig).expect("signal dropscope");
-        let out = child.wait_with_output().expect("wait for dropscope");
+        let status = child.wait().expect("wait for dropscope");
+        let out = std::process::Output {
+            status,
+            stdout: all_lines(self.stdout.take().unwrap()).into_bytes(),
+            stderr: self.stderr.take().unwrap().join().unwrap(),
+        };
         let stdout = String::from_utf8_lossy(&out.stdout);
         let records = stdout
             .lines()
@@ -150,6 +272,38 @@ impl Observer {
         };
         assert!(!self.ready.exists(), "ready file left behind");
         report
+    }
+}
+
+impl Observer {
+    /// SIGKILL: dropscope gets no chance to clean up (the ready file it leaves is removed
+    /// here). Returns how it ended.
+    pub fn kill(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        child.kill().expect("kill dropscope");
+        let status = child.wait().expect("wait for dropscope");
+        let _ = std::fs::remove_file(&self.ready);
+        status
+    }
+
+    /// Waits at most `secs` for dropscope to exit by itself (it is killed after that, and
+    /// the test fails): (how it ended, stdout, stderr).
+    pub fn wait_exit(mut self, secs: f64) -> (ExitStatus, String, String) {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for dropscope") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dropscope did not exit within {secs} s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = String::from_utf8_lossy(&self.stderr.take().unwrap().join().unwrap()).into_owned();
+        (status, all_lines(self.stdout.take().unwrap()), stderr)
     }
 }
 

@@ -6,6 +6,8 @@
 //! kprobes, so a probe that silently fails to attach there fails these tests. On a kernel that
 //! allows neither (like the development host: lockdown, no kprobes) they check the degraded
 //! answer instead.
+//!
+//! vm-test: core
 use dropscope_tests::{
     iptables_rule_packets, nft_rule_packets, topology::B4, traffic::Udp, Observer, Report, Topology,
 };
@@ -178,6 +180,52 @@ fn forwarding_off_carries_the_route_error_from_ip_error() {
             assert_eq!(r["route_error"], "EHOSTUNREACH", "{r:#}");
         } else {
             assert!(r["route_error"].is_null(), "{r:#}");
+        }
+    }
+}
+
+#[test]
+fn icmpv6_errors_are_paired_where_the_probe_attaches() {
+    // An IPv6 packet too big for the router's egress: the router answers "packet too big".
+    // With the icmp6_send probe the drop says so (and each answered drop is one the kernel
+    // counted as sent); without it the answer is unknown, never "none".
+    let t = Topology::new();
+    t.r.sh("ip link set r1 mtu 1280");
+    for flag in ["auto", "kprobe", "off"] {
+        t.a.sh("ip -6 route flush cache");
+        let before = dropscope_tests::Nstat::read(&t.r);
+        let obs = Observer::start(&["--netns", &t.r.name, "--context", flag]);
+        Udp::to(dropscope_tests::topology::B6, 9710)
+            .payload(1400)
+            .dont_fragment()
+            .count(2)
+            .send(&t.a);
+        let report = obs.stop();
+        report.assert_consistent();
+        let sent = dropscope_tests::Nstat::delta(&t.r, &before, "Icmp6OutPktTooBigs");
+        let recs = report.of("mtu_exceeded");
+        assert!(!recs.is_empty(), "--context {flag}: {:#?}", report.drops());
+        if check_modes(&report, flag, "icmp6_send") {
+            let answered: u64 = recs
+                .iter()
+                .filter(|r| r["icmp_sent"]["type"] == 2 && r["icmp_sent"]["family"] == "ipv6")
+                .map(|r| r["count"].as_u64().unwrap())
+                .sum();
+            assert_eq!(answered, sent, "--context {flag}: {recs:#?}");
+            assert!(
+                recs[0]["evidence"]
+                    .as_str()
+                    .unwrap()
+                    .contains("ICMP sent: ICMPv6 packet too big"),
+                "{:#}",
+                recs[0]
+            );
+        } else {
+            for r in &recs {
+                let ev = r["evidence"].as_str().unwrap();
+                assert!(ev.contains("ICMP sent: unknown"), "--context {flag}: {ev}");
+                assert!(r["icmp_sent"].is_null());
+            }
         }
     }
 }

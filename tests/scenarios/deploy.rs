@@ -228,6 +228,260 @@ fn manifest_runs_unprivileged_with_all_capabilities_dropped() {
         !mounts.is_empty() && mounts.iter().all(|m| m["readOnly"] == true),
         "every host mount is read-only: {mounts:?}"
     );
+    assert_eq!(
+        pod["containers"][0]["terminationMessagePolicy"], "FallbackToLogsOnError",
+        "a crash's last words (stderr) must reach kubectl describe"
+    );
+}
+
+/// The host directories dropscope reads for pod attribution are mounted where `--pods-root`
+/// makes it look: `<pods-root>/var/log/pods` and `<pods-root>/var/log/containers`.
+#[test]
+fn manifest_mounts_what_pod_attribution_reads() {
+    let docs = manifest();
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let pods_root = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .find_map(|a| a.as_str()?.strip_prefix("--pods-root="))
+        .expect("--pods-root");
+    for dir in ["/var/log/pods", "/var/log/containers"] {
+        let path = format!("{}{dir}", pods_root.trim_end_matches('/'));
+        let mount = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == path.as_str())
+            .unwrap_or_else(|| panic!("nothing mounted at {path}"));
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("the mount's volume");
+        assert_eq!(volume["hostPath"]["path"], dir, "{volume}");
+    }
+}
+
+// --- The PodMonitor and the kustomization -------------------------------------------------
+
+/// One YAML document of deploy/.
+fn deploy_doc(name: &str) -> Value {
+    let text = fs::read_to_string(deploy_file(name)).unwrap();
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("deploy/{name}: {e}"))
+}
+
+/// Keys a monitoring.coreos.com/v1 PodMonitor allows, per object (the operator's CRD, as far
+/// as a PodMonitor for dropscope could use it).
+const POD_MONITOR_SPEC: &[&str] = &[
+    "selector",
+    "namespaceSelector",
+    "podMetricsEndpoints",
+    "jobLabel",
+    "podTargetLabels",
+    "sampleLimit",
+    "targetLimit",
+    "labelLimit",
+    "labelNameLengthLimit",
+    "labelValueLengthLimit",
+    "keepDroppedTargets",
+    "attachMetadata",
+    "scrapeProtocols",
+    "scrapeClass",
+    "bodySizeLimit",
+];
+const POD_METRICS_ENDPOINT: &[&str] = &[
+    "port",
+    "portNumber",
+    "targetPort",
+    "path",
+    "scheme",
+    "params",
+    "interval",
+    "scrapeTimeout",
+    "honorLabels",
+    "honorTimestamps",
+    "trackTimestampsStaleness",
+    "enableHttp2",
+    "filterRunning",
+    "followRedirects",
+    "relabelings",
+    "metricRelabelings",
+    "tlsConfig",
+    "authorization",
+    "basicAuth",
+    "bearerTokenSecret",
+    "oauth2",
+    "proxyUrl",
+];
+const RELABEL_CONFIG: &[&str] = &[
+    "sourceLabels",
+    "separator",
+    "targetLabel",
+    "regex",
+    "modulus",
+    "replacement",
+    "action",
+];
+const RELABEL_ACTIONS: &[&str] = &[
+    "replace",
+    "keep",
+    "drop",
+    "hashmod",
+    "labelmap",
+    "labeldrop",
+    "labelkeep",
+    "lowercase",
+    "uppercase",
+    "keepequal",
+    "dropequal",
+];
+
+fn only_keys(what: &str, object: &Value, allowed: &[&str]) -> Result<(), String> {
+    let map = object
+        .as_object()
+        .ok_or_else(|| format!("{what} is not a mapping"))?;
+    match map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(format!("{what} has no field {k:?}")),
+        None => Ok(()),
+    }
+}
+
+/// The PodMonitor's shape, and that it scrapes the DaemonSet's pods on their metrics port.
+fn check_pod_monitor(pm: &Value, ds: &Value) -> Result<(), String> {
+    let err = |m: &str| Err(m.to_string());
+    if pm["apiVersion"] != "monitoring.coreos.com/v1" || pm["kind"] != "PodMonitor" {
+        return err("not a monitoring.coreos.com/v1 PodMonitor");
+    }
+    only_keys(
+        "PodMonitor",
+        pm,
+        &["apiVersion", "kind", "metadata", "spec"],
+    )?;
+    if pm["metadata"]["namespace"] != ds["metadata"]["namespace"] {
+        return err("not in the DaemonSet's namespace");
+    }
+    let spec = &pm["spec"];
+    only_keys("spec", spec, POD_MONITOR_SPEC)?;
+    let wanted = spec["selector"]["matchLabels"]
+        .as_object()
+        .ok_or("spec.selector.matchLabels missing")?;
+    let labels = &ds["spec"]["template"]["metadata"]["labels"];
+    if wanted.is_empty() || wanted.iter().any(|(k, v)| &labels[k] != v) {
+        return Err(format!(
+            "selector {wanted:?} does not select the DaemonSet's pods ({labels})"
+        ));
+    }
+    let ports: Vec<&Value> = ds["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .ok_or("the DaemonSet has no ports")?
+        .iter()
+        .map(|p| &p["name"])
+        .collect();
+    let endpoints = spec["podMetricsEndpoints"]
+        .as_array()
+        .filter(|e| !e.is_empty())
+        .ok_or("no podMetricsEndpoints")?;
+    for e in endpoints {
+        only_keys("podMetricsEndpoint", e, POD_METRICS_ENDPOINT)?;
+        if !ports.contains(&&e["port"]) {
+            return Err(format!("port {} is no port of the DaemonSet", e["port"]));
+        }
+        if !e["path"].is_null() && e["path"] != "/metrics" {
+            return Err(format!("path {} is not /metrics", e["path"]));
+        }
+        for r in e["relabelings"].as_array().into_iter().flatten() {
+            only_keys("relabeling", r, RELABEL_CONFIG)?;
+            let action = r["action"].as_str().unwrap_or("replace");
+            if !RELABEL_ACTIONS.contains(&action.to_lowercase().as_str()) {
+                return Err(format!("unknown relabel action {action:?}"));
+            }
+            if r["sourceLabels"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|l| !l.is_string()))
+            {
+                return Err("sourceLabels must be strings".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn pod_monitor_scrapes_the_daemonset_pods() {
+    let docs = manifest();
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let pm = deploy_doc("podmonitor.yaml");
+    check_pod_monitor(&pm, ds).unwrap();
+    // The checks have teeth: broken copies are refused.
+    let broken: [(&str, fn(&mut Value)); 5] = [
+        ("another selector", |pm| {
+            pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] = "other".into()
+        }),
+        ("an unknown port", |pm| {
+            pm["spec"]["podMetricsEndpoints"][0]["port"] = "http".into()
+        }),
+        ("a misspelt field", |pm| {
+            let e = pm["spec"]["podMetricsEndpoints"][0]
+                .as_object_mut()
+                .unwrap();
+            let r = e.remove("relabelings").unwrap();
+            e.insert("relabellings".into(), r);
+        }),
+        ("an unknown action", |pm| {
+            pm["spec"]["podMetricsEndpoints"][0]["relabelings"][1]["action"] = "labeldel".into()
+        }),
+        ("another namespace", |pm| {
+            pm["metadata"]["namespace"] = "monitoring".into()
+        }),
+    ];
+    for (what, breaks) in broken {
+        let mut copy = pm.clone();
+        breaks(&mut copy);
+        assert!(
+            check_pod_monitor(&copy, ds).is_err(),
+            "{what}: accepted {copy:#}"
+        );
+    }
+}
+
+#[test]
+fn kustomization_names_the_manifests_and_the_image() {
+    let k = deploy_doc("kustomization.yaml");
+    assert_eq!(k["apiVersion"], "kustomize.config.k8s.io/v1beta1");
+    assert_eq!(k["kind"], "Kustomization");
+    let resources = k["resources"].as_array().expect("resources");
+    assert!(
+        resources.contains(&"daemonset.yaml".into()),
+        "{resources:?}"
+    );
+    for r in resources {
+        assert!(
+            deploy_file(r.as_str().unwrap()).is_file(),
+            "resource {r} does not exist"
+        );
+    }
+    let docs = manifest();
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let image = ds["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap();
+    let (name, tag) = image.rsplit_once(':').expect("a tagged image");
+    let images = k["images"].as_array().expect("images");
+    let entry = images
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("no images: entry for the DaemonSet's image {name}"));
+    assert!(entry["newName"].is_string(), "{entry}");
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(entry["newTag"], version, "the image tag is the release's");
+    assert_eq!(tag, version, "the DaemonSet's image tag is the release's");
 }
 
 #[test]
@@ -346,7 +600,7 @@ const METRICS: &[(&str, &[&str])] = &[
     ("dropscope_label_sets_folded_total", &[]),
 ];
 
-/// Labels the scrape job adds to every series (README: "Deploying to a cluster").
+/// Labels the scrape job adds to every series (docs/deployment.md, "Scraping").
 const TARGET_LABELS: &[&str] = &["node", "instance", "job"];
 
 /// The `dropscope_*` metric names in a PromQL expression.

@@ -8,6 +8,7 @@ use dropscope_tests::{
 use crate::{evidence, observe, Expect};
 
 #[test]
+// vm-test: core
 fn fwd4_off_is_forwarding_disabled() {
     let t = Topology::new();
     t.r.sh("sysctl -qw net.ipv4.ip_forward=0");
@@ -52,6 +53,7 @@ fn fwd4_off_on_one_interface_names_it() {
 }
 
 #[test]
+// vm-test: core
 fn fwd6_off_is_forwarding_disabled() {
     let t = Topology::new();
     t.r.sh("sysctl -qw net.ipv6.conf.all.forwarding=0");
@@ -69,6 +71,7 @@ fn fwd6_off_is_forwarding_disabled() {
 }
 
 #[test]
+// vm-test: core
 fn rpf_strict_is_rp_filter() {
     let t = Topology::new();
     t.a.sh("ip addr add 10.231.9.2/32 dev a0");
@@ -101,6 +104,7 @@ fn rp_filter_loose_lets_the_packet_through() {
 }
 
 #[test]
+// vm-test: core
 fn noroute4_is_no_route() {
     let t = Topology::new();
     let (report, kernel) = observe(&t.r, &[], (&t.r, "IpExtInNoRoutes"), || {
@@ -118,6 +122,7 @@ fn noroute4_is_no_route() {
 }
 
 #[test]
+// vm-test: core
 fn ttl4_is_ttl_expired() {
     let t = Topology::new();
     let (report, kernel) = observe(&t.r, &[], (&t.r, "IpInHdrErrors"), || {

@@ -14,6 +14,7 @@ use nix::sys::signal::Signal;
 use crate::Expect;
 
 #[test]
+// vm-test: core
 fn a_healthy_network_reports_no_drops() {
     let t = Topology::new();
     let listener = udp_listener(&t.b, "10.231.2.2:9400");
@@ -33,6 +34,7 @@ fn a_healthy_network_reports_no_drops() {
 }
 
 #[test]
+// vm-test: core
 fn benign_ping_noise_is_suppressed_and_counted() {
     let t = Topology::new();
     let before = Nstat::read(&t.a);
@@ -160,11 +162,13 @@ fn detaches_on(obs: Observer, sig: Signal) {
 }
 
 #[test]
+// vm-test: core
 fn nothing_stays_attached_after_sigint() {
     detaches_on(Observer::start(&["--netns", "1"]), Signal::SIGINT);
 }
 
 #[test]
+// vm-test: core
 fn nothing_stays_attached_after_sigterm() {
     detaches_on(Observer::start(&["--netns", "1"]), Signal::SIGTERM);
 }

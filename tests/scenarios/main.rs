@@ -1,17 +1,25 @@
 //! Integration tests: one scenario per cause, each breaking the network the way the cause does,
 //! observing it with the real dropscope, and checking cause, interface, flow and count against
 //! a kernel counter that dropscope does not read.
+mod changes;
 mod check;
+mod churn;
 mod conntrack;
 mod context;
+mod corpus;
 mod deploy;
+mod faults;
 mod forwarding;
+mod licenses;
 mod lifecycle;
 mod metrics;
 mod mtu;
 mod neighbor;
 mod netfilter;
+mod packets;
 mod pods;
+mod policy;
+mod scale;
 mod signals;
 mod sockets;
 mod storm;

@@ -8,6 +8,7 @@ use dropscope_tests::{
 use crate::{evidence, observe, Expect};
 
 #[test]
+// vm-test: core
 fn mtu4_is_mtu_exceeded() {
     let t = Topology::new();
     t.r.sh("ip link set r1 mtu 1280");
@@ -40,6 +41,7 @@ fn mtu4_is_mtu_exceeded() {
 }
 
 #[test]
+// vm-test: core
 fn mtu6_is_mtu_exceeded() {
     let t = Topology::new();
     t.r.sh("ip link set r1 mtu 1280");

@@ -4,6 +4,7 @@ use dropscope_tests::{traffic::Udp, wait_for, Nstat, Observer, Topology};
 use crate::{evidence, observe, Expect};
 
 #[test]
+// vm-test: core
 fn neigh_failed_is_neighbor_failed() {
     let t = Topology::new();
     let before_a = Nstat::read(&t.a);

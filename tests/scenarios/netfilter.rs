@@ -9,6 +9,7 @@ use dropscope_tests::{
 use crate::{evidence, Expect};
 
 #[test]
+// vm-test: core
 fn nft_drop_is_netfilter_drop_in_nftables() {
     let t = Topology::new();
     t.r.sh(
@@ -36,6 +37,7 @@ fn nft_drop_is_netfilter_drop_in_nftables() {
 }
 
 #[test]
+// vm-test: core
 fn ipt_nft_drop_is_netfilter_drop_in_nftables() {
     let t = Topology::new();
     t.r.sh("iptables-nft -A FORWARD -p udp --dport 9101 -j DROP");
@@ -52,6 +54,7 @@ fn ipt_nft_drop_is_netfilter_drop_in_nftables() {
 }
 
 #[test]
+// vm-test: core
 fn ipt_legacy_drop_is_netfilter_drop_in_iptables_legacy() {
     let t = Topology::new();
     t.r.sh("iptables-legacy -A FORWARD -p udp --dport 9102 -j DROP");
@@ -71,6 +74,7 @@ fn ipt_legacy_drop_is_netfilter_drop_in_iptables_legacy() {
 }
 
 #[test]
+// vm-test: core
 fn reject_udp_is_netfilter_reject() {
     let t = Topology::new();
     t.r.sh("iptables-nft -A FORWARD -p udp --dport 5353 -j REJECT");
@@ -93,6 +97,7 @@ fn reject_udp_is_netfilter_reject() {
 }
 
 #[test]
+// vm-test: core
 fn reject_tcp_reset_is_netfilter_reject() {
     let t = Topology::new();
     t.r.sh("iptables-nft -A FORWARD -p tcp --dport 8080 -j REJECT --reject-with tcp-reset");

@@ -4,6 +4,7 @@ use dropscope_tests::{tc_stat, topology::B4, traffic::Udp, wait_for, Observer, T
 use crate::{evidence, observe, Expect};
 
 #[test]
+// vm-test: core
 fn qdisc_overflow_is_qdisc_drop() {
     let t = Topology::new();
     t.r.sh("tc qdisc add dev r1 root tbf rate 1mbit burst 1600 limit 3000");

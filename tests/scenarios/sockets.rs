@@ -8,6 +8,7 @@ use dropscope_tests::{
 use crate::{evidence, observe, Expect};
 
 #[test]
+// vm-test: core
 fn nolisten_tcp_is_no_listener() {
     let t = Topology::new();
     let (report, resets) = observe(&t.b, &[], (&t.b, "TcpOutRsts"), || {
@@ -50,6 +51,7 @@ fn nolisten_tcp_is_no_listener() {
 }
 
 #[test]
+// vm-test: core
 fn nolisten_udp_is_no_listener() {
     let t = Topology::new();
     let (report, noports) = observe(&t.b, &[], (&t.b, "UdpNoPorts"), || {

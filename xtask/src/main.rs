@@ -4,6 +4,7 @@
 //! the Debian tools the tests drive), installing what is missing, idempotently.
 mod bench;
 mod prereqs;
+mod soak;
 mod vm;
 
 use std::{
@@ -42,7 +43,7 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Regenerate the cause table in README.md from the rule table (`dropscope --causes`).
+    /// Regenerate the cause table in docs/causes.md from the rule table (`dropscope --causes`).
     Docs,
     /// Run the whole test suite: unit tests and integration tests against the real kernel.
     Test {
@@ -84,14 +85,26 @@ enum Task {
     /// (internal) The guest side of the healthy-path benchmark, run inside the VM.
     #[command(hide = true)]
     BenchGuest(bench::GuestArgs),
+    /// A long drop storm (random flows, three causes) watched by the release dropscope: memory,
+    /// descriptors and threads sampled all along, counts checked against the kernel's, then a
+    /// minute of --top; writes bench/soak.json and a section of BENCHMARKS.md.
+    Soak {
+        /// Length of the storm watched with --format json, in minutes.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Length of the --top phase that follows, in seconds.
+        #[arg(long, default_value_t = 60.0)]
+        top_seconds: f64,
+    },
     /// Run the integration tests inside QEMU VMs booted with Debian kernels (TCG unless KVM works).
     VmTest {
         /// Kernel to boot: 6.1, 6.12, 7.2, a Debian kernel package name or a path to a .deb.
         /// Repeatable; default: 6.1, 6.12 and 7.2.
         #[arg(long = "kernel", value_name = "KERNEL")]
         kernels: Vec<String>,
-        /// Run the core scenarios only (one per cause recipe, the context probes, attach and
-        /// detach) instead of the whole suite, so a kernel matrix fits a CI run under TCG.
+        /// Run the core tests only (one per core cause, the context probes, attach and detach;
+        /// marked `// vm-test: core` in tests/scenarios) instead of the whole suite, so a kernel
+        /// matrix fits a CI run under TCG.
         #[arg(long)]
         core: bool,
         /// Extra arguments for the test executable (e.g. a test name filter), after `--`.
@@ -182,17 +195,34 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Task::BenchGuest(args) => bench::guest_main(&args),
+        Task::Soak {
+            minutes,
+            top_seconds,
+        } => {
+            prereqs::ensure_all()?;
+            if !nix_is_root() {
+                bail!("the soak creates network namespaces and loads eBPF programs: run as root");
+            }
+            let bin = build(&root, true)?;
+            std::fs::create_dir_all(root.join("bench"))?;
+            let (md, json) = soak::outputs(&root);
+            soak::run(
+                &bin,
+                &soak::Params {
+                    minutes,
+                    top_seconds,
+                },
+                &md,
+                &json,
+            )
+        }
         Task::VmTest {
             kernels,
             core,
             args,
         } => {
             prereqs::ensure_all()?;
-            let mut args = args;
-            if core {
-                args.extend(vm::CORE_TESTS.iter().map(|t| t.to_string()));
-            }
-            vm::vm_test(&root, &kernels, &args)
+            vm::vm_test(&root, &kernels, core, &args)
         }
     }
 }
@@ -221,7 +251,7 @@ fn build_for(root: &Path, release: bool, target: Option<&str>) -> Result<PathBuf
     if release {
         cmd.arg("--release");
     }
-    let mut dir = root.join("target");
+    let mut dir = target_dir(root)?;
     if let Some(target) = target {
         cmd.args(["--target", target]);
         dir.push(target);
@@ -230,6 +260,26 @@ fn build_for(root: &Path, release: bool, target: Option<&str>) -> Result<PathBuf
     Ok(dir
         .join(if release { "release" } else { "debug" })
         .join("dropscope"))
+}
+
+/// Where cargo puts its build output: `target/` unless `CARGO_TARGET_DIR` or a cargo config
+/// (`build.target-dir`) says otherwise. Cargo itself answers, so every way of moving it counts.
+fn target_dir(root: &Path) -> Result<PathBuf> {
+    let out = cargo()
+        .current_dir(root)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed ({})", out.status);
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    let dir = meta["target_directory"]
+        .as_str()
+        .context("cargo metadata names no target_directory")?;
+    Ok(PathBuf::from(dir))
 }
 
 fn run_as_root(bin: &Path, args: &[String]) -> Result<()> {
@@ -252,37 +302,81 @@ fn run_as_root(bin: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Builds and runs every test. The integration tests create network namespaces and load eBPF
+/// programs, so they run as root: started by a normal user, cargo builds everything as that
+/// user and runs each test executable through `sudo -E` (a cargo runner, as aya's template
+/// does), so nothing in the workspace or the caches becomes root's.
 fn test(root: &Path, extra: &[String]) -> Result<()> {
-    if !nix_is_root() {
-        bail!(
-            "the integration tests create network namespaces and load eBPF programs: run as root"
-        );
-    }
     let bin = build(root, false)?;
     let mut cmd = cargo();
     cmd.current_dir(root)
         .args(["test", "--workspace"])
         .env("DROPSCOPE_BIN", &bin)
         .args(extra);
+    if !nix_is_root() {
+        sudo_runner(&mut cmd)?;
+    }
     status(&mut cmd)
 }
 
-/// Replaces the README section between the CAUSES markers with `dropscope --causes`.
+/// Makes `cargo test` run the test executables as root through sudo.
+fn sudo_runner(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: the tests need root (network namespaces, eBPF); running them through sudo");
+    // Ask for the password (if any) now, not in the middle of cargo's output.
+    let st = Command::new("sudo")
+        .arg("-v")
+        .status()
+        .context("the tests need root and sudo is not installed: run `cargo xtask test` as root")?;
+    if !st.success() {
+        bail!("sudo refused: the tests need root (network namespaces, eBPF)");
+    }
+    let host = host_triple()?;
+    let var = format!(
+        "CARGO_TARGET_{}_RUNNER",
+        host.to_uppercase().replace(['-', '.'], "_")
+    );
+    cmd.env(var, "sudo -E");
+    // sudo may give root its own HOME: the tests find the user's cache (the manifest
+    // validator that xtask installed there) through XDG_CACHE_HOME instead.
+    if std::env::var_os("XDG_CACHE_HOME").is_none() {
+        if let Some(home) = std::env::var_os("HOME") {
+            cmd.env("XDG_CACHE_HOME", PathBuf::from(home).join(".cache"));
+        }
+    }
+    Ok(())
+}
+
+/// The host's target triple, as rustc reports it.
+fn host_triple() -> Result<String> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_string)
+        .context("rustc -vV names no host")
+}
+
+/// Replaces the section of docs/causes.md between the CAUSES markers with `dropscope --causes`.
 fn docs(root: &Path, bin: &Path) -> Result<()> {
     let out = Command::new(bin)
         .arg("--causes")
         .output()
         .context("running dropscope --causes")?;
     let table = String::from_utf8(out.stdout)?;
-    let path = root.join("README.md");
-    let readme = std::fs::read_to_string(&path)?;
+    let path = root.join("docs/causes.md");
+    let page =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let (begin, end) = ("<!-- CAUSES:BEGIN -->\n", "<!-- CAUSES:END -->");
-    let (Some(a), Some(b)) = (readme.find(begin), readme.find(end)) else {
-        bail!("README.md has no CAUSES markers");
+    let (Some(a), Some(b)) = (page.find(begin), page.find(end)) else {
+        bail!("docs/causes.md has no CAUSES markers");
     };
-    let updated = format!("{}{begin}{table}{}", &readme[..a], &readme[b..]);
+    let updated = format!("{}{begin}{table}{}", &page[..a], &page[b..]);
     std::fs::write(&path, updated)?;
-    println!("README.md cause table regenerated");
+    println!("docs/causes.md cause table regenerated");
     Ok(())
 }
 

@@ -23,6 +23,10 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
     ("unshare", "util-linux"),
     ("python3", "python3"),
+    // The pcapng files dropscope writes are checked with the readers operators use.
+    ("tcpdump", "tcpdump"),
+    ("tshark", "tshark"),
+    ("capinfos", "wireshark-common"),
 ];
 
 /// Packages whose Debian service must not run: the tests start their own instance.
@@ -140,34 +144,48 @@ fn ensure_manifest_validator() -> Result<()> {
     )
 }
 
-/// Installs Debian packages (as root), saying why.
-fn apt_install(packages: &[&str], why: &str) -> Result<()> {
+/// A command run as root (directly when this is root, through sudo otherwise), without
+/// questions from debconf.
+fn as_root(program: &str) -> Command {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "missing packages; install them with: sudo apt-get install -y {}",
-            packages.join(" ")
-        );
-    }
+    let mut cmd = if unsafe { libc::geteuid() } == 0 {
+        Command::new(program)
+    } else {
+        // sudo resets the environment: the variable goes through `env`.
+        let mut cmd = Command::new("sudo");
+        cmd.args(["env", "DEBIAN_FRONTEND=noninteractive", program]);
+        cmd
+    };
+    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+/// Installs Debian packages (as root, through sudo for a normal user), saying why.
+fn apt_install(packages: &[&str], why: &str) -> Result<()> {
     eprintln!(
         "xtask: installing Debian packages {why}: {}",
         packages.join(" ")
     );
-    run("apt-get", &["update", "-qq"])?;
+    let apt = |args: &[&str]| -> Result<()> {
+        let st = as_root("apt-get").args(args).status().with_context(|| {
+            format!(
+                "running apt-get (install them with: sudo apt-get install -y {})",
+                packages.join(" ")
+            )
+        })?;
+        if !st.success() {
+            bail!("apt-get {} failed ({st})", args.join(" "));
+        }
+        Ok(())
+    };
+    apt(&["update", "-qq"])?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend(packages);
-    Command::new("apt-get")
-        .args(&args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("running apt-get")?
-        .success()
-        .then_some(())
-        .context("apt-get install failed")?;
+    apt(&args)?;
     for service in NO_SERVICE.iter().filter(|s| packages.contains(s)) {
         // Installing enables the service; the tests run their own, on loopback. Without
         // systemd as init this only removes the links, which is all there is to undo.
-        let _ = Command::new("systemctl")
+        let _ = as_root("systemctl")
             .args(["disable", "--now", service])
             .stderr(std::process::Stdio::null())
             .status();

@@ -5,7 +5,7 @@
 //! the hook provides one), the filters look at them there, the count goes to this CPU's slot of
 //! the aggregation table, and only an event that fits the sampling budget is built, in place in
 //! the ring buffer, with everything else (names, sysctls, context, stack).
-use agent_ebpf::{AggKey, EventKind, FLAG_IPV4, FLAG_IPV6};
+use agent_ebpf::{AggKey, Event, EventKind, FLAG_IPV4, FLAG_IPV6};
 use aya_ebpf::{macros::map, maps::PerCpuArray, programs::tracing::StackIdContext, EbpfContext};
 
 use crate::{
@@ -104,10 +104,21 @@ pub extern "C" fn dropscope_send_drop(a: *const Admitted) -> i32 {
     }
     // SAFETY: the caller passes its own, initialised value.
     let a = unsafe { &*a };
+    // --pcap / the flight recorder: the packet's first bytes travel with the event.
+    if let Some(sent) = crate::capture::send_with_packet(a.p.skb, a.p.len, |ev| build(ev, a)) {
+        return sent as i32;
+    }
     let Some(mut entry) = reserve() else {
         return 0;
     };
-    let ev = event(&mut entry);
+    build(event(&mut entry), a);
+    entry.submit(0);
+    1
+}
+
+/// Fills a blank event from an admitted drop.
+#[inline(always)]
+fn build(ev: &mut Event, a: &Admitted) {
     ev.kind = EventKind::Drop as u8;
     ev.ts_ns = now();
     ev.location = a.key.location;
@@ -118,6 +129,4 @@ pub extern "C" fn dropscope_send_drop(a: *const Admitted) -> i32 {
     // events to keys with AggKey::of).
     let nf = (a.has_nf != 0).then_some(a.nf);
     context::annotate(ev, nf, ev.ts_ns);
-    entry.submit(0);
-    1
 }

@@ -1,4 +1,5 @@
 //! One module per kernel hook.
+pub mod config_changes;
 pub mod forward;
 pub mod icmp6_send;
 pub mod icmp_send;

@@ -1,5 +1,5 @@
 //! The cause catalogue as a Markdown table (`dropscope --causes`), generated from the rule
-//! table so the README can never drift from what dropscope actually does.
+//! table so docs/causes.md can never drift from what dropscope actually does.
 use std::fmt::Write;
 
 use super::{table::OneOrMany, Engine};
@@ -56,12 +56,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn readme_documents_every_cause_as_dropscope_knows_it() {
+    fn docs_document_every_cause_as_dropscope_knows_it() {
         let generated = markdown(&Engine::builtin());
-        let readme = include_str!("../../../README.md");
+        let page = include_str!("../../../docs/causes.md");
         assert!(
-            readme.contains(&generated),
-            "README.md's cause table is stale: regenerate it with `cargo xtask docs` \
+            page.contains(&generated),
+            "docs/causes.md's cause table is stale: regenerate it with `cargo xtask docs` \
              (between the CAUSES markers)"
         );
     }

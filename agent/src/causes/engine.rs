@@ -52,6 +52,9 @@ pub struct Attribution {
     pub counters: Vec<(String, u64)>,
     /// Stack frames, for drops no rule of the table knows.
     pub stack: Option<String>,
+    /// The latest configuration change, in the drop's namespace and before it, to a setting
+    /// its cause depends on.
+    pub change: Option<std::sync::Arc<crate::changes::Change>>,
 }
 
 impl Engine {
@@ -70,6 +73,14 @@ impl Engine {
 
     pub fn rules(&self) -> &[Rule] {
         &self.table.rule
+    }
+
+    /// The change keys a cause depends on (see [`Cause::changes`]).
+    pub fn change_patterns(&self, cause: &str) -> &[String] {
+        self.table
+            .cause
+            .get(cause)
+            .map_or(&[], |c| c.changes.as_slice())
     }
 
     /// Classifies one drop.

@@ -12,7 +12,7 @@ use crate::{
         counters::Counters,
         investigator::{Investigator, NfState},
         routes::Route,
-        rules::{Matcher, Moved, RuleId, Verdict as NfVerdict},
+        rules::{Matcher, Moved, RuleId, Target as NfVerdict},
         tunnels::Tunnel,
     },
 };
@@ -94,6 +94,7 @@ struct Case {
     traced: Traced,
     rule: Option<Moved>,
     counters_read: bool,
+    unread: &'static [&'static str],
     ct: Option<CtStats>,
     stack: &'static [&'static str],
     frag_needed_dropped: bool,
@@ -114,6 +115,7 @@ fn case(name: &'static str, drop: Drop, cause: &'static str, evidence_has: &'sta
         traced: Traced::ALL,
         rule: None,
         counters_read: true,
+        unread: &[],
         ct: None,
         stack: &[],
         frag_needed_dropped: false,
@@ -146,6 +148,31 @@ fn route(kind: &'static str, text: &str, mtu: Option<u32>) -> Option<Route> {
         text: text.into(),
         mtu,
         mtu_expires: None,
+        dev_mtu: None,
+        rule: None,
+        entry: None,
+        bypassed_main: None,
+    })
+}
+
+/// A refused route as the policy walk names it: the deciding rule, route and main's route.
+fn policy_route(
+    kind: &'static str,
+    rule: Option<&str>,
+    entry: Option<&str>,
+    main: Option<&str>,
+) -> Option<Route> {
+    let text = match (entry, rule) {
+        (Some(e), Some(r)) => format!("{e} (ip rule {r})"),
+        (Some(e), None) => e.to_string(),
+        (None, Some(r)) => format!("ip rule {r}"),
+        (None, None) => kind.to_string(),
+    };
+    Some(Route {
+        rule: rule.map(str::to_string),
+        entry: entry.map(str::to_string),
+        bypassed_main: main.map(str::to_string),
+        ..route(kind, &text, None).unwrap()
     })
 }
 
@@ -165,6 +192,8 @@ impl Investigator for Fake<'_> {
             ct: self.0.ct,
             counters_read: self.0.counters_read,
             legacy_tables: Vec::new(),
+            before_baseline: false,
+            unread: self.0.unread.iter().map(|w| w.to_string()).collect(),
         }
     }
     fn route(&mut self, _d: &Drop) -> Option<Route> {
@@ -193,8 +222,17 @@ impl Investigator for Fake<'_> {
                 .collect(),
         }
     }
-    fn tunnel(&mut self, _netns: u32, _src: IpAddr, _dst: IpAddr) -> Option<Tunnel> {
+    fn tunnel(
+        &mut self,
+        _netns: u32,
+        _dev: Option<String>,
+        _src: IpAddr,
+        _dst: IpAddr,
+    ) -> Option<Tunnel> {
         self.0.tunnel.clone()
+    }
+    fn route_to(&mut self, _netns: u32, _dst: IpAddr) -> Option<Route> {
+        self.0.route.clone()
     }
     fn ifname(&mut self, _netns: u32, _ifindex: u32) -> Option<String> {
         None
@@ -316,6 +354,30 @@ fn cases() -> Vec<Case> {
                 "traceroute probe reached 10.231.2.2",
             )
         },
+        Case {
+            stack: &["sk_skb_reason_drop", "unix_stream_connect", "__sys_connect"],
+            ..case(
+                "unix socket connect refused",
+                {
+                    let mut d = drop("NOT_SPECIFIED", "unix_stream_connect");
+                    d.flow = None;
+                    d
+                },
+                "benign",
+                "AF_UNIX",
+            )
+        },
+        case(
+            "unicast in L2 multicast",
+            drop("UNICAST_IN_L2_MULTICAST", "ip_rcv_finish_core"),
+            "benign",
+            "configured or designed to ignore",
+        ),
+        {
+            let mut d = drop("TCP_OLD_DATA", "tcp_validate_incoming");
+            d.flow.as_mut().unwrap().proto = 6;
+            case("tcp retransmission", d, "tcp_stale_segment", "stale or superfluous")
+        },
         // --- fragments
         Case {
             answer: Some(Answer::Icmp(11, 1)),
@@ -326,6 +388,15 @@ fn cases() -> Vec<Case> {
                 fragment(drop("FRAG_REASM_TIMEOUT", "ip_expire"), 0),
                 "fragment_timeout",
                 "waited 30 s (ipfrag_time)",
+            )
+        },
+        Case {
+            sysctls: vec![("net.ipv4.ipfrag_time", "30")],
+            ..case(
+                "reassembly timeout on a kernel without FRAG_REASM_TIMEOUT",
+                fragment(drop("NOT_SPECIFIED", "ip_expire"), 0),
+                "fragment_timeout",
+                "freed with NOT_SPECIFIED at ip_expire",
             )
         },
         Case {
@@ -461,6 +532,21 @@ fn cases() -> Vec<Case> {
                 "is 0 now",
             )
         },
+        Case {
+            sysctls: vec![("net.ipv6.icmp.echo_ignore_all", "1")],
+            ..case(
+                "ping6 with echo_ignore_all",
+                icmp(v6(drop("NOT_SPECIFIED", "icmpv6_rcv")), 128, 0),
+                "icmp_echo_ignored",
+                "net.ipv6.icmp.echo_ignore_all=1",
+            )
+        },
+        case(
+            "ping6 request freed by icmpv6_rcv (before 6.2)",
+            icmp(v6(drop("NOT_SPECIFIED", "icmpv6_rcv")), 128, 0),
+            "benign",
+            "frees it through the drop path",
+        ),
         Case {
             sysctls: vec![("net.ipv6.icmp.echo_ignore_multicast", "1")],
             ..case(
@@ -674,6 +760,38 @@ fn cases() -> Vec<Case> {
                 "an unidentified hook (called from some_caller)",
             )
         },
+        Case {
+            // nft is missing: the iptables-nft rules were read, native nftables rules not.
+            unread: &["nft not found"],
+            ..case(
+                "nftables drop, nft missing",
+                drop("NETFILTER_DROP", "nft_do_chain"),
+                "netfilter_drop",
+                "rule: not identified: nft not found (the rule sets of this namespace could only partly be read)",
+            )
+        },
+        Case {
+            counters_read: false,
+            unread: &["iptables-legacy-save not found"],
+            stack: HOOK_FORWARD,
+            ..case(
+                "hook drop, iptables-legacy-save missing",
+                drop("NETFILTER_DROP", "nf_hook_slow"),
+                "netfilter_unidentified",
+                "rule: not identified: iptables-legacy-save not found (the rule sets of this namespace could not be read), so",
+            )
+        },
+        Case {
+            // Read in part: no rule found is no proof that none dropped it.
+            unread: &["nft not found"],
+            stack: HOOK_FORWARD,
+            ..case(
+                "hook drop, nft missing",
+                drop("NETFILTER_DROP", "nf_hook_slow"),
+                "netfilter_unidentified",
+                "nft not found",
+            )
+        },
         // --- MTU
         Case {
             frag_needed_dropped: true,
@@ -700,12 +818,36 @@ fn cases() -> Vec<Case> {
                 mtu: 1500,
                 overhead: 50,
                 matched_by: "remote address",
+                remote: None,
             }),
             ..case(
                 "tunnel",
                 outer,
                 "tunnel_mtu",
                 "1528-byte vxlan packet from vx0 to 10.231.2.2 does not fit the path MTU 1400",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp(3, 4)),
+            route: route("unicast", "10.231.9.1 dev r0 table main", Some(1400)),
+            tunnel: Some(Tunnel {
+                name: "gr0".into(),
+                kind: "gre".into(),
+                mtu: 1500,
+                overhead: 24,
+                matched_by: "the device the packet was sent on",
+                remote: Some("10.231.9.1".parse().unwrap()),
+            }),
+            ..case(
+                "gre refusing its inner packet",
+                {
+                    let mut d = drop("NOT_SPECIFIED", "ip_tunnel_xmit");
+                    d.len = 1488;
+                    d.dev = Some(dev("gr0", 1500));
+                    d
+                },
+                "tunnel_mtu",
+                "1488-byte packet to 10.231.2.2 does not fit tunnel gr0 (MTU 1500): its underlay allows 1376 once encapsulated",
             )
         },
         Case {
@@ -750,6 +892,40 @@ fn cases() -> Vec<Case> {
                 drop("NOT_SPECIFIED", "ip_error"),
                 "unreachable_route",
                 "unreachable 10.231.66.0/24 table 100",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp(3, 13)),
+            route: policy_route("prohibit", Some("110: from 10.231.1.2 prohibit"), None, None),
+            ..case(
+                "a policy rule refuses",
+                drop("NOT_SPECIFIED", "ip_error"),
+                "unreachable_route",
+                "refused by policy rule 110: from 10.231.1.2 prohibit, before any table",
+            )
+        },
+        Case {
+            route: policy_route(
+                "blackhole",
+                Some("100: from 10.231.1.0/24 lookup 100"),
+                Some("blackhole 10.231.2.0/24 table 100"),
+                Some("10.231.2.0/24 dev r1"),
+            ),
+            ..case(
+                "a policy table's blackhole shadows main",
+                drop("NOT_SPECIFIED", "ip_error"),
+                "unreachable_route",
+                "blackhole 10.231.2.0/24 table 100 (ip rule 100: from 10.231.1.0/24 lookup 100); the main table's route 10.231.2.0/24 dev r1 is never reached",
+            )
+        },
+        Case {
+            answer: Some(Answer::Icmp(3, 1)),
+            route: policy_route("unreachable", None, Some("unreachable 10.231.2.0/24"), None),
+            ..case(
+                "an unreachable route in main",
+                drop("NOT_SPECIFIED", "ip_error"),
+                "unreachable_route",
+                "10.231.2.2 from 10.231.1.2: unreachable 10.231.2.0/24 (ICMP sent: host unreachable)",
             )
         },
         Case {
@@ -844,6 +1020,93 @@ fn cases() -> Vec<Case> {
             drop("NOT_SPECIFIED", "virtio_transport_recv_pkt"),
             "vsock_drop",
             "vsock packet discarded",
+        ),
+        case(
+            "tcp zero window",
+            drop("TCP_ZEROWINDOW", "tcp_data_queue"),
+            "socket_buffer_full",
+            "zero window",
+        ),
+        Case {
+            moved: vec![("TcpExtListenOverflows", 3), ("TcpExtListenDrops", 3)],
+            ..case(
+                "accept queue full",
+                drop("TCP_LISTEN_OVERFLOW", "tcp_v4_syn_recv_sock"),
+                "listen_overflow",
+                "TcpExtListenOverflows +3, TcpExtListenDrops +3",
+            )
+        },
+        case(
+            "paws",
+            drop("TCP_RFC7323_PAWS", "tcp_validate_incoming"),
+            "tcp_out_of_window",
+            "timestamps",
+        ),
+        case(
+            "out of window",
+            drop("TCP_INVALID_SEQUENCE", "tcp_validate_incoming"),
+            "tcp_out_of_window",
+            "does not fit its connection's state",
+        ),
+        case(
+            "tcp-md5",
+            drop("TCP_MD5FAILURE", "tcp_inbound_hash"),
+            "tcp_auth_failed",
+            "signature",
+        ),
+        case(
+            "socket filter",
+            drop("SOCKET_FILTER", "sk_filter_trim_cap"),
+            "socket_policy",
+            "refused it",
+        ),
+        case(
+            "cgroup egress",
+            drop("BPF_CGROUP_EGRESS", "ip_finish_output"),
+            "security_policy",
+            "cgroup BPF program",
+        ),
+        case(
+            "ipv6 disabled",
+            v6(drop("IPV6DISABLED", "ipv6_rcv")),
+            "ipv6_disabled",
+            "IPv6 is disabled",
+        ),
+        case(
+            "no protocol handler",
+            drop("IP_NOPROTO", "ip_protocol_deliver_rcu"),
+            "no_protocol_handler",
+            "nothing handles it here",
+        ),
+        case(
+            "device down",
+            drop("DEV_READY", "__dev_queue_xmit"),
+            "device_not_ready",
+            "is down",
+        ),
+        case(
+            "no memory",
+            drop("NOMEM", "__netif_receive_skb_core"),
+            "resource_exhausted",
+            "NOMEM",
+        ),
+        case(
+            "stp blocking",
+            drop("BRIDGE_INGRESS_STP_STATE", "br_handle_frame"),
+            "bridge_port_blocked",
+            "not in the forwarding state",
+        ),
+        case(
+            "ovs",
+            drop("OVS_DROP_EXPLICIT", "ovs_dp_process_packet"),
+            "ovs_drop",
+            "Open vSwitch: OVS_DROP_EXPLICIT",
+        ),
+        case(
+            "tunnel loop",
+            drop("RECURSION_LIMIT", "__dev_queue_xmit"),
+            "overlay_mismatch",
+            "tunnel routed into itself",
         ),
         case(
             "qdisc",
@@ -1027,9 +1290,6 @@ fn live_state_is_fetched_only_for_the_rules_reached() {
             *self.0.entry("exec_prefix").or_default() += 1;
             String::new()
         }
-        fn netns_name(&mut self, _: u32) -> Option<String> {
-            None
-        }
         fn netfilter(&mut self, _: &Drop, _: Option<Answer>) -> NfState {
             *self.0.entry("netfilter").or_default() += 1;
             NfState::default()
@@ -1053,12 +1313,6 @@ fn live_state_is_fetched_only_for_the_rules_reached() {
         fn counters(&mut self, _: u32) -> Counters {
             *self.0.entry("counters").or_default() += 1;
             Counters::default()
-        }
-        fn tunnel(&mut self, _: u32, _: IpAddr, _: IpAddr) -> Option<Tunnel> {
-            None
-        }
-        fn ifname(&mut self, _: u32, _: u32) -> Option<String> {
-            None
         }
     }
     let engine = Engine::builtin();

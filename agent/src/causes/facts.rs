@@ -9,7 +9,7 @@ use crate::{
         investigator::{Investigator, NfState},
         netfilter,
         routes::Route,
-        rules::{Moved, Verdict},
+        rules::{Moved, Target},
         tunnels::Tunnel,
     },
 };
@@ -41,6 +41,8 @@ pub const CONDITION_FACTS: &[&str] = &[
     "frag_needed_dropped",
     "end_host",
     "route_type",
+    "route_source",
+    "route_bypasses_main",
     "over_mtu",
     "dst_multicast",
     "dst_link_local",
@@ -79,6 +81,10 @@ pub const PLACEHOLDERS: &[&str] = &[
     "ct_max",
     "ct_drops",
     "route",
+    "route_entry",
+    "route_rule",
+    "route_rule_pref",
+    "route_main",
     "neighbours",
     "tunnel_dev",
     "tunnel_mtu",
@@ -87,6 +93,7 @@ pub const PLACEHOLDERS: &[&str] = &[
     "ipfrag_time",
     "frames",
     "echo_ignore_key",
+    "rule_table",
 ];
 
 /// A fact's value.
@@ -176,6 +183,7 @@ struct Live<'a> {
     sysctls: HashMap<&'static str, Option<String>>,
     counters: Option<Counters>,
     tunnel: Option<Option<Tunnel>>,
+    underlay: Option<Option<Route>>,
 }
 
 /// What the facts fetched, for the attribution fields of a verdict.
@@ -212,6 +220,7 @@ impl<'a> Facts<'a> {
                 sysctls: HashMap::new(),
                 counters: None,
                 tunnel: None,
+                underlay: None,
             }),
         }
     }
@@ -285,15 +294,42 @@ impl<'a> Facts<'a> {
         live.counters.clone().unwrap_or_default()
     }
 
-    /// The tunnel device that sent this (outer) packet.
+    /// The tunnel of this drop: the device the inner packet was sent on, or the one that
+    /// sent this outer packet.
     fn tunnel_dev(&self) -> Option<Tunnel> {
         let flow = self.drop.flow?;
+        let dev = self.drop.dev.map(|d| d.name().to_string());
         let mut live = self.live.borrow_mut();
         if live.tunnel.is_none() {
-            let t = live.inv.tunnel(self.drop.netns, flow.src, flow.dst);
+            let t = live.inv.tunnel(self.drop.netns, dev, flow.src, flow.dst);
             live.tunnel = Some(t);
         }
         live.tunnel.clone().flatten()
+    }
+
+    /// The MTU a tunnel device may have so that its packets fit the underlay: the path MTU
+    /// towards its remote end (or towards this outer packet's destination) minus the
+    /// encapsulation overhead.
+    fn fitting_tunnel_mtu(&self) -> Option<u32> {
+        let d = self.drop;
+        let tunnel = self.tunnel_dev();
+        let underlay = match tunnel.as_ref().and_then(|t| t.remote) {
+            Some(remote) => {
+                let mut live = self.live.borrow_mut();
+                if live.underlay.is_none() {
+                    let r = live.inv.route_to(d.netns, remote);
+                    live.underlay = Some(r);
+                }
+                live.underlay.clone().flatten().and_then(|r| r.path_mtu())
+            }
+            None => self.path_mtu(),
+        }?;
+        let overhead = tunnel.map(|t| t.overhead).or_else(|| {
+            let kind = netfilter::tunnel_from_stack(self.stack)?;
+            let v6 = d.flow.is_some_and(|f| f.dst.is_ipv6());
+            Some(crate::evidence::tunnels::overhead(kind, v6))
+        })?;
+        Some(underlay.saturating_sub(overhead))
     }
 
     /// Command prefix to act in the drop's namespace.
@@ -440,9 +476,10 @@ impl<'a> Facts<'a> {
                 .map(|m| Value::Bool(m.matcher.ct_invalid)),
             "nf_rule_found" => {
                 let nf = self.nf();
-                match (&nf.rule, nf.counters_read) {
+                match (&nf.rule, nf.counters_read && nf.unread.is_empty()) {
                     (Some(_), _) => Some(Value::Bool(true)),
                     (None, true) => Some(Value::Bool(false)),
+                    // Rules that could have dropped it were not read.
                     (None, false) => None,
                 }
             }
@@ -485,14 +522,38 @@ impl<'a> Facts<'a> {
                     .unwrap_or_else(|| "unknown (the route could not be looked up)".into()),
             ),
             "route_type" => self.route().map(|r| Value::Str(r.kind.into())),
+            // Who refused the packet: a policy rule itself, a route of a table the rule walk
+            // names, or only "a route of that kind in some table".
+            "route_source" => self.route().filter(|r| r.kind != "unicast").map(|r| {
+                Value::Str(match (&r.entry, &r.rule) {
+                    (Some(_), _) => "table".into(),
+                    (None, Some(_)) => "rule".into(),
+                    (None, None) => "any_table".into(),
+                })
+            }),
+            "route_bypasses_main" => self
+                .route()
+                .filter(|r| r.entry.is_some())
+                .map(|r| Value::Bool(r.bypassed_main.is_some())),
+            "route_entry" => self.route().and_then(|r| r.entry).map(|e| Value::Str(e.into())),
+            "route_rule" => self.route().and_then(|r| r.rule).map(|e| Value::Str(e.into())),
+            "route_rule_pref" => self
+                .route()
+                .and_then(|r| r.rule)
+                .and_then(|t| t.split(':').next()?.parse::<i64>().ok())
+                .map(Value::Int),
+            "route_main" => self
+                .route()
+                .and_then(|r| r.bypassed_main)
+                .map(|e| Value::Str(e.into())),
             "end_host" => self.ifaces().map(|n| Value::Bool(n <= 1)),
             "nf_verdict" => self.nf().rule.as_ref().map(|m| match m.verdict {
-                Verdict::Drop => Value::Str("drop".into()),
-                Verdict::Reject(_) => Value::Str("reject".into()),
+                Target::Drop => Value::Str("drop".into()),
+                Target::Reject(_) => Value::Str("reject".into()),
             }),
             "nf_reject_with" => self.nf().rule.and_then(|m| match m.verdict {
-                Verdict::Reject(with) => Some(Value::Str(Cow::Owned(with))),
-                Verdict::Drop => None,
+                Target::Reject(with) => Some(Value::Str(Cow::Owned(with))),
+                Target::Drop => None,
             }),
             "nf_rule" => text(match &self.nf().rule {
                 Some(m) => format!("[{}] (+{} packets)", m.rule, m.packets),
@@ -519,15 +580,8 @@ impl<'a> Facts<'a> {
                 Some(t) => t.name,
                 None => "<tunnel device>".into(),
             }),
-            "tunnel_mtu" => {
-                let path = self.path_mtu()?;
-                let overhead = self.tunnel_dev().map(|t| t.overhead).or_else(|| {
-                    let kind = netfilter::tunnel_from_stack(self.stack)?;
-                    let v6 = d.flow.is_some_and(|f| f.dst.is_ipv6());
-                    Some(crate::evidence::tunnels::overhead(kind, v6))
-                })?;
-                Some(Value::Int(i64::from(path.saturating_sub(overhead))))
-            }
+            "tunnel_mtu" => self.fitting_tunnel_mtu().map(|m| Value::Int(m.into())),
+            "rule_table" => self.nf().rule.and_then(|m| text(rule_table_key(&m.rule))),
             "path_mtu" => self.path_mtu().map(|m| Value::Int(m.into())),
             "moved" => Some(Value::List(
                 self.counters().moved.into_iter().map(|(n, _)| n).collect(),
@@ -535,7 +589,7 @@ impl<'a> Facts<'a> {
             "counters" => text({
                 let c = self.counters().trouble();
                 if c.is_empty() {
-                    "no error counter moved since the last look".into()
+                    "no error counter moved in the last 10 s".into()
                 } else {
                     c.iter()
                         .map(|(n, v)| format!("{n} +{v}"))
@@ -595,11 +649,14 @@ impl<'a> Facts<'a> {
         }
     }
 
-    /// The sysctl that makes the kernel ignore an echo request to this destination.
+    /// The sysctl that makes the kernel ignore an echo request to this destination (IPv6's
+    /// echo_ignore_all first: it silences every destination).
     fn echo_ignore_key(&self) -> Option<&'static str> {
         let f = self.drop.flow?;
+        const V6_ALL: &str = "net.ipv6.icmp.echo_ignore_all";
         Some(match f.family {
             crate::events::Family::Ipv4 => "net.ipv4.icmp_echo_ignore_broadcasts",
+            crate::events::Family::Ipv6 if self.sysctl(V6_ALL).as_deref() == Some("1") => V6_ALL,
             crate::events::Family::Ipv6 if f.dst.is_multicast() => {
                 "net.ipv6.icmp.echo_ignore_multicast"
             }
@@ -610,6 +667,20 @@ impl<'a> Facts<'a> {
     /// What to say when no rule counter explains a netfilter drop.
     fn unnamed_rule(&self) -> String {
         let nf = self.nf();
+        if nf.before_baseline {
+            return "not identified (dropped while dropscope was still reading the starting rule counters)".into();
+        }
+        if !nf.unread.is_empty() {
+            let how = if nf.counters_read {
+                "only partly"
+            } else {
+                "not"
+            };
+            return format!(
+                "not identified: {} (the rule sets of this namespace could {how} be read)",
+                nf.unread.join(", ")
+            );
+        }
         if !nf.counters_read {
             return "not identified (the rule sets of this namespace could not be read)".into();
         }
@@ -642,6 +713,18 @@ impl<'a> Facts<'a> {
         self.route()
             .and_then(|r| r.mtu)
             .or_else(|| self.egress_mtu())
+    }
+}
+
+/// The change key of the ruleset a rule belongs to: `nftables.inet t1` (native nft and
+/// iptables-nft, whose tables live in nftables), `iptables-legacy.ip filter`.
+pub fn rule_table_key(r: &crate::evidence::rules::RuleId) -> String {
+    match r.engine {
+        "nftables" => format!("nftables.{}", r.table),
+        "iptables-nft" => format!("nftables.ip {}", r.table),
+        "ip6tables-nft" => format!("nftables.ip6 {}", r.table),
+        "ip6tables-legacy" => format!("iptables-legacy.ip6 {}", r.table),
+        _ => format!("iptables-legacy.ip {}", r.table),
     }
 }
 

@@ -16,6 +16,13 @@ pub const BUILTIN: &str = include_str!("rules.toml");
 pub struct Cause {
     pub title: String,
     pub meaning: String,
+    /// The configuration changes this cause depends on, as change keys (`*` matches any run
+    /// of characters; `{ifname}`, `{in_ifname}`, `{out_ifname}`, `{tunnel_dev}` are filled
+    /// from the drop, `{rule_table}` with the ruleset of the dropping rule; `a|b` takes the
+    /// first alternative that can be filled). The latest such change before a drop, in its
+    /// namespace, is named in its evidence.
+    #[serde(default)]
+    pub changes: Vec<String>,
 }
 
 /// One or several strings (TOML allows either for `reason` and `at`).
@@ -29,12 +36,17 @@ pub enum OneOrMany {
 }
 
 impl OneOrMany {
-    /// Whether `value` is allowed (an absent list allows everything).
+    /// Whether `value` is allowed (an absent list allows everything). A pattern ending in
+    /// `*` allows every value that starts with what precedes it (`unix_*`).
     pub fn allows(&self, value: &str) -> bool {
+        let is = |pattern: &str| match pattern.strip_suffix('*') {
+            Some(prefix) => value.starts_with(prefix),
+            None => pattern == value,
+        };
         match self {
             OneOrMany::Any => true,
-            OneOrMany::One(v) => v == value,
-            OneOrMany::Many(vs) => vs.iter().any(|v| v == value),
+            OneOrMany::One(v) => is(v),
+            OneOrMany::Many(vs) => vs.iter().any(|v| is(v)),
         }
     }
 
@@ -87,6 +99,15 @@ impl Table {
     /// Parses and validates a table.
     pub fn parse(text: &str) -> Result<Self> {
         let mut table: Table = toml::from_str(text).context("cause table is not valid TOML")?;
+        for (id, cause) in &table.cause {
+            for pattern in &cause.changes {
+                for name in placeholders(pattern) {
+                    if !CHANGE_PLACEHOLDERS.contains(&name) {
+                        bail!("cause {id}: unknown placeholder {{{name}}} in changes");
+                    }
+                }
+            }
+        }
         for (i, rule) in table.rule.iter_mut().enumerate() {
             let at = || format!("rule {} (cause {})", i + 1, rule.cause);
             if !table.cause.contains_key(&rule.cause) {
@@ -124,6 +145,23 @@ impl Table {
     pub fn builtin() -> Self {
         Self::parse(BUILTIN).expect("built-in cause table is valid (checked by tests)")
     }
+}
+
+/// Placeholders a cause's change keys may use: the devices of the drop.
+pub const CHANGE_PLACEHOLDERS: &[&str] = &[
+    "ifname",
+    "in_ifname",
+    "out_ifname",
+    "tunnel_dev",
+    "rule_table",
+];
+
+/// The `{name}`s of a text.
+fn placeholders(text: &str) -> Vec<&str> {
+    text.split('{')
+        .skip(1)
+        .filter_map(|s| s.split_once('}').map(|(n, _)| n))
+        .collect()
 }
 
 fn is_scalar(v: &toml::Value) -> bool {
@@ -171,7 +209,8 @@ mod tests {
                 "cause {id} has no rule"
             );
             assert!(
-                id.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                id.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
                 "{id} is not snake_case"
             );
         }
@@ -204,6 +243,13 @@ mod tests {
     }
 
     #[test]
+    fn a_trailing_star_matches_a_prefix() {
+        let at = OneOrMany::Many(vec!["unix_*".into(), "ip_error".into()]);
+        assert!(at.allows("unix_stream_connect") && at.allows("ip_error"));
+        assert!(!at.allows("ip_error_x") && !at.allows("__unix_gc"));
+    }
+
+    #[test]
     fn templates_split_into_pieces() {
         assert_eq!(
             split("a {ifname} b").unwrap(),
@@ -213,5 +259,137 @@ mod tests {
                 Piece::Text(" b".into())
             ]
         );
+    }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        /// Keys and values the table uses, for mutations that stay close to a table.
+        const WORDS: &[&str] = &[
+            "cause",
+            "rule",
+            "title",
+            "meaning",
+            "changes",
+            "reason",
+            "at",
+            "when",
+            "evidence",
+            "fix",
+            "benign",
+            "{ifname}",
+            "{nope}",
+            "{",
+            "}",
+            "forwarding_disabled",
+            "NO_SOCKET",
+            "dev_forwarding",
+            "*",
+            "x",
+        ];
+
+        /// A TOML value made of the table's words.
+        fn toml_value() -> impl Strategy<Value = toml::Value> {
+            fuzz::json(WORDS).prop_map(|j| {
+                // JSON null has no TOML form: drop it; everything else converts.
+                fn conv(j: serde_json::Value) -> Option<toml::Value> {
+                    Some(match j {
+                        serde_json::Value::Null => return None,
+                        serde_json::Value::Bool(b) => toml::Value::Boolean(b),
+                        serde_json::Value::Number(n) => match n.as_i64() {
+                            Some(i) => toml::Value::Integer(i),
+                            None => toml::Value::Float(n.as_f64().unwrap_or(0.0)),
+                        },
+                        serde_json::Value::String(s) => toml::Value::String(s),
+                        serde_json::Value::Array(a) => {
+                            toml::Value::Array(a.into_iter().filter_map(conv).collect())
+                        }
+                        serde_json::Value::Object(o) => toml::Value::Table(
+                            o.into_iter()
+                                .filter_map(|(k, v)| Some((k, conv(v)?)))
+                                .collect(),
+                        ),
+                    })
+                }
+                conv(j).unwrap_or(toml::Value::Boolean(true))
+            })
+        }
+
+        /// A valid table of a few of the built-in rules (the whole one is slow to parse in a
+        /// debug build): the first ones, the fallback, and their causes.
+        fn small_table() -> toml::Table {
+            static SMALL: std::sync::LazyLock<toml::Table> = std::sync::LazyLock::new(|| {
+                let mut t: toml::Table = toml::from_str(BUILTIN).unwrap();
+                let rules = t["rule"].as_array().unwrap();
+                let kept: Vec<toml::Value> =
+                    rules[..4].iter().chain(rules.last()).cloned().collect();
+                let used: Vec<&str> = kept.iter().map(|r| r["cause"].as_str().unwrap()).collect();
+                let causes: toml::Table = t["cause"]
+                    .as_table()
+                    .unwrap()
+                    .iter()
+                    .filter(|(id, _)| used.contains(&id.as_str()))
+                    .map(|(id, c)| (id.clone(), c.clone()))
+                    .collect();
+                t.insert("rule".into(), toml::Value::Array(kept));
+                t.insert("cause".into(), toml::Value::Table(causes));
+                Table::parse(&toml::to_string(&t).unwrap()).expect("a valid small table");
+                t
+            });
+            SMALL.clone()
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_text_is_an_error_not_a_panic(text in fuzz::text()) {
+                prop_assert!(Table::parse(&text).is_err());
+                let _ = split(&text);
+                placeholders(&text);
+            }
+
+            #[test]
+            fn prop_a_mutated_table_never_panics(text in fuzz::mutated(BUILTIN)) {
+                let _ = Table::parse(&text);
+            }
+
+            #[test]
+            fn prop_a_table_with_values_replaced_never_panics(
+                edits in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>(), toml_value()), 1..4),
+            ) {
+                let mut table = small_table();
+                for (at, key, value) in edits {
+                    // Into one rule or one cause: a field replaced, or a new one.
+                    let section = if at.index(2) == 0 { "rule" } else { "cause" };
+                    let entry = match &mut table[section] {
+                        toml::Value::Array(rules) => {
+                            let i = at.index(rules.len());
+                            &mut rules[i]
+                        }
+                        toml::Value::Table(causes) => {
+                            let i = at.index(causes.len());
+                            causes.iter_mut().nth(i).unwrap().1
+                        }
+                        _ => unreachable!(),
+                    };
+                    if let toml::Value::Table(t) = entry {
+                        let name = WORDS[key.index(WORDS.len())].to_string();
+                        t.insert(name, value);
+                    }
+                }
+                let _ = Table::parse(&toml::to_string(&table).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn deeply_nested_toml_is_an_error() {
+        for open in ["[", "{a="] {
+            let text = format!("x = {}", open.repeat(100_000));
+            assert!(Table::parse(&text).is_err());
+        }
     }
 }

@@ -51,9 +51,9 @@ pub fn parse(text: &str) -> Option<CtStats> {
             .filter_map(|x| u64::from_str_radix(x, 16).ok())
             .collect();
         let at = |i: usize| v.get(i).copied().unwrap_or(0);
-        s.drop += at(drop);
-        s.insert_failed += at(failed);
-        s.invalid += at(invalid);
+        s.drop = s.drop.saturating_add(at(drop));
+        s.insert_failed = s.insert_failed.saturating_add(at(failed));
+        s.invalid = s.invalid.saturating_add(at(invalid));
     }
     Some(s)
 }
@@ -71,5 +71,55 @@ mod tests {
         assert_eq!((s.drop, s.insert_failed, s.invalid), (12, 1, 3));
         let later = CtStats { drop: 15, ..s };
         assert_eq!(later.since(&s).drop, 3);
+    }
+
+    #[test]
+    fn huge_per_cpu_counts_saturate() {
+        // Two CPUs at u64::MAX overflowed the sum (a panic in debug builds).
+        let text = "entries invalid insert_failed drop\n\
+                    0 ffffffffffffffff 0 ffffffffffffffff\n\
+                    0 ffffffffffffffff 0 1\n";
+        let s = parse(text).unwrap();
+        assert_eq!((s.drop, s.invalid), (u64::MAX, u64::MAX));
+    }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const SAMPLE: &str = include_str!("../../testdata/nf_conntrack.txt");
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_text_never_panics(text in fuzz::text(), m in fuzz::mutated(SAMPLE)) {
+                parse(&text);
+                parse(&m);
+                // Any header with the three columns and garbage rows.
+                parse(&format!("drop insert_failed invalid\n{text}"));
+            }
+
+            #[test]
+            fn prop_columns_sum_over_cpus(
+                rows in prop::collection::vec(prop::collection::vec(any::<u32>(), 17), 0..64),
+            ) {
+                let header = SAMPLE.lines().next().unwrap();
+                let mut text = format!("{header}\n");
+                for row in &rows {
+                    let hex: Vec<String> = row.iter().map(|v| format!("{v:08x}")).collect();
+                    text.push_str(&hex.join(" "));
+                    text.push('\n');
+                }
+                let col = |name: &str| header.split_whitespace().position(|h| h == name).unwrap();
+                let sum = |c: usize| rows.iter().map(|r| u64::from(r[c])).sum::<u64>();
+                let s = parse(&text).unwrap();
+                prop_assert_eq!(
+                    (s.drop, s.insert_failed, s.invalid),
+                    (sum(col("drop")), sum(col("insert_failed")), sum(col("invalid")))
+                );
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@ pub mod counters;
 pub mod investigator;
 pub mod netfilter;
 pub mod netns;
+pub mod policy;
 pub mod routes;
 pub mod rules;
 pub mod tunnels;

@@ -175,7 +175,7 @@ mod tests {
 
     #[test]
     fn hook_is_the_caller_of_nf_hook_slow() {
-        // Shapes observed on 6.18 (reference kernel-drops.md 3.3).
+        // Kernel stacks of netfilter drops as observed on 6.18.
         let nft = stack(&[
             "sk_skb_reason_drop",
             "nft_do_chain",

@@ -37,10 +37,17 @@ impl NetnsRef {
 }
 
 /// Known namespaces, rescanned (at most once a second) when an unknown inode shows up.
+///
+/// An inode is only unique among namespaces alive at the same time: the kernel gives a
+/// deleted namespace's inode to the next one created. A remembered handle is therefore
+/// checked before it is used, and an inode whose namespace may have changed is reported by
+/// [`Registry::take_gone`], so that whatever was cached for it can be forgotten.
 pub struct Registry {
     own: u32,
     known: HashMap<u32, NetnsRef>,
     last_scan: Option<Instant>,
+    /// Inodes whose namespace is gone, or may have been replaced, since the last `take_gone`.
+    gone: Vec<u32>,
 }
 
 impl Registry {
@@ -50,7 +57,14 @@ impl Registry {
             own,
             known: HashMap::new(),
             last_scan: None,
+            gone: Vec::new(),
         }
+    }
+
+    /// Inodes whose namespace went away (or whose handle now leads to a new namespace that
+    /// reuses the inode) since the last call: state cached per inode is stale for them.
+    pub fn take_gone(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.gone)
     }
 
     /// The inode of dropscope's own (normally the host's) namespace.
@@ -58,14 +72,33 @@ impl Registry {
         self.own
     }
 
-    /// A handle to namespace `inode`, if one can be found.
+    /// A handle to namespace `inode`, if one can be found. An unknown inode is looked up
+    /// among the named namespaces at once (a few files), and among processes at most once a
+    /// second (a walk of /proc).
     pub fn get(&mut self, inode: u32) -> Option<&NetnsRef> {
-        if !self.known.contains_key(&inode)
-            && self
+        // A handle whose namespace was deleted (its name removed, its process gone) must not
+        // stand for a new namespace that got the same inode.
+        if self
+            .known
+            .get(&inode)
+            .is_some_and(|r| !leads_to(&r.path, inode))
+        {
+            self.known.remove(&inode);
+            self.gone.push(inode);
+        }
+        if !self.known.contains_key(&inode) {
+            if self
                 .last_scan
                 .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-        {
-            self.scan();
+            {
+                self.scan();
+            } else {
+                for r in named() {
+                    if !self.known.contains_key(&r.inode) {
+                        self.remember(r);
+                    }
+                }
+            }
         }
         self.known.get(&inode)
     }
@@ -90,37 +123,17 @@ impl Registry {
     /// be named later (`ip netns attach`, or a name created after the last scan): an unnamed
     /// one is looked up again, at most once a second.
     pub fn name(&mut self, inode: u32) -> Option<String> {
-        let unnamed = self.known.get(&inode).is_some_and(|r| r.name.is_none());
-        if unnamed
-            && self
-                .last_scan
-                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-        {
-            self.scan();
+        if self.known.get(&inode).is_some_and(|r| r.name.is_none()) {
+            if let Some(r) = named().into_iter().find(|r| r.inode == inode) {
+                self.remember(r);
+            }
         }
         self.get(inode).and_then(|r| r.name.clone())
     }
 
     fn scan(&mut self) {
         self.last_scan = Some(Instant::now());
-        let mut found: HashMap<u32, NetnsRef> = HashMap::new();
-        if let Ok(dir) = fs::read_dir(NAMED_DIR) {
-            for entry in dir.flatten() {
-                let path = entry.path();
-                if let Ok(inode) = inode_of(&path) {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    found.insert(
-                        inode,
-                        NetnsRef {
-                            inode,
-                            name: Some(name),
-                            pid: None,
-                            path,
-                        },
-                    );
-                }
-            }
-        }
+        let mut found: HashMap<u32, NetnsRef> = named().into_iter().map(|r| (r.inode, r)).collect();
         if let Ok(proc) = fs::read_dir("/proc") {
             for entry in proc.flatten() {
                 let Some(pid) = entry
@@ -145,8 +158,50 @@ impl Registry {
                     });
             }
         }
+        let previous = std::mem::take(&mut self.known);
+        for (inode, old) in previous {
+            if found.get(&inode).is_none_or(|r| r.path != old.path) && !leads_to(&old.path, inode) {
+                self.gone.push(inode);
+            }
+        }
         self.known = found;
     }
+
+    /// Remembers a handle, replacing the one for the same inode; if the old handle no longer
+    /// leads to that inode, the namespace may be another one now, and the inode is reported
+    /// gone.
+    fn remember(&mut self, r: NetnsRef) {
+        if let Some(old) = self.known.insert(r.inode, r) {
+            let inode = old.inode;
+            if self.known[&inode].path != old.path && !leads_to(&old.path, inode) {
+                self.gone.push(inode);
+            }
+        }
+    }
+}
+
+/// Whether `path` still opens the namespace with `inode`.
+fn leads_to(path: &Path, inode: u32) -> bool {
+    inode_of(path).ok() == Some(inode)
+}
+
+/// The namespaces `ip netns` named (bind mounts in /run/netns).
+fn named() -> Vec<NetnsRef> {
+    let Ok(dir) = fs::read_dir(NAMED_DIR) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            let inode = inode_of(&path).ok()?;
+            Some(NetnsRef {
+                inode,
+                name: Some(entry.file_name().to_string_lossy().into_owned()),
+                pid: None,
+                path,
+            })
+        })
+        .collect()
 }
 
 /// The namespace inode behind a file (`/proc/PID/ns/net` or a bind mount in /run/netns).
@@ -239,6 +294,34 @@ mod tests {
         })
         .unwrap();
         assert_eq!(inode, own);
+    }
+
+    #[test]
+    fn a_handle_that_no_longer_leads_to_its_inode_is_not_used() {
+        // Namespace 7 was known by a name that has since been deleted: the next namespace
+        // the kernel creates may get inode 7, so the old name must not be given for it.
+        let mut r = Registry::new();
+        let stale = NetnsRef {
+            inode: 7,
+            name: Some("deleted".into()),
+            pid: None,
+            path: "/run/netns/dropscope-test-deleted-namespace".into(),
+        };
+        r.known.insert(7, stale.clone());
+        assert_eq!(r.name(7), None);
+        assert!(r.get(7).is_none());
+        assert_eq!(r.take_gone(), vec![7]);
+        assert!(r.take_gone().is_empty(), "reported once");
+
+        // A scan that no longer finds a namespace reports it too.
+        r.known.insert(7, stale);
+        r.scan();
+        assert_eq!(r.take_gone(), vec![7]);
+        // The namespaces that are still there are not.
+        let own = r.own();
+        r.scan();
+        assert!(r.known.contains_key(&own));
+        assert!(!r.take_gone().contains(&own));
     }
 
     #[test]

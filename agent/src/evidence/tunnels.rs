@@ -17,14 +17,18 @@ pub struct Tunnel {
     pub overhead: u32,
     /// How the device was matched ("remote and local", "remote", "forwarding entry", ...).
     pub matched_by: &'static str,
+    /// The far end of the tunnel, when the device has a fixed one.
+    pub remote: Option<IpAddr>,
 }
 
-/// The tunnel device sending `src` -> `dst` outer packets, in the namespace at `ns`.
-pub fn find(ns: Option<&Path>, src: IpAddr, dst: IpAddr) -> Option<Tunnel> {
+/// The tunnel device of a drop in the namespace at `ns`: the device `dev` itself when it is
+/// a tunnel (the tunnel driver refused the inner packet), else the one sending `src` -> `dst`
+/// outer packets.
+pub fn find(ns: Option<&Path>, dev: Option<String>, src: IpAddr, dst: IpAddr) -> Option<Tunnel> {
     in_namespace(ns, move || {
         let links = ip_json(&["-d", "-j", "link", "show"])?;
         let fdb = || ip_json_tool("bridge", &["-j", "fdb", "show"]);
-        pick(&links, src, dst, fdb)
+        pick(&links, dev.as_deref(), src, dst, fdb)
     })
     .flatten()
 }
@@ -70,6 +74,7 @@ const TUNNEL_KINDS: [&str; 10] = [
 /// local address is `src`.
 pub fn pick(
     links: &Value,
+    dev: Option<&str>,
     src: IpAddr,
     dst: IpAddr,
     fdb: impl FnOnce() -> Option<Value>,
@@ -96,14 +101,19 @@ pub fn pick(
             .as_str()
             .unwrap_or("")
             .to_string();
+        let remote = addr(l, ["remote", "remote6"]);
         Some(Tunnel {
             name: l["ifname"].as_str()?.to_string(),
-            overhead: overhead(&kind, dst.is_ipv6()),
+            overhead: overhead(&kind, remote.map_or(dst.is_ipv6(), |r| r.is_ipv6())),
             kind,
             mtu: l["mtu"].as_u64().unwrap_or(0) as u32,
             matched_by,
+            remote,
         })
     };
+    if let Some(l) = dev.and_then(|d| tunnels.iter().find(|l| l["ifname"] == d)) {
+        return make(l, "the device the packet was sent on");
+    }
     if let Some(l) = tunnels
         .iter()
         .find(|l| remote(l) == Some(dst) && local(l) == Some(src))
@@ -152,18 +162,95 @@ mod tests {
     #[test]
     fn matches_by_outer_addresses() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let t = pick(&links(), ip("10.77.1.2"), ip("10.77.2.2"), || None).unwrap();
+        let t = pick(&links(), None, ip("10.77.1.2"), ip("10.77.2.2"), || None).unwrap();
         assert_eq!((t.name.as_str(), t.overhead), ("t0", 50));
-        let t = pick(&links(), ip("fd77:1::2"), ip("fd77:2::2"), || None).unwrap();
+        let t = pick(&links(), None, ip("fd77:1::2"), ip("fd77:2::2"), || None).unwrap();
         assert_eq!((t.name.as_str(), t.overhead), ("t6", 70));
         let fdb = serde_json::json!([{"mac": "aa:bb:cc:dd:ee:ff", "ifname": "flannel.1", "dst": "10.0.0.9"}]);
-        let t = pick(&links(), ip("10.0.0.5"), ip("10.0.0.9"), || Some(fdb)).unwrap();
+        let t = pick(&links(), None, ip("10.0.0.5"), ip("10.0.0.9"), || Some(fdb)).unwrap();
         assert_eq!(
             (t.name.as_str(), t.matched_by),
             ("flannel.1", "forwarding entry to the remote")
         );
-        let t = pick(&links(), ip("10.0.0.5"), ip("10.0.0.8"), || None).unwrap();
+        let t = pick(&links(), None, ip("10.0.0.5"), ip("10.0.0.8"), || None).unwrap();
         assert_eq!(t.matched_by, "local address");
-        assert!(pick(&links(), ip("10.1.1.1"), ip("10.2.2.2"), || None).is_none());
+        assert!(pick(&links(), None, ip("10.1.1.1"), ip("10.2.2.2"), || None).is_none());
+        // The inner packet of a tunnel that refused it: the device itself, and its remote.
+        let t = pick(
+            &links(),
+            Some("t0"),
+            ip("192.168.1.1"),
+            ip("192.168.1.2"),
+            || None,
+        )
+        .unwrap();
+        assert_eq!((t.name.as_str(), t.remote), ("t0", Some(ip("10.77.2.2"))));
+    }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const LINKS: &str = include_str!("../../testdata/links.json");
+        const FDB: &str = include_str!("../../testdata/fdb.json");
+        const WORDS: &[&str] = &[
+            "ifname",
+            "mtu",
+            "linkinfo",
+            "info_kind",
+            "info_data",
+            "remote",
+            "local",
+            "remote6",
+            "local6",
+            "vxlan",
+            "gre",
+            "ipip",
+            "wireguard",
+            "geneve",
+            "veth",
+            "dst",
+            "vx0",
+            "vx1",
+            "fz0",
+            "10.250.1.2",
+            "10.250.1.1",
+            "10.250.1.9",
+            "fd00::2",
+        ];
+
+        fn addr() -> impl Strategy<Value = IpAddr> {
+            fuzz::addr(&["10.250.1.1", "10.250.1.2", "10.250.1.9", "fd00::2"])
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_json_never_panics(
+                links in prop_oneof![fuzz::json(WORDS), fuzz::mutated_json(LINKS, WORDS)],
+                fdb in prop_oneof![fuzz::json(WORDS), fuzz::mutated_json(FDB, WORDS)],
+                dev in proptest::option::of(prop::sample::select(&["vx0", "vx1", "fz0", "x"][..])),
+                src in addr(),
+                dst in addr(),
+            ) {
+                pick(&links, dev, src, dst, || Some(fdb));
+            }
+
+            #[test]
+            fn prop_the_real_devices_are_found(mtu in any::<u32>()) {
+                let mut links: Value = serde_json::from_str(LINKS).unwrap();
+                for l in links.as_array_mut().unwrap() {
+                    l["mtu"] = mtu.into();
+                }
+                let fdb = || serde_json::from_str(FDB).ok();
+                let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+                let t = pick(&links, None, ip("10.250.1.1"), ip("10.250.1.2"), fdb).unwrap();
+                prop_assert_eq!((t.name.as_str(), t.mtu, t.overhead), ("vx0", mtu, 50));
+                let t = pick(&links, None, ip("10.250.1.1"), ip("10.250.1.9"), fdb).unwrap();
+                prop_assert_eq!((t.name.as_str(), t.matched_by), ("vx1", "forwarding entry to the remote"));
+            }
+        }
     }
 }

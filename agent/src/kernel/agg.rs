@@ -133,7 +133,7 @@ fn add(sums: &mut HashMap<AggKey, AggVal>, slot: &AggSlot) {
     let sum = sums.entry(slot.key).or_default();
     sum.packets += slot.val.packets;
     sum.bytes += slot.val.bytes;
-    sum.suppressed += slot.val.suppressed;
+    sum.sampled_out += slot.val.sampled_out;
     sum.lost += slot.val.lost;
 }
 

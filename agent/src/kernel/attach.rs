@@ -62,6 +62,8 @@ pub struct Probes {
     pub events: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, CpuState>,
     pub knobs: KnobsMap,
+    /// Configuration changes made by processes (sysctl writes, iptables-legacy tables).
+    pub changes: RingBuf<MapData>,
     pub stacks: StackTraceMap<MapData>,
     /// Exact per-key drop counts (see `agent_ebpf::AggSlot`).
     pub agg: AggTable,
@@ -156,12 +158,17 @@ pub fn attach(
     config.xt_skb_arg = position(&["skb"]).unwrap_or(ABSENT);
     config.xt_table_arg = position(&["priv", "table"]).unwrap_or(ABSENT);
 
+    // The change watchers' programs need the setsockopt layout: tracefs, mounted if need be.
+    let change_tracefs = tracefs_root.clone().or_else(|| tracefs::find_or_mount().ok());
+    let change_config = crate::changes::kernel::config(kernel, change_tracefs.as_deref());
+
     let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())
         .map_err(|e| anyhow!("cannot parse BTF at {}: {e}", btf_path.display()))?;
     tracing::debug!("BTF parsed for the loader ({} ms)", start.elapsed().as_millis());
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&aya_btf))
         .override_global("CONFIG", &config, true)
+        .override_global("CHANGE_CONFIG", &change_config, true)
         .load(PROBES_OBJECT)
         .context("loading dropscope's eBPF object")?;
     tracing::debug!("maps created ({} ms)", start.elapsed().as_millis());
@@ -184,6 +191,11 @@ pub fn attach(
         tracing::debug!("{got}");
     }
     report.extend(context_report);
+    let change_report = crate::changes::kernel::attach(&mut ebpf, &change_config);
+    for got in &change_report {
+        tracing::debug!("{got}");
+    }
+    report.extend(change_report);
 
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
     let counters =
@@ -194,8 +206,10 @@ pub fn attach(
     };
     let stacks = StackTraceMap::try_from(ebpf.take_map("STACKS").context("STACKS map missing")?)?;
     let agg = AggTable::new(ebpf.take_map("AGG").context("AGG map missing")?)?;
+    let changes = RingBuf::try_from(ebpf.take_map("CHANGES").context("CHANGES map missing")?)?;
     Ok(Probes {
         events,
+        changes,
         counters,
         knobs,
         stacks,
@@ -332,7 +346,7 @@ pub(super) fn retrying(
     }
 }
 
-pub(super) fn program<'a>(
+pub(crate) fn program<'a>(
     ebpf: &'a mut Ebpf,
     name: &str,
 ) -> Result<&'a mut aya::programs::Program> {
@@ -342,7 +356,7 @@ pub(super) fn program<'a>(
 
 /// aya errors nest their cause (e.g. the errno) and may carry the whole verifier log; keep one
 /// line: what failed and, for a rejected program, the verifier's reason.
-pub(super) fn verbose(e: aya::programs::ProgramError) -> anyhow::Error {
+pub(crate) fn verbose(e: aya::programs::ProgramError) -> anyhow::Error {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {

@@ -41,12 +41,18 @@ impl Kallsyms {
             if addr == 0 || !matches!(kind, "t" | "T" | "w" | "W") {
                 continue;
             }
-            let name = clean(name);
-            syms.push((
-                addr,
-                names.len() as u32,
-                name.len().min(u16::MAX as usize) as u16,
-            ));
+            // Offsets and lengths are stored in 32 and 16 bits: a longer name is cut (at a
+            // character), a table past 4 GiB ends there.
+            let mut name = clean(name);
+            let mut len = name.len().min(u16::MAX as usize);
+            while !name.is_char_boundary(len) {
+                len -= 1;
+            }
+            name = &name[..len];
+            let Ok(at) = u32::try_from(names.len()) else {
+                break;
+            };
+            syms.push((addr, at, len as u16));
             names.push_str(name);
         }
         syms.sort_by_key(|(a, _, _)| *a);
@@ -151,5 +157,84 @@ ffffffff81a00900 t nft_do_chain\t[nf_tables]
             .expect("ip_rcv symbol");
         let addr = u64::from_str_radix(line.split(' ').next().unwrap(), 16).unwrap();
         assert_eq!(&*k.resolve(addr + 1), "ip_rcv");
+    }
+
+    #[test]
+    fn a_name_longer_than_the_length_field_is_cut_at_a_character() {
+        // The stored length is 16 bits: a longer name was cut inside 'é' and resolving it
+        // panicked.
+        let name = format!("{}é", "a".repeat(u16::MAX as usize - 1));
+        let mut k = Kallsyms::parse(&format!("ffffffff81000000 T {name}\n"));
+        let got = k.resolve(0xffffffff81000001);
+        assert!(name.starts_with(&*got) && got.len() <= u16::MAX as usize);
+        assert_eq!(k.range(&got), None);
+    }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const SAMPLE: &str = include_str!("../../testdata/kallsyms.txt");
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_text_never_panics(
+                text in fuzz::text(),
+                addrs in prop::collection::vec(any::<u64>(), 0..8),
+            ) {
+                let mut k = Kallsyms::parse(&text);
+                k.frames(addrs);
+                for name in text.split_whitespace().take(8) {
+                    k.range(name);
+                }
+            }
+
+            #[test]
+            fn prop_mutated_real_kallsyms_never_panics(
+                text in fuzz::mutated(SAMPLE),
+                addrs in prop::collection::vec(0xffffffff81000000u64..0xffffffff83000000, 0..8),
+            ) {
+                let mut k = Kallsyms::parse(&text);
+                k.frames(addrs);
+                k.range("ip_rcv");
+            }
+
+            #[test]
+            fn prop_an_address_resolves_to_the_function_containing_it(
+                syms in prop::collection::btree_map(
+                    1u64..u64::MAX / 2,
+                    ("[a-z_][a-z0-9_]{0,20}", prop::sample::select(&["T", "t", "W", "d", "D", "r"][..])),
+                    1..20,
+                ),
+                shuffle in any::<u64>(),
+                probe in any::<prop::sample::Index>(),
+                offset in 0u64..4096,
+            ) {
+                // Written in any order, with module suffixes and compiler suffixes.
+                let mut lines: Vec<String> = syms
+                    .iter()
+                    .map(|(a, (n, k))| format!("{a:016x} {k} {n}.isra.0\t[mod]"))
+                    .collect();
+                let by = (shuffle % lines.len() as u64) as usize;
+                lines.rotate_left(by);
+                let mut k = Kallsyms::parse(&lines.join("\n"));
+                let text: Vec<(u64, &str)> = syms
+                    .iter()
+                    .filter(|(_, (_, k))| matches!(*k, "T" | "t" | "W"))
+                    .map(|(a, (n, _))| (*a, n.as_str()))
+                    .collect();
+                let (&addr, _) = syms.iter().nth(probe.index(syms.len())).unwrap();
+                let at = addr + offset;
+                let want = text
+                    .iter()
+                    .rev()
+                    .find(|(a, _)| *a <= at)
+                    .map_or(format!("0x{at:x}"), |(_, n)| n.to_string());
+                prop_assert_eq!(&*k.resolve(at), want.as_str());
+            }
+        }
     }
 }

@@ -65,7 +65,9 @@ pub fn parse_format(text: &str) -> HashMap<String, Field> {
     for line in text.lines() {
         let mut decl = None;
         let (mut offset, mut size) = (None, None);
-        for part in line.split(';').map(str::trim) {
+        // Only parts ended by ';': a line cut short must not give a cut number.
+        let terminated = line.rsplit_once(';').map_or("", |(parts, _)| parts);
+        for part in terminated.split(';').map(str::trim) {
             if let Some(d) = part.strip_prefix("field:") {
                 decl = Some(d);
             } else if let Some(v) = part.strip_prefix("offset:") {
@@ -127,5 +129,79 @@ mod tests {
 \tfield:unsigned short protocol;\toffset:24;\tsize:2;\tsigned:0;\n\
 \tfield:enum skb_drop_reason reason;\toffset:28;\tsize:4;\tsigned:0;\n";
         assert_eq!(parse_format(fmt)["reason"].offset, 28);
+    }
+
+    #[test]
+    fn a_line_cut_inside_a_number_gives_no_field() {
+        // Cut from "size:16;": "size:1" is not the size.
+        let fmt = "\tfield:char name[16];\toffset:8;\tsize:1";
+        assert_eq!(parse_format(fmt).get("name"), None);
+        let fmt = "\tfield:char name[16];\toffset:8;\tsize:16;";
+        assert_eq!(
+            parse_format(fmt)["name"],
+            Field {
+                offset: 8,
+                size: 16
+            }
+        );
+    }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const KFREE_SKB: &str = include_str!("../../testdata/kfree_skb.format");
+        const SETSOCKOPT: &str = include_str!("../../testdata/sys_enter_setsockopt.format");
+
+        /// A format file with the given fields, laid out as tracefs prints them.
+        fn format(fields: &[(String, u32, u32)]) -> String {
+            let mut text = "name: x\nID: 1\nformat:\n".to_string();
+            for (name, offset, size) in fields {
+                text.push_str(&format!(
+                    "\tfield:unsigned long {name};\toffset:{offset};\tsize:{size};\tsigned:0;\n"
+                ));
+            }
+            text + "\nprint fmt: \"x=%lu\", REC->x\n"
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_text_never_panics(text in fuzz::text()) {
+                parse_format(&text);
+            }
+
+            #[test]
+            fn prop_mutated_real_formats_never_panic(
+                a in fuzz::mutated(KFREE_SKB),
+                b in fuzz::mutated(SETSOCKOPT),
+            ) {
+                parse_format(&a);
+                parse_format(&b);
+            }
+
+            #[test]
+            fn prop_fields_read_back_and_a_truncated_file_gives_no_wrong_field(
+                fields in prop::collection::btree_map("[a-z_][a-z0-9_]{0,15}", (any::<u32>(), any::<u32>()), 1..8),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let fields: Vec<(String, u32, u32)> =
+                    fields.into_iter().map(|(n, (o, s))| (n, o, s)).collect();
+                let text = format(&fields);
+                let parsed = parse_format(&text);
+                prop_assert_eq!(parsed.len(), fields.len());
+                for (name, offset, size) in &fields {
+                    prop_assert_eq!(parsed[name], Field { offset: *offset, size: *size });
+                }
+                // A file cut anywhere: whatever is parsed is right.
+                let cut = &text[..cut.index(text.len() + 1)];
+                for (name, field) in parse_format(cut) {
+                    let want = fields.iter().find(|f| f.0 == name);
+                    prop_assert_eq!(want.map(|f| Field { offset: f.1, size: f.2 }), Some(field), "{}", name);
+                }
+            }
+        }
     }
 }

@@ -12,8 +12,8 @@ use std::{
 use serde_json::{json, Value};
 
 use super::{
-    json::{attach_json, drop_json, emit, summary_json},
-    AttachInfo, Clock, DropRecord, Progress, Sink, Summary,
+    json::{attach_json, change_json, drop_json, emit, summary_json},
+    AttachInfo, ChangeRecord, Clock, DropRecord, Progress, Sink, Summary,
 };
 
 /// Kinds of drop explained per log interval; further new kinds are only counted.
@@ -127,6 +127,12 @@ impl<W: Write> Sink for DigestLog<W> {
         emit(&mut self.out, &v);
     }
 
+    /// Every change is logged: they are rare, and what an incident review needs.
+    fn change(&mut self, record: &ChangeRecord) {
+        let v = change_json(record, &self.clock);
+        emit(&mut self.out, &v);
+    }
+
     fn tick(&mut self, progress: &Progress) {
         self.suppressed = progress.suppressed;
         if self.started.elapsed() >= self.every {
@@ -166,6 +172,7 @@ mod tests {
             attach_ms: 1,
             kernel: "6.18".into(),
             reasons: 1,
+            ..Default::default()
         };
         let causes = std::collections::HashMap::new();
         let progress = Progress {
@@ -173,6 +180,7 @@ mod tests {
             seconds: 1.0,
             lost: 0,
             suppressed: 7,
+            stalls: Default::default(),
         };
         log.attach(&info);
         log.drop(&DropRecord::example("netfilter_drop", 1, None));

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use serde_json::{json, Map, Value};
 
-use super::{top, AttachInfo, Clock, DropRecord, Sink, Summary};
+use super::{top, AttachInfo, ChangeRecord, Clock, DropRecord, Sink, Summary};
 use crate::{
     causes::{
         facts::{icmp6_name, icmp_name},
@@ -156,6 +156,25 @@ fn attribution_json(a: &Attribution, m: &mut Map<String, Value>) {
     put("path_mtu", a.path_mtu.map(|v| json!(v)));
     put("tunnel", a.tunnel.as_ref().map(|v| json!(v)));
     put("stack", a.stack.as_ref().map(|v| json!(v)));
+    if let Some(c) = &a.change {
+        let mut cm = Map::new();
+        cm.insert("kind".into(), json!(c.kind));
+        cm.insert("key".into(), json!(c.key));
+        if let Some(o) = &c.old {
+            cm.insert("old".into(), json!(o));
+        }
+        if let Some(n) = &c.new {
+            cm.insert("new".into(), json!(n));
+        }
+        if let Some(d) = &c.detail {
+            cm.insert("detail".into(), json!(d));
+        }
+        cm.insert("at_ns".into(), json!(c.ts_ns));
+        if let Some(p) = &c.process {
+            process_json(p, &mut cm);
+        }
+        m.insert("change".into(), Value::Object(cm));
+    }
     if !a.counters.is_empty() {
         let c: Map<String, Value> = a
             .counters
@@ -166,15 +185,85 @@ fn attribution_json(a: &Attribution, m: &mut Map<String, Value>) {
     }
 }
 
+/// The JSON object for a configuration change.
+pub fn change_json(r: &ChangeRecord, clock: &Clock) -> Value {
+    let c = &r.change;
+    let mut m = Map::new();
+    m.insert("type".into(), json!("change"));
+    m.insert(
+        "time".into(),
+        json!(clock
+            .wall(c.ts_ns)
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+    );
+    m.insert("kind".into(), json!(c.kind));
+    m.insert("key".into(), json!(c.key));
+    if let Some(o) = &c.old {
+        m.insert("old".into(), json!(o));
+    }
+    if let Some(n) = &c.new {
+        m.insert("new".into(), json!(n));
+    }
+    if let Some(d) = &c.detail {
+        m.insert("detail".into(), json!(d));
+    }
+    m.insert("netns".into(), json!(c.netns));
+    if let Some(name) = &r.netns_name {
+        m.insert("netns_name".into(), json!(name));
+    }
+    if let Some(p) = &c.process {
+        process_json(p, &mut m);
+    }
+    Value::Object(m)
+}
+
+/// The process fields of a change: `process`, `parents`, `container`, the pod.
+fn process_json(p: &crate::changes::Process, m: &mut Map<String, Value>) {
+    let mut proc_ = json!({"pid": p.pid, "comm": p.comm});
+    if let Some(exe) = &p.exe {
+        proc_["exe"] = json!(exe);
+    }
+    if let Some(cg) = &p.cgroup {
+        proc_["cgroup"] = json!(cg);
+    }
+    m.insert("process".into(), proc_);
+    m.insert(
+        "parents".into(),
+        json!(p
+            .parents
+            .iter()
+            .map(|(pid, comm)| json!({"pid": pid, "comm": comm}))
+            .collect::<Vec<_>>()),
+    );
+    if let Some(c) = &p.container {
+        m.insert("container".into(), json!(c));
+    }
+    if let Some(pod) = &p.pod {
+        m.insert("pod_namespace".into(), json!(pod.namespace));
+        m.insert("pod".into(), json!(pod.name));
+        m.insert("pod_uid".into(), json!(pod.uid));
+    }
+}
+
 /// The JSON object for the attach record.
 pub fn attach_json(info: &AttachInfo) -> Value {
-    json!({
+    let mut v = json!({
         "type": "attach",
         "kernel": info.kernel,
         "attach_ms": info.attach_ms,
         "drop_reasons": info.reasons,
         "probes": info.probes,
-    })
+    });
+    if let Some((target, snaplen)) = &info.packets {
+        v["pcap"] = json!({"target": target, "snaplen": snaplen});
+    }
+    if let Some((expression, exact)) = &info.expression {
+        v["filter"] = json!({
+            "expression": expression,
+            "in_kernel": if *exact { "exact" } else { "partial" },
+        });
+    }
+    v
 }
 
 /// The JSON object for the summary.
@@ -204,10 +293,16 @@ pub fn summary_json(s: &Summary) -> Value {
                 "pods": top(t.pod_counts(), 5),
                 "evidence": evidence,
                 "hint": hint,
+                "changes": t.changes.iter().map(|c| {
+                    let mut cm = Map::new();
+                    cm.insert("key".into(), json!(c.key));
+                    cm.insert("what".into(), json!(c.to_string()));
+                    Value::Object(cm)
+                }).collect::<Vec<_>>(),
             })
         })
         .collect();
-    json!({
+    let mut v = json!({
         "type": "summary",
         "causes": causes,
         "reasons": s.reasons,
@@ -218,10 +313,32 @@ pub fn summary_json(s: &Summary) -> Value {
         "seen": s.seen,
         "decoded": s.decoded,
         "lost": s.lost,
+        "lost_by_cause": s.lost_by_cause,
         "counts_exact": s.counts_exact,
+        "evidence_skipped": s.evidence_skipped,
+        "agg_full": s.agg_full,
+        "loop_stall_max_ms": (s.stalls.max.as_secs_f64() * 1e4).round() / 10.0,
+        "loop_stalls": s.stalls.long,
         "seconds": (s.seconds * 1000.0).round() / 1000.0,
         "details": details,
-    })
+    });
+    if let Some(p) = &s.packets {
+        let causes: Map<String, Value> = p
+            .causes
+            .iter()
+            .map(|(c, total, written)| (c.clone(), json!({"total": total, "written": written})))
+            .collect();
+        v["pcap"] = json!({
+            "target": p.target,
+            "snaplen": p.snaplen,
+            "written": p.written,
+            "causes": causes,
+        });
+    }
+    if s.unchecked > 0 {
+        v["filter_unchecked"] = json!(s.unchecked);
+    }
+    v
 }
 
 impl<W: Write> Sink for JsonSink<W> {
@@ -231,6 +348,11 @@ impl<W: Write> Sink for JsonSink<W> {
 
     fn drop(&mut self, record: &DropRecord) {
         let v = drop_json(record, &self.clock);
+        self.emit(&v);
+    }
+
+    fn change(&mut self, record: &ChangeRecord) {
+        let v = change_json(record, &self.clock);
         self.emit(&v);
     }
 

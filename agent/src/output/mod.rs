@@ -35,13 +35,26 @@ pub struct DropRecord {
     pub netns_name: Option<String>,
 }
 
-/// What was attached, printed first.
+/// A configuration change, as reported.
 #[derive(Debug, Clone)]
+pub struct ChangeRecord {
+    pub change: Arc<crate::changes::Change>,
+    pub netns_name: Option<String>,
+}
+
+/// What was attached, printed first.
+#[derive(Debug, Clone, Default)]
 pub struct AttachInfo {
     pub probes: Vec<Attached>,
     pub attach_ms: u128,
     pub kernel: String,
     pub reasons: usize,
+    /// Where the dropped packets are written (`--pcap` file, `-`, or the flight recorder)
+    /// and the bytes kept of each.
+    pub packets: Option<(String, u32)>,
+    /// The filter expression, and whether the kernel applies all of it (else part of it is
+    /// checked in userspace only).
+    pub expression: Option<(String, bool)>,
 }
 
 /// Totals at exit.
@@ -64,9 +77,23 @@ pub struct Summary {
     pub seen: u64,
     /// Drops the ring buffer had no room for.
     pub lost: u64,
+    /// Of those, the drops of each reported cause (filled in by [`LostByCause`]).
+    pub lost_by_cause: std::collections::BTreeMap<String, u64>,
     pub seconds: f64,
     /// Whether the kernel's exact per-key counts equal what was reported.
     pub counts_exact: bool,
+    /// Drops classified from the kernel's report alone: the evidence worker was busy.
+    pub evidence_skipped: u64,
+    /// Drops whose key did not fit the kernel's aggregation table: delivered, but not in
+    /// the exact per-key counts.
+    pub agg_full: u64,
+    /// How long the event loop was kept busy at most.
+    pub stalls: crate::session::Stalls,
+    /// Packets written per cause (`--pcap`, the flight recorder).
+    pub packets: Option<crate::capture::Totals>,
+    /// Drops the kernel counted but did not send (sampling, full ring) while part of the
+    /// filter expression could only be checked in userspace: whether they match is unknown.
+    pub unchecked: u64,
 }
 
 /// Running totals, handed to the sinks once per `--interval` after the repeats are flushed.
@@ -80,6 +107,8 @@ pub struct Progress<'a> {
     pub lost: u64,
     /// Benign drops counted but not reported, so far.
     pub suppressed: u64,
+    /// The event loop's longest turns so far.
+    pub stalls: crate::session::Stalls,
 }
 
 /// A destination for reports.
@@ -88,6 +117,8 @@ pub trait Sink {
     fn attach(&mut self, info: &AttachInfo);
     /// One record, standing for `record.count` drops.
     fn drop(&mut self, record: &DropRecord);
+    /// A configuration change in a watched namespace.
+    fn change(&mut self, _record: &ChangeRecord) {}
     /// Once per interval, after that interval's records.
     fn tick(&mut self, _progress: &Progress) {}
     /// The probes are detached; nothing follows.
@@ -106,11 +137,53 @@ impl Sink for Fanout {
             .iter_mut()
             .for_each(|s| Sink::drop(s.as_mut(), record));
     }
+    fn change(&mut self, record: &ChangeRecord) {
+        self.0.iter_mut().for_each(|s| s.change(record));
+    }
     fn tick(&mut self, progress: &Progress) {
         self.0.iter_mut().for_each(|s| s.tick(progress));
     }
     fn summary(&mut self, summary: &Summary) {
         self.0.iter_mut().for_each(|s| s.summary(summary));
+    }
+}
+
+/// Counts, per cause, the drops whose events found no room in the ring buffer (the records
+/// that stand for them say `unsent: lost`), and adds the counts to the summary it passes on.
+pub struct LostByCause<'a> {
+    inner: &'a mut dyn Sink,
+    lost: std::collections::BTreeMap<String, u64>,
+}
+
+impl<'a> LostByCause<'a> {
+    pub fn new(inner: &'a mut dyn Sink) -> Self {
+        LostByCause {
+            inner,
+            lost: Default::default(),
+        }
+    }
+}
+
+impl Sink for LostByCause<'_> {
+    fn attach(&mut self, info: &AttachInfo) {
+        self.inner.attach(info);
+    }
+    fn drop(&mut self, record: &DropRecord) {
+        if record.unsent == Some("lost") {
+            *self.lost.entry(record.verdict.cause.clone()).or_default() += record.count;
+        }
+        self.inner.drop(record);
+    }
+    fn change(&mut self, record: &ChangeRecord) {
+        self.inner.change(record);
+    }
+    fn tick(&mut self, progress: &Progress) {
+        self.inner.tick(progress);
+    }
+    fn summary(&mut self, summary: &Summary) {
+        let mut summary = summary.clone();
+        summary.lost_by_cause = std::mem::take(&mut self.lost);
+        self.inner.summary(&summary);
     }
 }
 
@@ -162,6 +235,29 @@ impl Clock {
         let ns = (ktime_ns as i128 + self.offset_ns) as i64;
         DateTime::from_timestamp_nanos(ns)
     }
+
+    /// The kernel's monotonic clock now (what bpf_ktime_get_ns reads).
+    pub fn now_ns(&self) -> u64 {
+        monotonic_ns()
+    }
+
+    /// A kernel timestamp as local time of day ("03:12:44").
+    pub fn local_time(&self, ktime_ns: u64) -> String {
+        self.wall(ktime_ns)
+            .with_timezone(&chrono::Local)
+            .format("%H:%M:%S")
+            .to_string()
+    }
+}
+
+/// The kernel's monotonic clock (what bpf_ktime_get_ns reads), in ns.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+impl Clock {
 }
 
 /// Top `n` entries of a count map, largest first (ties by name, for stable output).
@@ -175,49 +271,50 @@ pub fn top<K: ToString, M: IntoIterator<Item = (K, u64)>>(map: M, n: usize) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{events::Sysctls, pods::PodRef};
+    use crate::pods::PodRef;
 
+    /// A drop with no device, no flow and no name for its namespace.
     fn record(pod: Option<PodRef>) -> DropRecord {
-        let verdict = Verdict {
-            cause: "no_listener".into(),
-            title: String::new(),
-            evidence: String::new(),
-            fix: String::new(),
-            benign: false,
-            rule: 0,
-            attribution: Default::default(),
-        };
-        let drop = Drop {
-            ts_ns: 0,
-            skb: 0,
-            reason: Arc::from("NO_SOCKET"),
-            location: Arc::from("__udp4_lib_rcv"),
-            netns: 4026532315,
-            dev: None,
-            out: None,
-            len: 60,
-            mark: None,
-            ttl: None,
-            flow: None,
-            fragment: None,
-            iif: None,
-            arrived_on: None,
-            sysctls: Sysctls::default(),
-            stack_id: None,
-            agg: Default::default(),
-            context: Default::default(),
-            pod: pod.map(Arc::new),
-        };
-        DropRecord {
-            verdict: Arc::new(verdict),
-            drop,
-            answer: None,
-            count: 1,
-            bytes: 60,
-            first: true,
-            unsent: None,
-            netns_name: None,
+        let mut r = DropRecord::example("no_listener", 1, None);
+        let d = &mut r.drop;
+        (d.netns, d.dev, d.flow, d.pod) = (4026532315, None, None, pod.map(Arc::new));
+        r
+    }
+
+    #[test]
+    fn lost_drops_are_counted_per_cause_in_the_summary() {
+        #[derive(Default)]
+        struct Last(Option<Summary>, u64);
+        impl Sink for Last {
+            fn attach(&mut self, _: &AttachInfo) {}
+            fn drop(&mut self, r: &DropRecord) {
+                self.1 += r.count;
+            }
+            fn summary(&mut self, s: &Summary) {
+                self.0 = Some(s.clone());
+            }
         }
+        let mut last = Last::default();
+        let mut sink = LostByCause::new(&mut last);
+        sink.drop(&DropRecord::example("netfilter_drop", 5, None));
+        sink.drop(&DropRecord::example("netfilter_drop", 7, Some("lost")));
+        sink.drop(&DropRecord::example("netfilter_drop", 9, Some("sampled")));
+        sink.drop(&DropRecord::example("no_listener", 2, Some("lost")));
+        sink.drop(&DropRecord::example("netfilter_drop", 1, Some("lost")));
+        sink.summary(&Summary {
+            lost: 12,
+            ..Default::default()
+        });
+        assert_eq!(last.1, 24, "every record is passed on");
+        let s = last.0.unwrap();
+        assert_eq!(s.lost, 12);
+        assert_eq!(
+            s.lost_by_cause.into_iter().collect::<Vec<_>>(),
+            [
+                ("netfilter_drop".to_string(), 8),
+                ("no_listener".to_string(), 2)
+            ]
+        );
     }
 
     #[test]

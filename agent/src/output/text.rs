@@ -3,7 +3,7 @@ use std::io::Write;
 
 use owo_colors::OwoColorize;
 
-use super::{top, AttachInfo, Clock, DropRecord, Sink, Summary};
+use super::{top, AttachInfo, ChangeRecord, Clock, DropRecord, Sink, Summary};
 
 pub struct TextSink<W: Write> {
     out: W,
@@ -111,6 +111,24 @@ pub fn drop_line(r: &DropRecord, clock: &Clock) -> String {
     )
 }
 
+/// The line describing a configuration change.
+pub fn change_line(r: &ChangeRecord, clock: &Clock) -> String {
+    let c = &r.change;
+    let ns = match &r.netns_name {
+        Some(name) => format!("netns {name}"),
+        None => format!("netns {}", c.netns),
+    };
+    let by = match &c.process {
+        Some(p) => format!("  by {p}"),
+        None => String::new(),
+    };
+    format!(
+        "{}  change  {}  ({ns}){by}",
+        clock.local_time(c.ts_ns),
+        c.what()
+    )
+}
+
 impl<W: Write> Sink for TextSink<W> {
     fn attach(&mut self, info: &AttachInfo) {
         let probes = probe_summary(&info.probes);
@@ -123,6 +141,28 @@ impl<W: Write> Sink for TextSink<W> {
             info.reasons,
             probes
         );
+        if let Some((expression, exact)) = &info.expression {
+            let _ = writeln!(
+                self.out,
+                "filter: {expression} ({})",
+                if *exact {
+                    "applied in the kernel"
+                } else {
+                    "partly checked in userspace only: drops sampled away in the kernel cannot be checked"
+                }
+            );
+        }
+        if let Some((target, snaplen)) = &info.packets {
+            let target = if target == "-" {
+                "standard output"
+            } else {
+                target
+            };
+            let _ = writeln!(
+                self.out,
+                "writing each reported drop's packet (first {snaplen} bytes) to {target}"
+            );
+        }
         let _ = self.out.flush();
     }
 
@@ -155,6 +195,16 @@ impl<W: Write> Sink for TextSink<W> {
                 let _ = writeln!(self.out, "          {} {stack}", self.paint("stack:", dim));
             }
         }
+        let _ = self.out.flush();
+    }
+
+    fn change(&mut self, r: &ChangeRecord) {
+        let line = change_line(r, &self.clock);
+        let _ = writeln!(
+            self.out,
+            "{}",
+            line.replacen("change", &self.paint("change", bold), 1)
+        );
         let _ = self.out.flush();
     }
 
@@ -204,6 +254,9 @@ impl<W: Write> Sink for TextSink<W> {
             if !pods.is_empty() {
                 let _ = writeln!(o, "    pods: {}", list(&pods));
             }
+            for c in &t.changes {
+                let _ = writeln!(o, "    changed: {c}");
+            }
             if let Some((v, share)) = t.representative() {
                 let which = if share < 0.999 {
                     format!(" (most frequent, {:.0}% of these drops)", share * 100.0)
@@ -228,7 +281,45 @@ impl<W: Write> Sink for TextSink<W> {
             s.filtered,
             s.lost
         );
-        if s.lost > 0 {
+        if let Some(p) = &s.packets {
+            let target = if p.target == "-" {
+                "standard output"
+            } else {
+                &p.target
+            };
+            let _ = writeln!(
+                o,
+                "packets: {} written to {target}; per cause, written of dropped: {}",
+                p.written,
+                p.text()
+            );
+        }
+        if s.unchecked > 0 {
+            let _ = writeln!(
+                o,
+                "{} drops counted in the kernel but not sent (sampling) could not be checked against the filter expression: counts are not exact (--sample 0 sends every drop)",
+                s.unchecked
+            );
+        }
+        if s.lost > 0 && s.counts_exact {
+            // The kernel counted the drops whose events were lost: only their details are
+            // missing (each kind keeps the cause of its latest event).
+            let per_cause: Vec<String> = s
+                .lost_by_cause
+                .iter()
+                .map(|(c, n)| format!("{c} {n}"))
+                .collect();
+            let _ = writeln!(
+                o,
+                "{} events did not fit the ring buffer ({}); the kernel counted their drops, so the counts above are exact",
+                s.lost,
+                if per_cause.is_empty() {
+                    "no reported drops among them".to_string()
+                } else {
+                    format!("drops: {}", per_cause.join(", "))
+                }
+            );
+        } else if s.lost > 0 {
             let _ = writeln!(
                 o,
                 "{}",
@@ -236,6 +327,34 @@ impl<W: Write> Sink for TextSink<W> {
                     "events were lost: counts above are lower bounds (narrow the filters)",
                     red
                 )
+            );
+        }
+        if s.agg_full > 0 {
+            let _ = writeln!(
+                o,
+                "{}",
+                self.paint(
+                    &format!(
+                        "the kernel's aggregation table was full: {} drops of new kinds were reported without an exact count (their totals may be low)",
+                        s.agg_full
+                    ),
+                    red
+                )
+            );
+        }
+        if s.evidence_skipped > 0 {
+            let _ = writeln!(
+                o,
+                "{} drops were classified from the kernel's report alone (too many new kinds at once for the evidence worker)",
+                s.evidence_skipped
+            );
+        }
+        if s.stalls.long > 0 {
+            let _ = writeln!(
+                o,
+                "the event loop was busy for up to {} ms at a time ({} turns over 100 ms): drops waited in the ring buffer meanwhile",
+                s.stalls.max.as_millis(),
+                s.stalls.long
             );
         }
         let _ = self.out.write_all(o);

@@ -107,4 +107,62 @@ fd000231000200000000000000000002 02 40 00 80     eth0
             .iter()
             .all(|a| !a.is_loopback()));
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        const FIB_TRIE: &str = include_str!("../../testdata/fib_trie.txt");
+        const IF_INET6: &str = include_str!("../../testdata/if_inet6.txt");
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_text_never_panics(
+                text in fuzz::text(),
+                a in fuzz::mutated(FIB_TRIE),
+                b in fuzz::mutated(IF_INET6),
+            ) {
+                for t in [&text, &a, &b] {
+                    parse_fib_trie(t);
+                    parse_if_inet6(t);
+                }
+            }
+
+            #[test]
+            fn prop_global_addresses_read_back(
+                addrs in prop::collection::vec((any::<u128>(), prop::sample::select(&["00", "20", "10", "fd"][..])), 0..10),
+            ) {
+                let text: String = addrs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (a, scope))| format!("{a:032x} {:02x} 40 {scope} 80 eth{i}\n", i + 1))
+                    .collect();
+                let want: Vec<Ipv6Addr> = addrs
+                    .iter()
+                    .map(|(a, s)| (Ipv6Addr::from(*a), *s))
+                    .filter(|(a, s)| *s == "00" && !a.is_loopback())
+                    .map(|(a, _)| a)
+                    .collect();
+                prop_assert_eq!(parse_if_inet6(&text), want);
+            }
+
+            #[test]
+            fn prop_local_leaves_read_back(addrs in prop::collection::btree_set(any::<[u8; 4]>(), 0..10)) {
+                let mut text = "Local:\n  +-- 0.0.0.0/0 3 0 5\n".to_string();
+                for a in &addrs {
+                    let a = Ipv4Addr::from(*a);
+                    text.push_str(&format!("     |-- {a}\n        /32 host LOCAL\n     |-- {a}\n        /32 link BROADCAST\n"));
+                }
+                let want: Vec<Ipv4Addr> = addrs
+                    .iter()
+                    .map(|a| Ipv4Addr::from(*a))
+                    .filter(|a| !a.is_loopback() && !a.is_link_local())
+                    .collect();
+                prop_assert_eq!(parse_fib_trie(&text), want);
+            }
+        }
+    }
 }

@@ -157,4 +157,57 @@ mod tests {
         );
         assert_eq!(parse_line(&line), pod(None));
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        fn uid() -> impl Strategy<Value = String> {
+            "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+        }
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_text_never_panics(text in fuzz::text(), words in prop::collection::vec(
+                prop_oneof![
+                    Just("kubepods".to_string()), Just("-pod".to_string()), Just("pod".to_string()),
+                    Just(".slice".to_string()), Just(".scope".to_string()), Just("/".to_string()),
+                    Just("0::".to_string()), Just("cri-containerd-".to_string()), fuzz::junk(),
+                ],
+                0..16,
+            )) {
+                parse(&text);
+                parse(&words.concat());
+                parse_path(&words.concat());
+            }
+
+            #[test]
+            fn prop_both_drivers_name_pod_and_container(
+                uid in uid(),
+                id in "[0-9a-f]{12,64}",
+                qos in prop::sample::select(&["burstable", "besteffort", ""][..]),
+                runtime in prop::sample::select(SCOPE_PREFIXES),
+                prefix in prop::sample::select(&["", "/kubelet.slice/kubelet-", "/../.."][..]),
+                controller in prop::sample::select(&["0::", "4:memory:", "1:name=systemd:"][..]),
+            ) {
+                let want = Some(PodCgroup { uid: uid.clone(), container_id: Some(id.clone()) });
+                let u = uid.replace('-', "_");
+                let systemd = if qos.is_empty() {
+                    format!("{controller}{prefix}/kubepods.slice/kubepods-pod{u}.slice/{runtime}{id}.scope")
+                } else {
+                    format!("{controller}{prefix}/kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{u}.slice/{runtime}{id}.scope")
+                };
+                prop_assert_eq!(parse(&format!("5:cpu:/\n{systemd}\n")), want.clone(), "{}", systemd);
+                let qos = if qos.is_empty() { String::new() } else { format!("{qos}/") };
+                let cgroupfs = format!("{controller}/kubepods/{qos}pod{uid}/{id}");
+                prop_assert_eq!(parse_line(&cgroupfs), want, "{}", cgroupfs);
+                // The pod's own cgroup: no container.
+                let pod_only = format!("0::/kubepods/{qos}pod{uid}");
+                prop_assert_eq!(parse_line(&pod_only).and_then(|p| p.container_id), None);
+            }
+        }
+    }
 }

@@ -101,6 +101,10 @@ const MAX_ENTRIES: usize = 4096;
 #[derive(Debug, Default)]
 struct Snapshot {
     by_netns: HashMap<u32, Arc<PodRef>>,
+    /// A process of each pod's namespace (its sandbox's when there is one): while it still
+    /// lives in that namespace, the inode still means that pod. A deleted namespace's inode is
+    /// given to the next one created, maybe another pod's.
+    witness: HashMap<u32, u32>,
     /// Addresses configured in exactly one pod's namespace (and not in the node's own).
     by_addr: HashMap<IpAddr, Arc<PodRef>>,
 }
@@ -115,6 +119,10 @@ pub struct Resolver {
     scanned: Option<Instant>,
     /// Namespaces seen in drops that the last scan found no pod in.
     not_pods: HashSet<u32>,
+    /// Kubelet's pod directories as the last scan read them (for cgroup lookups).
+    logs: PodLogs,
+    /// The network namespace of a process (/proc/PID/ns/net).
+    netns_of: fn(u32) -> Option<u32>,
 }
 
 impl Resolver {
@@ -131,6 +139,10 @@ impl Resolver {
             snap: Snapshot::default(),
             scanned: None,
             not_pods: HashSet::new(),
+            logs: PodLogs::default(),
+            netns_of: |pid| {
+                crate::evidence::netns::inode_of(Path::new(&format!("/proc/{pid}/ns/net"))).ok()
+            },
         }
     }
 
@@ -143,6 +155,7 @@ impl Resolver {
             let own_addrs = addrs::of_process(std::process::id());
             build(procs::scan(self.own), &logs, &own_addrs, addrs::of_process)
         };
+        self.logs = logs;
         self.scanned = Some(Instant::now());
         self.not_pods.clear();
     }
@@ -161,9 +174,15 @@ impl Resolver {
             return self.by_address(flow?);
         }
         if let Some(pod) = self.snap.by_netns.get(&netns) {
-            return Some(pod.clone());
-        }
-        if self.not_pods.contains(&netns) && !self.stale() {
+            let witness = self.snap.witness.get(&netns).copied();
+            if witness.is_some_and(|pid| (self.netns_of)(pid) == Some(netns)) {
+                return Some(pod.clone());
+            }
+            // The pod's sandbox is gone: the inode may be another namespace's now. Rather no
+            // pod than the wrong one until a scan says.
+            self.snap.by_netns.remove(&netns);
+            self.snap.witness.remove(&netns);
+        } else if self.not_pods.contains(&netns) && !self.stale() {
             return None;
         }
         // Not remembered unless a scan just looked: a rate-limited miss retries later.
@@ -177,6 +196,33 @@ impl Resolver {
             }
         }
         None
+    }
+
+    /// The pod and container of a process in cgroup `path` (a cgroup v2 path as
+    /// /proc/PID/cgroup gives it): `(None, None)` outside kubelet's tree.
+    pub fn for_cgroup(&mut self, path: &str) -> (Option<Arc<PodRef>>, Option<String>) {
+        let Some(pc) = cgroup::parse_path(path) else {
+            return (None, None);
+        };
+        if !self.logs.pods.contains_key(&pc.uid) && self.may_rescan() {
+            self.scan();
+        }
+        let container = pc.container_id.as_ref().map(|id| {
+            self.logs
+                .container_names
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| id[..id.len().min(12)].to_string())
+        });
+        let pod = self.logs.pods.get(&pc.uid).map(|dir| {
+            Arc::new(PodRef {
+                namespace: dir.namespace.clone(),
+                name: dir.name.clone(),
+                uid: dir.uid.clone(),
+                container: container.clone(),
+            })
+        });
+        (pod, container)
     }
 
     fn by_address(&mut self, flow: &Flow) -> Option<Arc<PodRef>> {
@@ -252,6 +298,8 @@ fn build(
                 })
                 .or_insert_with(|| Some(pod.clone()));
         }
+        let witness = ps.iter().find(|p| p.comm == "pause").unwrap_or(&ps[0]).pid;
+        snap.witness.insert(netns, witness);
         snap.by_netns.insert(netns, pod);
     }
     snap.by_addr = owners
@@ -448,6 +496,7 @@ mod tests {
         let mut r = Resolver::new(Path::new("/nonexistent"), vec![]);
         r.snap = snap;
         r.scanned = Some(Instant::now());
+        r.netns_of = |pid| Some(pid * 10);
         let flow = |src: &str, dst: &str| Flow {
             family: crate::events::Family::Ipv4,
             proto: 17,
@@ -483,6 +532,35 @@ mod tests {
             r.not_pods.contains(&999),
             "the miss rescanned and is remembered"
         );
+    }
+
+    #[test]
+    fn a_reused_namespace_inode_is_not_the_old_pod() {
+        let snap = build(
+            vec![
+                process(10, 100, UID_A, Some(id('0')), "pause"),
+                process(11, 100, UID_A, Some(id('a')), "node"),
+            ],
+            &logs(),
+            &[],
+            |_| vec![],
+        );
+        assert_eq!(
+            snap.witness[&100], 10,
+            "the sandbox vouches for the namespace"
+        );
+        let mut r = Resolver::new(Path::new("/nonexistent"), vec![]);
+        r.snap = snap;
+        r.scanned = Some(Instant::now());
+        r.netns_of = |pid| (pid == 10).then_some(100);
+        assert_eq!(
+            r.for_drop(100, None).map(|p| p.name.clone()).as_deref(),
+            Some("cart")
+        );
+        // The pod is deleted and a new namespace gets inode 100 before the next scan.
+        r.netns_of = |_| None;
+        assert_eq!(r.for_drop(100, None), None, "not the deleted pod");
+        assert!(!r.snap.by_netns.contains_key(&100));
     }
 
     #[test]

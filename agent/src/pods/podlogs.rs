@@ -205,4 +205,48 @@ mod tests {
         );
         assert!(PodLogs::read(&root.path().join("nowhere")).pods.is_empty());
     }
+
+    mod props {
+        use super::*;
+        use crate::fuzz;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(fuzz::config())]
+
+            #[test]
+            fn prop_any_name_never_panics(text in fuzz::text(), words in prop::collection::vec(
+                prop_oneof![Just("_".to_string()), Just("-".to_string()), Just(".log".to_string()), fuzz::junk()],
+                0..12,
+            )) {
+                for name in [&text, &words.concat()] {
+                    parse_pod_dir(name);
+                    parse_container_link(name);
+                }
+            }
+
+            #[test]
+            fn prop_names_read_back(
+                namespace in "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?",
+                name in "[a-z0-9]([a-z0-9.-]{0,30}[a-z0-9])?",
+                container in "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?",
+                uid in "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}",
+                id in "[0-9a-f]{12,64}",
+            ) {
+                let dir = format!("{namespace}_{name}_{uid}");
+                prop_assert_eq!(parse_pod_dir(&dir), Some((namespace.as_str(), name.as_str(), uid.as_str())));
+                let file = format!("{name}_{namespace}_{container}-{id}.log");
+                prop_assert_eq!(
+                    parse_container_link(&file),
+                    Some(ContainerLink { pod: &name, namespace: &namespace, container: &container, id: &id })
+                );
+                // Cut anywhere: a shorter name or nothing, never other parts.
+                for cut in 0..file.len() {
+                    if let Some(l) = parse_container_link(&file[..cut]) {
+                        prop_assert!(false, "{} gave {:?}", &file[..cut], l);
+                    }
+                }
+            }
+        }
+    }
 }

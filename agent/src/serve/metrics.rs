@@ -1,8 +1,11 @@
 //! The Prometheus metrics, fed as a sink: every drop record adds its `count`, so the counters
 //! are as exact as the records (the kernel's own per-key counts, reconciled by the session).
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use prometheus_client::{
@@ -12,24 +15,86 @@ use prometheus_client::{
 };
 
 use super::bounded::{BoundedFamily, Fold};
-use crate::output::{AttachInfo, DropRecord, Progress, Sink, Summary};
+use crate::output::{AttachInfo, ChangeRecord, DropRecord, Progress, Sink, Summary};
 
 /// The label value that stands for every label set beyond the cardinality bound.
 const OTHER: &str = "other";
 
-/// Whether the probes are attached (`/readyz`).
-#[derive(Debug, Default)]
+/// Whether the probes are attached (`/readyz`) and the observe loop is still turning
+/// (`/healthz`): the loop beats once per `--interval` tick, and a loop that has not beaten
+/// for [`Health::stale_after`] is stuck (a blocked read, a wedged sink), even though the
+/// endpoint, on a thread of its own, still answers.
+#[derive(Debug)]
 pub struct Health {
     ready: AtomicBool,
+    /// When the loop last ticked, in ms since `epoch` plus one; 0 until its first tick (while
+    /// the probes attach, which may take long on a busy node, the process counts as alive).
+    beat: AtomicU64,
+    epoch: Instant,
+    stale_after: Duration,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Health::new(Duration::from_secs(1))
+    }
+}
+
+/// Ticks a loop may miss before it counts as stuck, and the least time that takes.
+const MISSED_TICKS: u32 = 10;
+const STALE_FLOOR: Duration = Duration::from_secs(5);
+
 impl Health {
+    /// Health of a loop that ticks every `interval`.
+    pub fn new(interval: Duration) -> Self {
+        Health {
+            ready: AtomicBool::new(false),
+            beat: AtomicU64::new(0),
+            epoch: Instant::now(),
+            stale_after: (interval * MISSED_TICKS).max(STALE_FLOOR),
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
 
     fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// How long without a tick makes the loop stuck.
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after
+    }
+
+    /// The loop ticked.
+    fn beat(&self) {
+        self.beat_at(Instant::now());
+    }
+
+    fn beat_at(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.beat.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// `Err(time since the last tick)` when the loop is stuck.
+    pub fn alive(&self) -> Result<(), Duration> {
+        self.alive_at(Instant::now())
+    }
+
+    fn alive_at(&self, now: Instant) -> Result<(), Duration> {
+        let beat = self.beat.load(Ordering::Relaxed);
+        if beat == 0 {
+            return Ok(());
+        }
+        let last = self.epoch + Duration::from_millis(beat - 1);
+        let since = now.saturating_duration_since(last);
+        if since > self.stale_after {
+            Err(since)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -79,6 +144,11 @@ struct UnsentLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ChangeLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ProbeLabels {
     probe: &'static str,
     mode: &'static str,
@@ -98,6 +168,9 @@ pub struct Metrics {
     events_lost: Counter,
     suppressed: Counter,
     probes: Family<ProbeLabels, Gauge>,
+    changes: Family<ChangeLabels, Counter>,
+    stall_max: Gauge<f64, std::sync::atomic::AtomicU64>,
+    stalls: Counter,
     /// Kernel totals already added to `events_lost` and `suppressed` (they are cumulative).
     seen_lost: u64,
     seen_suppressed: u64,
@@ -116,6 +189,9 @@ impl Metrics {
             (Counter::default(), Counter::default(), Counter::default());
         let probes = Family::<ProbeLabels, Gauge>::default();
         let build = Family::<BuildLabels, Gauge>::default();
+        let changes = Family::<ChangeLabels, Counter>::default();
+        let stall_max = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let stalls = Counter::default();
         // Counters get their `_total` suffix from the encoder.
         registry.register(
             "drops",
@@ -141,6 +217,21 @@ impl Metrics {
             "drops_suppressed",
             "Benign drops counted but not reported (see --all)",
             suppressed.clone(),
+        );
+        registry.register(
+            "changes",
+            "Configuration changes seen in the watched namespaces, by kind (sysctl, netconf, link, route, address, nftables, iptables_legacy)",
+            changes.clone(),
+        );
+        registry.register(
+            "loop_stall_seconds_max",
+            "The longest turn of the event loop (time it could not read the ring buffer)",
+            stall_max.clone(),
+        );
+        registry.register(
+            "loop_stalls",
+            "Turns of the event loop longer than 100 ms",
+            stalls.clone(),
         );
         registry.register(
             "probe_info",
@@ -174,6 +265,9 @@ impl Metrics {
             events_lost,
             suppressed,
             probes,
+            changes,
+            stall_max,
+            stalls,
             seen_lost: 0,
             seen_suppressed: 0,
             health,
@@ -248,8 +342,24 @@ impl Sink for Metrics {
         }
     }
 
+    fn change(&mut self, record: &ChangeRecord) {
+        self.changes
+            .get_or_create(&ChangeLabels {
+                kind: record.change.kind.as_str(),
+            })
+            .inc();
+    }
+
     fn tick(&mut self, progress: &Progress) {
         self.totals(progress.lost, progress.suppressed);
+        self.stall_max.set(progress.stalls.max.as_secs_f64());
+        self.stalls.inc_by(
+            progress
+                .stalls
+                .long
+                .saturating_sub(self.stalls.get()),
+        );
+        self.health.beat();
     }
 
     fn summary(&mut self, summary: &Summary) {
@@ -270,6 +380,29 @@ mod tests {
         encode(&mut text, registry).unwrap();
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn health_is_lost_when_the_loop_stops_ticking() {
+        let h = Health::new(Duration::from_millis(200));
+        assert_eq!(h.stale_after(), STALE_FLOOR, "at least the floor");
+        assert_eq!(
+            Health::new(Duration::from_secs(2)).stale_after(),
+            Duration::from_secs(20),
+            "ten ticks"
+        );
+        let t0 = h.epoch;
+        // Attaching: no tick yet, however long it takes.
+        assert_eq!(h.alive_at(t0 + Duration::from_secs(600)), Ok(()));
+        h.beat_at(t0 + Duration::from_secs(1));
+        assert_eq!(h.alive_at(t0 + Duration::from_secs(5)), Ok(()));
+        assert_eq!(
+            h.alive_at(t0 + Duration::from_secs(7)),
+            Err(Duration::from_secs(6))
+        );
+        // Ticking again: alive again.
+        h.beat_at(t0 + Duration::from_secs(8));
+        assert_eq!(h.alive_at(t0 + Duration::from_secs(9)), Ok(()));
     }
 
     #[test]
@@ -311,6 +444,7 @@ mod tests {
             attach_ms: 1,
             kernel: "6.18".into(),
             reasons: 1,
+            ..Default::default()
         });
         assert!(health.is_ready());
         m.drop(&DropRecord::example("netfilter_drop", 1, None));
@@ -321,12 +455,14 @@ mod tests {
             seconds: 1.0,
             lost: 3,
             suppressed: 2,
+            stalls: Default::default(),
         });
         m.tick(&Progress {
             causes: &causes,
             seconds: 1.0,
             lost: 3,
             suppressed: 5,
+            stalls: Default::default(),
         });
         let drops = r#"dropscope_drops_total{cause="netfilter_drop",reason="NETFILTER_DROP",iface="r0",pod_namespace="",pod=""}"#;
         assert_eq!(value(&registry, drops), Some(11));
