@@ -50,18 +50,6 @@ impl Frame {
             unsafe { to.add(i).write_volatile(from.add(i).read_volatile()) };
         }
     }
-
-    pub const EMPTY: Frame = Frame {
-        skb: 0,
-        aux: 0,
-        ts_ns: 0,
-        ifindex: 0,
-        out_ifindex: 0,
-        hook: 0,
-        pf: 0,
-        _pad: [0; 6],
-        ifname: [0; 16],
-    };
 }
 
 #[repr(C)]
@@ -184,8 +172,12 @@ fn find(stack: Stack, skb: u64, now: u64, tag: Option<u8>) -> Option<&'static Fr
 
 /// What nf_hook_slow's probe recorded about `skb`: the hook is part of a drop's key.
 #[inline(always)]
-pub fn netfilter(skb: u64, now: u64) -> Option<&'static Frame> {
-    find(Stack::Netfilter, skb, now, None)
+pub fn netfilter(skb: u64) -> Option<&'static Frame> {
+    // Outside a netfilter hook (most drops) the stack is empty: no clock read for the age.
+    if frames(Stack::Netfilter)?.depth == 0 {
+        return None;
+    }
+    find(Stack::Netfilter, skb, crate::maps::now(), None)
 }
 
 /// Copies a NUL-terminated kernel string into `out` (empty when unreadable).

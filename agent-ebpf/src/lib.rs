@@ -560,10 +560,6 @@ pub struct Knobs {
     /// `[0, 0)` until userspace has read the kernel's symbols.
     pub no_dev_start: u64,
     pub no_dev_end: u64,
-    /// Non-zero while the context probes on hot paths (nf_hook_slow, ip_forward, nft_do_chain,
-    /// ipt_do_table) are attached: only then does a drop look for their frames.
-    pub armed: u32,
-    pub _pad: u32,
 }
 
 /// Byte size of the ring buffer carrying [`Event`]s.

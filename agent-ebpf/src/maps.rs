@@ -96,10 +96,10 @@ pub fn dev_unusable_at(location: u64) -> bool {
 #[map]
 pub static AGG: PerCpuArray<AggBucket> = PerCpuArray::with_max_entries(AGG_BUCKETS, 0);
 
-/// Whether the hot-path context probes are attached right now (see [`Knobs::armed`]).
+/// Whether the context probes may have recorded frames (userspace loads them with --context).
 #[inline(always)]
-pub fn context_armed() -> bool {
-    enabled(cfg().context) && KNOBS.get(0).is_some_and(|k| k.armed != 0)
+pub fn context_on() -> bool {
+    enabled(cfg().context)
 }
 
 /// The key as the three words it is made of (little-endian layout, no padding).

@@ -4,13 +4,14 @@
 //! be sent: the packet's key fields go to the stack (plain loads through the typed `skb` where
 //! the hook provides one), the filters look at them there, the count goes to this CPU's slot of
 //! the aggregation table, and only an event that fits the sampling budget is built, in place in
-//! the ring buffer, with everything else (names, sysctls, context, stack).
+//! the ring buffer, with everything else (names, sysctls, context, stack); with capture on, in
+//! the capture record instead, followed by the packet's first bytes.
 use agent_ebpf::{AggKey, Event, EventKind, FLAG_IPV4, FLAG_IPV6};
 use aya_ebpf::{macros::map, maps::PerCpuArray, programs::tracing::StackIdContext, EbpfContext};
 
 use crate::{
     context::{self, Frame},
-    maps::{admit, agg_slot, context_armed, dev_unusable_at, event, now, reserve, state, STACKS},
+    maps::{admit, agg_slot, context_on, dev_unusable_at, event, now, reserve, state, STACKS},
     packet::{self, Packet, Reader},
 };
 
@@ -35,8 +36,8 @@ pub fn on_drop<R: Reader, C: EbpfContext + StackIdContext>(
     }
     // Drops at different netfilter hooks share a location (nf_hook_slow) but not a cause: the
     // hook is part of the key where nf_hook_slow's probe is attached.
-    if context_armed() {
-        if let Some(f) = context::netfilter(skb, now()) {
+    if context_on() {
+        if let Some(f) = context::netfilter(skb) {
             f.copy_to(&mut a.nf);
             a.has_nf = 1;
         }

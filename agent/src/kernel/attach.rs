@@ -236,12 +236,6 @@ impl KnobsMap {
         self.write();
     }
 
-    /// Whether drops look for the frames of the hot-path context probes.
-    pub fn set_armed(&mut self, armed: bool) {
-        self.value.armed = u32::from(armed);
-        self.write();
-    }
-
     fn write(&mut self) {
         if let Err(e) = self.map.set(0, self.value, 0) {
             tracing::warn!("cannot update KNOBS: {e}");
