@@ -42,10 +42,10 @@ fn read<T>(base: u64, off: u32) -> Option<T> {
 
 /// With capture on, sends a delivered drop's event, built by `build` in this CPU's capture
 /// record, followed by the first bytes of `skb`'s packet (`len`: `skb->len`), from its
-/// link-layer header when the skb has one, else from its network header; the event goes out
-/// alone when the packet is unreadable. Returns `None` when capture is off: the caller then
-/// builds the event in place in the ring buffer, without this record's copy. `Some(false)`:
-/// the ring buffer had no room (counted as lost).
+/// link-layer header when the skb has one, else from its network header. Returns `None` when
+/// capture is off or the packet is unreadable: the caller then builds the event alone in place
+/// in the ring buffer, without this record's copy. `Some(false)`: the ring buffer had no room
+/// (counted as lost).
 #[inline(always)]
 pub fn send_with_packet(skb: u64, len: u32, build: impl FnOnce(&mut Event)) -> Option<bool> {
     if cfg().capture.snaplen == 0 {
@@ -54,14 +54,14 @@ pub fn send_with_packet(skb: u64, len: u32, build: impl FnOnce(&mut Event)) -> O
     let rec = CAPTURED.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, exclusively ours for this program run.
     let rec = unsafe { &mut *rec };
+    // One size for the record (the bytes are copied first), as the verifier of older kernels
+    // (6.1) tracks a size chosen between two expressions less well.
+    let n = copy_packet(rec, skb, len)?;
     blank(&mut rec.ev);
     build(&mut rec.ev);
-    let size = match copy_packet(rec, skb, len) {
-        0 => core::mem::size_of::<Event>(),
-        n => FIXED + n,
-    };
-    // SAFETY: the record is plain bytes; size <= size_of::<Captured>().
-    let bytes = unsafe { core::slice::from_raw_parts((rec as *const Captured).cast::<u8>(), size) };
+    // SAFETY: the record is plain bytes; FIXED + n <= size_of::<Captured>().
+    let bytes =
+        unsafe { core::slice::from_raw_parts((rec as *const Captured).cast::<u8>(), FIXED + n) };
     if EVENTS.output::<[u8]>(bytes, 0).is_err() {
         bump(Counter::Lost);
         return Some(false);
@@ -70,17 +70,17 @@ pub fn send_with_packet(skb: u64, len: u32, build: impl FnOnce(&mut Event)) -> O
 }
 
 /// Copies the packet's first bytes and where they come from into `rec`; returns how many
-/// (0: none, the packet is unreadable).
+/// (`None`: the packet is unreadable).
 #[inline(always)]
-fn copy_packet(rec: &mut Captured, skb: u64, len: u32) -> usize {
+fn copy_packet(rec: &mut Captured, skb: u64, len: u32) -> Option<usize> {
     let c = &cfg().capture;
     let o = &cfg().offsets;
     let (Some(head), Some(data)) = (read::<u64>(skb, o.skb_head), read::<u64>(skb, c.skb_data))
     else {
-        return 0;
+        return None;
     };
     if head == 0 || data < head || data - head > 0xffff {
-        return 0;
+        return None;
     }
     let data_off = (data - head) as u32;
     let mac = read::<u16>(skb, c.skb_mac_header).unwrap_or(UNSET);
@@ -99,7 +99,7 @@ fn copy_packet(rec: &mut Captured, skb: u64, len: u32) -> usize {
     // Only the linear area is read: bytes past it belong to other memory.
     let end = data_off + headlen;
     if start >= end {
-        return 0;
+        return None;
     }
     let mut n = (end - start).min(c.snaplen) as usize;
     if n > SNAPLEN_MAX as usize {
@@ -108,7 +108,7 @@ fn copy_packet(rec: &mut Captured, skb: u64, len: u32) -> usize {
     let src = (head + start as u64) as *const u8;
     // SAFETY: probe-read reports failures instead of faulting; n <= the buffer's length.
     if unsafe { bpf_probe_read_kernel_buf(src, &mut rec.bytes[..n]) }.is_err() {
-        return 0;
+        return None;
     }
     rec.head = PacketHead {
         start: start as u16,
@@ -118,5 +118,5 @@ fn copy_packet(rec: &mut Captured, skb: u64, len: u32) -> usize {
         data: data_off,
         headlen,
     };
-    n
+    Some(n)
 }
