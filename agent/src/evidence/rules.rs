@@ -116,7 +116,7 @@ pub struct PacketFields {
 
 impl PacketFields {
     /// The fields of a drop that firewall rules commonly match on.
-    pub fn of(d: &crate::events::Drop) -> Self {
+    pub fn of(d: &crate::events::DropEvent) -> Self {
         let flow = d.flow.as_ref();
         PacketFields {
             proto: flow.map(|f| f.proto),

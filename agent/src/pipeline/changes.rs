@@ -7,7 +7,7 @@ use crate::{
     causes::Verdict,
     changes::{feed::Feed, Change, ChangeKind},
     classify::Done,
-    events::Drop,
+    events::DropEvent,
     output::{ChangeRecord, Sink},
     pods::PodRef,
 };
@@ -44,7 +44,7 @@ impl Pipeline {
     /// Names the latest change of the settings the cause depends on, or says there was none.
     /// The evidence worker waited for the changes made before the drop to be read (see
     /// [`Feed::wait_for`]); they are taken here.
-    pub(super) fn join_change(&mut self, done: Done, d: &Drop, sink: &mut dyn Sink) -> Verdict {
+    pub(super) fn join_change(&mut self, done: Done, d: &DropEvent, sink: &mut dyn Sink) -> Verdict {
         let mut verdict = done.verdict;
         if done.patterns.is_empty() || verdict.benign {
             return verdict;

@@ -11,7 +11,7 @@ use crate::{
     causes::{facts, Verdict},
     changes::{feed::Feed, ChangeLog},
     classify::{Classifier, Done, Job, Runner},
-    events::{Answer, Device, Drop, Flow, Record, Reply, Sysctls},
+    events::{Answer, Device, DropEvent, Flow, Record, Reply, Sysctls},
     filter::Filter,
     output::{Clock, DropRecord, Sink, Summary},
     pods,
@@ -55,7 +55,7 @@ struct FoldKey {
 struct Fold {
     /// `None` while the evidence worker classifies its first drop.
     verdict: Option<Arc<Verdict>>,
-    sample: Drop,
+    sample: DropEvent,
     answer: Option<Answer>,
     /// Repeats since the last flush (while waiting for the verdict: every drop after the
     /// first, hidden ones included).
@@ -63,7 +63,7 @@ struct Fold {
     /// Bytes of the pending repeats.
     pending_bytes: u64,
     /// While waiting for the verdict: the first drops with their packets, for the tap.
-    waiting: Vec<(Drop, Option<Arc<Packet>>)>,
+    waiting: Vec<(DropEvent, Option<Arc<Packet>>)>,
 }
 
 /// Drops (with packets) a fold keeps for the tap while its verdict is awaited, at most; a
@@ -85,7 +85,7 @@ enum Origin {
 struct KeyState {
     /// `None` while its drop is being classified.
     verdict: Option<Arc<Verdict>>,
-    sample: Drop,
+    sample: DropEvent,
     answer: Option<Answer>,
     events: u64,
     reported_suppressed: u64,
@@ -193,7 +193,7 @@ impl Pipeline {
 
     fn tap_packet(
         &mut self,
-        d: &Drop,
+        d: &DropEvent,
         packet: Option<&Arc<Packet>>,
         v: &Verdict,
         answer: Option<Answer>,
@@ -280,7 +280,7 @@ impl Pipeline {
         }
     }
 
-    fn new_job(&mut self, d: &Drop, answer: Option<Answer>, frag_needed_dropped: bool) -> Job {
+    fn new_job(&mut self, d: &DropEvent, answer: Option<Answer>, frag_needed_dropped: bool) -> Job {
         self.next_job += 1;
         Job {
             id: self.next_job,
@@ -360,7 +360,7 @@ impl Pipeline {
 
     /// How the kernel answered this very packet, if an answer was seen just before its drop:
     /// same skb, same addresses (an skb address is reused as soon as the packet is freed).
-    fn answer_for(&mut self, d: &Drop) -> Option<Answer> {
+    fn answer_for(&mut self, d: &DropEvent) -> Option<Answer> {
         let r = self.replies.remove(&d.skb)?;
         let same = |a: Option<Flow>, b: Option<Flow>| {
             a.map(|f| (f.src, f.dst)) == b.map(|f| (f.src, f.dst))
@@ -369,7 +369,7 @@ impl Pipeline {
             .then_some(r.answer)
     }
 
-    fn on_drop(&mut self, mut d: Drop, sink: &mut dyn Sink) {
+    fn on_drop(&mut self, mut d: DropEvent, sink: &mut dyn Sink) {
         self.drops += 1;
         self.newest_ns = self.newest_ns.max(d.ts_ns);
         // The bytes go to the tap only; the drop is kept without them.
@@ -482,7 +482,7 @@ impl Pipeline {
 
     /// Remembers netfilter drops of ICMP "fragmentation needed"; for a too-big drop, says
     /// whether the ICMP that should have told its sender was just dropped (a PMTU black hole).
-    fn track_frag_needed(&mut self, d: &Drop) -> bool {
+    fn track_frag_needed(&mut self, d: &DropEvent) -> bool {
         let Some(flow) = d.flow else { return false };
         if &*d.reason == "NETFILTER_DROP" && facts::is_frag_needed(d) {
             if self.frag_needed_drops.len() > 4096 {
@@ -501,7 +501,7 @@ impl Pipeline {
     /// Names the device a forwarded or bridged packet arrived on (`skb_iif`), in its
     /// namespace. The kernel's ip6_forward moves a too-big packet to its egress device before
     /// freeing it; its arrival device is then the one it came in on, as for IPv4.
-    fn name_arrival(&mut self, d: &mut Drop) {
+    fn name_arrival(&mut self, d: &mut DropEvent) {
         let Some(iif) = d.iif else { return };
         let Some(name) = self.blind.investigator().ifname(d.netns, iif) else {
             return;
@@ -520,7 +520,7 @@ impl Pipeline {
     fn record(
         &mut self,
         v: &Arc<Verdict>,
-        d: &Drop,
+        d: &DropEvent,
         answer: Option<Answer>,
         count: u64,
         first: bool,
@@ -545,7 +545,7 @@ impl Pipeline {
     pub fn reconcile(
         &mut self,
         kernel: &[(AggKey, AggVal)],
-        mut synthetic: impl FnMut(&AggKey) -> Drop,
+        mut synthetic: impl FnMut(&AggKey) -> DropEvent,
         sink: &mut dyn Sink,
         final_pass: bool,
     ) {
@@ -689,7 +689,7 @@ impl Pipeline {
 }
 
 /// Repeats of one fold waiting for the next flush: verdict, sample drop, answer, packets, bytes.
-type PendingRepeat = (Arc<Verdict>, Drop, Option<Answer>, u64, u64);
+type PendingRepeat = (Arc<Verdict>, DropEvent, Option<Answer>, u64, u64);
 
 /// A verdict reached without evidence, saying why.
 fn without_evidence(mut done: Done, why: &str) -> Done {

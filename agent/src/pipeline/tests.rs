@@ -51,8 +51,8 @@ fn pipeline(show_benign: bool) -> Pipeline {
     )
 }
 
-fn drop_at(reason: &str, location: &str, skb: u64, dport: u16) -> Drop {
-    let mut d = Drop::example(reason, location);
+fn drop_at(reason: &str, location: &str, skb: u64, dport: u16) -> DropEvent {
+    let mut d = DropEvent::example(reason, location);
     d.skb = skb;
     d.ts_ns = skb * 1000;
     d.flow.as_mut().unwrap().ports = Some((40000, dport));

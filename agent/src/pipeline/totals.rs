@@ -5,7 +5,7 @@ use super::Pipeline;
 use crate::{
     causes::Verdict,
     changes::Change,
-    events::{Device, Drop, Flow},
+    events::{Device, DropEvent, Flow},
     pods::PodRef,
 };
 
@@ -57,12 +57,12 @@ const MAX_FLOWS_PER_CAUSE: usize = 1024;
 const MAX_VERDICTS_PER_CAUSE: usize = 256;
 
 impl Pipeline {
-    pub(super) fn count(&mut self, v: &Arc<Verdict>, d: &Drop) {
+    pub(super) fn count(&mut self, v: &Arc<Verdict>, d: &DropEvent) {
         self.count_n(v, d, 1);
     }
 
     /// Adds `n` drops like `d` to the totals.
-    pub(super) fn count_n(&mut self, v: &Arc<Verdict>, d: &Drop, n: u64) {
+    pub(super) fn count_n(&mut self, v: &Arc<Verdict>, d: &DropEvent, n: u64) {
         if v.benign && !self.show_benign {
             self.suppressed += n;
             match self.hidden.get_mut(v.cause.as_str()) {
