@@ -490,6 +490,49 @@ fn cases() -> Vec<Case> {
             "forwarding_disabled",
             "forwarding value unreadable",
         ),
+        Case {
+            ifaces: 1,
+            ..case(
+                "end host, kernel without drop reasons",
+                with_sysctls(drop("UNKNOWN", "ip_error"), |s| s.dev_forwarding = Some(0)),
+                "not_local_address",
+                "this kernel gives no drop reasons",
+            )
+        },
+        case(
+            "forwarding off everywhere, kernel without drop reasons",
+            with_sysctls(drop("UNKNOWN", "ip_error"), |s| {
+                s.dev_forwarding = Some(0);
+                s.all_forwarding = Some(0);
+            }),
+            "forwarding_disabled",
+            "net.ipv4.conf.r0.forwarding=0 and net.ipv4.conf.all.forwarding=0 (netns dr-r); freed at ip_error",
+        ),
+        case(
+            "forwarding off on one device, kernel without drop reasons",
+            with_sysctls(drop("UNKNOWN", "ip_error"), |s| {
+                s.dev_forwarding = Some(0);
+                s.all_forwarding = Some(1);
+            }),
+            "forwarding_disabled",
+            "net.ipv4.conf.r0.forwarding=0 while net.ipv4.conf.all.forwarding=1",
+        ),
+        // Forwarding on: ip_error then means a route refused it, which needs the reason.
+        case(
+            "ip_error with forwarding on, kernel without drop reasons",
+            with_sysctls(drop("UNKNOWN", "ip_error"), |s| {
+                s.dev_forwarding = Some(1);
+                s.all_forwarding = Some(1);
+            }),
+            "unclassified",
+            "kernel reason UNKNOWN at ip_error",
+        ),
+        case(
+            "forwarding value unreadable, kernel without drop reasons",
+            drop("UNKNOWN", "ip_error"),
+            "unclassified",
+            "kernel reason UNKNOWN at ip_error",
+        ),
         case(
             "ipv6 forwarding off",
             with_sysctls(v6(drop("IP_INADDRERRORS", "ip6_forward")), |s| {
