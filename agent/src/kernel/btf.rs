@@ -665,7 +665,9 @@ mod tests {
         for v in [0, 1, 2, 77] {
             assert_eq!(r.name(v), UNKNOWN_REASON);
         }
-        assert!(!DropReasons::new(vec![("SKB_DROP_REASON_NO_SOCKET".into(), 3)], vec![]).is_absent());
+        assert!(
+            !DropReasons::new(vec![("SKB_DROP_REASON_NO_SOCKET".into(), 3)], vec![]).is_absent()
+        );
     }
 
     #[test]
