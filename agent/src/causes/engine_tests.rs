@@ -325,6 +325,18 @@ fn cases() -> Vec<Case> {
             "ICMPv6 type 135",
         ),
         case(
+            "ipv6 router solicitation, kernel without drop reasons",
+            icmp(v6(drop("UNKNOWN", "icmpv6_rcv")), 133, 0),
+            "benign",
+            "ICMPv6 type 133",
+        ),
+        case(
+            "ipv6 echo request handled, kernel without drop reasons",
+            icmp(v6(drop("UNKNOWN", "icmpv6_rcv")), 128, 0),
+            "benign",
+            "handled by icmpv6_rcv",
+        ),
+        case(
             "socket purge",
             drop("QUEUE_PURGE", "inet_sock_destruct"),
             "benign",
