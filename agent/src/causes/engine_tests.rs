@@ -325,6 +325,18 @@ fn cases() -> Vec<Case> {
             "ICMPv6 type 135",
         ),
         case(
+            "ipv6 router solicitation, kernel without drop reasons",
+            icmp(v6(drop("UNKNOWN", "icmpv6_rcv")), 133, 0),
+            "benign",
+            "ICMPv6 type 133",
+        ),
+        case(
+            "ipv6 echo request handled, kernel without drop reasons",
+            icmp(v6(drop("UNKNOWN", "icmpv6_rcv")), 128, 0),
+            "benign",
+            "handled by icmpv6_rcv",
+        ),
+        case(
             "socket purge",
             drop("QUEUE_PURGE", "inet_sock_destruct"),
             "benign",
@@ -489,6 +501,49 @@ fn cases() -> Vec<Case> {
             drop("IP_INADDRERRORS", "ip_error"),
             "forwarding_disabled",
             "forwarding value unreadable",
+        ),
+        Case {
+            ifaces: 1,
+            ..case(
+                "end host, kernel without drop reasons",
+                with_sysctls(drop("UNKNOWN", "ip_error"), |s| s.dev_forwarding = Some(0)),
+                "not_local_address",
+                "this kernel gives no drop reasons",
+            )
+        },
+        case(
+            "forwarding off everywhere, kernel without drop reasons",
+            with_sysctls(drop("UNKNOWN", "ip_error"), |s| {
+                s.dev_forwarding = Some(0);
+                s.all_forwarding = Some(0);
+            }),
+            "forwarding_disabled",
+            "net.ipv4.conf.r0.forwarding=0 and net.ipv4.conf.all.forwarding=0 (netns dr-r); freed at ip_error",
+        ),
+        case(
+            "forwarding off on one device, kernel without drop reasons",
+            with_sysctls(drop("UNKNOWN", "ip_error"), |s| {
+                s.dev_forwarding = Some(0);
+                s.all_forwarding = Some(1);
+            }),
+            "forwarding_disabled",
+            "net.ipv4.conf.r0.forwarding=0 while net.ipv4.conf.all.forwarding=1",
+        ),
+        // Forwarding on: ip_error then means a route refused it, which needs the reason.
+        case(
+            "ip_error with forwarding on, kernel without drop reasons",
+            with_sysctls(drop("UNKNOWN", "ip_error"), |s| {
+                s.dev_forwarding = Some(1);
+                s.all_forwarding = Some(1);
+            }),
+            "unclassified",
+            "kernel reason UNKNOWN at ip_error",
+        ),
+        case(
+            "forwarding value unreadable, kernel without drop reasons",
+            drop("UNKNOWN", "ip_error"),
+            "unclassified",
+            "kernel reason UNKNOWN at ip_error",
         ),
         case(
             "ipv6 forwarding off",

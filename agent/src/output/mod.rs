@@ -49,6 +49,8 @@ pub struct AttachInfo {
     pub attach_ms: u128,
     pub kernel: String,
     pub reasons: usize,
+    /// What this kernel does not give that dropscope would use (e.g. drop reasons), in words.
+    pub limits: Vec<String>,
     /// Where the dropped packets are written (`--pcap` file, `-`, or the flight recorder)
     /// and the bytes kept of each.
     pub packets: Option<(String, u32)>,
