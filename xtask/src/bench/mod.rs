@@ -3,7 +3,7 @@
 //! pays (an empty program) and the expert's alternative (a bpftrace one-liner).
 mod observer;
 mod report;
-mod sender;
+pub(crate) mod sender;
 
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
