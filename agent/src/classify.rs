@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use crate::{
     causes::{facts, Attribution, Engine, Facts, Verdict},
     changes::feed::Feed,
-    events::{Answer, Drop},
+    events::{Answer, DropEvent},
     evidence::investigator::Investigator,
 };
 
@@ -31,7 +31,7 @@ pub const QUEUE: usize = 256;
 /// One drop to classify.
 pub struct Job {
     pub id: u64,
-    pub drop: Drop,
+    pub drop: DropEvent,
     pub answer: Option<Answer>,
     /// The ICMP "fragmentation needed" for this packet's sender was just dropped.
     pub frag_needed_dropped: bool,
@@ -270,7 +270,7 @@ fn fill_one(pattern: &str, facts: &Facts) -> Option<String> {
 
 /// The attribution of a classified drop: netfilter facts from the probes or the stack, and
 /// what the rules fetched while classifying it (nothing more is fetched here).
-fn attribution(d: &Drop, facts: &Facts, verdict: &Verdict) -> Attribution {
+fn attribution(d: &DropEvent, facts: &Facts, verdict: &Verdict) -> Attribution {
     let fetched = facts.fetched();
     let mut a = Attribution {
         route: fetched.route.as_ref().map(|r| r.text.clone()),

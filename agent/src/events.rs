@@ -139,7 +139,7 @@ impl Sysctls {
 
 /// A packet the kernel dropped.
 #[derive(Debug, Clone)]
-pub struct Drop {
+pub struct DropEvent {
     pub ts_ns: u64,
     pub skb: u64,
     pub reason: Arc<str>,
@@ -174,7 +174,7 @@ pub struct Drop {
     pub packet: Option<Arc<crate::capture::Packet>>,
 }
 
-impl Drop {
+impl DropEvent {
     /// The device the packet came in on: for a forwarded packet the one it arrived on, even
     /// when it died on the way out (where `skb->dev` is already the egress device).
     pub fn ingress(&self) -> Option<Device> {
@@ -225,12 +225,12 @@ pub struct Ruleset {
 }
 
 #[cfg(test)]
-impl Drop {
+impl DropEvent {
     /// A UDP packet 10.0.0.1:40000 -> 10.9.0.1:80 dropped on `r0` (ifindex 3, netns 42).
-    pub fn example(reason: &str, location: &str) -> Drop {
+    pub fn example(reason: &str, location: &str) -> DropEvent {
         let mut name = [0u8; 16];
         name[..2].copy_from_slice(b"r0");
-        Drop {
+        DropEvent {
             ts_ns: 0,
             skb: 0,
             reason: Arc::from(reason),
@@ -286,7 +286,7 @@ pub struct Reply {
 /// A decoded ring-buffer record.
 #[derive(Debug, Clone)]
 pub enum Record {
-    Drop(Drop),
+    Drop(DropEvent),
     Reply(Reply),
 }
 
@@ -346,7 +346,7 @@ impl Decoder {
         }
     }
 
-    fn drop(&mut self, ev: &Event) -> Drop {
+    fn drop(&mut self, ev: &Event) -> DropEvent {
         let reasons = &self.reasons;
         let reason = self
             .names
@@ -368,7 +368,7 @@ impl Decoder {
                     .is_some_and(|from| from.ifindex != d.ifindex)
         });
         let flow = flow(ev);
-        Drop {
+        DropEvent {
             ts_ns: ev.ts_ns,
             skb: ev.skb,
             reason,
@@ -426,7 +426,7 @@ impl Decoder {
 
     /// A drop standing for a kernel count whose events never reached userspace (all sampled
     /// away or lost): only what the key itself says is known.
-    pub fn synthetic(&mut self, key: &AggKey, ts_ns: u64) -> Drop {
+    pub fn synthetic(&mut self, key: &AggKey, ts_ns: u64) -> DropEvent {
         let mut ev = Event::zeroed();
         ev.kind = EventKind::Drop as u8;
         ev.ts_ns = ts_ns;

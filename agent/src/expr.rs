@@ -14,7 +14,7 @@ use std::{fmt, net::IpAddr};
 use agent_ebpf::{Cidr, Filters, FILTER_SLOTS, FLAG_IPV4, FLAG_IPV6};
 use ipnet::IpNet;
 
-use crate::events::{Drop, Family};
+use crate::events::{DropEvent, Family};
 
 /// A parsed expression.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +64,7 @@ impl Expr {
     }
 
     /// Whether a drop matches.
-    pub fn matches(&self, d: &Drop) -> bool {
+    pub fn matches(&self, d: &DropEvent) -> bool {
         let flow = d.flow.as_ref();
         match self {
             Expr::And(a, b) => a.matches(d) && b.matches(d),
@@ -119,7 +119,7 @@ impl Expr {
 }
 
 /// TCP/UDP ports as tcpdump's `port` sees them.
-fn ports(d: &Drop) -> Option<(u16, u16)> {
+fn ports(d: &DropEvent) -> Option<(u16, u16)> {
     let f = d.flow.as_ref()?;
     if !matches!(f.proto, 6 | 17) || (f.family == Family::Ipv6 && d.fragment.is_some()) {
         return None;
@@ -853,8 +853,8 @@ mod tests {
         Expr::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
     }
 
-    fn drop(family: Family, proto: u8, src: &str, dst: &str, ports: Option<(u16, u16)>) -> Drop {
-        let mut d = Drop::example("NO_SOCKET", "x");
+    fn drop(family: Family, proto: u8, src: &str, dst: &str, ports: Option<(u16, u16)>) -> DropEvent {
+        let mut d = DropEvent::example("NO_SOCKET", "x");
         d.flow = Some(Flow {
             family,
             proto,
@@ -866,7 +866,7 @@ mod tests {
         d
     }
 
-    fn udp4(sport: u16, dport: u16) -> Drop {
+    fn udp4(sport: u16, dport: u16) -> DropEvent {
         drop(
             Family::Ipv4,
             17,

@@ -5,7 +5,7 @@ use agent_ebpf::{Filters, FILTER_SLOTS};
 use ipnet::IpNet;
 
 use crate::{
-    events::Drop,
+    events::DropEvent,
     expr::{cidr, Expr},
     pods::PodName,
 };
@@ -41,7 +41,7 @@ impl Filter {
     /// For drops the kernel counted without sending an event (only the key of the count is
     /// known): what the kernel did not already filter. Where the kernel filters exactly,
     /// only the pods are left; otherwise the whole filter, on what the key tells.
-    pub fn matches_unsent(&self, d: &Drop) -> bool {
+    pub fn matches_unsent(&self, d: &DropEvent) -> bool {
         if self.kernel_exact() {
             Filter {
                 pods: self.pods.clone(),
@@ -92,7 +92,7 @@ impl Filter {
 
     /// Whether `d` passes. A drop without the field a filter needs (e.g. no parsed address)
     /// does not pass that filter.
-    pub fn matches(&self, d: &Drop) -> bool {
+    pub fn matches(&self, d: &DropEvent) -> bool {
         let flow = d.flow.as_ref();
         let any = |set: bool, ok: bool| !set || ok;
         any(
@@ -165,8 +165,8 @@ mod tests {
     use agent_ebpf::{FLAG_IPV4, FLAG_IPV6};
     use std::sync::Arc;
 
-    fn sample() -> Drop {
-        let mut d = Drop::example("NO_SOCKET", "tcp_v4_rcv");
+    fn sample() -> DropEvent {
+        let mut d = DropEvent::example("NO_SOCKET", "tcp_v4_rcv");
         d.flow.as_mut().unwrap().proto = 6;
         d
     }

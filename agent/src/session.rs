@@ -322,6 +322,11 @@ impl Session {
             attach_ms,
             kernel: kernel_release(),
             reasons: reasons.len(),
+            limits: if reasons.is_absent() {
+                vec![crate::kernel::btf::NO_REASONS.to_string()]
+            } else {
+                Vec::new()
+            },
             packets: tap.as_ref().map(|t| (t.target(), t.snaplen())),
             expression: filter
                 .expr

@@ -32,3 +32,13 @@ pub fn wait_for(what: &str, secs: f64, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Whether the running kernel gives drop reasons (5.17+): its BTF names the members of
+/// `enum skb_drop_reason`. Read independently of dropscope, so a test can tell which answer
+/// this kernel allows (a cause from the reason, or the degraded one from the location) without
+/// trusting the program under test to say it.
+pub fn kernel_has_drop_reasons() -> bool {
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("reading /sys/kernel/btf/vmlinux");
+    btf.windows(b"SKB_DROP_REASON_".len())
+        .any(|w| w == b"SKB_DROP_REASON_")
+}

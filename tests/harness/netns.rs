@@ -3,12 +3,35 @@ use std::{
     fs,
     os::unix::fs::MetadataExt,
     process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Once,
+    },
 };
 
 use nix::sched::{setns, CloneFlags};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
+static SWEEP: Once = Once::new();
+
+/// Deletes the namespaces of test runs that were killed before their values were dropped
+/// (`ds<pid>x...` whose process is gone): Drop cleans up after a panic, not after SIGKILL or a
+/// timeout.
+fn sweep_stale() {
+    let Ok(dir) = fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("ds")
+            .and_then(|r| r.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
 
 /// A named namespace (`ip netns add`), deleted on drop.
 pub struct Netns {
@@ -18,6 +41,7 @@ pub struct Netns {
 impl Netns {
     /// A fresh namespace with a unique name (tests run in parallel) and `lo` up.
     pub fn new(role: &str) -> Self {
+        SWEEP.call_once(sweep_stale);
         let name = format!(
             "ds{}x{}{role}",
             std::process::id(),

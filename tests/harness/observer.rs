@@ -192,12 +192,6 @@ impl Observer {
         }
     }
 
-    /// Like `start`; named for tests that watch the records as they are printed
-    /// ([`Observer::wait_for`], [`Observer::printed`]).
-    pub fn streaming(args: &[&str]) -> Self {
-        Self::start(args)
-    }
-
     /// Waits (up to `secs`) for a printed record that `pred` accepts; returns it and when it
     /// was read.
     pub fn wait_for(&self, secs: f64, pred: impl Fn(&Value) -> bool) -> Option<(Value, Instant)> {

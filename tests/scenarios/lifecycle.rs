@@ -15,6 +15,7 @@ use crate::Expect;
 
 #[test]
 // vm-test: core
+// vm-test: no-reasons
 fn a_healthy_network_reports_no_drops() {
     let t = Topology::new();
     let listener = udp_listener(&t.b, "10.231.2.2:9400");
@@ -163,12 +164,14 @@ fn detaches_on(obs: Observer, sig: Signal) {
 
 #[test]
 // vm-test: core
+// vm-test: no-reasons
 fn nothing_stays_attached_after_sigint() {
     detaches_on(Observer::start(&["--netns", "1"]), Signal::SIGINT);
 }
 
 #[test]
 // vm-test: core
+// vm-test: no-reasons
 fn nothing_stays_attached_after_sigterm() {
     detaches_on(Observer::start(&["--netns", "1"]), Signal::SIGTERM);
 }

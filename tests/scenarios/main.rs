@@ -16,6 +16,7 @@ mod metrics;
 mod mtu;
 mod neighbor;
 mod netfilter;
+mod no_reasons;
 mod packets;
 mod pods;
 mod policy;

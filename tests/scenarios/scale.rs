@@ -151,7 +151,7 @@ fn drops(report: &Report) -> String {
 fn scale_kube_proxy_rulesets_name_the_dropping_rule() {
     let (t, scale) = scale_topology();
     t.r.sh("sysctl -qw net.netfilter.nf_conntrack_tcp_loose=0");
-    let obs = Observer::streaming(&["--netns", &t.r.name]);
+    let obs = Observer::start(&["--netns", &t.r.name]);
 
     // (a)
     let svc = scale.nft_iptables.no_endpoints();

@@ -98,7 +98,7 @@ enum Task {
     },
     /// Run the integration tests inside QEMU VMs booted with Debian kernels (TCG unless KVM works).
     VmTest {
-        /// Kernel to boot: 6.1, 6.12, 7.2, a Debian kernel package name or a path to a .deb.
+        /// Kernel to boot: 5.10 (no drop reasons), 6.1, 6.12, 7.2, a Debian kernel package name or a path to a .deb.
         /// Repeatable; default: 6.1, 6.12 and 7.2.
         #[arg(long = "kernel", value_name = "KERNEL")]
         kernels: Vec<String>,

@@ -299,18 +299,7 @@ fn storm(stop: &AtomicBool, sent: &AtomicU64) {
             a.sin_port = port.to_be();
             a.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
         }
-        let mut msgs: Vec<libc::mmsghdr> = addrs
-            .iter_mut()
-            .map(|a| {
-                // SAFETY: a zeroed msghdr is valid; the fields set point at live buffers.
-                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                h.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
-                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-                h.msg_hdr.msg_iov = &mut iov;
-                h.msg_hdr.msg_iovlen = 1;
-                h
-            })
-            .collect();
+        let mut msgs = crate::bench::sender::mmsg_headers(&mut addrs, &mut iov);
         let sock = &socks[i % SOCKETS];
         i += 1;
         // SAFETY: msgs points at BATCH valid headers whose buffers outlive the call.

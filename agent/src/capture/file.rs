@@ -17,7 +17,7 @@ use anyhow::{anyhow, Context, Result};
 use super::{os, pcapng, Entries, Interface, Packet, PacketTap, Totals};
 use crate::{
     causes::Verdict,
-    events::{Answer, Drop},
+    events::{Answer, DropEvent},
     output::{Clock, Summary},
 };
 
@@ -159,7 +159,7 @@ fn application() -> String {
 impl PacketTap for PcapFile {
     fn packet(
         &mut self,
-        d: &Drop,
+        d: &DropEvent,
         packet: Option<&Arc<Packet>>,
         v: &Verdict,
         answer: Option<Answer>,

@@ -15,7 +15,7 @@ use agent_ebpf::{Event, PacketHead, ABSENT, SNAPLEN_MAX};
 
 use crate::{
     causes::Verdict,
-    events::{Answer, Drop},
+    events::{Answer, DropEvent},
     kernel::btf::KernelBtf,
     output::{Clock, Summary},
 };
@@ -237,7 +237,7 @@ impl Entries {
 
     pub fn entry(
         &mut self,
-        d: &Drop,
+        d: &DropEvent,
         packet: &Packet,
         v: &Verdict,
         answer: Option<Answer>,
@@ -270,7 +270,7 @@ impl Entries {
 }
 
 /// Whether the packet was on its way in or out where it died (`None`: unknown).
-fn direction(d: &Drop) -> Option<Direction> {
+fn direction(d: &DropEvent) -> Option<Direction> {
     let dev = d.dev?;
     let forwarded_out = d
         .context
@@ -284,7 +284,7 @@ fn direction(d: &Drop) -> Option<Direction> {
 }
 
 /// The per-packet comment: `key=value` fields separated by "; ", the evidence last.
-pub fn comment(d: &Drop, v: &Verdict, answer: Option<Answer>, netns_name: Option<&str>) -> String {
+pub fn comment(d: &DropEvent, v: &Verdict, answer: Option<Answer>, netns_name: Option<&str>) -> String {
     let a = &v.attribution;
     let mut parts = vec![
         format!("cause={} ({})", v.cause, v.title),
@@ -406,7 +406,7 @@ pub trait PacketTap {
     /// One reported drop; `packet` is `None` when the kernel sent no bytes with it.
     fn packet(
         &mut self,
-        d: &Drop,
+        d: &DropEvent,
         packet: Option<&Arc<Packet>>,
         v: &Verdict,
         answer: Option<Answer>,
@@ -542,7 +542,7 @@ mod tests {
 
     #[test]
     fn the_comment_says_what_dropscope_knows() {
-        let d = Drop::example("NETFILTER_DROP", "nft_do_chain");
+        let d = DropEvent::example("NETFILTER_DROP", "nft_do_chain");
         let mut v = crate::output::DropRecord::example("netfilter_drop", 1, None)
             .verdict
             .as_ref()

@@ -9,7 +9,7 @@ use std::{
 use super::{os, pcapng, Entries, Entry, Interface, Packet, PacketTap, Totals};
 use crate::{
     causes::Verdict,
-    events::{Answer, Drop},
+    events::{Answer, DropEvent},
     output::{Clock, Summary},
 };
 
@@ -155,7 +155,7 @@ impl Recorder {
 impl PacketTap for Recorder {
     fn packet(
         &mut self,
-        d: &Drop,
+        d: &DropEvent,
         packet: Option<&Arc<Packet>>,
         v: &Verdict,
         answer: Option<Answer>,

@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::IpAddr, sync::Arc};
 use super::*;
 use crate::causes::facts::Traced;
 use crate::{
-    events::{Answer, Device, Drop, Family, Sysctls},
+    events::{Answer, Device, DropEvent, Family, Sysctls},
     evidence::{
         conntrack::CtStats,
         counters::Counters,
@@ -39,8 +39,8 @@ fn dev(name: &str, mtu: u32) -> Device {
 }
 
 /// UDP 10.231.1.2:40000 -> 10.231.2.2:5353 dropped on r0 (the scenarios' addresses).
-fn drop(reason: &str, location: &str) -> Drop {
-    let mut d = Drop::example(reason, location);
+fn drop(reason: &str, location: &str) -> DropEvent {
+    let mut d = DropEvent::example(reason, location);
     d.skb = 1;
     d.netns = 4026532246;
     d.dev = Some(dev("r0", 1500));
@@ -52,24 +52,24 @@ fn drop(reason: &str, location: &str) -> Drop {
     d
 }
 
-fn icmp(mut d: Drop, ty: u8, code: u8) -> Drop {
+fn icmp(mut d: DropEvent, ty: u8, code: u8) -> DropEvent {
     let f = d.flow.as_mut().unwrap();
     (f.ports, f.icmp) = (None, Some((ty, code)));
     f.proto = if f.family == Family::Ipv6 { 58 } else { 1 };
     d
 }
 
-fn to(mut d: Drop, dst: &str) -> Drop {
+fn to(mut d: DropEvent, dst: &str) -> DropEvent {
     d.flow.as_mut().unwrap().dst = dst.parse().unwrap();
     d
 }
 
-fn port(mut d: Drop, dport: u16) -> Drop {
+fn port(mut d: DropEvent, dport: u16) -> DropEvent {
     d.flow.as_mut().unwrap().ports = Some((40000, dport));
     d
 }
 
-fn fragment(mut d: Drop, offset: u16) -> Drop {
+fn fragment(mut d: DropEvent, offset: u16) -> DropEvent {
     d.fragment = Some(offset);
     d
 }
@@ -89,7 +89,7 @@ const HOOK_FORWARD: &[&str] = &["sk_skb_reason_drop", "nf_hook_slow", "ip_forwar
 
 struct Case {
     name: &'static str,
-    drop: Drop,
+    drop: DropEvent,
     answer: Option<Answer>,
     traced: Traced,
     rule: Option<Moved>,
@@ -107,7 +107,7 @@ struct Case {
     evidence_has: &'static str,
 }
 
-fn case(name: &'static str, drop: Drop, cause: &'static str, evidence_has: &'static str) -> Case {
+fn case(name: &'static str, drop: DropEvent, cause: &'static str, evidence_has: &'static str) -> Case {
     Case {
         name,
         drop,
@@ -129,12 +129,12 @@ fn case(name: &'static str, drop: Drop, cause: &'static str, evidence_has: &'sta
     }
 }
 
-fn with_sysctls(mut d: Drop, f: impl FnOnce(&mut Sysctls)) -> Drop {
+fn with_sysctls(mut d: DropEvent, f: impl FnOnce(&mut Sysctls)) -> DropEvent {
     f(&mut d.sysctls);
     d
 }
 
-fn v6(mut d: Drop) -> Drop {
+fn v6(mut d: DropEvent) -> DropEvent {
     let f = d.flow.as_mut().unwrap();
     f.family = Family::Ipv6;
     f.src = "fd00:231:1::2".parse().unwrap();
@@ -186,7 +186,7 @@ impl Investigator for Fake<'_> {
     fn netns_name(&mut self, _netns: u32) -> Option<String> {
         Some("dr-r".into())
     }
-    fn netfilter(&mut self, _d: &Drop, _answer: Option<Answer>) -> NfState {
+    fn netfilter(&mut self, _d: &DropEvent, _answer: Option<Answer>) -> NfState {
         NfState {
             rule: self.0.rule.clone(),
             ct: self.0.ct,
@@ -196,13 +196,13 @@ impl Investigator for Fake<'_> {
             unread: self.0.unread.iter().map(|w| w.to_string()).collect(),
         }
     }
-    fn route(&mut self, _d: &Drop) -> Option<Route> {
+    fn route(&mut self, _d: &DropEvent) -> Option<Route> {
         self.0.route.clone()
     }
     fn interfaces(&mut self, _netns: u32) -> Option<usize> {
         Some(self.0.ifaces)
     }
-    fn neighbours(&mut self, _d: &Drop) -> Vec<String> {
+    fn neighbours(&mut self, _d: &DropEvent) -> Vec<String> {
         vec!["10.231.2.2 FAILED".into()]
     }
     fn sysctl(&mut self, _netns: u32, key: &str) -> Option<String> {
@@ -323,6 +323,18 @@ fn cases() -> Vec<Case> {
             icmp(v6(drop("NOT_SPECIFIED", "icmpv6_rcv")), 135, 0),
             "benign",
             "ICMPv6 type 135",
+        ),
+        case(
+            "ipv6 router solicitation, kernel without drop reasons",
+            icmp(v6(drop("UNKNOWN", "icmpv6_rcv")), 133, 0),
+            "benign",
+            "ICMPv6 type 133",
+        ),
+        case(
+            "ipv6 echo request handled, kernel without drop reasons",
+            icmp(v6(drop("UNKNOWN", "icmpv6_rcv")), 128, 0),
+            "benign",
+            "handled by icmpv6_rcv",
         ),
         case(
             "socket purge",
@@ -489,6 +501,49 @@ fn cases() -> Vec<Case> {
             drop("IP_INADDRERRORS", "ip_error"),
             "forwarding_disabled",
             "forwarding value unreadable",
+        ),
+        Case {
+            ifaces: 1,
+            ..case(
+                "end host, kernel without drop reasons",
+                with_sysctls(drop("UNKNOWN", "ip_error"), |s| s.dev_forwarding = Some(0)),
+                "not_local_address",
+                "this kernel gives no drop reasons",
+            )
+        },
+        case(
+            "forwarding off everywhere, kernel without drop reasons",
+            with_sysctls(drop("UNKNOWN", "ip_error"), |s| {
+                s.dev_forwarding = Some(0);
+                s.all_forwarding = Some(0);
+            }),
+            "forwarding_disabled",
+            "net.ipv4.conf.r0.forwarding=0 and net.ipv4.conf.all.forwarding=0 (netns dr-r); freed at ip_error",
+        ),
+        case(
+            "forwarding off on one device, kernel without drop reasons",
+            with_sysctls(drop("UNKNOWN", "ip_error"), |s| {
+                s.dev_forwarding = Some(0);
+                s.all_forwarding = Some(1);
+            }),
+            "forwarding_disabled",
+            "net.ipv4.conf.r0.forwarding=0 while net.ipv4.conf.all.forwarding=1",
+        ),
+        // Forwarding on: ip_error then means a route refused it, which needs the reason.
+        case(
+            "ip_error with forwarding on, kernel without drop reasons",
+            with_sysctls(drop("UNKNOWN", "ip_error"), |s| {
+                s.dev_forwarding = Some(1);
+                s.all_forwarding = Some(1);
+            }),
+            "unclassified",
+            "kernel reason UNKNOWN at ip_error",
+        ),
+        case(
+            "forwarding value unreadable, kernel without drop reasons",
+            drop("UNKNOWN", "ip_error"),
+            "unclassified",
+            "kernel reason UNKNOWN at ip_error",
         ),
         case(
             "ipv6 forwarding off",
@@ -1290,11 +1345,11 @@ fn live_state_is_fetched_only_for_the_rules_reached() {
             *self.0.entry("exec_prefix").or_default() += 1;
             String::new()
         }
-        fn netfilter(&mut self, _: &Drop, _: Option<Answer>) -> NfState {
+        fn netfilter(&mut self, _: &DropEvent, _: Option<Answer>) -> NfState {
             *self.0.entry("netfilter").or_default() += 1;
             NfState::default()
         }
-        fn route(&mut self, _: &Drop) -> Option<Route> {
+        fn route(&mut self, _: &DropEvent) -> Option<Route> {
             *self.0.entry("route").or_default() += 1;
             None
         }
@@ -1302,7 +1357,7 @@ fn live_state_is_fetched_only_for_the_rules_reached() {
             *self.0.entry("interfaces").or_default() += 1;
             None
         }
-        fn neighbours(&mut self, _: &Drop) -> Vec<String> {
+        fn neighbours(&mut self, _: &DropEvent) -> Vec<String> {
             *self.0.entry("neighbours").or_default() += 1;
             Vec::new()
         }

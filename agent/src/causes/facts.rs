@@ -3,7 +3,7 @@
 use std::{borrow::Cow, cell::RefCell, collections::HashMap, sync::Arc};
 
 use crate::{
-    events::{Answer, Drop},
+    events::{Answer, DropEvent},
     evidence::{
         counters::Counters,
         investigator::{Investigator, NfState},
@@ -159,7 +159,7 @@ impl Traced {
 
 /// One drop plus what correlation added to it; live evidence is fetched on first use.
 pub struct Facts<'a> {
-    pub drop: &'a Drop,
+    pub drop: &'a DropEvent,
     /// How the kernel answered this very packet (ICMP error, TCP reset), if it was seen.
     pub answer: Option<Answer>,
     /// Whether the answer could have been seen at all (probes attached, event paired).
@@ -197,7 +197,7 @@ pub struct Fetched {
 
 impl<'a> Facts<'a> {
     pub fn new(
-        drop: &'a Drop,
+        drop: &'a DropEvent,
         answer: Option<Answer>,
         traced: Traced,
         stack: &'a [Arc<str>],
@@ -729,7 +729,7 @@ pub fn rule_table_key(r: &crate::evidence::rules::RuleId) -> String {
 }
 
 /// Whether a packet is itself an ICMP "fragmentation needed" / ICMPv6 "packet too big".
-pub fn is_frag_needed(d: &Drop) -> bool {
+pub fn is_frag_needed(d: &DropEvent) -> bool {
     d.flow
         .is_some_and(|f| matches!((f.proto, f.icmp), (1, Some((3, 4))) | (58, Some((2, _)))))
 }

@@ -8,11 +8,11 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use netlink_packet_core::{NlaBuffer, NlasIterator};
+use netlink_packet_core::{NlaBuffer, NlasIterator, NLMSG_DONE, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_sys::{protocols, Socket, SocketAddr};
 
 use super::{process::Process, Change, ChangeKind};
-use crate::evidence::netns::in_namespace;
+use crate::evidence::{netns::in_namespace, rules::nft_family_name};
 
 // rtnetlink message types and multicast groups (uapi linux/rtnetlink.h).
 const RTM_NEWLINK: u16 = 16;
@@ -42,9 +42,6 @@ const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWGEN: u16 = 15;
 /// Items of one nftables commit described in its change, at most.
 const SHOWN: usize = 3;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
@@ -313,7 +310,7 @@ impl NsMonitor {
         if ty >> 8 != NFNL_SUBSYS_NFTABLES || p.len() < 4 {
             return Vec::new();
         }
-        let family = nft_family(p[0]);
+        let family = nft_family_name(p[0]).to_string();
         let attrs = nlas(&p[4..]);
         let text = |kind: u16| attrs.get(&kind).map(|v| c_str(v)).unwrap_or_default();
         let msg = ty & 0xff;
@@ -480,20 +477,6 @@ fn summarize(items: &[String], more: usize) -> String {
         s.push_str(&format!("; and {more} more"));
     }
     s
-}
-
-/// The name nft uses for an nfgenmsg family (NFPROTO_*).
-fn nft_family(f: u8) -> String {
-    match f {
-        1 => "inet",
-        2 => "ip",
-        3 => "arp",
-        5 => "netdev",
-        7 => "bridge",
-        10 => "ip6",
-        _ => "unknown",
-    }
-    .to_string()
 }
 
 /// Forwarding and rp_filter of `all`, `default` and every device, read from /proc/sys in the

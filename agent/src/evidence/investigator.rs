@@ -15,7 +15,7 @@ use super::{
     rules::{self, Moved},
     tunnels::{self, Tunnel},
 };
-use crate::events::{Answer, Drop};
+use crate::events::{Answer, DropEvent};
 
 /// What the firewall state says about a netfilter drop.
 #[derive(Debug, Clone, Default)]
@@ -51,11 +51,11 @@ pub trait Investigator {
         None
     }
     /// Firewall rule counters and conntrack counters for a netfilter drop.
-    fn netfilter(&mut self, _d: &Drop, _answer: Option<Answer>) -> NfState {
+    fn netfilter(&mut self, _d: &DropEvent, _answer: Option<Answer>) -> NfState {
         NfState::default()
     }
     /// The kernel's own route lookup for the packet (honours policy rules and tables).
-    fn route(&mut self, _d: &Drop) -> Option<Route> {
+    fn route(&mut self, _d: &DropEvent) -> Option<Route> {
         None
     }
     /// Non-loopback interfaces in the namespace.
@@ -63,7 +63,7 @@ pub trait Investigator {
         None
     }
     /// Unresolved neighbour entries on the drop's device ("ADDR STATE").
-    fn neighbours(&mut self, _d: &Drop) -> Vec<String> {
+    fn neighbours(&mut self, _d: &DropEvent) -> Vec<String> {
         Vec::new()
     }
     /// A sysctl's value inside the namespace (`net.ipv4.ipfrag_time`).
@@ -262,7 +262,7 @@ impl Investigator for Live {
         name
     }
 
-    fn netfilter(&mut self, d: &Drop, answer: Option<Answer>) -> NfState {
+    fn netfilter(&mut self, d: &DropEvent, answer: Option<Answer>) -> NfState {
         let legacy_tables = self.legacy_tables(d.netns);
         let Some(path) = self.path(d.netns) else {
             return NfState {
@@ -312,7 +312,7 @@ impl Investigator for Live {
         }
     }
 
-    fn route(&mut self, d: &Drop) -> Option<Route> {
+    fn route(&mut self, d: &DropEvent) -> Option<Route> {
         let flow = d.flow?;
         let path = self.path(d.netns)?;
         // A packet that arrived on a device is routed as input from it (policy rules may
@@ -337,7 +337,7 @@ impl Investigator for Live {
         routes::interfaces(path.as_deref())
     }
 
-    fn neighbours(&mut self, d: &Drop) -> Vec<String> {
+    fn neighbours(&mut self, d: &DropEvent) -> Vec<String> {
         let (Some(path), Some(dev)) = (self.path(d.netns), d.dev) else {
             return Vec::new();
         };

@@ -21,6 +21,8 @@ use super::{conntrack::CtStats, netns::run_in};
 
 mod nft_json;
 mod nft_netlink;
+/// The name nft uses for an nfgenmsg family (NFPROTO_*), for the change watcher too.
+pub use nft_netlink::family_name as nft_family_name;
 #[cfg(test)]
 mod old_parsers;
 mod save;
@@ -116,7 +118,7 @@ pub struct PacketFields {
 
 impl PacketFields {
     /// The fields of a drop that firewall rules commonly match on.
-    pub fn of(d: &crate::events::Drop) -> Self {
+    pub fn of(d: &crate::events::DropEvent) -> Self {
         let flow = d.flow.as_ref();
         PacketFields {
             proto: flow.map(|f| f.proto),

@@ -3,7 +3,7 @@
 use std::{collections::HashMap, path::Path};
 
 use agent_ebpf::{Offsets, ABSENT};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use btf_rs::{Btf, Type};
 use fallible_iterator::FallibleIterator;
 
@@ -256,11 +256,20 @@ impl KernelBtf {
 
     /// The drop-reason names of this kernel (`enum skb_drop_reason` and its subsystems).
     /// Subsystem reasons (mac80211, openvswitch, qdisc on 7.x) are named from the BTF of the
-    /// module that registers them, when it is loaded.
+    /// module that registers them, when it is loaded. Kernels before 5.17 have no such enum
+    /// (their `kfree_skb` passes no reason): the table is then [`DropReasons::absent`].
     pub fn drop_reasons(&self, btf_dir: &Path) -> Result<DropReasons> {
-        let values = self.enum_values("skb_drop_reason").context(
-            "this kernel reports no drop reasons (enum skb_drop_reason is missing; kernels before 5.17)",
-        )?;
+        let has_enum = self
+            .btf
+            .resolve_types_by_name("skb_drop_reason")
+            .unwrap_or_default()
+            .iter()
+            .any(|t| matches!(t, Type::Enum(_)));
+        if !has_enum {
+            return Ok(DropReasons::absent());
+        }
+        // Present but unreadable is a broken BTF file, not an old kernel: that one stops.
+        let values = self.enum_values("skb_drop_reason")?;
         let subsystems = self
             .enum_values("skb_drop_reason_subsys")
             .unwrap_or_default();
@@ -430,7 +439,17 @@ pub struct DropReasons {
     by_value: HashMap<u32, String>,
     by_name: HashMap<String, u32>,
     subsystems: HashMap<u32, String>,
+    /// The kernel has no drop reasons at all (before 5.17): every drop is [`UNKNOWN_REASON`].
+    absent: bool,
 }
+
+/// The reason of every drop on a kernel that gives none. Kernel names are the enum's members
+/// without `SKB_DROP_REASON_`, and no kernel has an `SKB_DROP_REASON_UNKNOWN`, so rules can
+/// ask for it without matching a drop a kernel did explain.
+pub const UNKNOWN_REASON: &str = "UNKNOWN";
+
+/// What a kernel without drop reasons gives up, for the start-up line and the attach record.
+pub const NO_REASONS: &str = "this kernel reports no drop reasons (enum skb_drop_reason is missing; kernels before 5.17): causes come from the drop's location and context only, the rest is unclassified";
 
 /// Reasons carry the subsystem in their upper 16 bits (6.4+).
 pub const SUBSYS_SHIFT: u32 = 16;
@@ -460,6 +479,19 @@ impl DropReasons {
         r
     }
 
+    /// The table of a kernel that gives no reasons: every value is named [`UNKNOWN_REASON`].
+    pub fn absent() -> Self {
+        DropReasons {
+            absent: true,
+            ..Default::default()
+        }
+    }
+
+    /// Whether the kernel gives no drop reasons.
+    pub fn is_absent(&self) -> bool {
+        self.absent
+    }
+
     /// The value this kernel uses for a reason name.
     #[cfg(test)]
     pub fn value(&self, name: &str) -> Option<u32> {
@@ -469,6 +501,10 @@ impl DropReasons {
     /// The name of a reason value: the core name, `SUBSYS:index` for subsystem reasons this
     /// kernel's BTF does not name, or the raw number.
     pub fn name(&self, value: u32) -> String {
+        if self.absent {
+            // The programs pass 0 there; it is not NOT_SPECIFIED, which such kernels lack too.
+            return UNKNOWN_REASON.to_string();
+        }
         let subsys = value >> SUBSYS_SHIFT;
         if let Some(name) = self.by_value.get(&value) {
             return name.clone();
@@ -619,6 +655,19 @@ mod tests {
                 "tracefs disagrees"
             );
         }
+    }
+
+    #[test]
+    fn a_kernel_without_reasons_names_every_drop_unknown() {
+        let r = DropReasons::absent();
+        assert!(r.is_absent() && r.len() == 0);
+        // 0 is what the programs pass there; no number may become a kernel reason name.
+        for v in [0, 1, 2, 77] {
+            assert_eq!(r.name(v), UNKNOWN_REASON);
+        }
+        assert!(
+            !DropReasons::new(vec![("SKB_DROP_REASON_NO_SOCKET".into(), 3)], vec![]).is_absent()
+        );
     }
 
     #[test]

@@ -254,6 +254,9 @@ pub fn attach_json(info: &AttachInfo) -> Value {
         "drop_reasons": info.reasons,
         "probes": info.probes,
     });
+    if !info.limits.is_empty() {
+        v["limits"] = json!(info.limits);
+    }
     if let Some((target, snaplen)) = &info.packets {
         v["pcap"] = json!({"target": target, "snaplen": snaplen});
     }

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     causes::Verdict,
-    events::{Answer, Drop},
+    events::{Answer, DropEvent},
     kernel::attach::Attached,
     pipeline::CauseTotals,
 };
@@ -19,7 +19,7 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct DropRecord {
     pub verdict: Arc<Verdict>,
-    pub drop: Drop,
+    pub drop: DropEvent,
     /// How the kernel answered the packet (ICMP error or TCP reset), when it did.
     pub answer: Option<Answer>,
     pub count: u64,
@@ -49,6 +49,8 @@ pub struct AttachInfo {
     pub attach_ms: u128,
     pub kernel: String,
     pub reasons: usize,
+    /// What this kernel does not give that dropscope would use (e.g. drop reasons), in words.
+    pub limits: Vec<String>,
     /// Where the dropped packets are written (`--pcap` file, `-`, or the flight recorder)
     /// and the bytes kept of each.
     pub packets: Option<(String, u32)>,
@@ -189,7 +191,7 @@ impl Sink for LostByCause<'_> {
 
 #[cfg(test)]
 impl DropRecord {
-    /// A record of `count` drops like `Drop::example`, of cause `cause`.
+    /// A record of `count` drops like `DropEvent::example`, of cause `cause`.
     pub fn example(cause: &str, count: u64, unsent: Option<&'static str>) -> DropRecord {
         let verdict = Verdict {
             cause: cause.into(),
@@ -200,7 +202,7 @@ impl DropRecord {
             rule: 0,
             attribution: Default::default(),
         };
-        let drop = Drop::example("NETFILTER_DROP", "nft_do_chain");
+        let drop = DropEvent::example("NETFILTER_DROP", "nft_do_chain");
         let bytes = count * u64::from(drop.len);
         DropRecord {
             verdict: Arc::new(verdict),

@@ -132,15 +132,22 @@ pub fn change_line(r: &ChangeRecord, clock: &Clock) -> String {
 impl<W: Write> Sink for TextSink<W> {
     fn attach(&mut self, info: &AttachInfo) {
         let probes = probe_summary(&info.probes);
+        let reasons = if info.reasons == 0 {
+            "no drop reasons".to_string()
+        } else {
+            format!("{} drop reasons", info.reasons)
+        };
         let _ = writeln!(
             self.out,
-            "{} attached in {} ms on {} ({} drop reasons): {}. Ctrl-C for the summary.",
+            "{} attached in {} ms on {} ({reasons}): {}. Ctrl-C for the summary.",
             self.paint("dropscope", bold),
             info.attach_ms,
             info.kernel,
-            info.reasons,
             probes
         );
+        for limit in &info.limits {
+            let _ = writeln!(self.out, "{} {limit}", self.paint("note:", bold));
+        }
         if let Some((expression, exact)) = &info.expression {
             let _ = writeln!(
                 self.out,

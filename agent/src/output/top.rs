@@ -230,6 +230,7 @@ mod tests {
             attach_ms: 240,
             kernel: "6.18.44".into(),
             reasons: 128,
+            limits: Vec::new(),
             packets: None,
             expression: None,
         });

@@ -9,7 +9,7 @@
 mod healthy;
 mod observer;
 mod report;
-mod sender;
+pub(crate) mod sender;
 mod stats;
 
 use std::{net::Ipv4Addr, path::Path, time::Duration};

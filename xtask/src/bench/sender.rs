@@ -31,18 +31,7 @@ pub fn storm(ns: &Netns, dst: Ipv4Addr, base_port: u16, duration: Duration) -> u
             iov_base: payload.as_ptr() as *mut _,
             iov_len: payload.len(),
         };
-        let mut msgs: Vec<libc::mmsghdr> = addrs
-            .iter_mut()
-            .map(|a| {
-                // SAFETY: zeroed msghdr is valid; the fields set point at live buffers.
-                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                h.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
-                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-                h.msg_hdr.msg_iov = &mut iov;
-                h.msg_hdr.msg_iovlen = 1;
-                h
-            })
-            .collect();
+        let mut msgs = mmsg_headers(&mut addrs, &mut iov);
         let start = Instant::now();
         let mut sent = 0u64;
         while start.elapsed() < duration {
@@ -54,4 +43,22 @@ pub fn storm(ns: &Netns, dst: Ipv4Addr, base_port: u16, duration: Duration) -> u
         }
         sent
     })
+}
+
+/// One `sendmmsg` header per destination, all sending `iov`. The headers point at `addrs` and
+/// `iov`: both must stay where they are while the headers are used (the addresses may be
+/// rewritten in place between calls).
+pub fn mmsg_headers(addrs: &mut [libc::sockaddr_in], iov: &mut libc::iovec) -> Vec<libc::mmsghdr> {
+    addrs
+        .iter_mut()
+        .map(|a| {
+            // SAFETY: a zeroed msghdr is valid; the fields set point at live buffers.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = (a as *mut libc::sockaddr_in).cast();
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect()
 }

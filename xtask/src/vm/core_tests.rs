@@ -14,6 +14,10 @@
 //! scenario file joins with `//! vm-test: core` among its first doc lines. Renaming a test keeps
 //! it in the set. A marker that is not attached to a `#[test]` function, a misspelt marker, and a
 //! marked test the test executable does not list are errors, so the set cannot shrink silently.
+//!
+//! Kernels without drop reasons (before 5.17) run another set, marked `// vm-test: no-reasons`
+//! (single tests only): the tests whose assertions state the answer such a kernel allows. The
+//! guest picks the set from the booted kernel's BTF.
 use std::{
     collections::BTreeSet,
     fs,
@@ -26,11 +30,16 @@ use anyhow::{bail, ensure, Context, Result};
 /// The marker, after `//` (one test) or `//!` (the whole file).
 pub const MARKER: &str = "vm-test: core";
 
+/// The marker of the set run on kernels without drop reasons, after `//` (one test).
+pub const NO_REASONS_MARKER: &str = "vm-test: no-reasons";
+
 /// What the markers select: whole scenario modules, and single tests as `module::function`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct CoreSet {
     pub modules: BTreeSet<String>,
     pub tests: BTreeSet<String>,
+    /// The set for kernels without drop reasons, as `module::function`.
+    pub no_reasons: BTreeSet<String>,
 }
 
 /// Reads the markers of every scenario module declared in `scenarios/main.rs`.
@@ -53,6 +62,31 @@ pub fn discover(scenarios: &Path) -> Result<CoreSet> {
 /// The exact names of the core tests among those `exe --list` reports; fails for a marked test
 /// it does not list and for a marked module without tests.
 pub fn select(set: &CoreSet, exe: &Path) -> Result<Vec<String>> {
+    resolve(set, &listed(exe)?)
+}
+
+/// The exact names of the tests marked for kernels without drop reasons; fails for a marked
+/// test the executable does not list, and when none is marked.
+pub fn select_no_reasons(set: &CoreSet, exe: &Path) -> Result<Vec<String>> {
+    resolve_no_reasons(set, &listed(exe)?)
+}
+
+fn resolve_no_reasons(set: &CoreSet, listed: &[String]) -> Result<Vec<String>> {
+    ensure!(
+        !set.no_reasons.is_empty(),
+        "no test is marked `// {NO_REASONS_MARKER}`"
+    );
+    for test in &set.no_reasons {
+        ensure!(
+            listed.contains(test),
+            "`{test}` is marked `// {NO_REASONS_MARKER}` but the test executable has no such test"
+        );
+    }
+    Ok(set.no_reasons.iter().cloned().collect())
+}
+
+/// The tests `exe --list` reports.
+fn listed(exe: &Path) -> Result<Vec<String>> {
     let out = Command::new(exe)
         .args(["--list", "--format", "terse"])
         .output()
@@ -63,12 +97,11 @@ pub fn select(set: &CoreSet, exe: &Path) -> Result<Vec<String>> {
         exe.display(),
         out.status
     );
-    let listed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+    Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.strip_suffix(": test"))
         .map(str::to_string)
-        .collect();
-    resolve(set, &listed)
+        .collect())
 }
 
 /// `select` on a given list of test names.
@@ -128,11 +161,22 @@ fn scan(module: &str, text: &str, set: &mut CoreSet) -> Result<()> {
         let looks_like = normalized
             .to_lowercase()
             .replace(": ", ":")
-            .starts_with("vm-test:core");
+            .starts_with("vm-test:");
+        if said == NO_REASONS_MARKER {
+            ensure!(
+                opener == "//",
+                "line {}: the marker is `// {NO_REASONS_MARKER}` on one test",
+                i + 1
+            );
+            let name = marked_test(&lines, i)
+                .with_context(|| format!("line {}: `// {NO_REASONS_MARKER}`", i + 1))?;
+            set.no_reasons.insert(format!("{module}::{name}"));
+            continue;
+        }
         if said != MARKER {
             ensure!(
                 !looks_like,
-                "line {}: `{}` is not the marker; write `// {MARKER}` or `//! {MARKER}`",
+                "line {}: `{}` is not a marker; write `// {MARKER}`, `//! {MARKER}` or `// {NO_REASONS_MARKER}`",
                 i + 1,
                 line.trim()
             );
@@ -233,11 +277,34 @@ mod tests {
             "#[test]\n// vm-test:core\nfn a() {}\n",
             "#[test]\n// VM-test: Core\nfn a() {}\n",
             "#[test]\n/// vm-test: core\nfn a() {}\n",
+            "#[test]\n// vm-test: no-reason\nfn a() {}\n",
+            "//! vm-test: no-reasons\n#[test]\nfn a() {}\n",
+            "// vm-test: no-reasons\nfn helper() {}\n",
         ] {
             assert!(scanned(text).is_err(), "accepted: {text:?}");
         }
         // Prose that mentions the command is not a marker.
         assert!(scanned("// cargo xtask vm-test runs these\n").is_ok());
+    }
+
+    #[test]
+    fn the_no_reasons_marker_selects_a_separate_set() {
+        let set = scanned(
+            "#[test]\n// vm-test: core\n// vm-test: no-reasons\nfn both() {}\n\n\
+             #[test]\n// vm-test: no-reasons\nfn old_only() {}\n\n#[test]\n// vm-test: core\nfn new_only() {}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            set.tests.iter().collect::<Vec<_>>(),
+            ["m::both", "m::new_only"]
+        );
+        assert_eq!(
+            set.no_reasons.iter().collect::<Vec<_>>(),
+            ["m::both", "m::old_only"]
+        );
+        let listed = vec!["m::both".to_string()];
+        assert!(resolve_no_reasons(&set, &listed).is_err());
+        assert!(resolve_no_reasons(&CoreSet::default(), &listed).is_err());
     }
 
     #[test]
@@ -264,5 +331,9 @@ mod tests {
             "the core set shrank: {set:?}"
         );
         assert!(set.modules.contains("context"), "{set:?}");
+        assert!(
+            set.no_reasons.len() >= 4,
+            "the no-reasons set shrank: {set:?}"
+        );
     }
 }

@@ -87,6 +87,10 @@ impl Accel {
         })
     }
 
+    /// TCG runs single-threaded: with one host thread per vCPU (`thread=multi`) the guest's
+    /// live patching of tracepoint and static-key sites hit stale code on the other vCPU (an
+    /// `int3` oops, then a panic) whenever probes were attached and detached. One host thread
+    /// per VM; `vm-test` runs kernels side by side instead.
     pub(super) fn qemu_args(self) -> [&'static str; 4] {
         match self {
             Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],

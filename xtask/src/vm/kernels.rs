@@ -26,13 +26,17 @@ pub(super) enum KernelSpec {
 }
 
 impl KernelSpec {
-    /// Resolves an alias (6.1, 6.12, 7.2), a package name, or a path to a .deb.
+    /// Resolves an alias (5.10, 6.1, 6.12, 7.2), a package name, or a path to a .deb.
     pub(super) fn parse(spec: &str) -> Result<Self> {
         let packages = |names: &[&str], suite: Option<&str>| KernelSpec::Packages {
             packages: names.iter().map(|s| s.to_string()).collect(),
             suite: suite.map(str::to_string),
         };
         Ok(match spec {
+            // A kernel without drop reasons (they arrived in 5.17). bullseye's last point
+            // release (11.11) is frozen, so this package stays where it is; bullseye-security
+            // carries newer 5.10 ABIs but drops the old ones as it moves.
+            "5.10" => packages(&["linux-image-5.10.0-32-amd64-unsigned"], Some("bullseye")),
             "6.1" => packages(&["linux-image-6.1.0-56-amd64-unsigned"], None),
             "6.12" => packages(&["linux-image-6.12.117+deb12-amd64-unsigned"], None),
             "7.2" => KernelSpec::split_packages("7.2.13+deb14-amd64", Some("sid")),
@@ -44,7 +48,7 @@ impl KernelSpec {
                 KernelSpec::split_packages(spec.trim_start_matches("linux-binary-"), None)
             }
             _ if spec.starts_with("linux-") => packages(&[spec], None),
-            _ => bail!("unknown kernel {spec:?}: use 6.1, 6.12, 7.2, a Debian package name or a path to a .deb"),
+            _ => bail!("unknown kernel {spec:?}: use 5.10, 6.1, 6.12, 7.2, a Debian package name or a path to a .deb"),
         })
     }
 
@@ -336,6 +340,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(KernelSpec::parse("5.10").is_err());
+        match KernelSpec::parse("5.10").unwrap() {
+            KernelSpec::Packages { packages, suite } => {
+                assert_eq!(packages, ["linux-image-5.10.0-32-amd64-unsigned"]);
+                assert_eq!(suite.as_deref(), Some("bullseye"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(KernelSpec::parse("5.4").is_err());
     }
 }

@@ -62,16 +62,67 @@ pub fn vm_test(root: &Path, kernels: &[String], core: bool, extra: &[String]) ->
     let guest = GuestCommand::build(root, core, extra)?;
     let cache = Cache::open()?;
 
-    let mut results = Vec::new();
-    for (name, spec) in names.iter().zip(&specs) {
-        let result =
-            run_one(&cache, spec, &guest, accel, timeout).with_context(|| format!("kernel {name}"));
-        if let Err(e) = &result {
-            eprintln!("=== vm-test: {e:#}");
+    // Downloads and initramfs builds one after the other (they share the cache), then the VMs
+    // side by side: under TCG each VM is one host thread (see `host::Accel`), so two kernels
+    // take the time of one on two cores.
+    let prepared: Vec<Result<Prepared>> = names
+        .iter()
+        .zip(&specs)
+        .map(|(name, spec)| prepare(&cache, spec, &guest).with_context(|| format!("kernel {name}")))
+        .collect();
+    let jobs = jobs(names.len())?;
+    let tag = |name: &str| if jobs > 1 { name.to_string() } else { String::new() };
+    let mut results: Vec<(String, Result<KernelRun>)> = Vec::new();
+    let mut pending = names.iter().zip(prepared).peekable();
+    while pending.peek().is_some() {
+        let batch: Vec<_> = pending.by_ref().take(jobs).collect();
+        let done: Vec<(String, Result<KernelRun>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = batch
+                .into_iter()
+                .map(|(name, prep)| {
+                    let tag = tag(name);
+                    let handle = scope.spawn(move || {
+                        prep.and_then(|p| {
+                            boot_one(p, accel, timeout, &tag)
+                                .with_context(|| format!("kernel {tag}"))
+                        })
+                    });
+                    (name.clone(), handle)
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(name, h)| {
+                    let r = h
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("the VM runner panicked")));
+                    (name, r)
+                })
+                .collect()
+        });
+        for (name, result) in done {
+            if let Err(e) = &result {
+                eprintln!("=== vm-test: {e:#}");
+            }
+            results.push((name, result));
         }
-        results.push((name.clone(), result));
     }
     summarize(&results)
+}
+
+/// How many VMs run at once: `VM_JOBS`, else one per host CPU, at most one per kernel.
+fn jobs(kernels: usize) -> Result<usize> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let jobs = match std::env::var("VM_JOBS") {
+        Ok(s) => s
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("VM_JOBS={s:?} is not a positive number"))?,
+        Err(_) => cpus,
+    };
+    Ok(jobs.min(kernels).max(1))
 }
 
 /// Seconds from `VM_TIMEOUT`, or the default.
@@ -131,20 +182,38 @@ struct KernelRun {
 }
 
 /// Fetches, prepares and boots one kernel.
-fn run_one(
-    cache: &Cache,
-    spec: &KernelSpec,
-    guest: &GuestCommand,
-    accel: Accel,
-    timeout: Duration,
-) -> Result<KernelRun> {
+/// A kernel ready to boot: unpacked, with its initramfs.
+struct Prepared {
+    kernel: kernels::Kernel,
+    initrd: PathBuf,
+    nonce: String,
+    _scratch: TempDir,
+}
+
+fn prepare(cache: &Cache, spec: &KernelSpec, guest: &GuestCommand) -> Result<Prepared> {
     let kernel = cache.kernel(spec)?;
     let nonce = qemu::nonce()?;
     let scratch = TempDir::new(&nonce)?;
     let initrd = scratch.0.join("initrd.cpio.gz");
     initramfs::build_initramfs(&kernel, guest, &nonce, &initrd)
         .context("building the initramfs")?;
+    Ok(Prepared {
+        kernel,
+        initrd,
+        nonce,
+        _scratch: scratch,
+    })
+}
 
+/// Boots a prepared kernel; its console lines start with `[tag] ` when `tag` is not empty
+/// (VMs running side by side).
+fn boot_one(p: Prepared, accel: Accel, timeout: Duration, tag: &str) -> Result<KernelRun> {
+    let Prepared {
+        kernel,
+        initrd,
+        nonce,
+        _scratch,
+    } = p;
     println!(
         "=== vm-test: kernel {} ({}) accel={} mem={VM_MEMORY} cpus={VM_CPUS} timeout={}s",
         kernel.release,
@@ -156,7 +225,7 @@ fn run_one(
         accel.name(),
         timeout.as_secs()
     );
-    let outcome = qemu::boot(&kernel, &initrd, accel, timeout, &nonce)?;
+    let outcome = qemu::boot(&kernel, &initrd, accel, timeout, &nonce, tag)?;
     let exit = outcome.exit.map_or_else(
         || {
             if outcome.timed_out {

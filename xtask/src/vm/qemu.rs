@@ -41,6 +41,7 @@ pub(super) fn boot(
     accel: Accel,
     timeout: Duration,
     nonce: &str,
+    tag: &str,
 ) -> Result<Outcome> {
     let (reader, writer) = std::io::pipe().context("creating the console pipe")?;
     let start = Instant::now();
@@ -74,7 +75,12 @@ pub(super) fn boot(
         cmd.spawn().context("starting qemu-system-x86_64")?
     };
     let marker = format!("VM_EXIT_{nonce}=");
-    let console = thread::spawn(move || stream_console(reader, &marker, start));
+    let prefix = if tag.is_empty() {
+        String::new()
+    } else {
+        format!("[{tag}] ")
+    };
+    let console = thread::spawn(move || stream_console(reader, &marker, start, &prefix));
     let timed_out = wait_or_kill(&mut child, timeout)?;
     let (exit, boot) = console
         .join()
@@ -93,6 +99,7 @@ fn stream_console(
     reader: impl Read,
     marker: &str,
     start: Instant,
+    prefix: &str,
 ) -> Result<(Option<i32>, Option<Duration>)> {
     let mut reader = BufReader::new(reader);
     let stdout = std::io::stdout();
@@ -117,6 +124,7 @@ fn stream_console(
             exit = digits.parse().ok().or(exit);
         }
         let mut out = stdout.lock();
+        out.write_all(prefix.as_bytes())?;
         out.write_all(&buf)?;
         out.flush()?;
     }
