@@ -69,6 +69,15 @@ pub enum Stack {
     Icmp6 = 3,
 }
 
+// Userspace empties the hot stacks by size and index (agent_ebpf::FRAMES_VALUE_SIZE,
+// HOT_FRAME_STACKS).
+const _: () = assert!(core::mem::size_of::<Frames>() == agent_ebpf::FRAMES_VALUE_SIZE);
+const _: () = assert!(
+    Stack::Forward as u32 == agent_ebpf::HOT_FRAME_STACKS[0]
+        && Stack::Netfilter as u32 == agent_ebpf::HOT_FRAME_STACKS[1]
+        && Stack::Ruleset as u32 == agent_ebpf::HOT_FRAME_STACKS[2]
+);
+
 #[map]
 static FRAMES: PerCpuArray<Frames> = PerCpuArray::with_max_entries(4, 0);
 

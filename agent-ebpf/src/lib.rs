@@ -562,6 +562,13 @@ pub struct Knobs {
     pub no_dev_end: u64,
 }
 
+/// Size of one value of the eBPF side's `FRAMES` per-CPU array (the context probes' frame
+/// stacks), so userspace can empty them.
+pub const FRAMES_VALUE_SIZE: usize = 232;
+/// Indices in `FRAMES` of the stacks of the probes attached on demand (forwarding, netfilter
+/// hooks, rulesets); the ICMPv6 stack's probe stays attached.
+pub const HOT_FRAME_STACKS: [u32; 3] = [0, 1, 2];
+
 /// Byte size of the ring buffer carrying [`Event`]s.
 pub const RING_BYTES: u32 = 1 << 22;
 /// Entries in the stack-trace map.

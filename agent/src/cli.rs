@@ -6,7 +6,10 @@ use ipnet::IpNet;
 
 use crate::{
     filter::{parse_net, parse_proto, Filter},
-    kernel::{attach::Mode, context_probes::ContextMode},
+    kernel::{
+        attach::Mode,
+        context_probes::{Arming, ContextMode},
+    },
     pods::PodName,
 };
 
@@ -384,6 +387,19 @@ pub struct ObserveArgs {
     /// kprobe/kretprobe; the first line of output says what each probe got and why.
     #[arg(long, value_enum, default_value_t = ContextMode::Auto)]
     pub context: ContextMode,
+
+    /// When the context probes on paths every forwarded or filtered packet takes
+    /// (nf_hook_slow, ip_forward, nft_do_chain, ipt_do_table) are attached. on-demand: while
+    /// netfilter or forwarding drops occur (the first drop of a burst gets the answer
+    /// without them: the hook from the kernel stack); always: from start to exit, as every
+    /// such packet then pays for them. ip_error and icmp6_send are always attached.
+    #[arg(long, value_enum, default_value_t = Arming::OnDemand)]
+    pub context_arm: Arming,
+
+    /// With --context-arm on-demand: seconds without a drop that needs them before the
+    /// context probes are detached again.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_seconds)]
+    pub context_linger: f64,
 
     /// Kernel BTF to read struct layouts and drop-reason names from.
     #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]

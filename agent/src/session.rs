@@ -24,9 +24,16 @@ use crate::{
     changes::{self, feed::Feed, watcher::Watcher},
     classify::{Classifier, Runner},
     cli::{Color, Format, ObserveArgs, RunArgs},
-    events::Decoder,
+    events::{Decoder, Record},
     evidence::{counters, investigator, netns, rules},
-    kernel::{agg::AggTable, attach, btf::KernelBtf, kallsyms::Kallsyms, preflight},
+    kernel::{
+        agg::AggTable,
+        attach,
+        btf::KernelBtf,
+        context_probes::{ContextProbes, Needs},
+        kallsyms::Kallsyms,
+        preflight,
+    },
     output::{json::JsonSink, text::TextSink, top::TopView, AttachInfo, Clock, Progress, Sink},
     output::monotonic_ns,
     pipeline::{Pipeline, StackReader, Traced, Watched},
@@ -134,12 +141,15 @@ pub async fn observe(
         };
         let busy = Instant::now();
         match wake {
-            Wake::Ring => drain(
-                session.ring.get_mut(),
-                &mut session.decoder,
-                &mut session.pipeline,
-                sink,
-            ),
+            Wake::Ring => {
+                let needs = drain(
+                    session.ring.get_mut(),
+                    &mut session.decoder,
+                    &mut session.pipeline,
+                    sink,
+                );
+                session.arm(needs);
+            }
             Wake::Changes => session.pipeline.take_changes(sink),
             Wake::Verdicts => session.pipeline.take_verdicts(sink),
             Wake::Tick => {
@@ -234,6 +244,8 @@ struct Session {
     decoder: Decoder,
     pipeline: Pipeline,
     counters: PerCpuArray<MapData, CpuState>,
+    /// The context probes attached while drops need them.
+    context: ContextProbes,
     agg: AggTable,
     /// The kernel's per-key counts as last read, and the drops it had seen then: a table
     /// that cannot have changed is not read again.
@@ -291,7 +303,15 @@ impl Session {
             },
         };
         preflight::raise_memlock();
-        let mut probes = attach::attach(&kernel, &args.btf, args.attach, args.context, config)?;
+        let mut probes = attach::attach(
+            &kernel,
+            &args.btf,
+            args.attach,
+            args.context,
+            args.context_arm,
+            Duration::from_secs_f64(args.context_linger),
+            config,
+        )?;
         let attach_ms = started.elapsed().as_millis();
         let netfilter_names = kernel.netfilter_names();
         drop(kernel);
@@ -350,6 +370,7 @@ impl Session {
             events,
             changes,
             counters,
+            context,
             stacks,
             agg,
             ebpf,
@@ -399,6 +420,7 @@ impl Session {
             decoder,
             pipeline,
             counters,
+            context,
             agg,
             agg_cache: Vec::new(),
             agg_seen: None,
@@ -443,12 +465,15 @@ impl Session {
         // key a cause (draining first would leave keys born in between without one).
         let now = clock_ns();
         let kernel = self.read_agg();
-        drain(
+        let needs = drain(
             self.ring.get_mut(),
             &mut self.decoder,
             &mut self.pipeline,
             sink,
         );
+        if !final_pass {
+            self.arm(needs);
+        }
         let decoder = &mut self.decoder;
         self.pipeline
             .reconcile(&kernel, |k| decoder.synthetic(k, now), sink, false);
@@ -470,9 +495,24 @@ impl Session {
         }
     }
 
+    /// Attaches the context probes the drops just seen need (see `ContextProbes`).
+    fn arm(&mut self, needs: Needs) {
+        if self.context.any() {
+            self.context.need(&mut self.ebpf, needs);
+        }
+    }
+
+    /// Detaches the context probes no drop has needed for a while.
+    fn disarm_idle(&mut self) {
+        if self.context.any() {
+            self.context.expire(&mut self.ebpf);
+        }
+    }
+
     /// Once per `--interval`.
     fn tick(&mut self, sink: &mut dyn Sink, seconds: f64) {
         self.catch_up(sink, false);
+        self.disarm_idle();
         let lost = self.counters().lost;
         let suppressed = self.pipeline.suppressed;
         sink.tick(&Progress {
@@ -582,18 +622,24 @@ pub fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
-/// Feeds every record waiting in the ring buffer through the pipeline.
+/// Feeds every record waiting in the ring buffer through the pipeline; returns which context
+/// probes the drops among them need.
 fn drain(
     rb: &mut RingBuf<MapData>,
     decoder: &mut Decoder,
     pipeline: &mut Pipeline,
     sink: &mut dyn Sink,
-) {
+) -> Needs {
+    let mut needs = Needs::default();
     while let Some(item) = rb.next() {
         if let Some(record) = decoder.decode(&item) {
+            if let Record::Drop(d) = &record {
+                needs.add(Needs::of(&d.reason, &d.location, d.iif.is_some()));
+            }
             pipeline.push(record, sink);
         }
     }
+    needs
 }
 
 /// The kernel's monotonic clock (what bpf_ktime_get_ns reads), in ns.

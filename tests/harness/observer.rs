@@ -51,7 +51,7 @@ pub struct Observer {
     /// Read while it runs (a long run must never block on a full pipe): the output lines so
     /// far, each with the moment it was read, and the thread reading them.
     stdout: Option<(Lines, JoinHandle<()>)>,
-    stderr: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<(Lines, JoinHandle<()>)>,
 }
 
 /// Output lines with the moment each was read.
@@ -75,15 +75,6 @@ fn all_lines((lines, reader): (Lines, JoinHandle<()>)) -> String {
     let lines = lines.lock().unwrap();
     let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
     text.join("\n")
-}
-
-/// Reads a child's pipe to its end on a thread of its own.
-fn collect(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        buf
-    })
 }
 
 /// What dropscope printed, parsed.
@@ -169,11 +160,11 @@ impl Observer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
         let stdout = collect_lines(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
+        let stderr = collect_lines(child.stderr.take().unwrap());
         let deadline = Instant::now() + timeout;
         while !ready.exists() {
             if let Some(status) = child.try_wait().unwrap() {
-                let err = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+                let err = all_lines(stderr);
                 panic!("dropscope exited before attaching ({status}): {err}");
             }
             if Instant::now() >= deadline {
@@ -210,6 +201,21 @@ impl Observer {
             }
             if Instant::now() > deadline {
                 return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (up to `secs`) for a log line (stderr) containing `needle`; whether it came.
+    pub fn wait_for_log(&self, secs: f64, needle: &str) -> bool {
+        let (lines, _) = self.stderr.as_ref().expect("running");
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        loop {
+            if lines.lock().unwrap().iter().any(|(_, l)| l.contains(needle)) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -252,7 +258,7 @@ impl Observer {
         let out = std::process::Output {
             status,
             stdout: all_lines(self.stdout.take().unwrap()).into_bytes(),
-            stderr: self.stderr.take().unwrap().join().unwrap(),
+            stderr: all_lines(self.stderr.take().unwrap()).into_bytes(),
         };
         let stdout = String::from_utf8_lossy(&out.stdout);
         let records = stdout
@@ -296,7 +302,7 @@ impl Observer {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let stderr = String::from_utf8_lossy(&self.stderr.take().unwrap().join().unwrap()).into_owned();
+        let stderr = all_lines(self.stderr.take().unwrap());
         (status, all_lines(self.stdout.take().unwrap()), stderr)
     }
 }

@@ -74,7 +74,15 @@ fn nft_drop_carries_hook_table_and_chain_in_every_mode() {
     );
     for flag in ["auto", "kprobe", "off"] {
         let before = nft_rule_packets(&t.r, "ctx-9700");
-        let obs = Observer::start(&["--netns", &t.r.name, "--context", flag]);
+        // Always attached, so the first drop already carries what the probes saw.
+        let obs = Observer::start(&[
+            "--netns",
+            &t.r.name,
+            "--context",
+            flag,
+            "--context-arm",
+            "always",
+        ]);
         Udp::to(B4, 9700).count(3).send(&t.a);
         let report = obs.stop();
         let counted = Expect::routed(&t, "netfilter_drop", 9700).check(&report);
@@ -122,7 +130,14 @@ fn legacy_drop_names_its_table_in_every_mode() {
     for flag in ["auto", "kprobe", "off"] {
         let rule = "--dport 9701 -j DROP";
         let before = iptables_rule_packets(&t.r, "iptables-legacy", rule);
-        let obs = Observer::start(&["--netns", &t.r.name, "--context", flag]);
+        let obs = Observer::start(&[
+            "--netns",
+            &t.r.name,
+            "--context",
+            flag,
+            "--context-arm",
+            "always",
+        ]);
         Udp::to(B4, 9701).count(2).send(&t.a);
         let report = obs.stop();
         let counted = Expect::routed(&t, "netfilter_drop", 9701).check(&report);
@@ -147,7 +162,8 @@ fn legacy_drop_names_its_table_in_every_mode() {
 }
 
 /// A drop on the way out of a forwarded packet (skb->dev is already the egress device): with
-/// the ip_forward probe it names where the packet came in too (used by the qdisc test).
+/// the ip_forward probe it names where the packet came in too (used by the qdisc test, which
+/// runs with `--context-arm always`).
 pub fn check_forwarded(report: &Report, r: &Value, ingress: &str, egress: &str) {
     if check_modes(report, "auto", "ip_forward") {
         assert_eq!(
@@ -228,4 +244,66 @@ fn icmpv6_errors_are_paired_where_the_probe_attaches() {
             }
         }
     }
+}
+
+/// The default arming: the hot-path probes are attached by the first netfilter drops,
+/// see the next ones, and go again after `--context-linger` without such drops.
+#[test]
+fn hot_path_probes_attach_on_demand_and_detach_when_quiet() {
+    let t = Topology::new();
+    t.r.sh(
+        "nft add table inet ctx; nft add chain inet ctx fwdchain '{ type filter hook forward priority 0; }'; \
+         nft add rule inet ctx fwdchain udp dport 9705 counter drop comment '\"ctx-9705\"'",
+    );
+    let obs = Observer::start(&["-v", "--netns", &t.r.name, "--context-linger", "2"]);
+    let before = nft_rule_packets(&t.r, "ctx-9705");
+    Udp::to(B4, 9705).count(2).send(&t.a);
+    // The record is printed after the loop turn that read the drop, which attaches the
+    // probes it needs.
+    let first = obs.wait_for(60.0, |r| r["cause"] == "netfilter_drop");
+    let first = first.expect("no record of the first drops").0;
+    // The first drop of the burst: the answer without the probes, the hook from the stack.
+    assert_eq!(
+        (&first["hook"], &first["hook_from"]),
+        (&"forward".into(), &"stack".into()),
+        "{first:#}"
+    );
+    let armed = obs.wait_for_log(30.0, "context probes attached: nf_hook_slow");
+    if armed {
+        Udp::to(B4, 9705).count(2).send(&t.a);
+        // Nothing needs them for longer than the linger: they go again.
+        assert!(
+            obs.wait_for_log(60.0, "context probes detached"),
+            "the probes were not detached after the linger"
+        );
+    }
+    let report = obs.stop();
+    let counted = Expect::routed(&t, "netfilter_drop", 9705).check(&report);
+    assert_eq!(counted, nft_rule_packets(&t.r, "ctx-9705") - before);
+    assert_eq!(counted, if armed { 4 } else { 2 });
+    if mode(&report, "nf_hook_slow") == "unavailable" {
+        assert!(!expect_context(), "{:#}", report.attach());
+        assert!(!armed, "{}", report.stderr);
+        return;
+    }
+    assert!(armed, "the first drops did not attach the probes: {}", report.stderr);
+    let note = report.attach()["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["probe"] == "nf_hook_slow")
+        .unwrap()["note"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(note.contains("on demand"), "{note}");
+    // Once attached, later drops carry what the probes saw.
+    let records = report.of("netfilter_drop");
+    let from_probe = records.iter().find(|r| r["hook_from"] == "probe");
+    let r = from_probe.unwrap_or_else(|| panic!("no drop seen by the probes: {records:#?}"));
+    assert_eq!(
+        (&r["hook"], &r["nf_table"], &r["forwarded"]),
+        (&"forward".into(), &"ctx".into(), &true.into()),
+        "{r:#}"
+    );
 }

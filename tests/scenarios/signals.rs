@@ -8,7 +8,8 @@ use crate::{evidence, observe, Expect};
 fn qdisc_overflow_is_qdisc_drop() {
     let t = Topology::new();
     t.r.sh("tc qdisc add dev r1 root tbf rate 1mbit burst 1600 limit 3000");
-    let obs = Observer::start(&["--netns", &t.r.name]);
+    // Context probes attached from the start, so the first drop names the ingress device.
+    let obs = Observer::start(&["--netns", &t.r.name, "--context-arm", "always"]);
     Udp::to(B4, 9600).payload(1000).count(30).send(&t.a);
     let report = obs.stop();
     let kernel = tc_stat(&t.r.sh("tc -s qdisc show dev r1"), "dropped ");

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::{
     agg::AggTable,
     btf::KernelBtf,
-    context_probes::{self, ContextMode},
+    context_probes::{self, ContextMode, ContextProbes},
     tracefs,
 };
 
@@ -64,6 +64,8 @@ pub struct Probes {
     pub knobs: KnobsMap,
     /// Configuration changes made by processes (sysctl writes, iptables-legacy tables).
     pub changes: RingBuf<MapData>,
+    /// The context probes attached on demand.
+    pub context: ContextProbes,
     pub stacks: StackTraceMap<MapData>,
     /// Exact per-key drop counts (see `agent_ebpf::AggSlot`).
     pub agg: AggTable,
@@ -117,6 +119,8 @@ pub fn attach(
     btf_path: &Path,
     mode: Mode,
     context: ContextMode,
+    arming: context_probes::Arming,
+    linger: std::time::Duration,
     mut config: Config,
 ) -> Result<Probes> {
     let start = Instant::now();
@@ -164,7 +168,10 @@ pub fn attach(
 
     let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())
         .map_err(|e| anyhow!("cannot parse BTF at {}: {e}", btf_path.display()))?;
-    tracing::debug!("BTF parsed for the loader ({} ms)", start.elapsed().as_millis());
+    tracing::debug!(
+        "BTF parsed for the loader ({} ms)",
+        start.elapsed().as_millis()
+    );
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&aya_btf))
         .override_global("CONFIG", &config, true)
@@ -186,7 +193,8 @@ pub fn attach(
         tracing::debug!("{got}");
         report.push(got);
     }
-    let context_report = context_probes::attach_all(&mut ebpf, &aya_btf, kernel, context);
+    let (context_report, context) =
+        context_probes::attach_all(&mut ebpf, &aya_btf, kernel, context, arming, linger);
     for got in &context_report {
         tracing::debug!("{got}");
     }
@@ -212,6 +220,7 @@ pub fn attach(
         changes,
         counters,
         knobs,
+        context,
         stacks,
         agg,
         report,

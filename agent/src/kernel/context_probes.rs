@@ -1,13 +1,27 @@
 //! The optional context probes: what a packet was going through when it was dropped
 //! (netfilter hook, forwarding, route error, the ruleset that returned DROP).
 //!
-//! Each probe tries fentry/fexit, then kprobe/kretprobe, by actually attaching, and records
-//! the mode it got and why better ones were refused. None of them is required: without them
-//! the drop tracepoint still classifies every drop (from its reason, location and stack).
-use std::path::Path;
+//! Each probe tries fentry/fexit, then kprobe/kretprobe, and records the mode it got and why
+//! better ones were refused. None of them is required: without them the drop tracepoint still
+//! classifies every drop (from its reason, location and stack).
+//!
+//! The probes on paths every forwarded or filtered packet takes (nf_hook_slow, ip_forward,
+//! nft_do_chain, ipt_do_table) cost every such packet, dropped or not. By default they are
+//! only loaded at start and attached on demand: when a netfilter or forwarding drop is seen,
+//! and detached again after a quiet period ([`ContextProbes`]). Until they are attached, such a
+//! drop gets the answer the drop tracepoint alone gives (the hook from the kernel stack, the
+//! engine from the freeing function and the namespace's tables). `--context-arm always`
+//! keeps them attached from start to exit. The probes on error paths (ip_error, icmp6_send)
+//! are always attached.
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use aya::{
-    programs::{FEntry, FExit, KProbe},
+    programs::{
+        fentry::FEntryLinkId, fexit::FExitLinkId, kprobe::KProbeLinkId, FEntry, FExit, KProbe,
+    },
     Btf, Ebpf,
 };
 
@@ -30,6 +44,28 @@ pub enum ContextMode {
     Off,
 }
 
+/// When the context probes on hot paths are attached (`--context-arm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arming {
+    /// While drops that need them occur (netfilter or forwarding drops), detached after
+    /// `--context-linger` seconds without any.
+    OnDemand,
+    /// From start to exit (every forwarded or filtered packet pays for them).
+    Always,
+}
+
+/// The traffic a probe runs for, which decides when it is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Traffic {
+    /// Netfilter hooks and rulesets: every filtered packet runs through them.
+    Netfilter,
+    /// Forwarding: every forwarded packet.
+    Forward,
+    /// Error paths only (route errors, ICMPv6 errors): always attached.
+    ErrorsOnly,
+}
+
 /// One kernel function of a probe and its programs in each mode.
 struct Target {
     function: &'static str,
@@ -45,12 +81,14 @@ struct Target {
 /// A context probe: the functions it watches, attached all in one mode or not at all.
 struct Probe {
     name: &'static str,
+    traffic: Traffic,
     targets: &'static [Target],
 }
 
 const PROBES: [Probe; 6] = [
     Probe {
         name: "nf_hook_slow",
+        traffic: Traffic::Netfilter,
         targets: &[Target {
             function: "nf_hook_slow",
             fentry: Some("nf_hook_slow_fentry"),
@@ -61,6 +99,7 @@ const PROBES: [Probe; 6] = [
     },
     Probe {
         name: "ip_forward",
+        traffic: Traffic::Forward,
         targets: &[
             Target {
                 function: "ip_forward",
@@ -80,6 +119,7 @@ const PROBES: [Probe; 6] = [
     },
     Probe {
         name: "ip_error",
+        traffic: Traffic::ErrorsOnly,
         targets: &[Target {
             function: "ip_error",
             fentry: Some("ip_error_fentry"),
@@ -90,6 +130,7 @@ const PROBES: [Probe; 6] = [
     },
     Probe {
         name: "nft_do_chain",
+        traffic: Traffic::Netfilter,
         targets: &[Target {
             function: "nft_do_chain",
             fentry: Some("nft_do_chain_fentry"),
@@ -100,6 +141,7 @@ const PROBES: [Probe; 6] = [
     },
     Probe {
         name: "ipt_do_table",
+        traffic: Traffic::Netfilter,
         targets: &[
             Target {
                 function: "ipt_do_table",
@@ -121,6 +163,7 @@ const PROBES: [Probe; 6] = [
     // inside it says the error really left (after the rate limit). Both or neither.
     Probe {
         name: "icmp6_send",
+        traffic: Traffic::ErrorsOnly,
         targets: &[
             Target {
                 function: "icmp6_send",
@@ -140,18 +183,217 @@ const PROBES: [Probe; 6] = [
     },
 ];
 
-/// Attaches every context probe in the best mode `mode` allows.
+impl Traffic {
+    /// The frame stacks (indices in the eBPF side's `FRAMES`) its probes push on.
+    fn frame_stacks(self) -> &'static [u32] {
+        // HOT_FRAME_STACKS is [forwarding, netfilter hooks, rulesets].
+        let stacks = &agent_ebpf::HOT_FRAME_STACKS;
+        match self {
+            Traffic::Forward => &stacks[..1],
+            Traffic::Netfilter => &stacks[1..],
+            Traffic::ErrorsOnly => &[],
+        }
+    }
+}
+
+/// How a probe's programs attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Fentry,
+    Kprobe,
+}
+
+/// A hot-path probe whose programs are loaded, and attached only while drops need it.
+struct OnDemand {
+    probe: &'static Probe,
+    way: Way,
+    targets: Vec<&'static Target>,
+    /// Its links while attached.
+    links: Vec<LinkId>,
+    /// Attaching it failed once: not tried again.
+    broken: bool,
+}
+
+enum LinkId {
+    FEntry(&'static str, FEntryLinkId),
+    FExit(&'static str, FExitLinkId),
+    KProbe(&'static str, KProbeLinkId),
+}
+
+/// Which hot paths the drops just seen need probes on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub netfilter: bool,
+    pub forward: bool,
+}
+
+impl Needs {
+    /// What a drop (its reason and the function that freed it, as named by the kernel) needs:
+    /// a netfilter drop needs the hook, the ruleset and (in FORWARD) the ingress device; a
+    /// drop on the forwarding path (in ip_forward, or on the way out of a packet that arrived
+    /// on another device) needs the ingress device.
+    pub fn of(reason: &str, location: &str, arrived_elsewhere: bool) -> Needs {
+        let netfilter = reason == "NETFILTER_DROP"
+            || matches!(
+                location,
+                "nf_hook_slow" | "nft_do_chain" | "ipt_do_table" | "ip6t_do_table"
+            );
+        let forward = netfilter
+            || arrived_elsewhere
+            || matches!(
+                location,
+                "ip_forward" | "ip6_forward" | "ip_forward_finish" | "ip6_forward_finish"
+            );
+        Needs { netfilter, forward }
+    }
+
+    pub fn add(&mut self, other: Needs) {
+        self.netfilter |= other.netfilter;
+        self.forward |= other.forward;
+    }
+
+    fn wants(&self, traffic: Traffic) -> bool {
+        match traffic {
+            Traffic::Netfilter => self.netfilter,
+            Traffic::Forward => self.forward,
+            Traffic::ErrorsOnly => false,
+        }
+    }
+}
+
+/// The hot-path probes attached on demand, and when each path was last needed.
+pub struct ContextProbes {
+    on_demand: Vec<OnDemand>,
+    linger: Duration,
+    netfilter_since: Option<Instant>,
+    forward_since: Option<Instant>,
+}
+
+impl ContextProbes {
+    /// Nothing to arm (`--context off`, `--context-arm always`, or no probe loads here).
+    pub fn none() -> Self {
+        ContextProbes {
+            on_demand: Vec::new(),
+            linger: Duration::ZERO,
+            netfilter_since: None,
+            forward_since: None,
+        }
+    }
+
+    /// Whether any probe is attached on demand.
+    pub fn any(&self) -> bool {
+        !self.on_demand.is_empty()
+    }
+
+    /// Attaches the probes of the paths `needs` names, if they are not attached yet, and
+    /// notes that they are needed now.
+    pub fn need(&mut self, ebpf: &mut Ebpf, needs: Needs) {
+        if !needs.netfilter && !needs.forward {
+            return;
+        }
+        let now = Instant::now();
+        if needs.netfilter {
+            self.netfilter_since = Some(now);
+        }
+        if needs.forward {
+            self.forward_since = Some(now);
+        }
+        let mut armed = Vec::new();
+        for p in &mut self.on_demand {
+            if p.broken || !p.links.is_empty() || !needs.wants(p.probe.traffic) {
+                continue;
+            }
+            match attach_loaded(ebpf, p.way, &p.targets) {
+                Ok(links) => {
+                    p.links = links;
+                    armed.push(p.probe.name);
+                }
+                Err(e) => {
+                    p.broken = true;
+                    tracing::warn!(
+                        "context probe {} could not be attached ({e:#}); its drops get the answer without it",
+                        p.probe.name
+                    );
+                }
+            }
+        }
+        if !armed.is_empty() {
+            tracing::info!("context probes attached: {}", armed.join(", "));
+        }
+    }
+
+    /// Detaches the probes of paths not needed for `linger`, and empties their frame stacks
+    /// (a call cut short by the detach leaves its frame behind; an empty stack also spares
+    /// the drop probe the frame's age check).
+    pub fn expire(&mut self, ebpf: &mut Ebpf) {
+        let now = Instant::now();
+        let quiet = |since: Option<Instant>| since.is_none_or(|t| now - t >= self.linger);
+        let (nf_quiet, fwd_quiet) = (quiet(self.netfilter_since), quiet(self.forward_since));
+        let going: Vec<usize> = self
+            .on_demand
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.links.is_empty())
+            .filter(|(_, p)| match p.probe.traffic {
+                Traffic::Netfilter => nf_quiet,
+                Traffic::Forward => fwd_quiet,
+                Traffic::ErrorsOnly => false,
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if going.is_empty() {
+            return;
+        }
+        let mut names = Vec::new();
+        let mut stacks = Vec::new();
+        for i in going {
+            let p = &mut self.on_demand[i];
+            detach_links(ebpf, std::mem::take(&mut p.links));
+            names.push(p.probe.name);
+            stacks.extend_from_slice(p.probe.traffic.frame_stacks());
+        }
+        // Once detached, no call of theirs is under way any more (the kernel waits for them).
+        reset_frames(ebpf, &stacks);
+        tracing::info!(
+            "context probes detached after {} s without drops that need them: {}",
+            self.linger.as_secs_f64(),
+            names.join(", ")
+        );
+    }
+}
+
+/// Loads every context probe in the best mode `mode` allows; attaches those on error paths,
+/// and those on hot paths too with `Arming::Always`. The others wait in the returned
+/// [`ContextProbes`] until drops need them.
 pub fn attach_all(
     ebpf: &mut Ebpf,
     btf: &Btf,
     kernel: &KernelBtf,
     mode: ContextMode,
-) -> Vec<Attached> {
+    arming: Arming,
+    linger: Duration,
+) -> (Vec<Attached>, ContextProbes) {
     let mut refused = Refused::default();
-    PROBES
+    let mut context = ContextProbes::none();
+    context.linger = linger;
+    let report = PROBES
         .iter()
-        .map(|p| attach_probe(ebpf, btf, kernel, p, mode, &mut refused))
-        .collect()
+        .map(|p| {
+            let lazy = arming == Arming::OnDemand && p.traffic != Traffic::ErrorsOnly;
+            let (got, ready) = prepare_probe(ebpf, btf, kernel, p, mode, lazy, &mut refused);
+            if let Some((way, targets)) = ready {
+                context.on_demand.push(OnDemand {
+                    probe: p,
+                    way,
+                    targets,
+                    links: Vec::new(),
+                    broken: false,
+                });
+            }
+            got
+        })
+        .collect();
+    (report, context)
 }
 
 /// Refusals that hold for every probe (lockdown, no kprobes): found once, not retried.
@@ -161,25 +403,32 @@ struct Refused {
     kprobe: Option<String>,
 }
 
-fn attach_probe(
+/// What an on-demand probe's note says, before why better modes were refused.
+const ON_DEMAND_NOTE: &str = "attached on demand: while netfilter or forwarding drops occur, detached after --context-linger seconds without any; the first drop of a burst gets the answer without it (hook from the kernel stack)";
+
+/// Loads a probe in the best way `mode` allows, and attaches it unless `lazy`; a lazy probe
+/// that loaded comes back with its way and targets.
+#[allow(clippy::type_complexity)]
+fn prepare_probe(
     ebpf: &mut Ebpf,
     btf: &Btf,
     kernel: &KernelBtf,
-    probe: &Probe,
+    probe: &'static Probe,
     mode: ContextMode,
+    lazy: bool,
     refused: &mut Refused,
-) -> Attached {
+) -> (Attached, Option<(Way, Vec<&'static Target>)>) {
     let unavailable = |note: String| Attached {
         probe: probe.name,
         mode: "unavailable",
         note: Some(note),
     };
     if mode == ContextMode::Off {
-        return unavailable("disabled (--context off)".into());
+        return (unavailable("disabled (--context off)".into()), None);
     }
     // Functions this kernel does not have at all (e.g. ip6t_do_table without ip6_tables).
     // A probe whose functions only make sense together needs them all.
-    let present: Vec<&Target> = probe
+    let present: Vec<&'static Target> = probe
         .targets
         .iter()
         .filter(|t| kernel.function_home(t.function) != FunctionHome::Missing)
@@ -195,129 +444,236 @@ fn attach_probe(
         .map(|f| format!("{f}: not in this kernel's BTF (module not loaded?)"))
         .collect();
     if present.is_empty() {
-        return unavailable(notes.join("; "));
+        return (unavailable(notes.join("; ")), None);
     }
-    if let Some(why) = &refused.fentry {
-        notes.push(format!("fentry: {why}"));
-    } else if matches!(mode, ContextMode::Auto | ContextMode::Fentry) {
-        match attach_fentry(ebpf, btf, kernel, &present) {
+    let got = |way: Way, notes: &[String]| {
+        let mut all: Vec<String> = Vec::new();
+        if lazy {
+            all.push(ON_DEMAND_NOTE.to_string());
+        }
+        all.extend(notes.iter().cloned());
+        Attached {
+            probe: probe.name,
+            mode: match way {
+                Way::Fentry => "fentry",
+                Way::Kprobe => "kprobe",
+            },
+            note: (!all.is_empty()).then(|| all.join("; ")),
+        }
+    };
+    for way in [Way::Fentry, Way::Kprobe] {
+        let (memo, allowed, label) = match way {
+            Way::Fentry => (
+                &mut refused.fentry,
+                matches!(mode, ContextMode::Auto | ContextMode::Fentry),
+                "fentry",
+            ),
+            Way::Kprobe => (
+                &mut refused.kprobe,
+                matches!(mode, ContextMode::Auto | ContextMode::Kprobe),
+                "kprobe",
+            ),
+        };
+        if let Some(why) = memo {
+            notes.push(format!("{label}: {why}"));
+            continue;
+        }
+        if !allowed {
+            if way == Way::Fentry {
+                notes.push("fentry: skipped (--context kprobe)".into());
+            }
+            continue;
+        }
+        let result = load(ebpf, btf, kernel, way, &present).and_then(|()| {
+            if lazy {
+                Ok(())
+            } else {
+                // Attached for good: the links stay with their programs.
+                attach_loaded(ebpf, way, &present).map(|_| ())
+            }
+        });
+        match result {
             Ok(()) => {
-                return Attached {
-                    probe: probe.name,
-                    mode: "fentry",
-                    note: (!notes.is_empty()).then(|| notes.join("; ")),
-                }
+                let ready = lazy.then(|| (way, present.clone()));
+                return (got(way, &notes), ready);
             }
             Err(e) => {
+                unload(ebpf, &present, way);
                 let why = e.to_string();
-                if why.contains("EPERM") {
-                    refused.fentry = Some(why.clone());
+                let global = match way {
+                    Way::Fentry => why.contains("EPERM"),
+                    Way::Kprobe => why.contains("no kprobes"),
+                };
+                if global {
+                    *memo = Some(why.clone());
                 }
-                notes.push(format!("fentry: {why}"));
-            }
-        }
-    } else {
-        notes.push("fentry: skipped (--context kprobe)".into());
-    }
-    if let Some(why) = &refused.kprobe {
-        notes.push(format!("kprobe: {why}"));
-    } else if matches!(mode, ContextMode::Auto | ContextMode::Kprobe) {
-        match attach_kprobe(ebpf, &present) {
-            Ok(()) => {
-                return Attached {
-                    probe: probe.name,
-                    mode: "kprobe",
-                    note: Some(notes.join("; ")),
-                }
-            }
-            Err(e) => {
-                let why = e.to_string();
-                if why.contains("no kprobes") {
-                    refused.kprobe = Some(why.clone());
-                }
-                notes.push(format!("kprobe: {why}"));
+                notes.push(format!("{label}: {why}"));
             }
         }
     }
-    unavailable(notes.join("; "))
+    (unavailable(notes.join("; ")), None)
 }
 
-/// fentry/fexit on every present function, or none of them (a half-attached probe would
-/// push frames nobody pops).
-fn attach_fentry(
+/// Loads (verifies) a probe's programs for `way`.
+fn load(
     ebpf: &mut Ebpf,
     btf: &Btf,
     kernel: &KernelBtf,
+    way: Way,
     targets: &[&Target],
 ) -> anyhow::Result<()> {
+    match way {
+        Way::Fentry => {
+            for t in targets {
+                if let FunctionHome::Module(m) = kernel.function_home(t.function) {
+                    anyhow::bail!(
+                        "{} is in module {m}; fentry on module functions is not supported by this loader",
+                        t.function
+                    );
+                }
+            }
+            let result = (|| -> anyhow::Result<()> {
+                for t in targets {
+                    if let Some(name) = t.fexit {
+                        let prog: &mut FExit = program(ebpf, name)?.try_into()?;
+                        retrying(|| prog.load(t.function, btf)).map_err(verbose)?;
+                    }
+                    if let Some(name) = t.fentry {
+                        let prog: &mut FEntry = program(ebpf, name)?.try_into()?;
+                        retrying(|| prog.load(t.function, btf)).map_err(verbose)?;
+                    }
+                }
+                Ok(())
+            })();
+            result.map_err(|e| anyhow::anyhow!(explain_refusal(&format!("{e:#}"))))
+        }
+        Way::Kprobe => {
+            if !Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+                anyhow::bail!("this kernel has no kprobes (CONFIG_KPROBES off)");
+            }
+            for name in kprobe_programs(targets) {
+                let prog: &mut KProbe = program(ebpf, name)?.try_into()?;
+                retrying(|| prog.load()).map_err(verbose)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The kprobe programs of `targets`, return probes first, each once (one program may serve
+/// several functions).
+fn kprobe_programs(targets: &[&Target]) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Vec::new();
     for t in targets {
-        if let FunctionHome::Module(m) = kernel.function_home(t.function) {
-            anyhow::bail!(
-                "{} is in module {m}; fentry on module functions is not supported by this loader",
-                t.function
-            );
-        }
-    }
-    let mut loaded: Vec<&'static str> = Vec::new();
-    let result = (|| -> anyhow::Result<()> {
-        for t in targets {
-            // The exit side first: a call that began before the entry side was attached
-            // then pops nothing instead of leaving a frame behind.
-            if let Some(name) = t.fexit {
-                let prog: &mut FExit = program(ebpf, name)?.try_into()?;
-                loaded.push(name);
-                retrying(|| prog.load(t.function, btf)).map_err(verbose)?;
-                prog.attach().map_err(verbose)?;
-            }
-            if let Some(name) = t.fentry {
-                let prog: &mut FEntry = program(ebpf, name)?.try_into()?;
-                loaded.push(name);
-                retrying(|| prog.load(t.function, btf)).map_err(verbose)?;
-                prog.attach().map_err(verbose)?;
-            }
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        unload(ebpf, &loaded);
-    }
-    result.map_err(|e| anyhow::anyhow!(explain_refusal(&format!("{e:#}"))))
-}
-
-fn attach_kprobe(ebpf: &mut Ebpf, targets: &[&Target]) -> anyhow::Result<()> {
-    if !Path::new("/sys/bus/event_source/devices/kprobe").exists() {
-        anyhow::bail!("this kernel has no kprobes (CONFIG_KPROBES off)");
-    }
-    // Return probes first (as fexit before fentry): a call already under way then pops
-    // nothing rather than leaving a frame behind. One program may serve several functions.
-    let mut plan: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
-    for t in targets.iter() {
         for name in t.kretprobe.iter().chain(t.kprobe.iter()) {
-            match plan.iter_mut().find(|(n, _)| n == name) {
-                Some((_, fns)) => fns.push(t.function),
-                None => plan.push((name, vec![t.function])),
+            if !names.contains(name) {
+                names.push(name);
             }
         }
     }
-    plan.sort_by_key(|(name, _)| !name.contains("kretprobe"));
-    let names: Vec<&'static str> = plan.iter().map(|(n, _)| *n).collect();
+    names.sort_by_key(|name| !name.contains("kretprobe"));
+    names
+}
+
+/// Attaches loaded programs: every function of the probe, or none of them (a half-attached
+/// probe would push frames nobody pops). The exit side first: a call already under way then
+/// pops nothing rather than leaving a frame behind.
+fn attach_loaded(ebpf: &mut Ebpf, way: Way, targets: &[&Target]) -> anyhow::Result<Vec<LinkId>> {
+    let mut links = Vec::new();
     let result = (|| -> anyhow::Result<()> {
-        for (name, functions) in &plan {
-            let prog: &mut KProbe = program(ebpf, name)?.try_into()?;
-            retrying(|| prog.load()).map_err(verbose)?;
-            for f in functions {
-                prog.attach(f, 0).map_err(verbose)?;
+        match way {
+            Way::Fentry => {
+                for t in targets {
+                    if let Some(name) = t.fexit {
+                        let prog: &mut FExit = program(ebpf, name)?.try_into()?;
+                        links.push(LinkId::FExit(name, prog.attach().map_err(verbose)?));
+                    }
+                    if let Some(name) = t.fentry {
+                        let prog: &mut FEntry = program(ebpf, name)?.try_into()?;
+                        links.push(LinkId::FEntry(name, prog.attach().map_err(verbose)?));
+                    }
+                }
+            }
+            Way::Kprobe => {
+                let mut plan: Vec<(&'static str, &'static str)> = Vec::new();
+                for t in targets {
+                    for name in t.kretprobe.iter().chain(t.kprobe.iter()) {
+                        plan.push((name, t.function));
+                    }
+                }
+                plan.sort_by_key(|(name, _)| !name.contains("kretprobe"));
+                for (name, function) in plan {
+                    let prog: &mut KProbe = program(ebpf, name)?.try_into()?;
+                    links.push(LinkId::KProbe(
+                        name,
+                        prog.attach(function, 0).map_err(verbose)?,
+                    ));
+                }
             }
         }
         Ok(())
     })();
-    if result.is_err() {
-        unload(ebpf, &names);
+    match result {
+        Ok(()) => Ok(links),
+        Err(e) => {
+            detach_links(ebpf, links);
+            Err(e)
+        }
     }
-    result
 }
 
-fn unload(ebpf: &mut Ebpf, names: &[&'static str]) {
+/// Detaches links in the reverse order of attaching: entry side first.
+fn detach_links(ebpf: &mut Ebpf, mut links: Vec<LinkId>) {
+    links.reverse();
+    for link in links {
+        let result = match link {
+            LinkId::FEntry(name, id) => {
+                program(ebpf, name).and_then(|p| Ok(<&mut FEntry>::try_from(p)?.detach(id)?))
+            }
+            LinkId::FExit(name, id) => {
+                program(ebpf, name).and_then(|p| Ok(<&mut FExit>::try_from(p)?.detach(id)?))
+            }
+            LinkId::KProbe(name, id) => {
+                program(ebpf, name).and_then(|p| Ok(<&mut KProbe>::try_from(p)?.detach(id)?))
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!("detaching a context probe: {e:#}");
+        }
+    }
+}
+
+/// Empties frame stacks on every CPU, so calls cut short by a detach leave nothing behind for
+/// the next attach.
+fn reset_frames(ebpf: &mut Ebpf, stacks: &[u32]) {
+    let Some(map) = ebpf.map_mut("FRAMES") else {
+        return;
+    };
+    let Ok(mut frames) =
+        aya::maps::PerCpuArray::<_, [u8; agent_ebpf::FRAMES_VALUE_SIZE]>::try_from(map)
+    else {
+        tracing::debug!("FRAMES is not the size expected; frames not reset");
+        return;
+    };
+    let Ok(cpus) = aya::util::nr_cpus() else {
+        return;
+    };
+    for &stack in stacks {
+        let zero = vec![[0u8; agent_ebpf::FRAMES_VALUE_SIZE]; cpus];
+        if let Ok(values) = aya::maps::PerCpuValues::try_from(zero) {
+            let _ = frames.set(stack, values, 0);
+        }
+    }
+}
+
+fn unload(ebpf: &mut Ebpf, targets: &[&Target], way: Way) {
+    let names: Vec<&'static str> = match way {
+        Way::Fentry => targets
+            .iter()
+            .flat_map(|t| t.fexit.iter().chain(t.fentry.iter()).copied())
+            .collect(),
+        Way::Kprobe => kprobe_programs(targets),
+    };
     for name in names {
         match ebpf.program_mut(name) {
             Some(aya::programs::Program::FEntry(p)) => drop(p.unload()),
