@@ -11,75 +11,105 @@
 /// Marker for "this offset or value does not exist on the running kernel".
 pub const ABSENT: u32 = u32::MAX;
 
-/// Struct member offsets (bytes) and tracepoint layouts, resolved in userspace from BTF.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Offsets {
-    // struct sk_buff
-    pub skb_len: u32,
-    pub skb_dev: u32,
-    pub skb_head: u32,
-    pub skb_network_header: u32,
-    pub skb_protocol: u32,
-    pub skb_mark: u32,
-    pub skb_refdst: u32,
-    /// `skb->skb_iif`: the device the packet was received on (kept while it is forwarded).
-    pub skb_iif: u32,
-    /// `skb->sk`, and the netns of a socket (`sock_common.skc_net`): the namespace of
-    /// locally generated packets that have neither a device nor a route yet.
-    pub skb_sk: u32,
-    pub sk_net: u32,
-    // struct net_device
-    pub dev_ifindex: u32,
-    pub dev_name: u32,
-    pub dev_mtu: u32,
-    pub dev_ip_ptr: u32,
-    pub dev_ip6_ptr: u32,
-    pub dev_nd_net: u32,
-    // struct net
-    pub net_inum: u32,
-    pub net_ipv4_devconf_all: u32,
-    pub net_ipv6_devconf_all: u32,
-    // struct in_device -> cnf.data[0], struct ipv4_devconf -> data[0]
-    pub in_dev_cnf_data: u32,
-    pub ipv4_devconf_data: u32,
-    /// Index into `ipv4_devconf.data[]` of FORWARDING and RP_FILTER (IPV4_DEVCONF_X - 1).
-    pub devconf_idx_forwarding: u32,
-    pub devconf_idx_rp_filter: u32,
-    // struct inet6_dev -> cnf.forwarding, struct ipv6_devconf -> forwarding
-    pub in6_dev_cnf_forwarding: u32,
-    pub ipv6_devconf_forwarding: u32,
-    // struct dst_entry
-    pub dst_dev: u32,
-    // Classic `skb:kfree_skb` tracepoint layout (fallback when tp_btf is unavailable).
-    pub tp_kfree_skbaddr: u32,
-    pub tp_kfree_location: u32,
-    pub tp_kfree_reason: u32,
-    // Classic `icmp:icmp_send` tracepoint layout.
-    pub tp_icmp_skbaddr: u32,
-    pub tp_icmp_type: u32,
-    pub tp_icmp_code: u32,
-    // Classic `tcp:tcp_send_reset` tracepoint layout.
-    pub tp_rst_skbaddr: u32,
-    /// Start of a [`SKB_WINDOW`]-byte span of `sk_buff` holding len, dev, protocol, head and
-    /// network_header (read with one helper call instead of five), or [`ABSENT`].
-    pub skb_window: u32,
-    /// Start of a [`DEV_WINDOW`]-byte span of `net_device` holding ifindex and nd_net.
-    pub dev_window: u32,
-    // struct nf_hook_state (nf_hook_slow's context probe)
-    pub nf_state_hook: u32,
-    pub nf_state_pf: u32,
-    pub nf_state_in: u32,
-    pub nf_state_out: u32,
-    // struct nft_pktinfo, nft_chain, nft_table (nft_do_chain's verdict probe)
-    pub nft_pktinfo_skb: u32,
-    pub nft_chain_table: u32,
-    pub nft_chain_name: u32,
-    pub nft_table_name: u32,
-    // struct xt_table (ipt_do_table's verdict probe): the name is inline
-    pub xt_table_name: u32,
-    // struct dst_entry: the route's error (ip_error's context probe)
-    pub dst_error: u32,
+/// Declares [`Offsets`] from one list: each offset read from a BTF struct member is named once,
+/// with its struct and member path, and the resolver, the "all unknown" value and the struct
+/// follow from it.
+macro_rules! offsets {
+    (
+        from_btf { $( $(#[$m1:meta])* $f1:ident = $s:literal $p:literal, )* }
+        elsewhere { $( $(#[$m2:meta])* $f2:ident, )* }
+    ) => {
+        /// Struct member offsets (bytes) and tracepoint layouts, resolved in userspace from BTF
+        /// and tracefs.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct Offsets {
+            $( $(#[$m1])* pub $f1: u32, )*
+            $( $(#[$m2])* pub $f2: u32, )*
+        }
+
+        impl Offsets {
+            /// Every offset unknown: what the programs assume until userspace fills them in.
+            pub const UNKNOWN: Offsets = Offsets { $( $f1: ABSENT, )* $( $f2: ABSENT, )* };
+
+            /// (struct, member path) of every offset read straight from BTF.
+            pub const FROM_BTF: &'static [(&'static str, &'static str)] = &[ $( ($s, $p), )* ];
+
+            /// Fills every offset read straight from BTF with `member(struct, path)`.
+            pub fn fill_from_btf(&mut self, mut member: impl FnMut(&str, &str) -> u32) {
+                $( self.$f1 = member($s, $p); )*
+            }
+        }
+    };
+}
+
+offsets! {
+    from_btf {
+        skb_len = "sk_buff" "len",
+        skb_dev = "sk_buff" "dev",
+        skb_head = "sk_buff" "head",
+        skb_network_header = "sk_buff" "network_header",
+        skb_protocol = "sk_buff" "protocol",
+        skb_mark = "sk_buff" "mark",
+        skb_refdst = "sk_buff" "_skb_refdst",
+        /// The device the packet was received on (kept while it is forwarded).
+        skb_iif = "sk_buff" "skb_iif",
+        /// The socket: the namespace of locally generated packets that have neither a device
+        /// nor a route yet.
+        skb_sk = "sk_buff" "sk",
+        dev_ifindex = "net_device" "ifindex",
+        dev_name = "net_device" "name",
+        dev_mtu = "net_device" "mtu",
+        dev_ip_ptr = "net_device" "ip_ptr",
+        dev_ip6_ptr = "net_device" "ip6_ptr",
+        net_inum = "net" "ns.inum",
+        net_ipv4_devconf_all = "net" "ipv4.devconf_all",
+        net_ipv6_devconf_all = "net" "ipv6.devconf_all",
+        /// `cnf.data[0]` of an in_device, `data[0]` of an ipv4_devconf.
+        in_dev_cnf_data = "in_device" "cnf.data",
+        ipv4_devconf_data = "ipv4_devconf" "data",
+        in6_dev_cnf_forwarding = "inet6_dev" "cnf.forwarding",
+        ipv6_devconf_forwarding = "ipv6_devconf" "forwarding",
+        dst_dev = "dst_entry" "dev",
+        /// The route's error (ip_error's context probe).
+        dst_error = "dst_entry" "error",
+        // nf_hook_slow's context probe
+        nf_state_hook = "nf_hook_state" "hook",
+        nf_state_pf = "nf_hook_state" "pf",
+        nf_state_in = "nf_hook_state" "in",
+        nf_state_out = "nf_hook_state" "out",
+        // nft_do_chain's verdict probe
+        nft_pktinfo_skb = "nft_pktinfo" "skb",
+        nft_chain_table = "nft_chain" "table",
+        nft_chain_name = "nft_chain" "name",
+        nft_table_name = "nft_table" "name",
+        /// ipt_do_table's verdict probe: the name is inline.
+        xt_table_name = "xt_table" "name",
+    }
+    elsewhere {
+        /// `sock_common.skc_net` inside its `possible_net_t`.
+        sk_net,
+        /// `net_device.nd_net` inside its `possible_net_t`.
+        dev_nd_net,
+        /// Index into `ipv4_devconf.data[]` of FORWARDING and RP_FILTER (IPV4_DEVCONF_X - 1).
+        devconf_idx_forwarding,
+        devconf_idx_rp_filter,
+        // Classic `skb:kfree_skb` tracepoint layout (fallback when tp_btf is unavailable).
+        tp_kfree_skbaddr,
+        tp_kfree_location,
+        tp_kfree_reason,
+        // Classic `icmp:icmp_send` tracepoint layout.
+        tp_icmp_skbaddr,
+        tp_icmp_type,
+        tp_icmp_code,
+        // Classic `tcp:tcp_send_reset` tracepoint layout.
+        tp_rst_skbaddr,
+        /// Start of a [`SKB_WINDOW`]-byte span of `sk_buff` holding len, dev, protocol, head
+        /// and network_header (read with one helper call instead of five), or [`ABSENT`].
+        skb_window,
+        /// Start of a [`DEV_WINDOW`]-byte span of `net_device` holding ifindex and nd_net.
+        dev_window,
+    }
 }
 
 /// Bytes of `sk_buff` read at once for the fields every drop needs.
@@ -104,54 +134,6 @@ impl Offsets {
         ]
     }
 
-    /// Every offset unknown: what the programs assume until userspace fills them in.
-    pub const UNKNOWN: Offsets = Offsets {
-        skb_len: ABSENT,
-        skb_dev: ABSENT,
-        skb_head: ABSENT,
-        skb_network_header: ABSENT,
-        skb_protocol: ABSENT,
-        skb_mark: ABSENT,
-        skb_refdst: ABSENT,
-        skb_iif: ABSENT,
-        skb_sk: ABSENT,
-        sk_net: ABSENT,
-        dev_ifindex: ABSENT,
-        dev_name: ABSENT,
-        dev_mtu: ABSENT,
-        dev_ip_ptr: ABSENT,
-        dev_ip6_ptr: ABSENT,
-        dev_nd_net: ABSENT,
-        net_inum: ABSENT,
-        net_ipv4_devconf_all: ABSENT,
-        net_ipv6_devconf_all: ABSENT,
-        in_dev_cnf_data: ABSENT,
-        ipv4_devconf_data: ABSENT,
-        devconf_idx_forwarding: ABSENT,
-        devconf_idx_rp_filter: ABSENT,
-        in6_dev_cnf_forwarding: ABSENT,
-        ipv6_devconf_forwarding: ABSENT,
-        dst_dev: ABSENT,
-        tp_kfree_skbaddr: ABSENT,
-        tp_kfree_location: ABSENT,
-        tp_kfree_reason: ABSENT,
-        tp_icmp_skbaddr: ABSENT,
-        tp_icmp_type: ABSENT,
-        tp_icmp_code: ABSENT,
-        tp_rst_skbaddr: ABSENT,
-        skb_window: ABSENT,
-        dev_window: ABSENT,
-        nf_state_hook: ABSENT,
-        nf_state_pf: ABSENT,
-        nf_state_in: ABSENT,
-        nf_state_out: ABSENT,
-        nft_pktinfo_skb: ABSENT,
-        nft_chain_table: ABSENT,
-        nft_chain_name: ABSENT,
-        nft_table_name: ABSENT,
-        xt_table_name: ABSENT,
-        dst_error: ABSENT,
-    };
 }
 
 /// What drops are counted by in the kernel: everything the cause of a drop depends on

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_ebpf::{AggKey, AggVal, Config, CpuState, ABSENT};
+use agent_ebpf::{AggKey, AggVal, CpuState};
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use tokio::{
@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use crate::{
-    capture::{self, file::PcapFile, PacketTap},
+    capture::{file::PcapFile, PacketTap},
     causes::Engine,
     changes::{self, feed::Feed, watcher::Watcher},
     classify::{Classifier, Runner},
@@ -29,7 +29,6 @@ use crate::{
     kernel::{
         agg::AggTable,
         attach,
-        btf::KernelBtf,
         context_probes::{ContextProbes, Needs},
         kallsyms::Kallsyms,
         preflight,
@@ -269,14 +268,6 @@ impl Session {
         tap: Option<Box<dyn PacketTap>>,
     ) -> Result<Self> {
         let filter = args.filter()?;
-        let kernel = KernelBtf::open(&args.btf)?;
-        let reasons =
-            kernel.drop_reasons(args.btf.parent().unwrap_or(Path::new("/sys/kernel/btf")))?;
-        tracing::debug!(
-            "kernel BTF read: offsets and {} drop reasons ({} ms)",
-            reasons.len(),
-            started.elapsed().as_millis()
-        );
         // Symbols and firewall rule counters load while the programs are verified and attached.
         let symbols = std::thread::spawn(Kallsyms::load);
         let watched = filter.netns.clone();
@@ -287,41 +278,19 @@ impl Session {
             resolver.scan();
             resolver
         });
-
-        let config = Config {
-            offsets: kernel.offsets(),
-            has_reason: 1,
-            rst_has_skb: 0,
-            sample_per_sec: args.sample,
-            context: 0,
-            xt_skb_arg: ABSENT,
-            xt_table_arg: ABSENT,
-            filters: filter.to_kernel(),
-            capture: match &tap {
-                Some(t) => capture::kernel_config(&kernel, t.snaplen()),
-                None => agent_ebpf::Capture::OFF,
-            },
-        };
         preflight::raise_memlock();
-        let mut probes = attach::attach(
-            &kernel,
-            &args.btf,
-            args.attach,
-            args.context,
-            args.context_arm,
-            Duration::from_secs_f64(args.context_linger),
-            config,
-        )?;
+        let mut probes = attach::attach(&attach::Settings {
+            btf: &args.btf,
+            mode: args.attach,
+            context: args.context,
+            arming: args.context_arm,
+            linger: Duration::from_secs_f64(args.context_linger),
+            sample_per_sec: args.sample,
+            filters: filter.to_kernel(),
+            snaplen: tap.as_ref().map(|t| t.snaplen()),
+        })?;
         let attach_ms = started.elapsed().as_millis();
-        let netfilter_names = kernel.netfilter_names();
-        drop(kernel);
-        // Parsing BTF allocates a lot briefly; hand that memory back to the system. glibc keeps
-        // freed heap memory unless asked; musl's allocator (the static build) returns it by itself.
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim has no preconditions.
-        unsafe {
-            libc::malloc_trim(0)
-        };
+        attach::release_freed_memory();
         tracing::info!(
             "attached in {attach_ms} ms (load+verify+attach {} ms)",
             probes.attach_ms
@@ -341,8 +310,8 @@ impl Session {
             probes: probes.report.clone(),
             attach_ms,
             kernel: kernel_release(),
-            reasons: reasons.len(),
-            limits: if reasons.is_absent() {
+            reasons: probes.reasons.len(),
+            limits: if probes.reasons.is_absent() {
                 vec![crate::kernel::btf::NO_REASONS.to_string()]
             } else {
                 Vec::new()
@@ -365,7 +334,6 @@ impl Session {
             .knobs
             .set_no_dev_range(symbols.range("inet_frag_rbtree_purge"));
         let symbols = Rc::new(RefCell::new(symbols));
-        let decoder = Decoder::new(reasons, symbols.clone()).with_netfilter_names(netfilter_names);
         let attach::Probes {
             events,
             changes,
@@ -374,8 +342,11 @@ impl Session {
             stacks,
             agg,
             ebpf,
+            reasons,
+            netfilter_names,
             ..
         } = probes;
+        let decoder = Decoder::new(reasons, symbols.clone()).with_netfilter_names(netfilter_names);
         let (feed, publisher) = changes::feed::feed().context("creating the change feed")?;
         let feed = Arc::new(feed);
         let watcher = Watcher::start(Some(changes), filter.netns.clone(), monotonic_ns, publisher);

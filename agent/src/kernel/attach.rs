@@ -2,9 +2,14 @@
 //!
 //! Every probe tries its modes in order (tp_btf, then the classic tracepoint) and records which
 //! one it got and why a better one was refused, so the operator sees exactly what is observed.
-use std::{fmt, path::Path, time::Instant};
+use std::{
+    collections::HashSet,
+    fmt,
+    path::Path,
+    time::{Duration, Instant},
+};
 
-use agent_ebpf::{Config, CpuState, Knobs, ABSENT};
+use agent_ebpf::{Config, CpuState, Filters, Knobs, ABSENT};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf, StackTraceMap},
@@ -15,9 +20,9 @@ use serde::Serialize;
 
 use super::{
     agg::AggTable,
-    btf::KernelBtf,
-    context_probes::{self, ContextMode, ContextProbes},
-    tracefs,
+    btf::{DropReasons, KernelBtf, NetfilterNames},
+    context_probes::{self, Arming, ContextMode, ContextProbes, FunctionHomes},
+    loader_btf, tracefs,
 };
 
 /// The eBPF object, built by agent/build.rs and embedded so the binary is self-contained.
@@ -71,6 +76,9 @@ pub struct Probes {
     pub agg: AggTable,
     pub report: Vec<Attached>,
     pub attach_ms: u128,
+    /// This kernel's drop-reason names and netfilter hook and family numbers, for decoding.
+    pub reasons: DropReasons,
+    pub netfilter_names: NetfilterNames,
     /// Owns the programs and their links: dropping it detaches them.
     pub ebpf: Ebpf,
 }
@@ -112,62 +120,53 @@ const HOOKS: [Hook; 3] = [
     },
 ];
 
-/// Loads the object with `config` filled from this kernel and attaches every hook, then the
-/// context probes `context` allows.
-pub fn attach(
-    kernel: &KernelBtf,
-    btf_path: &Path,
-    mode: Mode,
-    context: ContextMode,
-    arming: context_probes::Arming,
-    linger: std::time::Duration,
-    mut config: Config,
-) -> Result<Probes> {
+/// What the session asks of the kernel side.
+pub struct Settings<'a> {
+    /// Kernel BTF (normally `/sys/kernel/btf/vmlinux`).
+    pub btf: &'a Path,
+    pub mode: Mode,
+    pub context: ContextMode,
+    pub arming: Arming,
+    /// With on-demand arming: quiet time before the hot-path context probes go.
+    pub linger: Duration,
+    pub sample_per_sec: u32,
+    pub filters: Filters,
+    /// Bytes of each delivered drop's packet to copy (`--pcap`, the flight recorder).
+    pub snaplen: Option<u32>,
+}
+
+/// The one way into the kernel: reads this kernel's BTF and tracefs, fills the programs'
+/// configuration from them, loads the object and attaches every hook, then the context
+/// probes and the change watchers.
+pub fn attach(settings: &Settings) -> Result<Probes> {
     let start = Instant::now();
-    let missing: Vec<&str> = config
-        .offsets
-        .required()
-        .iter()
-        .filter(|(_, off)| *off == ABSENT)
-        .map(|(name, _)| *name)
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "this kernel's BTF lacks {} (dropscope reads them for every drop)",
-            missing.join(", ")
-        );
-    }
-    let tracefs_root = match mode {
+    let btf_path = settings.btf;
+    let tracefs_root = match settings.mode {
         Mode::Tracepoint => Some(tracefs::find_or_mount()?),
         _ => tracefs::find(),
     };
+    // Everything needed from BTF is read first and the reader dropped before the loader
+    // parses its own copy: both at once were most of the agent's peak memory.
+    let facts = Facts::read(settings, tracefs_root.as_deref())?;
+    release_freed_memory();
+    tracing::debug!(
+        "kernel BTF read: offsets and {} drop reasons ({} ms)",
+        facts.reasons.len(),
+        start.elapsed().as_millis()
+    );
+    let Facts {
+        mut config,
+        change_config,
+        homes,
+        rst_args,
+        reasons,
+        netfilter_names,
+    } = facts;
     if let Some(root) = &tracefs_root {
         fill_tracepoint_layouts(root, &mut config);
     }
-    config.has_reason = u32::from(kernel.tracepoint_args("kfree_skb").is_none_or(|n| n >= 3));
-    config.rst_has_skb = u32::from(
-        kernel
-            .tracepoint_args("tcp_send_reset")
-            .is_some_and(|n| n >= 2),
-    );
-    config.context = u32::from(context != ContextMode::Off);
-    // ipt_do_table(skb, state, table) before 5.16, (priv, skb, state) since.
-    let xt_params = kernel.params("ipt_do_table").unwrap_or_default();
-    let position = |names: &[&str]| {
-        xt_params
-            .iter()
-            .position(|p| names.contains(&p.as_str()))
-            .map(|i| i as u32)
-    };
-    config.xt_skb_arg = position(&["skb"]).unwrap_or(ABSENT);
-    config.xt_table_arg = position(&["priv", "table"]).unwrap_or(ABSENT);
 
-    // The change watchers' programs need the setsockopt layout: tracefs, mounted if need be.
-    let change_tracefs = tracefs_root.clone().or_else(|| tracefs::find_or_mount().ok());
-    let change_config = crate::changes::kernel::config(kernel, change_tracefs.as_deref());
-
-    let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())
-        .map_err(|e| anyhow!("cannot parse BTF at {}: {e}", btf_path.display()))?;
+    let aya_btf = loader_btf::load(btf_path, &loader_names())?;
     tracing::debug!(
         "BTF parsed for the loader ({} ms)",
         start.elapsed().as_millis()
@@ -183,18 +182,23 @@ pub fn attach(
     let mut report = Vec::new();
     for hook in &HOOKS {
         let tp_ready = tracefs_root.is_some() && tracepoint_ready(hook, &config);
-        let mut got = attach_hook(&mut ebpf, &aya_btf, hook, mode, tp_ready)?;
+        let mut got = attach_hook(&mut ebpf, &aya_btf, hook, settings.mode, tp_ready)?;
         // Before the tracepoint gained its `reason` argument it fired only for resets sent on
         // behalf of a socket, not for the reset answering a packet to a closed port.
-        let rst_args = kernel.tracepoint_args("tcp_send_reset").unwrap_or(0);
         if hook.probe == "tcp_send_reset" && got.mode != "unavailable" && rst_args < 3 {
             got.note = Some("this kernel traces resets of existing sockets only, not those answering closed ports".into());
         }
         tracing::debug!("{got}");
         report.push(got);
     }
-    let (context_report, context) =
-        context_probes::attach_all(&mut ebpf, &aya_btf, kernel, context, arming, linger);
+    let (context_report, context) = context_probes::attach_all(
+        &mut ebpf,
+        &aya_btf,
+        &homes,
+        settings.context,
+        settings.arming,
+        settings.linger,
+    );
     for got in &context_report {
         tracing::debug!("{got}");
     }
@@ -225,8 +229,99 @@ pub fn attach(
         agg,
         report,
         attach_ms: start.elapsed().as_millis(),
+        reasons,
+        netfilter_names,
         ebpf,
     })
+}
+
+/// The names the loader looks up in BTF: each hook's tracepoint typedef and each context
+/// probe's function.
+fn loader_names() -> HashSet<String> {
+    let tracepoints = HOOKS.iter().map(|h| format!("btf_trace_{}", h.name));
+    tracepoints
+        .chain(context_probes::functions().map(String::from))
+        .collect()
+}
+
+/// What the programs' configuration and the session need from this kernel's BTF.
+struct Facts {
+    config: Config,
+    change_config: agent_ebpf::ChangeConfig,
+    homes: FunctionHomes,
+    /// Arguments of the `tcp_send_reset` tracepoint (0 when it has none).
+    rst_args: usize,
+    reasons: DropReasons,
+    netfilter_names: NetfilterNames,
+}
+
+impl Facts {
+    fn read(settings: &Settings, tracefs_root: Option<&Path>) -> Result<Facts> {
+        let kernel = KernelBtf::open(settings.btf)?;
+        let btf_dir = settings.btf.parent().unwrap_or(Path::new("/sys/kernel/btf"));
+        let reasons = kernel.drop_reasons(btf_dir)?;
+        let offsets = kernel.offsets();
+        let missing: Vec<&str> = offsets
+            .required()
+            .iter()
+            .filter(|(_, off)| *off == ABSENT)
+            .map(|(name, _)| *name)
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "this kernel's BTF lacks {} (dropscope reads them for every drop)",
+                missing.join(", ")
+            );
+        }
+        // ipt_do_table(skb, state, table) before 5.16, (priv, skb, state) since.
+        let xt_params = kernel.params("ipt_do_table").unwrap_or_default();
+        let position = |names: &[&str]| {
+            xt_params
+                .iter()
+                .position(|p| names.contains(&p.as_str()))
+                .map_or(ABSENT, |i| i as u32)
+        };
+        let config = Config {
+            offsets,
+            has_reason: u32::from(kernel.tracepoint_args("kfree_skb").is_none_or(|n| n >= 3)),
+            rst_has_skb: u32::from(
+                kernel
+                    .tracepoint_args("tcp_send_reset")
+                    .is_some_and(|n| n >= 2),
+            ),
+            sample_per_sec: settings.sample_per_sec,
+            context: u32::from(settings.context != ContextMode::Off),
+            xt_skb_arg: position(&["skb"]),
+            xt_table_arg: position(&["priv", "table"]),
+            filters: settings.filters,
+            capture: match settings.snaplen {
+                Some(snaplen) => crate::capture::kernel_config(&kernel, snaplen),
+                None => agent_ebpf::Capture::OFF,
+            },
+        };
+        // The change watchers' programs need the setsockopt layout: tracefs, mounted if need be.
+        let change_tracefs = tracefs_root
+            .map(Path::to_path_buf)
+            .or_else(|| tracefs::find_or_mount().ok());
+        Ok(Facts {
+            config,
+            change_config: crate::changes::kernel::config(&kernel, change_tracefs.as_deref()),
+            homes: FunctionHomes::of(&kernel),
+            rst_args: kernel.tracepoint_args("tcp_send_reset").unwrap_or(0),
+            reasons,
+            netfilter_names: kernel.netfilter_names(),
+        })
+    }
+}
+
+/// Hands memory freed after parsing BTF back to the system: glibc keeps freed heap memory
+/// unless asked; musl's allocator (the static build) returns it by itself.
+pub fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The drop probe's run-time settings (see `agent_ebpf::Knobs`); userspace is their only writer.
@@ -254,8 +349,7 @@ impl KnobsMap {
 
 /// Attaches only the empty `kfree_skb` program (`--null-observer`, for the benchmark).
 pub fn attach_null(btf_path: &Path) -> Result<Ebpf> {
-    let aya_btf = Btf::parse_file(btf_path, aya::Endianness::default())
-        .map_err(|e| anyhow!("cannot parse BTF at {}: {e}", btf_path.display()))?;
+    let aya_btf = loader_btf::load(btf_path, &loader_names())?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&aya_btf))
         .load(PROBES_OBJECT)

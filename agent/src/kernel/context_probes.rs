@@ -14,6 +14,7 @@
 //! keeps them attached from start to exit. The probes on error paths (ip_error, icmp6_send)
 //! are always attached.
 use std::{
+    collections::HashMap,
     path::Path,
     time::{Duration, Instant},
 };
@@ -362,13 +363,32 @@ impl ContextProbes {
     }
 }
 
+/// Every kernel function a context probe may attach to.
+pub fn functions() -> impl Iterator<Item = &'static str> {
+    PROBES.iter().flat_map(|p| p.targets).map(|t| t.function)
+}
+
+/// Where each context probe's functions are defined in this kernel, read from its BTF before
+/// the loader parses a copy of its own (the two parses are never held at once).
+pub struct FunctionHomes(HashMap<&'static str, FunctionHome>);
+
+impl FunctionHomes {
+    pub fn of(kernel: &KernelBtf) -> Self {
+        FunctionHomes(functions().map(|f| (f, kernel.function_home(f))).collect())
+    }
+
+    fn get(&self, function: &str) -> FunctionHome {
+        self.0.get(function).cloned().unwrap_or(FunctionHome::Missing)
+    }
+}
+
 /// Loads every context probe in the best mode `mode` allows; attaches those on error paths,
 /// and those on hot paths too with `Arming::Always`. The others wait in the returned
 /// [`ContextProbes`] until drops need them.
 pub fn attach_all(
     ebpf: &mut Ebpf,
     btf: &Btf,
-    kernel: &KernelBtf,
+    homes: &FunctionHomes,
     mode: ContextMode,
     arming: Arming,
     linger: Duration,
@@ -380,7 +400,7 @@ pub fn attach_all(
         .iter()
         .map(|p| {
             let lazy = arming == Arming::OnDemand && p.traffic != Traffic::ErrorsOnly;
-            let (got, ready) = prepare_probe(ebpf, btf, kernel, p, mode, lazy, &mut refused);
+            let (got, ready) = prepare_probe(ebpf, btf, homes, p, mode, lazy, &mut refused);
             if let Some((way, targets)) = ready {
                 context.on_demand.push(OnDemand {
                     probe: p,
@@ -412,7 +432,7 @@ const ON_DEMAND_NOTE: &str = "attached on demand: while netfilter or forwarding 
 fn prepare_probe(
     ebpf: &mut Ebpf,
     btf: &Btf,
-    kernel: &KernelBtf,
+    homes: &FunctionHomes,
     probe: &'static Probe,
     mode: ContextMode,
     lazy: bool,
@@ -431,7 +451,7 @@ fn prepare_probe(
     let present: Vec<&'static Target> = probe
         .targets
         .iter()
-        .filter(|t| kernel.function_home(t.function) != FunctionHome::Missing)
+        .filter(|t| homes.get(t.function) != FunctionHome::Missing)
         .collect();
     let absent: Vec<&str> = probe
         .targets
@@ -484,7 +504,7 @@ fn prepare_probe(
             }
             continue;
         }
-        let result = load(ebpf, btf, kernel, way, &present).and_then(|()| {
+        let result = load(ebpf, btf, homes, way, &present).and_then(|()| {
             if lazy {
                 Ok(())
             } else {
@@ -518,14 +538,14 @@ fn prepare_probe(
 fn load(
     ebpf: &mut Ebpf,
     btf: &Btf,
-    kernel: &KernelBtf,
+    homes: &FunctionHomes,
     way: Way,
     targets: &[&Target],
 ) -> anyhow::Result<()> {
     match way {
         Way::Fentry => {
             for t in targets {
-                if let FunctionHome::Module(m) = kernel.function_home(t.function) {
+                if let FunctionHome::Module(m) = homes.get(t.function) {
                     anyhow::bail!(
                         "{} is in module {m}; fentry on module functions is not supported by this loader",
                         t.function

@@ -4,5 +4,6 @@ pub mod attach;
 pub mod btf;
 pub mod context_probes;
 pub mod kallsyms;
+pub mod loader_btf;
 pub mod preflight;
 pub mod tracefs;
