@@ -134,7 +134,7 @@ pub fn run(
         Vec::new()
     };
     let healthy = match healthy {
-        Some(vm) => Some(healthy::run(root, vm).context("healthy-path benchmark in the VM")?),
+        Some(vm) => Some(healthy::run(root, bin, vm).context("healthy-path benchmark in the VM")?),
         None => None,
     };
     report::write(params, &runs, healthy.as_ref(), out, raw)

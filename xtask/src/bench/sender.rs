@@ -18,14 +18,7 @@ pub fn storm(ns: &Netns, dst: Ipv4Addr, base_port: u16, duration: Duration) -> u
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind sender");
         let payload = [0x5au8; 64];
         let mut addrs: Vec<libc::sockaddr_in> = (0..BATCH)
-            .map(|i| libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: (base_port + (i as u16 % FLOWS)).to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(dst.octets()),
-                },
-                sin_zero: [0; 8],
-            })
+            .map(|i| sockaddr(dst, base_port + (i as u16 % FLOWS)))
             .collect();
         let mut iov = libc::iovec {
             iov_base: payload.as_ptr() as *mut _,
@@ -43,6 +36,18 @@ pub fn storm(ns: &Netns, dst: Ipv4Addr, base_port: u16, duration: Duration) -> u
         }
         sent
     })
+}
+
+/// `dst`:`port` for the socket calls.
+pub fn sockaddr(dst: Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    }
 }
 
 /// One `sendmmsg` header per destination, all sending `iov`. The headers point at `addrs` and

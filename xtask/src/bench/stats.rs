@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, fs, os::fd::OwnedFd};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Keeps the kernel's per-program run-time accounting on while it lives (the same switch as
 /// `sysctl kernel.bpf_stats_enabled=1`, but released when the benchmark ends, however it ends).
@@ -29,7 +29,7 @@ pub struct Counters {
 pub struct Programs(pub BTreeMap<u32, String>);
 
 /// What one program did between two snapshots.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProgramCost {
     pub id: u32,
     pub name: String,

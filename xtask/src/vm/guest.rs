@@ -1,5 +1,6 @@
 //! What runs in the guest: the dropscope binary and the integration-test executable built on
-//! the host, snapshotted, and the shell script that runs them in the workspace root.
+//! the host, snapshotted, and the shell script that runs them in the workspace root; or any
+//! other command built on the host, whose standard output comes back to the host.
 use std::{
     fmt::Write as _,
     fs,
@@ -61,20 +62,8 @@ impl GuestCommand {
         let binaries = TempDir::new("bin")?;
         let bin = snapshot(&bin, &binaries.0)?;
         let exe = snapshot(&exe, &binaries.0)?;
-        let root = root
-            .canonicalize()
-            .with_context(|| format!("locating {}", root.display()))?;
 
-        let mut script = String::new();
-        for name in FORWARDED_ENV {
-            if let Some(value) = std::env::var_os(name) {
-                writeln!(
-                    script,
-                    "export {name}={}",
-                    sh_quote(&value.to_string_lossy())
-                )?;
-            }
-        }
+        let mut script = preamble(root)?;
         writeln!(
             script,
             "export DROPSCOPE_BIN={}",
@@ -84,11 +73,6 @@ impl GuestCommand {
         writeln!(script, "export DROPSCOPE_ATTACH_TIMEOUT=180")?;
         // Debian kernels allow fentry and kprobes: the context probes must attach there.
         writeln!(script, "export DROPSCOPE_EXPECT_CONTEXT=1")?;
-        writeln!(
-            script,
-            "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root"
-        )?;
-        writeln!(script, "cd {} || exit 1", sh_quote(&root.to_string_lossy()))?;
         let mut argv = vec![exe.to_string_lossy().into_owned()];
         // One test at a time, and no colours (the console is a tty, the output a log). libtest
         // rejects an option given twice, so a default is only added when the caller has not.
@@ -137,6 +121,52 @@ impl GuestCommand {
             _binaries: binaries,
         })
     }
+
+    /// Snapshots `binaries` (built on the host) and writes the script that runs `argv`, given
+    /// the snapshots' paths, in the workspace root, its standard output in `/run/vm-out`,
+    /// which the guest's /init hands back to the host (see `initramfs`).
+    pub(super) fn command(
+        root: &Path,
+        binaries: &[&Path],
+        argv: impl FnOnce(&[PathBuf]) -> Vec<String>,
+    ) -> Result<Self> {
+        let dir = TempDir::new("bin")?;
+        let copies = binaries
+            .iter()
+            .map(|b| snapshot(b, &dir.0))
+            .collect::<Result<Vec<_>>>()?;
+        let mut script = preamble(root)?;
+        let quoted: Vec<String> = argv(&copies).iter().map(|a| sh_quote(a)).collect();
+        writeln!(script, "exec {} >/run/vm-out", quoted.join(" "))?;
+        Ok(GuestCommand {
+            script,
+            _binaries: dir,
+        })
+    }
+}
+
+/// The start of every guest script: the forwarded environment, PATH and HOME, and the
+/// workspace root as working directory.
+fn preamble(root: &Path) -> Result<String> {
+    let root = root
+        .canonicalize()
+        .with_context(|| format!("locating {}", root.display()))?;
+    let mut script = String::new();
+    for name in FORWARDED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            writeln!(
+                script,
+                "export {name}={}",
+                sh_quote(&value.to_string_lossy())
+            )?;
+        }
+    }
+    writeln!(
+        script,
+        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root"
+    )?;
+    writeln!(script, "cd {} || exit 1", sh_quote(&root.to_string_lossy()))?;
+    Ok(script)
 }
 
 /// The test name filters among libtest arguments.

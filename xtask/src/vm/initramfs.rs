@@ -122,7 +122,8 @@ fn write_executable(path: &Path, text: &str) -> Result<()> {
 }
 
 /// The guest's /init: modules, the host root (9p, read-only) under a tmpfs overlay, pseudo
-/// filesystems, then the command in a chroot; reports its status with the nonce'd marker.
+/// filesystems, then the command in a chroot; hands back what the command left in /run/vm-out
+/// and reports its status, each line with the nonce'd marker.
 fn init_script(modules: &[String], nonce: &str) -> String {
     let modules = modules.join(" ");
     format!(
@@ -152,6 +153,7 @@ cp /cmd.sh /host/run/vm-test-cmd.sh
 echo "VM_BOOTED uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r)"
 chroot /host /bin/sh /run/vm-test-cmd.sh
 rc=$?
+[ -f /host/run/vm-out ] && sed 's/^/VM_OUT_{nonce} /' /host/run/vm-out
 echo "VM_DONE uptime=$(cut -d' ' -f1 /proc/uptime) used_kb=$(free | awk '/Mem:/{{print $3}}')"
 echo "VM_EXIT_{nonce}=$rc"
 poweroff -f

@@ -30,7 +30,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 
 use guest::GuestCommand;
 use host::Accel;
@@ -108,6 +108,38 @@ pub fn vm_test(root: &Path, kernels: &[String], core: bool, extra: &[String]) ->
         }
     }
     summarize(&results)
+}
+
+/// What a command run by [`run_command`] printed, and how the VM ran.
+pub(crate) struct CommandOutput {
+    /// Its standard output, line by line.
+    pub(crate) lines: Vec<String>,
+    /// kvm or tcg.
+    pub(crate) accel: &'static str,
+}
+
+/// Boots `kernel` (as `vm-test --kernel` names it) and runs a command in the workspace root
+/// inside it, as vm-test runs the tests: `binaries` (built on the host) are snapshotted and
+/// `argv` gets the copies' paths. Fails unless the command exited with status 0.
+pub(crate) fn run_command(
+    root: &Path,
+    kernel: &str,
+    binaries: &[&Path],
+    argv: impl FnOnce(&[PathBuf]) -> Vec<String>,
+) -> Result<CommandOutput> {
+    let spec = KernelSpec::parse(kernel)?;
+    let accel = Accel::detect()?;
+    let timeout = timeout_from_env()?;
+    host::ensure_host_packages()?;
+    let guest = GuestCommand::command(root, binaries, argv)?;
+    let cache = Cache::open()?;
+    let prepared = prepare(&cache, &spec, &guest).with_context(|| format!("kernel {kernel}"))?;
+    let run = boot_one(prepared, accel, timeout, "").with_context(|| format!("kernel {kernel}"))?;
+    verdict(&run.outcome).map_err(|why| anyhow!("kernel {}: {why}", run.release))?;
+    Ok(CommandOutput {
+        lines: run.outcome.output,
+        accel: accel.name(),
+    })
 }
 
 /// How many VMs run at once: `VM_JOBS`, else one per host CPU, at most one per kernel.

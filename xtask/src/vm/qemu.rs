@@ -25,6 +25,8 @@ pub(super) struct Outcome {
     pub(super) wall: Duration,
     /// From QEMU's start to the guest's VM_BOOTED line.
     pub(super) boot: Option<Duration>,
+    /// The lines the guest command left in /run/vm-out.
+    pub(super) output: Vec<String>,
 }
 
 /// Eight hex digits from /dev/urandom, so the guest's exit marker cannot be forged by its output.
@@ -74,15 +76,18 @@ pub(super) fn boot(
         // `cmd` owns the pipe's write ends: dropping it here lets the reader see EOF when QEMU exits.
         cmd.spawn().context("starting qemu-system-x86_64")?
     };
-    let marker = format!("VM_EXIT_{nonce}=");
+    let markers = Markers {
+        exit: format!("VM_EXIT_{nonce}="),
+        output: format!("VM_OUT_{nonce} "),
+    };
     let prefix = if tag.is_empty() {
         String::new()
     } else {
         format!("[{tag}] ")
     };
-    let console = thread::spawn(move || stream_console(reader, &marker, start, &prefix));
+    let console = thread::spawn(move || stream_console(reader, &markers, start, &prefix));
     let timed_out = wait_or_kill(&mut child, timeout)?;
-    let (exit, boot) = console
+    let (exit, boot, output) = console
         .join()
         .map_err(|_| anyhow!("console reader panicked"))??;
     Ok(Outcome {
@@ -90,20 +95,27 @@ pub(super) fn boot(
         timed_out,
         wall: start.elapsed(),
         boot,
+        output,
     })
 }
 
-/// Copies the console to stdout (without carriage returns) and returns the exit status found
-/// after `marker`, and when the guest said it had booted.
+/// The nonce'd prefixes of the guest's exit status and of its command's output lines.
+struct Markers {
+    exit: String,
+    output: String,
+}
+
+/// Copies the console to stdout (without carriage returns), except the command's output lines,
+/// and returns the exit status, when the guest said it had booted, and the output lines.
 fn stream_console(
     reader: impl Read,
-    marker: &str,
+    markers: &Markers,
     start: Instant,
     prefix: &str,
-) -> Result<(Option<i32>, Option<Duration>)> {
+) -> Result<(Option<i32>, Option<Duration>, Vec<String>)> {
     let mut reader = BufReader::new(reader);
     let stdout = std::io::stdout();
-    let (mut exit, mut booted) = (None, None);
+    let (mut exit, mut booted, mut output) = (None, None, Vec::new());
     let mut buf = Vec::new();
     loop {
         buf.clear();
@@ -116,8 +128,13 @@ fn stream_console(
         if booted.is_none() && line.contains("VM_BOOTED ") {
             booted = Some(start.elapsed());
         }
-        if let Some(pos) = line.find(marker) {
-            let digits: String = line[pos + marker.len()..]
+        if let Some(pos) = line.find(&markers.output) {
+            let text = &line[pos + markers.output.len()..];
+            output.push(text.strip_suffix('\n').unwrap_or(text).to_string());
+            continue;
+        }
+        if let Some(pos) = line.find(&markers.exit) {
+            let digits: String = line[pos + markers.exit.len()..]
                 .chars()
                 .take_while(char::is_ascii_digit)
                 .collect();
@@ -128,7 +145,7 @@ fn stream_console(
         out.write_all(&buf)?;
         out.flush()?;
     }
-    Ok((exit, booted))
+    Ok((exit, booted, output))
 }
 
 /// Waits for `child` to exit; kills it once `timeout` has passed. Returns whether it was killed.
@@ -147,4 +164,23 @@ fn wait_or_kill(child: &mut Child, timeout: Duration) -> Result<bool> {
         thread::sleep(Duration::from_millis(200));
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_gives_exit_status_and_command_output() {
+        let markers = Markers {
+            exit: "VM_EXIT_ab12=".into(),
+            output: "VM_OUT_ab12 ".into(),
+        };
+        let console = "\x1b[2JVM_BOOTED uptime=1.2\r\nVM_OUT_ab12 {\r\nVM_OUT_ab12   \"a\": 1\nVM_OUT_ab12 }\nVM_OUT_ff00 forged\nVM_EXIT_ab12=3\n";
+        let (exit, booted, output) =
+            stream_console(console.as_bytes(), &markers, Instant::now(), "").unwrap();
+        assert_eq!(exit, Some(3));
+        assert!(booted.is_some());
+        assert_eq!(output, ["{", "  \"a\": 1", "}"]);
+    }
 }
