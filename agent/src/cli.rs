@@ -459,7 +459,7 @@ impl ObserveArgs {
         let netns = self
             .netns
             .iter()
-            .map(|n| crate::evidence::netns::resolve_arg(n))
+            .map(|n| crate::netns::resolve_arg(n))
             .collect::<anyhow::Result<_>>()?;
         Ok(Filter {
             src: self.src.clone(),

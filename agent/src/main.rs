@@ -14,6 +14,7 @@ mod filter;
 mod fuzz;
 mod kernel;
 mod licenses;
+mod netns;
 mod output;
 mod pipeline;
 mod pods;

@@ -25,7 +25,8 @@ use crate::{
     classify::{Classifier, Runner},
     cli::{Color, Format, ObserveArgs, RunArgs},
     events::{Decoder, Record},
-    evidence::{counters, investigator, netns, rules},
+    evidence::{counters, investigator, rules},
+    netns,
     kernel::{
         agg::AggTable,
         attach,

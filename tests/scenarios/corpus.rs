@@ -296,7 +296,7 @@ fn tunnel_must_fragment(v6: bool) {
             "the evidence never contradicts itself: {r:#}"
         );
         assert_eq!(r["tunnel"], "vx0", "{r:#}");
-        let fix = r["hint"].as_str().unwrap();
+        let fix = r["fix"].as_str().unwrap();
         let overhead = if v6 { 70 } else { 50 };
         assert!(
             fix.contains(&format!("ip link set dev vx0 mtu {}", path_mtu - overhead)),
@@ -373,7 +373,7 @@ fn gre_and_ipip_that_must_fragment_are_tunnel_mtu() {
             .iter()
             .find(|r| r["tunnel"] == dev)
             .unwrap_or_else(|| panic!("{dev}: {recs:#?}"));
-        let fix = r["hint"].as_str().unwrap();
+        let fix = r["fix"].as_str().unwrap();
         assert!(
             fix.contains(&format!("ip link set dev {dev} mtu {fits}")),
             "{r:#}"
@@ -439,7 +439,7 @@ fn bridge_family_rules_are_bridge_filter_not_br_netfilter() {
             r["rule"].as_str().unwrap().contains(tag),
             "the rule has a counter: named {r:#}"
         );
-        let fix = r["hint"].as_str().unwrap();
+        let fix = r["fix"].as_str().unwrap();
         assert!(fix.contains("nft delete rule bridge bf fw handle"), "{fix}");
         assert!(
             !fix.contains("bridge-nf-call"),
@@ -470,7 +470,7 @@ fn broadcast_pings_are_ignored_by_configuration() {
         "{ev}"
     );
     assert!(
-        !recs[0]["hint"].as_str().unwrap().contains("ethtool"),
+        !recs[0]["fix"].as_str().unwrap().contains("ethtool"),
         "not a malformed packet"
     );
     drop(s);
@@ -508,7 +508,7 @@ fn nat_and_its_icmp_redirects_are_not_firewall_rules() {
     // No "Firewall rule" and no command deleting a rule for drops no rule made.
     for r in report.drops() {
         assert_ne!(r["cause"], "netfilter_drop", "{r:#}");
-        assert!(!r["hint"].as_str().unwrap().contains("delete"), "{r:#}");
+        assert!(!r["fix"].as_str().unwrap().contains("delete"), "{r:#}");
     }
     let nat = report.of("benign");
     assert!(

@@ -526,7 +526,7 @@ fn manifest_capabilities_are_enough_and_each_is_needed() {
             "{r:#}"
         );
         assert!(
-            r["hint"]
+            r["fix"]
                 .as_str()
                 .unwrap()
                 .contains(&format!("{nsenter}iptables-nft -t filter -D OUTPUT")),
@@ -574,7 +574,7 @@ fn manifest_capabilities_are_enough_and_each_is_needed() {
     assert!(
         missing_ns
             .iter()
-            .all(|r| !r["hint"].as_str().unwrap().contains(&nsenter)),
+            .all(|r| !r["fix"].as_str().unwrap().contains(&nsenter)),
         "{missing_ns:#?}"
     );
     drop(pause);

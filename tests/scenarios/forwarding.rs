@@ -20,7 +20,7 @@ fn fwd4_off_is_forwarding_disabled() {
     let ev = evidence(&report, "forwarding_disabled");
     assert!(ev.contains("net.ipv4.conf.r0.forwarding=0"), "{ev}");
     let first = report.of("forwarding_disabled")[0];
-    let hint = first["hint"].as_str().unwrap();
+    let hint = first["fix"].as_str().unwrap();
     assert!(
         hint.starts_with(&format!(
             "ip netns exec {} sysctl -w net.ipv4.ip_forward=1",

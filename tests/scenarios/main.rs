@@ -112,7 +112,7 @@ impl<'a> Expect<'a> {
             assert_eq!(r["dport"].as_u64(), Some(p.into()), "{}", ctx());
         }
         for field in [
-            "time", "reason", "location", "evidence", "hint", "len", "ifindex", "count",
+            "time", "reason", "location", "evidence", "fix", "len", "ifindex", "count",
         ] {
             assert!(!r[field].is_null(), "{field} missing: {}", ctx());
         }

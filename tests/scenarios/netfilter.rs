@@ -29,7 +29,7 @@ fn nft_drop_is_netfilter_drop_in_nftables() {
         "the rule is named: {ev}"
     );
     assert!(ev.contains("comment \"ds-9100\""), "{ev}");
-    let hint = report.of("netfilter_drop")[0]["hint"].as_str().unwrap();
+    let hint = report.of("netfilter_drop")[0]["fix"].as_str().unwrap();
     assert!(
         hint.contains("nft delete rule inet drt fw handle"),
         "{hint}"

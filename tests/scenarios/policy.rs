@@ -35,7 +35,7 @@ fn expect(t: &Topology, dport: u16) -> Expect<'_> {
 }
 
 fn hint<'a>(report: &'a dropscope_tests::Report) -> &'a str {
-    report.of("unreachable_route")[0]["hint"].as_str().unwrap()
+    report.of("unreachable_route")[0]["fix"].as_str().unwrap()
 }
 
 #[test]

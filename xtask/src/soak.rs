@@ -405,6 +405,14 @@ impl Observer {
 const BEGIN: &str = "<!-- soak:begin -->";
 const END: &str = "<!-- soak:end -->";
 
+/// The soak section of a BENCHMARKS.md text, markers included (the benchmark keeps it when it
+/// rewrites the file).
+pub fn section(markdown: &str) -> Option<&str> {
+    let a = markdown.find(BEGIN)?;
+    let b = markdown[a..].find(END)? + a;
+    Some(&markdown[a..b + END.len()])
+}
+
 /// Writes the soak section of BENCHMARKS.md (between its markers; appended the first time).
 fn write_markdown(path: &Path, o: &Outcome) -> Result<()> {
     let mut s = String::new();
@@ -448,4 +456,17 @@ fn write_markdown(path: &Path, o: &Outcome) -> Result<()> {
 /// Where the soak writes.
 pub fn outputs(root: &Path) -> (PathBuf, PathBuf) {
     (root.join("BENCHMARKS.md"), root.join("bench/soak.json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soak_section_is_found_between_its_markers() {
+        let md = format!("# Benchmarks\n\nstorms\n\n{BEGIN}\n## Soak\n\nfigures\n{END}\ntail\n");
+        assert_eq!(section(&md), Some(&format!("{BEGIN}\n## Soak\n\nfigures\n{END}")[..]));
+        assert_eq!(section("# Benchmarks\n"), None);
+        assert_eq!(section(&format!("{END}\n{BEGIN}\n")), None);
+    }
 }

@@ -12,7 +12,7 @@ use netlink_packet_core::{NlaBuffer, NlasIterator, NLMSG_DONE, NLM_F_DUMP, NLM_F
 use netlink_sys::{protocols, Socket, SocketAddr};
 
 use super::{process::Process, Change, ChangeKind};
-use crate::evidence::{netns::in_namespace, rules::nft_family_name};
+use crate::{evidence::rules::nft_family_name, netns::in_namespace};
 
 // rtnetlink message types and multicast groups (uapi linux/rtnetlink.h).
 const RTM_NEWLINK: u16 = 16;

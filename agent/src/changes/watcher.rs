@@ -22,7 +22,7 @@ use super::{
     process::CgroupIndex,
     Change, ChangeKind,
 };
-use crate::evidence::netns::Registry;
+use crate::netns::Registry;
 
 /// New and gone namespaces are looked for this often.
 const RESCAN: Duration = Duration::from_secs(2);

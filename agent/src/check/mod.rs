@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::{
     cli::{CheckArgs, Format},
-    evidence::netns::{self, NetnsRef},
+    netns::{self, NetnsRef},
 };
 pub use state::NsState;
 

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::netns::in_namespace;
+use crate::netns::in_namespace;
 
 /// Counters that grew since the previous look at the same namespace, named as `nstat` names
 /// them ("IpReasmTimeout", "IpExtReasmOverlaps", "Icmp6OutPktTooBigs").

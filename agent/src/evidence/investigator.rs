@@ -6,11 +6,11 @@
 //! fake one that answers from fixed data.
 use std::{collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc};
 
+use crate::netns::{self, Registry};
 use super::{
     conntrack::CtStats,
     counters::{self, Counters},
     netfilter,
-    netns::{self, Registry},
     routes::{self, Route, RouteQuery},
     rules::{self, Moved},
     tunnels::{self, Tunnel},

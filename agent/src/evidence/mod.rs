@@ -3,7 +3,6 @@ pub mod conntrack;
 pub mod counters;
 pub mod investigator;
 pub mod netfilter;
-pub mod netns;
 pub mod policy;
 pub mod routes;
 pub mod rules;

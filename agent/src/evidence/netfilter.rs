@@ -3,7 +3,7 @@
 //! and other hook functions return NF_DROP and the packet is freed in `nf_hook_slow`.
 use std::{path::Path, sync::Arc};
 
-use super::netns::in_namespace;
+use crate::netns::in_namespace;
 
 /// The engine to name for a netfilter drop at `location`, given the namespace's x_tables
 /// tables (`None`: unknown).

@@ -6,7 +6,8 @@ use std::{fs, net::IpAddr, path::Path, process::Command};
 use ipnet::IpNet;
 use serde_json::Value;
 
-use super::{netns::in_namespace, policy};
+use super::policy;
+use crate::netns::in_namespace;
 
 /// What to ask the kernel's route lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,7 +17,8 @@ use std::{
 use ipnet::IpNet;
 use std::net::IpAddr;
 
-use super::{conntrack::CtStats, netns::run_in};
+use super::conntrack::CtStats;
+use crate::netns::run_in;
 
 mod nft_json;
 mod nft_netlink;

@@ -4,7 +4,7 @@ use std::{net::IpAddr, path::Path, process::Command};
 
 use serde_json::Value;
 
-use super::netns::in_namespace;
+use crate::netns::in_namespace;
 
 /// A tunnel device.
 #[derive(Debug, Clone, PartialEq, Eq)]

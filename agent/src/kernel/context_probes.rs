@@ -736,6 +736,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_netfilter_and_forwarding_drops_arm_the_hot_path_probes() {
+        let none = Needs::default();
+        let both = Needs {
+            netfilter: true,
+            forward: true,
+        };
+        // A netfilter verdict, wherever the kernel freed it.
+        assert_eq!(Needs::of("NETFILTER_DROP", "nf_hook_slow", false), both);
+        assert_eq!(Needs::of("NOT_SPECIFIED", "nft_do_chain", false), both);
+        // On the forwarding path, or on the way out of a packet that came in elsewhere.
+        let forward = Needs {
+            netfilter: false,
+            forward: true,
+        };
+        assert_eq!(Needs::of("NOT_SPECIFIED", "ip_forward", false), forward);
+        assert_eq!(Needs::of("QDISC_DROP", "__dev_queue_xmit", true), forward);
+        // A host's own drops (closed ports, bad checksums) need neither.
+        assert_eq!(Needs::of("NO_SOCKET", "udp_v4_rcv", false), none);
+        assert_eq!(Needs::of("TCP_CSUM", "tcp_v4_rcv", false), none);
+        let mut sum = none;
+        sum.add(forward);
+        assert!(sum.wants(Traffic::Forward) && !sum.wants(Traffic::Netfilter));
+        assert!(!both.wants(Traffic::ErrorsOnly));
+    }
+
+    #[test]
+    fn probes_on_demand_are_those_on_healthy_paths() {
+        for p in &PROBES {
+            let on_demand = p.traffic != Traffic::ErrorsOnly;
+            let hot = matches!(
+                p.name,
+                "nf_hook_slow" | "ip_forward" | "nft_do_chain" | "ipt_do_table"
+            );
+            assert_eq!(on_demand, hot, "{}", p.name);
+            // Their frames are emptied on detach, the others' never.
+            assert_eq!(p.traffic.frame_stacks().is_empty(), !on_demand, "{}", p.name);
+        }
+    }
+
+    #[test]
     fn every_context_program_is_in_the_embedded_object() {
         let elf = object::File::parse(super::super::attach::PROBES_OBJECT)
             .expect("embedded eBPF object is ELF");

@@ -130,7 +130,7 @@ pub fn drop_json(r: &DropRecord, clock: &Clock) -> Value {
         m.insert(kind.into(), json!(true));
     }
     m.insert("evidence".into(), json!(r.verdict.evidence));
-    m.insert("hint".into(), json!(r.verdict.fix));
+    m.insert("fix".into(), json!(r.verdict.fix));
     if r.verdict.benign {
         m.insert("benign".into(), json!(true));
     }
@@ -280,7 +280,7 @@ pub fn summary_json(s: &Summary) -> Value {
         .causes
         .iter()
         .map(|(id, t)| {
-            let (evidence, hint, share) = match t.representative() {
+            let (evidence, fix, share) = match t.representative() {
                 Some((v, share)) => (v.evidence.clone(), v.fix.clone(), share),
                 None => (String::new(), String::new(), 0.0),
             };
@@ -295,7 +295,7 @@ pub fn summary_json(s: &Summary) -> Value {
                 "top_flows": top(t.flows.iter().map(|(k, v)| (k, *v)), 5),
                 "pods": top(t.pod_counts(), 5),
                 "evidence": evidence,
-                "hint": hint,
+                "fix": fix,
                 "changes": t.changes.iter().map(|c| {
                     let mut cm = Map::new();
                     cm.insert("key".into(), json!(c.key));

@@ -131,7 +131,7 @@ impl Resolver {
     /// over the source, which otherwise wins over the destination. Nothing is read until
     /// [`Resolver::scan`] or the first lookup.
     pub fn new(root: &Path, prefer: Vec<PodName>) -> Self {
-        let own = crate::evidence::netns::inode_of(Path::new("/proc/self/ns/net")).unwrap_or(0);
+        let own = crate::netns::inode_of(Path::new("/proc/self/ns/net")).unwrap_or(0);
         Resolver {
             root: root.to_path_buf(),
             own,
@@ -141,7 +141,7 @@ impl Resolver {
             not_pods: HashSet::new(),
             logs: PodLogs::default(),
             netns_of: |pid| {
-                crate::evidence::netns::inode_of(Path::new(&format!("/proc/{pid}/ns/net"))).ok()
+                crate::netns::inode_of(Path::new(&format!("/proc/{pid}/ns/net"))).ok()
             },
         }
     }

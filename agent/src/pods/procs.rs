@@ -2,7 +2,7 @@
 use std::{fs, path::Path};
 
 use super::cgroup::{self, PodCgroup};
-use crate::evidence::netns::inode_of;
+use crate::netns::inode_of;
 
 /// A process kubelet placed in a pod's cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]

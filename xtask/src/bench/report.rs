@@ -140,6 +140,11 @@ pub fn write(
     }
     let _ = writeln!(md);
     md.push_str(&body);
+    // The soak's section is written by `cargo xtask soak`; a benchmark run keeps it.
+    let old = std::fs::read_to_string(out).unwrap_or_default();
+    if let Some(soak) = crate::soak::section(&old) {
+        md = format!("{}\n\n{soak}\n", md.trim_end());
+    }
     std::fs::write(out, md)?;
     std::fs::write(
         raw,
