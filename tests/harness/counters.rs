@@ -46,6 +46,15 @@ pub fn udp_no_ports() -> u64 {
     values.split_whitespace().nth(at).unwrap().parse().unwrap()
 }
 
+/// An nftables table `table` in `ns` whose forward chain drops UDP to `dport`, counted by a
+/// rule carrying `comment "<tag>"` (read back with [`nft_rule_packets`]).
+pub fn nft_forward_drop(ns: &Netns, table: &str, dport: u16, tag: &str) {
+    ns.sh(&format!(
+        "nft add table inet {table}; nft add chain inet {table} f '{{ type filter hook forward priority 0; }}'; \
+         nft add rule inet {table} f udp dport {dport} counter drop comment '\"{tag}\"'"
+    ));
+}
+
 /// Packets counted by the nftables rule carrying `comment "<tag>"`.
 pub fn nft_rule_packets(ns: &Netns, tag: &str) -> u64 {
     nft_rule_counter(ns, tag).0

@@ -14,7 +14,8 @@ pub mod topology;
 pub mod traffic;
 
 pub use counters::{
-    iptables_rule_packets, nft_rule_counter, nft_rule_packets, tc_stat, udp_no_ports, Nstat,
+    iptables_rule_packets, nft_forward_drop, nft_rule_counter, nft_rule_packets, tc_stat,
+    udp_no_ports, Nstat,
 };
 pub use kubelet::Kubelet;
 pub use netns::Netns;

@@ -9,7 +9,8 @@
 //!
 //! vm-test: core
 use dropscope_tests::{
-    iptables_rule_packets, nft_rule_packets, topology::B4, traffic::Udp, Observer, Report, Topology,
+    iptables_rule_packets, nft_forward_drop, nft_rule_packets, topology::B4, traffic::Udp,
+    Observer, Report, Topology,
 };
 use serde_json::Value;
 
@@ -68,21 +69,10 @@ fn first<'a>(report: &'a Report, cause: &str) -> &'a Value {
 #[test]
 fn nft_drop_carries_hook_table_and_chain_in_every_mode() {
     let t = Topology::new();
-    t.r.sh(
-        "nft add table inet ctx; nft add chain inet ctx fwdchain '{ type filter hook forward priority 0; }'; \
-         nft add rule inet ctx fwdchain udp dport 9700 counter drop comment '\"ctx-9700\"'",
-    );
+    nft_forward_drop(&t.r, "ctx", 9700, "ctx-9700");
     for flag in ["auto", "kprobe", "off"] {
         let before = nft_rule_packets(&t.r, "ctx-9700");
-        // Always attached, so the first drop already carries what the probes saw.
-        let obs = Observer::start(&[
-            "--netns",
-            &t.r.name,
-            "--context",
-            flag,
-            "--context-arm",
-            "always",
-        ]);
+        let obs = watch_with_probes(&t, flag);
         Udp::to(B4, 9700).count(3).send(&t.a);
         let report = obs.stop();
         let counted = Expect::routed(&t, "netfilter_drop", 9700).check(&report);
@@ -104,7 +94,7 @@ fn nft_drop_carries_hook_table_and_chain_in_every_mode() {
         if check_modes(&report, flag, "nft_do_chain") {
             assert_eq!(
                 (&r["nf_table"], &r["nf_chain"]),
-                (&"ctx".into(), &"fwdchain".into()),
+                (&"ctx".into(), &"f".into()),
                 "{r:#}"
             );
             assert_eq!(r["engine"], "nftables");
@@ -130,14 +120,7 @@ fn legacy_drop_names_its_table_in_every_mode() {
     for flag in ["auto", "kprobe", "off"] {
         let rule = "--dport 9701 -j DROP";
         let before = iptables_rule_packets(&t.r, "iptables-legacy", rule);
-        let obs = Observer::start(&[
-            "--netns",
-            &t.r.name,
-            "--context",
-            flag,
-            "--context-arm",
-            "always",
-        ]);
+        let obs = watch_with_probes(&t, flag);
         Udp::to(B4, 9701).count(2).send(&t.a);
         let report = obs.stop();
         let counted = Expect::routed(&t, "netfilter_drop", 9701).check(&report);
@@ -246,15 +229,25 @@ fn icmpv6_errors_are_paired_where_the_probe_attaches() {
     }
 }
 
+/// dropscope on the router with the context probes in mode `flag`, attached from the start
+/// (not on demand), so the first drop already carries what they saw.
+fn watch_with_probes(t: &Topology, flag: &str) -> Observer {
+    Observer::start(&[
+        "--netns",
+        &t.r.name,
+        "--context",
+        flag,
+        "--context-arm",
+        "always",
+    ])
+}
+
 /// The default arming: the hot-path probes are attached by the first netfilter drops,
 /// see the next ones, and go again after `--context-linger` without such drops.
 #[test]
 fn hot_path_probes_attach_on_demand_and_detach_when_quiet() {
     let t = Topology::new();
-    t.r.sh(
-        "nft add table inet ctx; nft add chain inet ctx fwdchain '{ type filter hook forward priority 0; }'; \
-         nft add rule inet ctx fwdchain udp dport 9705 counter drop comment '\"ctx-9705\"'",
-    );
+    nft_forward_drop(&t.r, "ctx", 9705, "ctx-9705");
     let obs = Observer::start(&["-v", "--netns", &t.r.name, "--context-linger", "2"]);
     let before = nft_rule_packets(&t.r, "ctx-9705");
     Udp::to(B4, 9705).count(2).send(&t.a);

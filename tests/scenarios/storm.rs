@@ -1,13 +1,12 @@
 //! A drop storm: counts stay exact while the event stream is sampled in the kernel.
-use dropscope_tests::{nft_rule_packets, topology::B4, traffic::Udp, Observer, Topology};
+use dropscope_tests::{
+    nft_forward_drop, nft_rule_packets, topology::B4, traffic::Udp, Observer, Topology,
+};
 
 #[test]
 fn sampled_storm_keeps_exact_counts() {
     let t = Topology::new();
-    t.r.sh(
-        "nft add table inet st; nft add chain inet st f '{ type filter hook forward priority 0; }'; \
-         nft add rule inet st f udp dport 9800 counter drop comment '\"storm\"'",
-    );
+    nft_forward_drop(&t.r, "st", 9800, "storm");
     let obs = Observer::start(&["--netns", &t.r.name, "--sample", "5"]);
     Udp::to(B4, 9800).count(3000).send(&t.a);
     let report = obs.stop();

@@ -36,10 +36,12 @@ enum Task {
         #[arg(long = "static")]
         static_musl: bool,
     },
-    /// Build and run dropscope as root; arguments after `--` go to dropscope.
+    /// Build (optimised) and run dropscope as root; arguments after `--` go to dropscope.
     Run {
+        /// Build and run the debug binary instead (slower to attach: BTF parsing and program
+        /// loading take several times longer unoptimised).
         #[arg(long)]
-        release: bool,
+        debug: bool,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -141,9 +143,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("built {}", bin.display());
             Ok(())
         }
-        Task::Run { release, args } => {
+        Task::Run { debug, args } => {
             prereqs::ensure_build()?;
-            let bin = build(&root, release)?;
+            let bin = build(&root, !debug)?;
             run_as_root(&bin, &args)
         }
         Task::Docs => {
