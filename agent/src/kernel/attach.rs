@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf, StackTraceMap},
     programs::{BtfTracePoint, TracePoint},
-    Btf, Ebpf, EbpfLoader,
+    Btf, Ebpf,
 };
 use serde::Serialize;
 
@@ -166,12 +166,14 @@ pub fn attach(settings: &Settings) -> Result<Probes> {
         fill_tracepoint_layouts(root, &mut config);
     }
 
-    let aya_btf = loader_btf::load(btf_path, &loader_names())?;
+    let aya_btf;
+    let mut loader = loader_btf::new_loader();
+    aya_btf = loader_btf::load(btf_path, &loader_names())?;
     tracing::debug!(
         "BTF parsed for the loader ({} ms)",
         start.elapsed().as_millis()
     );
-    let mut ebpf = EbpfLoader::new()
+    let mut ebpf = loader
         .btf(Some(&aya_btf))
         .override_global("CONFIG", &config, true)
         .override_global("CHANGE_CONFIG", &change_config, true)
@@ -349,8 +351,10 @@ impl KnobsMap {
 
 /// Attaches only the empty `kfree_skb` program (`--null-observer`, for the benchmark).
 pub fn attach_null(btf_path: &Path) -> Result<Ebpf> {
-    let aya_btf = loader_btf::load(btf_path, &loader_names())?;
-    let mut ebpf = EbpfLoader::new()
+    let aya_btf;
+    let mut loader = loader_btf::new_loader();
+    aya_btf = loader_btf::load(btf_path, &loader_names())?;
+    let mut ebpf = loader
         .btf(Some(&aya_btf))
         .load(PROBES_OBJECT)
         .context("loading dropscope's eBPF object")?;

@@ -1,5 +1,10 @@
 //! Kernel addresses -> function names, from /proc/kallsyms.
-use std::{collections::HashMap, fs, sync::Arc};
+use std::{
+    collections::HashMap,
+    fs,
+    io::{BufRead, BufReader},
+    sync::Arc,
+};
 
 use anyhow::{Context, Result};
 
@@ -16,8 +21,19 @@ pub struct Kallsyms {
 impl Kallsyms {
     /// Reads `/proc/kallsyms`. Fails with a hint when addresses are hidden (kptr_restrict).
     pub fn load() -> Result<Self> {
-        let text = fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
-        let k = Self::parse(&text);
+        // Line by line: the whole text (several MB) would be held next to the table.
+        let file = fs::File::open("/proc/kallsyms").context("reading /proc/kallsyms")?;
+        let mut failed = None;
+        let k = Self::parse_lines(BufReader::new(file).lines().map_while(|l| match l {
+            Ok(line) => Some(line),
+            Err(e) => {
+                failed = Some(e);
+                None
+            }
+        }));
+        if let Some(e) = failed {
+            return Err(e).context("reading /proc/kallsyms");
+        }
         if k.syms.is_empty() {
             anyhow::bail!(
                 "/proc/kallsyms shows no addresses (kernel.kptr_restrict); drop locations will be raw"
@@ -27,10 +43,16 @@ impl Kallsyms {
     }
 
     /// Parses kallsyms text: `ADDR TYPE NAME [MODULE]`, keeping text symbols only.
+    #[cfg(test)]
     pub fn parse(text: &str) -> Self {
+        Self::parse_lines(text.lines())
+    }
+
+    fn parse_lines<S: AsRef<str>>(lines: impl Iterator<Item = S>) -> Self {
         let mut syms = Vec::new();
         let mut names = String::new();
-        for line in text.lines() {
+        for line in lines {
+            let line = line.as_ref();
             let mut it = line.split_whitespace();
             let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
                 continue;

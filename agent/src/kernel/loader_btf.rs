@@ -1,21 +1,32 @@
 //! The kernel's BTF as the loader needs it: only the names it looks up, at their own type ids.
 //!
 //! aya finds the target of a `tp_btf` or fentry program by name in a parsed copy of the
-//! kernel's BTF, and sends the kernel only the type id. Parsing all of vmlinux's types for that
-//! took about 36 MB at its peak, most of the agent's memory. This copy keeps each type's id
-//! (one record per type) but only the functions and tracepoint typedefs asked for keep their
-//! kind and name; every other type becomes a nameless pointer to void. The programs carry no
-//! CO-RE relocations, so the loader needs nothing else from it.
+//! kernel's BTF, and sends the kernel only the type id. A full parse of vmlinux's types is
+//! about 15 MB (and aya's `EbpfLoader::new` makes one of its own, dropped at once by
+//! [`new_loader`]). This copy keeps each type's id (one record per type) but only the
+//! functions and tracepoint typedefs asked for keep their kind and name; every other type
+//! becomes a nameless pointer to void. The programs carry no CO-RE relocations, so the loader
+//! needs nothing else from it (were one added, loading would fail rather than guess).
 use std::{collections::HashSet, path::Path};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use aya::{Btf, Endianness};
+use aya::{Btf, EbpfLoader, Endianness};
 
 const MAGIC: u16 = 0xeb9f;
 const HEADER_LEN: usize = 24;
 const KIND_PTR: u32 = 2;
 const KIND_TYPEDEF: u32 = 8;
 const KIND_FUNC: u32 = 12;
+
+/// A loader without BTF yet. `EbpfLoader::new` parses all of `/sys/kernel/btf/vmlinux` for
+/// itself; that copy is dropped here, before the reduced one is parsed, so the two are never
+/// held at once (together they were the agent's peak memory). Set the reduced one with
+/// `.btf(Some(..))` before loading.
+pub fn new_loader() -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    loader
+}
 
 /// The loader's BTF for the kernel BTF file at `path`: the reduced copy that knows the names
 /// in `keep`, or (if the file cannot be reduced) all of it.
