@@ -419,15 +419,14 @@ impl Session {
         sum
     }
 
-    /// The kernel's exact per-key counts, summed over CPUs (read again only when the kernel
-    /// has seen drops since the last read).
-    fn read_agg(&mut self) -> Vec<(AggKey, AggVal)> {
+    /// Brings `agg_cache` up to the kernel's exact per-key counts, summed over CPUs (read
+    /// again only when the kernel has seen drops since the last read).
+    fn refresh_agg(&mut self) {
         let seen = self.counters().seen;
         if self.agg_seen != Some(seen) {
             self.agg_cache = self.agg.read();
             self.agg_seen = Some(seen);
         }
-        self.agg_cache.clone()
     }
 
     /// Drains the ring, reports what the kernel counted but did not send, and the repeats.
@@ -436,27 +435,26 @@ impl Session {
         // snapshot sent its first events before that, so they are decoded below and give the
         // key a cause (draining first would leave keys born in between without one).
         let now = clock_ns();
-        let kernel = self.read_agg();
+        self.refresh_agg();
         let needs = drain(
             self.ring.get_mut(),
             &mut self.decoder,
             &mut self.pipeline,
             sink,
         );
-        if !final_pass {
-            self.arm(needs);
-        }
-        let decoder = &mut self.decoder;
+        let (kernel, decoder) = (&self.agg_cache, &mut self.decoder);
         self.pipeline
-            .reconcile(&kernel, |k| decoder.synthetic(k, now), sink, false);
+            .reconcile(kernel, |k| decoder.synthetic(k, now), sink, false);
         if final_pass {
             // Every drop gets its verdict before the last count.
             self.pipeline.settle(sink);
-            let decoder = &mut self.decoder;
             self.pipeline
-                .reconcile(&kernel, |k| decoder.synthetic(k, now), sink, true);
+                .reconcile(kernel, |k| decoder.synthetic(k, now), sink, true);
         }
         self.pipeline.flush(sink);
+        if !final_pass {
+            self.arm(needs);
+        }
     }
 
     /// Makes the packets written so far readable; an error (a full disk) ends the session.
@@ -469,14 +467,14 @@ impl Session {
 
     /// Attaches the context probes the drops just seen need (see `ContextProbes`).
     fn arm(&mut self, needs: Needs) {
-        if self.context.any() {
+        if self.context.has_on_demand() {
             self.context.need(&mut self.ebpf, needs);
         }
     }
 
     /// Detaches the context probes no drop has needed for a while.
     fn disarm_idle(&mut self) {
-        if self.context.any() {
+        if self.context.has_on_demand() {
             self.context.expire(&mut self.ebpf);
         }
     }
@@ -555,7 +553,8 @@ fn watched_changes(probes: &[attach::Attached]) -> Watched {
     }
 }
 
-/// Detaches and unloads every program; the maps stay readable.
+/// Detaches and unloads the tracing programs (drop hooks, answers, context probes), so that
+/// nothing more is counted; the maps stay readable.
 fn unload_programs(ebpf: &mut aya::Ebpf) {
     use aya::programs::Program;
     for (_, program) in ebpf.programs_mut() {

@@ -249,6 +249,17 @@ fn hot_path_probes_attach_on_demand_and_detach_when_quiet() {
     let t = Topology::new();
     nft_forward_drop(&t.r, "ctx", 9705, "ctx-9705");
     let obs = Observer::start(&["-v", "--netns", &t.r.name, "--context-linger", "2"]);
+    // Traffic R forwards and accepts (B refuses it, outside the watched namespace): it must
+    // not attach them.
+    let forwarded = dropscope_tests::Nstat::read(&t.r);
+    Udp::to(B4, 9706).count(50).send(&t.a);
+    dropscope_tests::wait_for("R to forward the accepted traffic", 10.0, || {
+        dropscope_tests::Nstat::delta(&t.r, &forwarded, "IpForwDatagrams") >= 50
+    });
+    assert!(
+        !obs.wait_for_log(1.0, "context probes attached"),
+        "healthy forwarded traffic attached the hot-path probes"
+    );
     let before = nft_rule_packets(&t.r, "ctx-9705");
     Udp::to(B4, 9705).count(2).send(&t.a);
     // The record is printed after the loop turn that read the drop, which attaches the

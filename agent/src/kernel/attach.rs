@@ -166,9 +166,8 @@ pub fn attach(settings: &Settings) -> Result<Probes> {
         fill_tracepoint_layouts(root, &mut config);
     }
 
-    let aya_btf;
     let mut loader = loader_btf::new_loader();
-    aya_btf = loader_btf::load(btf_path, &loader_names())?;
+    let aya_btf = loader_btf::load(btf_path, &loader_names())?;
     tracing::debug!(
         "BTF parsed for the loader ({} ms)",
         start.elapsed().as_millis()
@@ -283,14 +282,11 @@ impl Facts {
                 .position(|p| names.contains(&p.as_str()))
                 .map_or(ABSENT, |i| i as u32)
         };
+        let rst_args = kernel.tracepoint_args("tcp_send_reset").unwrap_or(0);
         let config = Config {
             offsets,
             has_reason: u32::from(kernel.tracepoint_args("kfree_skb").is_none_or(|n| n >= 3)),
-            rst_has_skb: u32::from(
-                kernel
-                    .tracepoint_args("tcp_send_reset")
-                    .is_some_and(|n| n >= 2),
-            ),
+            rst_has_skb: u32::from(rst_args >= 2),
             sample_per_sec: settings.sample_per_sec,
             context: u32::from(settings.context != ContextMode::Off),
             xt_skb_arg: position(&["skb"]),
@@ -309,7 +305,7 @@ impl Facts {
             config,
             change_config: crate::changes::kernel::config(&kernel, change_tracefs.as_deref()),
             homes: FunctionHomes::of(&kernel),
-            rst_args: kernel.tracepoint_args("tcp_send_reset").unwrap_or(0),
+            rst_args,
             reasons,
             netfilter_names: kernel.netfilter_names(),
         })
@@ -351,9 +347,8 @@ impl KnobsMap {
 
 /// Attaches only the empty `kfree_skb` program (`--null-observer`, for the benchmark).
 pub fn attach_null(btf_path: &Path) -> Result<Ebpf> {
-    let aya_btf;
     let mut loader = loader_btf::new_loader();
-    aya_btf = loader_btf::load(btf_path, &loader_names())?;
+    let aya_btf = loader_btf::load(btf_path, &loader_names())?;
     let mut ebpf = loader
         .btf(Some(&aya_btf))
         .load(PROBES_OBJECT)

@@ -266,8 +266,8 @@ impl Needs {
 pub struct ContextProbes {
     on_demand: Vec<OnDemand>,
     linger: Duration,
-    netfilter_since: Option<Instant>,
-    forward_since: Option<Instant>,
+    netfilter_needed_at: Option<Instant>,
+    forward_needed_at: Option<Instant>,
 }
 
 impl ContextProbes {
@@ -276,13 +276,13 @@ impl ContextProbes {
         ContextProbes {
             on_demand: Vec::new(),
             linger: Duration::ZERO,
-            netfilter_since: None,
-            forward_since: None,
+            netfilter_needed_at: None,
+            forward_needed_at: None,
         }
     }
 
-    /// Whether any probe is attached on demand.
-    pub fn any(&self) -> bool {
+    /// Whether any probe is managed on demand (attached or not).
+    pub fn has_on_demand(&self) -> bool {
         !self.on_demand.is_empty()
     }
 
@@ -294,10 +294,10 @@ impl ContextProbes {
         }
         let now = Instant::now();
         if needs.netfilter {
-            self.netfilter_since = Some(now);
+            self.netfilter_needed_at = Some(now);
         }
         if needs.forward {
-            self.forward_since = Some(now);
+            self.forward_needed_at = Some(now);
         }
         let mut armed = Vec::new();
         for p in &mut self.on_demand {
@@ -328,8 +328,8 @@ impl ContextProbes {
     /// the drop probe the frame's age check).
     pub fn expire(&mut self, ebpf: &mut Ebpf) {
         let now = Instant::now();
-        let quiet = |since: Option<Instant>| since.is_none_or(|t| now - t >= self.linger);
-        let (nf_quiet, fwd_quiet) = (quiet(self.netfilter_since), quiet(self.forward_since));
+        let quiet = |needed_at: Option<Instant>| needed_at.is_none_or(|t| now - t >= self.linger);
+        let (nf_quiet, fwd_quiet) = (quiet(self.netfilter_needed_at), quiet(self.forward_needed_at));
         let going: Vec<usize> = self
             .on_demand
             .iter()

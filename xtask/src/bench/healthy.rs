@@ -521,15 +521,24 @@ pub fn section(md: &mut String, targets: &mut Vec<(String, bool)>, h: &HealthyRe
     );
 
     let default_ns = stat_of(h, Observer::Dropscope, |r| r.ns_per_packet);
+    // Zero by default means something only where the probes do run when attached: a VM whose
+    // kernel refused them would show zero either way.
+    let probes_run = stat_of(h, Observer::DropscopeArmAlways, |r| r.runs_per_packet)
+        .is_some_and(|runs| runs.min > 0.0);
     if let Some(ns) = default_ns {
         targets.push((
             format!(
-                "healthy path: dropscope default ≤ {TARGET_NS} ns per forwarded packet (kernel accounting, VM: kernel {}, {}): {} ns",
+                "healthy path: dropscope default ≤ {TARGET_NS} ns per forwarded packet (kernel accounting, VM: kernel {}, {}): {} ns{}",
                 h.kernel,
                 h.accel,
-                show(Some(ns), 2)
+                show(Some(ns), 2),
+                if probes_run {
+                    ""
+                } else {
+                    " (not shown: the probes did not run with --context-arm always either)"
+                }
             ),
-            ns.median <= TARGET_NS,
+            probes_run && ns.median <= TARGET_NS,
         ));
     }
     if let (Some(n), Some(d)) = (
@@ -611,5 +620,14 @@ mod tests {
         let mut targets = Vec::new();
         section(&mut String::new(), &mut targets, &slow);
         assert!(!targets[1].1);
+        // Probes that never ran, even attached all along: zero by default proves nothing.
+        let mut refused = h.clone();
+        refused.runs.retain(|r| r.observer != Observer::DropscopeArmAlways);
+        refused
+            .runs
+            .extend([run(Observer::DropscopeArmAlways, 100.0, 0)]);
+        let mut targets = Vec::new();
+        section(&mut String::new(), &mut targets, &refused);
+        assert!(!targets[0].1, "{targets:?}");
     }
 }
